@@ -1,0 +1,128 @@
+"""Fast CPU selective scan: a compiled (numba) loop over time, one channel at a time.
+
+Each (batch, channel) pair owns an N-vector state that stays in cache, so the discretised
+(batch, dim, L, N) tensors are never built. The backward kernel re-runs the forward recurrence of
+one channel into private (L, N) buffers (states and decays) and then walks back through time; peak
+extra memory is threads x 2 x L x N values, not batch x dim x L x N. Channels are split across
+threads with ``prange``; the gradients of B and C, which sum over channels, go to one partial
+buffer per thread and are summed afterwards. B and C are passed as (batch, L, N) so that the inner
+loop over the N states reads contiguous memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+# Reassociation and contraction (FMA) help vectorise the loops over N; no-NaN/no-inf
+# assumptions are left out so that bad values still propagate.
+_JIT = dict(nopython=True, nogil=True, cache=True, parallel=True,
+            fastmath={"nsz", "arcp", "contract", "reassoc"})
+
+
+@numba.jit(**_JIT)
+def _scan_forward(u, delta, A, Bt, Ct, h0, y, h_last):
+    batch, dim, length = u.shape
+    nstate = A.shape[1]
+    for bd in numba.prange(batch * dim):
+        b = bd // dim
+        d = bd % dim
+        h = h0[b, d].copy()
+        decay = np.empty(nstate, dtype=u.dtype)
+        a = A[d]
+        for t in range(length):
+            dt = delta[b, d, t]
+            dtu = dt * u[b, d, t]
+            for n in range(nstate):
+                decay[n] = math.exp(dt * a[n])
+            acc = 0.0
+            for n in range(nstate):
+                h[n] = decay[n] * h[n] + dtu * Bt[b, t, n]
+                acc += h[n] * Ct[b, t, n]
+            y[b, d, t] = acc
+        h_last[b, d] = h
+
+
+@numba.jit(**_JIT)
+def _scan_backward(u, delta, A, Bt, Ct, h0, dy, dh_last, du, ddelta, dA_part, dB_part, dC_part, dh0):
+    batch, dim, length = u.shape
+    nstate = A.shape[1]
+    groups = dB_part.shape[0]
+    total = batch * dim
+    per_group = (total + groups - 1) // groups
+    for g in numba.prange(groups):
+        # states[t + 1] is h_t; states[0] is the initial state.
+        states = np.empty((length + 1, nstate), dtype=u.dtype)
+        decays = np.empty((length, nstate), dtype=u.dtype)
+        gh = np.empty(nstate, dtype=u.dtype)
+        for bd in range(g * per_group, min(total, (g + 1) * per_group)):
+            b = bd // dim
+            d = bd % dim
+            a = A[d]
+            states[0] = h0[b, d]
+            for t in range(length):
+                dt = delta[b, d, t]
+                dtu = dt * u[b, d, t]
+                for n in range(nstate):
+                    decays[t, n] = math.exp(dt * a[n])
+                for n in range(nstate):
+                    states[t + 1, n] = decays[t, n] * states[t, n] + dtu * Bt[b, t, n]
+            # Backward through time; gh holds dLoss/dh_t.
+            gh[:] = dh_last[b, d]
+            for t in range(length - 1, -1, -1):
+                dt = delta[b, d, t]
+                ut = u[b, d, t]
+                g_y = dy[b, d, t]
+                gu = 0.0
+                gdt = 0.0
+                for n in range(nstate):
+                    dC_part[g, b, t, n] += g_y * states[t + 1, n]
+                    gh[n] += g_y * Ct[b, t, n]
+                    gu += gh[n] * Bt[b, t, n]
+                    dB_part[g, b, t, n] += gh[n] * dt * ut
+                    g_decay = gh[n] * states[t, n] * decays[t, n]
+                    gdt += g_decay * a[n]
+                    dA_part[b, d, n] += g_decay * dt
+                    gh[n] *= decays[t, n]
+                du[b, d, t] = gu * dt
+                ddelta[b, d, t] = gdt + gu * ut
+            dh0[b, d] = gh
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def _time_major(t: torch.Tensor) -> np.ndarray:
+    """(batch, N, L) -> contiguous (batch, L, N)."""
+    return _np(t.transpose(1, 2))
+
+
+def scan_forward(u, delta, A, B, C, h0):
+    """y (batch, dim, L) and the last state (batch, dim, N) of the bare recurrence (no D, no z)."""
+    y = torch.empty_like(u)
+    h_last = torch.empty_like(h0)
+    _scan_forward(_np(u), _np(delta), _np(A), _time_major(B), _time_major(C), _np(h0),
+                  y.numpy(), h_last.numpy())
+    return y, h_last
+
+
+def scan_backward(u, delta, A, B, C, h0, dy, dh_last):
+    """Gradients of the bare recurrence with respect to u, delta, A, B, C and the initial state."""
+    batch, dim, length = u.shape
+    nstate = A.shape[1]
+    groups = max(1, min(numba.get_num_threads(), batch * dim))
+    du, ddelta = torch.empty_like(u), torch.empty_like(u)
+    dA_part = torch.zeros(batch, dim, nstate, dtype=u.dtype)
+    dB_part = torch.zeros(groups, batch, length, nstate, dtype=u.dtype)
+    dC_part = torch.zeros_like(dB_part)
+    dh0 = torch.empty_like(h0)
+    _scan_backward(_np(u), _np(delta), _np(A), _time_major(B), _time_major(C), _np(h0), _np(dy),
+                   _np(dh_last), du.numpy(), ddelta.numpy(), dA_part.numpy(), dB_part.numpy(),
+                   dC_part.numpy(), dh0.numpy())
+    dB = dB_part.sum(0).transpose(1, 2)
+    dC = dC_part.sum(0).transpose(1, 2)
+    return du, ddelta, dA_part.sum(0), dB, dC, dh0
