@@ -1,0 +1,65 @@
+"""Small helpers shared by the benchmarks: timing and peak memory of one call in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+
+def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Best wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_memory(script: str, *args: str) -> float:
+    """Run ``script --peak-memory args`` in a new process; it prints the peak extra bytes (MB)."""
+    out = subprocess.run([sys.executable, script, "--peak-memory", *args], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+
+
+def report_peak(fn) -> None:
+    """Child side of :func:`peak_extra_memory`: after one warm-up call (compilation, caches), run
+    ``fn`` again while a thread samples resident memory every millisecond; print the largest growth
+    over the memory in use before the call."""
+    fn()
+    before = current_rss_bytes()
+    peak, done = [before], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], current_rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    fn()
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], current_rss_bytes())
+    print(json.dumps({"peak_mb": (peak[0] - before) / 2**20}))
+
+
+def print_table(header: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    text = "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [line(r) for r in rows])
+    print(text)
+    return text

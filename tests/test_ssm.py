@@ -1,0 +1,215 @@
+"""The selective scan and Mamba blocks against the float64 reference loop."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from matten.ssm import (BiMamba, Mamba, TokenGrid, global_to_grid, global_to_spatial,
+                        global_to_temporal, grid_to_global, selective_scan, spatial_to_global,
+                        temporal_to_global)
+from matten.ssm.chunked_scan import chunked_scan
+from matten.ssm.reference import selective_scan_ref
+
+
+def make_inputs(batch, dim, length, nstate, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(u=r(batch, dim, length), delta=r(batch, dim, length) * 0.5,
+                A=-torch.rand(dim, nstate, generator=g, dtype=dtype) * 3, B=r(batch, nstate, length),
+                C=r(batch, nstate, length), D=r(dim), z=r(batch, dim, length), delta_bias=r(dim) * 0.1)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+SHAPES = [(1, 1, 1, 1), (2, 8, 37, 16), (1, 5, 129, 4), (3, 16, 250, 16)]
+
+
+@pytest.mark.parametrize("batch,dim,length,nstate", SHAPES)
+def test_cpu_scan_matches_reference(batch, dim, length, nstate):
+    x = make_inputs(batch, dim, length, nstate)
+    h0 = torch.randn(batch, dim, nstate)
+    y, last = selective_scan(**x, delta_softplus=True, return_last_state=True, initial_state=h0)
+    y_ref, last_ref = selective_scan_ref(**x, delta_softplus=True, return_last_state=True,
+                                         initial_state=h0)
+    assert y.dtype == torch.float32
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(last, last_ref) < 1e-5
+
+
+def test_scan_optional_arguments_follow_reference():
+    x = make_inputs(2, 4, 33, 8)
+    for drop in ["D", "z", "delta_bias"]:
+        kwargs = {k: v for k, v in x.items() if k != drop}
+        assert rel_err(selective_scan(**kwargs), selective_scan_ref(**kwargs)) < 1e-5
+
+
+@pytest.mark.parametrize("length,chunk", [(1, None), (37, None), (37, 5), (64, 8), (100, 100)])
+def test_chunked_scan_matches_reference(length, chunk):
+    x = make_inputs(2, 6, length, 16, dtype=torch.float64)
+    delta = F.softplus(x["delta"])
+    h0 = torch.randn(2, 6, 16, dtype=torch.float64)
+    y, last = chunked_scan(x["u"], delta, x["A"], x["B"], x["C"], h0, chunk=chunk)
+    y_ref, last_ref = selective_scan_ref(x["u"], delta, x["A"], x["B"], x["C"],
+                                         return_last_state=True, initial_state=h0)
+    assert rel_err(y, y_ref) < 1e-12
+    assert rel_err(last, last_ref) < 1e-12
+
+
+def test_carried_state_equals_one_long_scan():
+    x = make_inputs(1, 4, 40, 16)
+    x.pop("z")
+    full = selective_scan(**x)
+    first = {k: (v[..., :25] if v.dim() == 3 else v) for k, v in x.items()}
+    second = {k: (v[..., 25:] if v.dim() == 3 else v) for k, v in x.items()}
+    y1, state = selective_scan(**first, return_last_state=True)
+    y2 = selective_scan(**second, initial_state=state)
+    assert torch.allclose(torch.cat([y1, y2], -1), full, atol=1e-6)
+
+
+def test_cpu_scan_gradcheck():
+    x = make_inputs(2, 3, 7, 4, dtype=torch.float64)
+    h0 = torch.randn(2, 3, 4, dtype=torch.float64)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    leaves = [x[n].clone().requires_grad_() for n in names] + [h0.clone().requires_grad_()]
+
+    def fn(*args):
+        y, last = selective_scan(*args[:7], delta_bias=args[7], delta_softplus=True,
+                                 return_last_state=True, initial_state=args[8])
+        return y, last
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("scan", ["cpu", "chunked"])
+def test_float32_gradients_match_reference_autograd(scan):
+    x = make_inputs(2, 8, 70, 16)
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+    ref_leaves = {k: v.double().clone().requires_grad_() for k, v in x.items()}
+    weight = torch.randn(2, 8, 70)
+    if scan == "cpu":
+        y = selective_scan(**leaves, delta_softplus=True)
+    else:  # the device-agnostic path used on GPUs without mamba_ssm
+        delta = F.softplus(leaves["delta"] + leaves["delta_bias"][:, None])
+        h0 = torch.zeros(2, 8, 16)
+        y, _ = chunked_scan(leaves["u"], delta, leaves["A"], leaves["B"], leaves["C"], h0)
+        y = (y + leaves["u"] * leaves["D"][:, None]) * F.silu(leaves["z"])
+    (y * weight).sum().backward()
+    (selective_scan_ref(**ref_leaves, delta_softplus=True) * weight.double()).sum().backward()
+    for name in x:
+        assert rel_err(leaves[name].grad, ref_leaves[name].grad) < 1e-5, name
+
+
+def test_bad_shapes_are_reported_by_name():
+    x = make_inputs(1, 4, 10, 16)
+    x["B"] = x["B"][:, :8]
+    with pytest.raises(ValueError, match="B must have shape"):
+        selective_scan(**x)
+
+
+def mixer_by_hand(mixer, ssm, hidden):
+    """One direction of a Mamba mixer written out with the reference scan."""
+    x, z = mixer.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+    length = x.shape[-1]
+    x = F.silu(ssm.conv1d(x)[..., :length])
+    dt, B, C = ssm.x_proj(x.transpose(1, 2)).split([ssm.dt_rank, ssm.d_state, ssm.d_state], -1)
+    delta = (dt @ ssm.dt_proj.weight.t()).transpose(1, 2)
+    return selective_scan_ref(x, delta, -torch.exp(ssm.A_log), B.transpose(1, 2), C.transpose(1, 2),
+                              ssm.D, z, delta_bias=ssm.dt_proj.bias, delta_softplus=True)
+
+
+def test_mamba_block_matches_reference_and_is_causal():
+    torch.manual_seed(0)
+    mamba = Mamba(32)
+    hidden = torch.randn(2, 21, 32)
+    out = mamba(hidden)
+    expected = mamba.out_proj(mixer_by_hand(mamba, mamba.ssms[0], hidden).transpose(1, 2))
+    assert rel_err(out, expected) < 1e-5
+    changed = hidden.clone()
+    changed[:, 15] += 1.0
+    diff = (mamba(changed) - out).abs().amax(dim=(0, 2))
+    assert diff[:15].max() == 0 and diff[15:].min() > 0
+
+
+def test_bimamba_is_forward_plus_flipped_backward_scan():
+    torch.manual_seed(0)
+    bi = BiMamba(16)
+    hidden = torch.randn(2, 19, 16)
+    y_fwd = mixer_by_hand(bi, bi.forward_ssm, hidden)
+    y_bwd = mixer_by_hand(bi, bi.backward_ssm, hidden.flip(1)).flip(-1)
+    expected = bi.out_proj(((y_fwd + y_bwd) / 2).transpose(1, 2))
+    assert rel_err(bi(hidden), expected) < 1e-5
+    # Both directions are live: a change in the middle reaches the first and the last token.
+    changed = hidden.clone()
+    changed[:, 9] += 1.0
+    diff = (bi(changed) - bi(hidden)).abs().amax(dim=(0, 2))
+    assert diff[0] > 0 and diff[-1] > 0
+
+
+def test_bimamba_shares_projections_only():
+    bi = BiMamba(64)
+    names = {n for n, _ in bi.named_parameters()}
+    assert {"in_proj.weight", "out_proj.weight"} <= names
+    for part in ["conv1d.weight", "x_proj.weight", "dt_proj.weight", "A_log", "D"]:
+        assert f"ssms.0.{part}" in names and f"ssms.1.{part}" in names
+    assert bi.dt_rank == 4 and bi.d_inner == 128
+    assert bi.forward_ssm.x_proj.out_features == 4 + 2 * 16
+
+
+def test_mamba_initialisation():
+    ssm = Mamba(48).ssms[0]
+    assert torch.allclose(-torch.exp(ssm.A_log), -torch.arange(1, 17.0).expand(96, 16))
+    dt = F.softplus(ssm.dt_proj.bias)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+    assert torch.equal(ssm.D, torch.ones(96))
+
+
+def test_mamba_trains_backward():
+    torch.manual_seed(0)
+    bi = BiMamba(16)
+    bi(torch.randn(2, 10, 16)).pow(2).mean().backward()
+    for name, p in bi.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_scan_orders_round_trip_and_group_the_right_tokens():
+    grid = TokenGrid(frames=3, height=2, width=4)
+    f, h, w = torch.meshgrid(torch.arange(3), torch.arange(2), torch.arange(4), indexing="ij")
+    ids = torch.stack([f, h, w], -1).float()[None].repeat(2, 1, 1, 1, 1)  # (b, F, h, w, 3)
+    tokens = grid_to_global(ids)
+    assert torch.equal(global_to_grid(tokens, grid), ids)
+    # Spatial-first: the first h*w tokens are frame 0 in raster order.
+    assert tokens[0, :8, 0].eq(0).all() and tokens[0, 1].tolist() == [0, 0, 1]
+    spatial = global_to_spatial(tokens, grid)
+    assert spatial.shape == (6, 8, 3) and spatial[:, :, 0].eq(spatial[:, :1, 0]).all()
+    assert torch.equal(spatial_to_global(spatial, grid), tokens)
+    temporal = global_to_temporal(tokens, grid)
+    assert temporal.shape == (16, 3, 3)
+    assert torch.equal(temporal[:, :, 0], torch.arange(3.0).expand(16, 3))
+    assert temporal[:, :, 1:].eq(temporal[:, :1, 1:]).all()  # one position per sequence
+    assert torch.equal(temporal_to_global(temporal, grid), tokens)
+    with pytest.raises(ValueError, match="grid 3x2x4"):
+        global_to_spatial(tokens[:, :-1], grid)
+
+
+def test_float32_decay_is_an_accurate_exp():
+    import numba
+    import numpy as np
+
+    from matten.ssm.cpu_kernel import decay
+
+    @numba.njit
+    def apply(x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = decay(x[i])
+        return out
+
+    x = np.concatenate([-np.linspace(0, 80, 20001), np.linspace(0, 5, 101)]).astype(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(apply(x) - exact) / exact) < 5e-7
+    assert apply(np.array([-200.0], np.float32))[0] < 1e-37  # underflow stays ~0
+    x64 = -np.linspace(0, 30, 1001)
+    assert np.allclose(apply(x64), np.exp(x64), rtol=1e-14, atol=0)  # float64: libm exp
