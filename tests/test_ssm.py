@@ -213,3 +213,13 @@ def test_float32_decay_is_an_accurate_exp():
     assert apply(np.array([-200.0], np.float32))[0] < 1e-37  # underflow stays ~0
     x64 = -np.linspace(0, 30, 1001)
     assert np.allclose(apply(x64), np.exp(x64), rtol=1e-14, atol=0)  # float64: libm exp
+
+
+def test_scan_runs_on_meta_device_and_is_counted_as_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = {k: v.to("meta") for k, v in make_inputs(2, 8, 50, 16).items()}
+    with FlopCounterMode(display=False) as counter:
+        y = selective_scan(**x)
+    assert y.shape == (2, 8, 50) and y.is_meta
+    assert counter.get_total_flops() >= 2 * 3 * 2 * 8 * 50 * 16

@@ -1,11 +1,15 @@
-"""The ``matten`` command. Each sub-command lives in its own function; ``main`` only dispatches."""
+"""The ``matten`` command. Each sub-command is a module in :mod:`matten.commands` with
+``add_parser(subparsers)`` (which sets ``run``); ``main`` only dispatches."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from . import __version__
+
+COMMANDS = ["train", "sample", "flops"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="matten",
         description="Video generation with Mamba-Attention latent diffusion.")
     parser.add_argument("--version", action="version", version=f"matten {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"matten.commands.{name}").add_parser(subparsers)
     return parser
 
 
@@ -23,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.run(args)
+    return args.run(args) or 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``matten`` command line, one module each."""

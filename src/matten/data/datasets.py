@@ -1,0 +1,433 @@
+"""Video clip datasets: any folder of videos or frame folders, the benchmark layouts, a registry.
+
+Every dataset yields ``{"video": float (C, F, H, W) in [-1, 1], "label": int64 scalar tensor}``
+(label 0 when unlabelled). Videos that cannot be read or are too short for one clip are skipped
+when the dataset is indexed (one warning, details in ``dataset.skipped``); a video that fails to
+decode later is recorded the same way and replaced by the next good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .transforms import CLIP_STARTS, VideoTransform, as_size, clip_span, sample_clip_indices
+from .video_io import (VIDEO_EXTENSIONS, ShortVideoError, VideoDecodeError, count_frames,
+                       is_image_file, natural_key, read_video)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    """One indexed video: a file or a frame folder, its label and its frame count."""
+
+    path: str
+    label: int = 0
+    num_frames: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# discovery
+
+def _check_root(root) -> Path:
+    if root is None:
+        raise ValueError("a dataset root folder is required")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"dataset root '{root}' does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"dataset root '{root}' is not a folder")
+    return root
+
+
+def find_videos(root, extensions: Sequence[str] = VIDEO_EXTENSIONS, recursive: bool = True
+                ) -> list[Path]:
+    """Video files and frame folders under ``root``, in natural order of their relative paths.
+
+    A folder that directly contains image files counts as one video (its images are the frames).
+    Hidden files and folders (names starting with ``.``) are ignored.
+    """
+    root = _check_root(root)
+    exts = tuple(e.lower() for e in extensions)
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # symlink loop
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if not recursive:
+            dirnames[:] = []
+        here = Path(dirpath)
+        if any(is_image_file(f) for f in filenames):
+            found.append(here)
+        found.extend(here / f for f in filenames
+                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts)
+    return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
+
+
+def split_root(root, split: str | None, aliases: Sequence[str] = ()) -> Path:
+    """``root/<split>`` (or ``root/<alias>``) when such a subfolder exists, else ``root``."""
+    root = _check_root(root)
+    if split is None:
+        return root
+    for name in (split, *[a.format(split=split) for a in aliases]):
+        if (root / name).is_dir():
+            return root / name
+    logger.warning("no '%s' subfolder under '%s'; using every video under it", split, root)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# the generic dataset
+
+class VideoClipDataset(Dataset):
+    """Clips from a folder tree of videos (.mp4 .avi .mov .mkv .webm) and/or frame folders.
+
+    Args:
+        root: the folder to search (recursively) unless ``videos`` is given.
+        resolution: output size, an int (square) or ``(H, W)``.
+        num_frames, frame_stride: clip length and the step between its frames in the source.
+        videos: explicit list of paths or ``(path, label)`` pairs instead of searching ``root``.
+        class_names: names of the labels (``num_classes = len(class_names)``); ``None`` or
+            empty for unlabelled data (every label is 0).
+        labels_from_folders: label each video by its top-level folder under ``root`` (classes
+            sorted alphabetically, case-insensitively); videos directly in ``root`` are skipped.
+        clip_start: ``"random"`` (training), ``"first"`` or ``"center"``.
+        hflip_p: probability of mirroring a clip (0 for evaluation).
+        seed: makes the random clip start and flip a function of (seed, epoch, index).
+        index_workers: threads used to read frame counts when indexing.
+    """
+
+    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3, *,
+                 videos: Sequence | None = None, class_names: Sequence[str] | None = None,
+                 labels_from_folders: bool = False, clip_start: str = "random",
+                 hflip_p: float = 0.5, seed: int | None = None, index_workers: int = 8,
+                 extensions: Sequence[str] = VIDEO_EXTENSIONS, name: str | None = None,
+                 skipped: dict[str, list[str]] | None = None):
+        self.root = Path(root) if root is not None else None
+        self.resolution = as_size(resolution)
+        self.num_frames, self.frame_stride = int(num_frames), int(frame_stride)
+        self.span = clip_span(self.num_frames, self.frame_stride)
+        if clip_start not in CLIP_STARTS:
+            raise ValueError(f"clip_start must be one of {CLIP_STARTS}, got {clip_start!r}")
+        self.clip_start = clip_start
+        self.transform = VideoTransform(self.resolution, hflip_p)
+        self.seed, self.epoch = seed, 0
+        self.name = name or type(self).__name__
+        self.skipped: dict[str, list[str]] = {k: list(v) for k, v in (skipped or {}).items()}
+
+        if videos is None:
+            root = _check_root(root)
+            paths = find_videos(root, extensions)
+            if not paths:
+                raise ValueError(f"{self.name}: no videos ({' '.join(extensions)}) or frame "
+                                 f"folders found under '{root}'")
+            if labels_from_folders:
+                videos, class_names = self._label_by_folder(root, paths, class_names)
+            else:
+                videos = paths
+        pairs = [(str(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (str(v), 0)
+                 for v in videos]
+        if not pairs:
+            raise ValueError(f"{self.name}: no videos to index under '{root}'")
+        self.class_names = list(class_names or [])
+        self.num_classes = len(self.class_names)
+        for path, label in pairs:
+            if self.num_classes and not 0 <= label < self.num_classes:
+                raise ValueError(f"{self.name}: label {label} of '{path}' is outside "
+                                 f"[0, {self.num_classes})")
+        self.entries = self._index(pairs, index_workers)
+        self._bad: set[int] = set()
+
+    # -- indexing --------------------------------------------------------------------------
+
+    def _label_by_folder(self, root: Path, paths: list[Path], class_names):
+        top = [p.relative_to(root).parts for p in paths]
+        if class_names is None:
+            class_names = sorted({t[0] for t in top if len(t) > 1}, key=lambda s: (s.lower(), s))
+        index = {c: i for i, c in enumerate(class_names)}
+        videos = []
+        for p, t in zip(paths, top):
+            if len(t) > 1 and t[0] in index:
+                videos.append((p, index[t[0]]))
+            else:
+                self.skipped.setdefault("no_class_folder", []).append(str(p))
+        return videos, class_names
+
+    def _index(self, pairs, workers: int) -> list[VideoEntry]:
+        def probe(item):
+            try:
+                return item, count_frames(item[0]), None
+            except VideoDecodeError as exc:
+                return item, 0, exc
+
+        if workers > 1 and len(pairs) > 1:
+            with ThreadPoolExecutor(max_workers=min(workers, len(pairs))) as pool:
+                results = list(pool.map(probe, pairs))
+        else:
+            results = [probe(p) for p in pairs]
+        entries = []
+        for (path, label), n, exc in results:
+            if exc is not None:
+                self.skipped.setdefault("corrupt", []).append(path)
+            elif n < self.span:
+                self.skipped.setdefault("too_short", []).append(path)
+            else:
+                entries.append(VideoEntry(path, label, n))
+        n_skipped = sum(len(v) for v in self.skipped.values())
+        if n_skipped:
+            detail = ", ".join(f"{k}: {len(v)}" for k, v in self.skipped.items())
+            logger.warning("%s (%s): skipped %d of %d videos (%s; a clip needs %d frames); "
+                           "see dataset.skipped for the paths", self.name, self.root, n_skipped,
+                           n_skipped + len(entries), detail, self.span)
+        if not entries:
+            detail = ", ".join(f"{k}: {len(v)}" for k, v in self.skipped.items())
+            raise ValueError(f"{self.name}: none of the {len(pairs)} videos under '{self.root}' "
+                             f"is usable ({detail}; a clip of {self.num_frames} frames with stride "
+                             f"{self.frame_stride} needs {self.span} frames)")
+        return entries
+
+    # -- items -----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def set_epoch(self, epoch: int) -> None:
+        """With a ``seed``, choose different (still reproducible) clips in each epoch."""
+        self.epoch = int(epoch)
+
+    def _generator(self, index: int) -> torch.Generator | None:
+        if self.seed is None:
+            return None  # torch's global RNG (seeded per DataLoader worker)
+        state = np.random.SeedSequence([int(self.seed), self.epoch, index]).generate_state(1)
+        return torch.Generator().manual_seed(int(state[0]))
+
+    def _load(self, index: int) -> dict:
+        entry = self.entries[index]
+        gen = self._generator(index)
+        indices = sample_clip_indices(entry.num_frames, self.num_frames, self.frame_stride,
+                                      self.clip_start, gen)
+        try:
+            frames = read_video(entry.path, indices)
+        except ShortVideoError as exc:  # the metadata over-counted; use the frames that exist
+            if exc.available < self.span:
+                raise
+            indices = sample_clip_indices(exc.available, self.num_frames, self.frame_stride,
+                                          self.clip_start, gen)
+            frames = read_video(entry.path, indices)
+        return {"video": self.transform(frames, gen),
+                "label": torch.tensor(entry.label, dtype=torch.int64)}
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.entries)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {self.name} of length {n}")
+        index %= n
+        last_error = None
+        for k in range(n):
+            i = (index + k) % n
+            if i in self._bad:
+                continue
+            try:
+                return self._load(i)
+            except VideoDecodeError as exc:
+                self._bad.add(i)
+                self.skipped.setdefault("decode_error", []).append(self.entries[i].path)
+                logger.warning("%s: skipping '%s' (%s)", self.name, self.entries[i].path,
+                               exc.reason)
+                last_error = exc
+        raise RuntimeError(f"{self.name}: every one of the {n} videos under '{self.root}' failed "
+                           f"to decode (last error: {last_error})")
+
+    @property
+    def paths(self) -> list[str]:
+        return [e.path for e in self.entries]
+
+    def __repr__(self):
+        return (f"{self.name}(root='{self.root}', videos={len(self)}, classes={self.num_classes}, "
+                f"resolution={self.resolution}, num_frames={self.num_frames}, "
+                f"frame_stride={self.frame_stride}, "
+                f"skipped={sum(map(len, self.skipped.values()))})")
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark layouts
+
+_UCF_GROUP = re.compile(r"_g(\d+)_c(\d+)", re.IGNORECASE)
+
+
+class UCF101Dataset(VideoClipDataset):
+    """UCF101: ``root/<ClassName>/v_<ClassName>_gXX_cYY.avi``, labelled by class folder.
+
+    Classes are the folder names sorted alphabetically (case-insensitively, which is the order of
+    the official ``classInd.txt``). ``split="train"``/``"test"`` uses the official list
+    ``trainlist0{fold}.txt`` / ``testlist0{fold}.txt`` when found in ``split_dir``, ``root``,
+    ``root/ucfTrainTestlist`` or ``root/../ucfTrainTestlist``; without it the same split is
+    rebuilt from the group numbers (fold k tests groups 7k-6 .. 7k). ``split=None`` uses every
+    video (the usual protocol for generation).
+    """
+
+    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3,
+                 split: str | None = None, fold: int = 1, split_dir=None, **kwargs):
+        root = _check_root(root)
+        if split not in (None, "train", "test"):
+            raise ValueError(f"UCF101 split must be None, 'train' or 'test', got {split!r}")
+        if fold not in (1, 2, 3):
+            raise ValueError(f"UCF101 fold must be 1, 2 or 3, got {fold!r}")
+        exts = kwargs.pop("extensions", VIDEO_EXTENSIONS)
+        paths = find_videos(root, exts)
+        if not paths:
+            raise ValueError(f"UCF101: no videos found under '{root}' "
+                             "(expected root/<ClassName>/v_<ClassName>_gXX_cYY.avi)")
+        classes = sorted({p.relative_to(root).parts[0] for p in paths
+                          if len(p.relative_to(root).parts) > 1}, key=lambda s: (s.lower(), s))
+        skipped: dict[str, list[str]] = {}
+        if split is not None:
+            paths = self._apply_split(root, paths, split, fold, split_dir, skipped)
+        self.split, self.fold = split, fold
+        index = {c: i for i, c in enumerate(classes)}
+        videos = []
+        for p in paths:
+            parts = p.relative_to(root).parts
+            if len(parts) > 1:
+                videos.append((p, index[parts[0]]))
+            else:
+                skipped.setdefault("no_class_folder", []).append(str(p))
+        kwargs.setdefault("name", "UCF101")
+        kwargs.pop("labels_from_folders", None)
+        super().__init__(root, resolution, num_frames, frame_stride, videos=videos,
+                         class_names=classes, skipped=skipped, **kwargs)
+
+    @staticmethod
+    def find_split_file(root: Path, split: str, fold: int, split_dir=None) -> Path | None:
+        name = f"{split}list0{fold}.txt"
+        dirs = [Path(split_dir)] if split_dir is not None else []
+        dirs += [root, root / "ucfTrainTestlist", root.parent / "ucfTrainTestlist"]
+        for d in dirs:
+            if (d / name).is_file():
+                return d / name
+        if split_dir is not None:
+            raise FileNotFoundError(f"UCF101 split file '{Path(split_dir) / name}' not found")
+        return None
+
+    def _apply_split(self, root, paths, split, fold, split_dir, skipped):
+        listed = self.find_split_file(root, split, fold, split_dir)
+        if listed is not None:
+            wanted = set()
+            for line in listed.read_text().splitlines():
+                if line.strip():
+                    wanted.add(line.split()[0].replace("\\", "/").lower())
+            by_rel = {p.relative_to(root).as_posix().lower(): p for p in paths}
+            missing = sorted(wanted - set(by_rel))
+            if missing:
+                skipped["missing"] = [str(root / m) for m in missing]
+            return [p for r, p in by_rel.items() if r in wanted]
+        test_groups = range(7 * fold - 6, 7 * fold + 1)
+        kept = []
+        for p in paths:
+            m = _UCF_GROUP.search(p.stem)
+            if m is None:
+                skipped.setdefault("no_group", []).append(str(p))
+            elif (int(m.group(1)) in test_groups) == (split == "test"):
+                kept.append(p)
+        return kept
+
+
+class SkyTimelapseDataset(VideoClipDataset):
+    """Sky Time-lapse: ``root/<video_id>/<clip_id>/*.jpg`` nested frame folders (unlabelled).
+
+    ``split`` picks ``root/<split>`` or ``root/sky_<split>`` (the official ``sky_train`` /
+    ``sky_test``) when present.
+    """
+
+    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3,
+                 split: str | None = None, **kwargs):
+        kwargs.setdefault("name", "SkyTimelapse")
+        super().__init__(split_root(root, split, ("sky_{split}",)), resolution, num_frames,
+                         frame_stride, **kwargs)
+        self.split = split
+
+
+class FaceForensicsDataset(VideoClipDataset):
+    """FaceForensics: a folder of videos or of frame folders (unlabelled); ``split`` picks
+    ``root/<split>`` when present."""
+
+    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3,
+                 split: str | None = None, **kwargs):
+        kwargs.setdefault("name", "FaceForensics")
+        super().__init__(split_root(root, split), resolution, num_frames, frame_stride, **kwargs)
+        self.split = split
+
+
+class TaichiHDDataset(VideoClipDataset):
+    """Taichi-HD: ``root/{train,test}/`` with videos or frame folders (often folders named like
+    ``<id>.mp4`` holding PNG frames); ``split`` picks the subfolder when present."""
+
+    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3,
+                 split: str | None = None, **kwargs):
+        kwargs.setdefault("name", "TaichiHD")
+        super().__init__(split_root(root, split), resolution, num_frames, frame_stride, **kwargs)
+        self.split = split
+
+
+class FolderDataset(VideoClipDataset):
+    """Any folder of videos / frame folders; ``split`` picks ``root/<split>`` when present;
+    ``labels_from_folders=True`` labels by top-level folder."""
+
+    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3,
+                 split: str | None = None, **kwargs):
+        kwargs.setdefault("name", "VideoFolder")
+        super().__init__(split_root(root, split), resolution, num_frames, frame_stride, **kwargs)
+        self.split = split
+
+
+# ----------------------------------------------------------------------------------------------
+# registry
+
+def _build_synthetic(root, resolution, num_frames=16, frame_stride=3, split=None, **kwargs):
+    from .synthetic import SyntheticVideoDataset
+
+    kwargs.setdefault("num_videos", 512)
+    if split == "test":  # a disjoint, equally reproducible set of items
+        kwargs["seed"] = int(kwargs.get("seed", 0)) + 1_000_003
+    return SyntheticVideoDataset(resolution=resolution, num_frames=num_frames, **kwargs)
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "ucf101": UCF101Dataset,
+    "sky_timelapse": SkyTimelapseDataset,
+    "faceforensics": FaceForensicsDataset,
+    "taichi_hd": TaichiHDDataset,
+    "folder": FolderDataset,
+    "synthetic": _build_synthetic,
+}
+_ALIASES = {"ucf": "ucf101", "sky": "sky_timelapse", "skytimelapse": "sky_timelapse",
+            "ffs": "faceforensics", "face_forensics": "faceforensics", "taichi": "taichi_hd",
+            "taichihd": "taichi_hd", "videos": "folder"}
+
+
+def build_dataset(name: str, root, resolution, num_frames: int = 16, frame_stride: int = 3,
+                  split: str | None = None, **kwargs) -> Dataset:
+    """Build a dataset by name: ``ucf101``, ``sky_timelapse``, ``faceforensics``, ``taichi_hd``,
+    ``folder`` or ``synthetic`` (``root`` is ignored; pass ``num_videos``, ``num_classes``,
+    ``seed``). Extra keyword arguments go to the dataset class."""
+    key = str(name).lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; choose one of {sorted(DATASETS)}")
+    if key == "synthetic":
+        return DATASETS[key](root, resolution, num_frames, frame_stride, split, **kwargs)
+    return DATASETS[key](root, resolution, num_frames, frame_stride, split=split, **kwargs)

@@ -1,0 +1,25 @@
+"""Gaussian diffusion with learned covariance (Improved DDPM): losses, timestep respacing, DDPM and
+DDIM samplers, classifier-free guidance."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .gaussian_diffusion import GaussianDiffusion, linear_beta_schedule
+from .guidance import classifier_free_guidance
+from .respace import SpacedDiffusion, space_timesteps
+
+__all__ = ["GaussianDiffusion", "SpacedDiffusion", "space_timesteps", "classifier_free_guidance",
+           "create_diffusion", "linear_beta_schedule"]
+
+
+def create_diffusion(timestep_respacing: str | int | Sequence[int] | None = "",
+                     diffusion_steps: int = 1000, learn_sigma: bool = True) -> SpacedDiffusion:
+    """A linear-schedule diffusion of ``diffusion_steps`` steps, respaced by
+    ``timestep_respacing`` (see :func:`space_timesteps`; "" or None keeps every step). Train with
+    the default, sample with e.g. "250" or "ddim50"."""
+    betas = linear_beta_schedule(diffusion_steps)
+    if timestep_respacing is None or timestep_respacing == "":
+        timestep_respacing = [diffusion_steps]
+    return SpacedDiffusion(space_timesteps(diffusion_steps, timestep_respacing), betas,
+                           learn_sigma=learn_sigma)

@@ -1,0 +1,102 @@
+"""Inputs of the backbone: patches of the video latent, fixed sin-cos positions, timestep and class."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, F, H, W) -> (B, F*h*w, D) tokens in spatial-first order; patches are p x p per frame."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, frames, height, width = x.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} is not divisible by patch size {p}")
+        x = self.proj(rearrange(x, "b c f h w -> (b f) c h w"))
+        return rearrange(x, "(b f) d h w -> b (f h w) d", b=batch)
+
+
+def unpatchify(tokens: torch.Tensor, frames: int, height: int, width: int, patch_size: int,
+               channels: int) -> torch.Tensor:
+    """(B, F*h*w, p*p*C) -> (B, C, F, h*p, w*p), the inverse of the patch layout."""
+    return rearrange(tokens, "b (f h w) (p q c) -> b c f (h p) (w q)", f=frames, h=height, w=width,
+                     p=patch_size, q=patch_size, c=channels)
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """Transformer sin-cos embedding (len(positions), dim): sin on the first half, cos on the second."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.outer(positions.reshape(-1), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _spatio_temporal_table(dim: int, frames: int, height: int, width: int) -> np.ndarray:
+    # Spatial: half of the channels encode the row, half the column (as DiT); temporal: all
+    # channels encode the frame index (as Latte). The two are added.
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    spatial = np.concatenate([sincos_1d(dim // 2, rows), sincos_1d(dim // 2, cols)], axis=1)
+    temporal = sincos_1d(dim, np.arange(frames))
+    return (temporal[:, None, :] + spatial[None, :, :]).reshape(frames * height * width, dim)
+
+
+def spatio_temporal_pos_embed(dim: int, frames: int, height: int, width: int,
+                              device=None, dtype=torch.float32) -> torch.Tensor:
+    """Fixed embedding p of the paper's z = z_hat + p: (1, F*h*w, dim), spatial-first order."""
+    if dim % 4:
+        raise ValueError(f"hidden size {dim} must be a multiple of 4 for the sin-cos embedding")
+    table = _spatio_temporal_table(dim, frames, height, width)
+    return torch.from_numpy(table).to(device=device, dtype=dtype)[None]
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the (possibly fractional) timestep, then a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        args = t.float()[..., None] * freqs
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with one extra row, the null class, for classifier-free guidance.
+
+    During training each label is replaced by the null class with probability ``dropout_prob``."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding = nn.Embedding(num_classes + 1, hidden_size)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if labels.min() < 0 or labels.max() > self.num_classes:
+            raise ValueError(f"class labels must be in [0, {self.num_classes}] "
+                             f"({self.num_classes} is the null class), got {labels.tolist()}")
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return self.embedding(labels)

@@ -1,0 +1,70 @@
+"""Model names and sizes: ``create_model("Matten-XL/2", variant=3)``, ``create_model("Latte-S/2")``.
+
+Sizes follow the paper's Table 3 (layers L, hidden size D), with N = 16 and E = 2 everywhere. As in
+Latte, the paper's "layers" count spatial and temporal layers separately, so a Matten-XL variant 3
+(28 layers) is 14 blocks of [spatial attention, temporal attention, global Mamba]. Variants 1, 2 and
+4 are given the depths that bring them to the parameter counts of the paper's Table 2 at XL
+(814M / 814M / 846M), scaled by the same ratio at the other sizes. See the README for the counts.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .backbone import LAYOUTS, VideoBackbone
+
+# size -> (paper layers, hidden size, attention heads)
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+# Blocks per model: variant 3 and Latte have layers / 2; the others match Table 2's parameters.
+DEPTHS = {
+    "S": {1: 27, 2: 13, 3: 6, 4: 10, "latte": 6},
+    "B": {1: 27, 2: 13, 3: 6, 4: 10, "latte": 6},
+    "L": {1: 54, 2: 27, 3: 12, 4: 20, "latte": 12},
+    "XL": {1: 63, 2: 31, 3: 14, 4: 23, "latte": 14},
+}
+
+_NAME = re.compile(r"^(Matten|Latte)-(S|B|L|XL)/(\d+)$")
+
+
+def parse_name(name: str) -> tuple[str, str, int]:
+    match = _NAME.match(name)
+    if not match:
+        raise ValueError(f"unknown model {name!r}: expected Matten-<S|B|L|XL>/<patch> or "
+                         f"Latte-<S|B|L|XL>/<patch>, e.g. Matten-XL/2")
+    family, size, patch = match.groups()
+    return family, size, int(patch)
+
+
+def model_names() -> list[str]:
+    return [f"{family}-{size}/2" for family in ("Matten", "Latte") for size in SIZES]
+
+
+def create_model(name: str = "Matten-S/2", variant: int = 3, conditioning: str = "adan",
+                 num_frames: int = 16, input_size: int | tuple[int, int] = 32, in_channels: int = 4,
+                 num_classes: int = 0, learn_sigma: bool = True, class_dropout_prob: float = 0.1,
+                 depth: int | None = None, hidden_size: int | None = None,
+                 num_heads: int | None = None, mlp_ratio: float = 4.0, d_state: int = 16,
+                 expand: int = 2, gradient_checkpointing: bool = False) -> VideoBackbone:
+    """Build a backbone by name. ``depth``/``hidden_size``/``num_heads`` override the size's values
+    (for tiny test models). ``num_frames`` and ``input_size`` (latent H, W) record the training
+    shape, used by samplers; the network itself accepts any frame count and any size divisible by
+    the patch. ``model.config`` holds these arguments, enough to rebuild the model."""
+    config = dict(locals())
+    family, size, patch = parse_name(name)
+    layout_key = "latte" if family == "Latte" else variant
+    if layout_key not in LAYOUTS:
+        raise ValueError(f"unknown variant {variant!r}: Matten has variants 1, 2, 3 and 4")
+    layers, default_hidden, default_heads = SIZES[size]
+    model = VideoBackbone(
+        LAYOUTS[layout_key], depth or DEPTHS[size][layout_key], hidden_size or default_hidden,
+        num_heads or default_heads, patch_size=patch, in_channels=in_channels,
+        learn_sigma=learn_sigma, num_classes=num_classes, class_dropout_prob=class_dropout_prob,
+        conditioning=conditioning, mlp_ratio=mlp_ratio, d_state=d_state, expand=expand,
+        gradient_checkpointing=gradient_checkpointing)
+    if isinstance(config["input_size"], tuple):
+        config["input_size"] = list(config["input_size"])
+    if family == "Latte":
+        config["variant"] = None
+    model.config = config
+    return model
