@@ -117,7 +117,7 @@ class VideoBackbone(nn.Module):
         y_emb = self.y_embedder(y) if y is not None else None
         if self.conditioning == "adan":
             return Condition(vector=t_emb if y_emb is None else t_emb + y_emb[:, None])
-        if not torch.equal(t, t[:, :1].expand_as(t)):
+        if not t.is_meta and not torch.equal(t, t[:, :1].expand_as(t)):
             raise ValueError("conditional tokens take one timestep per clip, not per frame")
         tokens = [t_emb[:, :1]] + ([y_emb[:, None]] if y_emb is not None else [])
         return Condition(tokens=torch.cat(tokens, dim=1))

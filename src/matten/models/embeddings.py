@@ -93,7 +93,7 @@ class LabelEmbedder(nn.Module):
         return self.num_classes
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if labels.min() < 0 or labels.max() > self.num_classes:
+        if not labels.is_meta and (labels.min() < 0 or labels.max() > self.num_classes):
             raise ValueError(f"class labels must be in [0, {self.num_classes}] "
                              f"({self.num_classes} is the null class), got {labels.tolist()}")
         if self.training and self.dropout_prob > 0:
