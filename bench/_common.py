@@ -46,11 +46,9 @@ def peak_extra_memory(script: str, *args: str) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
-def report_peak(fn) -> None:
-    """Child side of :func:`peak_extra_memory`: after one warm-up call (compilation, caches), run
-    ``fn`` again while a thread samples resident memory every millisecond; print the largest growth
-    over the memory in use before the call."""
-    fn()
+def sampled_peak(fn) -> tuple[float, float]:
+    """Run ``fn`` once while a thread samples resident memory every millisecond: returns
+    (seconds, largest growth in MB over the memory in use before the call)."""
     before = current_rss_bytes()
     peak, done = [before], threading.Event()
 
@@ -61,11 +59,19 @@ def report_peak(fn) -> None:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
+    start = time.perf_counter()
     fn()
+    elapsed = time.perf_counter() - start
     done.set()
     sampler.join()
-    peak[0] = max(peak[0], current_rss_bytes())
-    print(json.dumps({"peak_mb": (peak[0] - before) / 2**20}))
+    return elapsed, (max(peak[0], current_rss_bytes()) - before) / 2**20
+
+
+def report_peak(fn) -> None:
+    """Child side of :func:`peak_extra_memory`: one warm-up call (compilation, caches), then the
+    sampled peak of a second call, printed as JSON."""
+    fn()
+    print(json.dumps({"peak_mb": sampled_peak(fn)[1]}))
 
 
 def print_table(header: list[str], rows: list[list]) -> str:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import current_rss_bytes, print_table, reexec_with_returning_malloc  # noqa: E402
+from _common import print_table, reexec_with_returning_malloc, sampled_peak  # noqa: E402
 
 from matten.models import create_model  # noqa: E402
 
@@ -38,21 +37,7 @@ def peak_during(fn, device):
         fn()
         torch.cuda.synchronize()
         return time.perf_counter() - start, (torch.cuda.max_memory_allocated() - base) / 2**20
-    before, peak, done = current_rss_bytes(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], current_rss_bytes())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    start = time.perf_counter()
-    fn()
-    elapsed = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    return elapsed, (max(peak[0], current_rss_bytes()) - before) / 2**20
+    return sampled_peak(fn)
 
 
 def step(model, frames, device):
