@@ -1,6 +1,91 @@
-"""`matten train`."""
+"""`matten train`: train a model from a config (packaged name or YAML path) with overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..config import ConfigError, apply_overrides, load_config, packaged_configs
 
 
 def add_parser(subparsers):
-    parser = subparsers.add_parser("train", help="(not yet available)")
-    parser.set_defaults(run=lambda args: parser.error("not yet available"))
+    parser = subparsers.add_parser(
+        "train", help="train a video diffusion model",
+        description="Train a Matten (or Latte baseline) video diffusion model. Several GPUs: "
+                    "`accelerate launch -m matten.cli train ...` or "
+                    "`torchrun --nproc_per_node N -m matten.cli train ...`.",
+        epilog="examples:\n"
+               "  matten train --config demo --output runs/demo\n"
+               "  matten train --config ucf101 --output runs/ucf data.root=/data/UCF-101 "
+               "autoencoder.path=/models/sd-vae-ft-ema\n"
+               "  matten train --output runs/demo --resume            # continue a run\n"
+               "  matten train --config demo --output runs/d --set train.batch_size=4",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "-c", default=None,
+                        help=f"a packaged config ({', '.join(packaged_configs())}) or a YAML "
+                             "file; when resuming, defaults to the checkpoint's config")
+    parser.add_argument("--output", "-o", default=None,
+                        help="run folder (checkpoints, samples, loss curve)")
+    parser.add_argument("--max-steps", type=int, default=None, help="train.max_steps")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="train.batch_size (global, split over processes)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                        help="continue from the output's latest checkpoint ('auto', the default "
+                             "when no PATH is given) or from PATH")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config value (repeatable), e.g. "
+                                                  "--set train.lr=2e-4")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="more overrides, e.g. train.batch_size=4 model.depth=2")
+    parser.set_defaults(run=lambda args: run(args, parser))
+    return parser
+
+
+def build_config(args):
+    """The run config from --config, the checkpoint (when resuming) and the overrides."""
+    from ..training import config_from_checkpoint, latest_checkpoint
+
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume key=value`: the bare --resume was followed by an override
+        args.overrides = [args.resume] + list(args.overrides)
+        args.resume = "auto"
+    overrides = list(args.set_overrides) + list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.batch_size is not None:
+        overrides.append(f"train.batch_size={args.batch_size}")
+    if args.config is not None:
+        return load_config(args.config, overrides)
+    if args.resume is not None:
+        source = args.resume
+        if source == "auto":
+            if args.output is None:
+                raise ConfigError("--resume without a PATH needs --output (the run to continue)")
+            source = latest_checkpoint(args.output)
+            if source is None:
+                raise FileNotFoundError(f"nothing to resume in '{args.output}' and no --config "
+                                        "given to start a new run")
+        return apply_overrides(config_from_checkpoint(source), overrides).validate()
+    raise ConfigError("--config is required to start a run (e.g. --config demo)")
+
+
+def run(args, parser) -> int:
+    from ..training import CheckpointError, SetupError, train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = build_config(args)
+        output = args.output or cfg.train.output
+        if output is None:
+            raise ConfigError("--output is required (the run folder)")
+        result = train(cfg, output=output, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, SetupError, CheckpointError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    if result.checkpoint is not None:
+        print(f"step {result.step}: checkpoint {result.checkpoint}")
+        print(f"loss curve: {result.output / 'loss.png'}")
+        for path in result.samples[-2:]:
+            print(f"samples: {path}")
+    return 0

@@ -1,0 +1,417 @@
+"""The training loop: one process or many through HuggingFace ``accelerate``.
+
+    video batch -> autoencoder.encode (frozen) -> latents -> diffusion.training_losses(model)
+    -> AdamW step (gradients clipped, averaged over processes) -> EMA update
+
+The run folder gets ``config.yaml``, ``loss.csv`` and ``loss.png``, ``samples/step_XXXXXXX.gif``
+(+ ``.png`` grid, from the EMA weights) and ``checkpoints/`` (see :mod:`.checkpoint`).
+Launch on several GPUs with ``accelerate launch -m matten.cli train ...`` or
+``torchrun --nproc_per_node N -m matten.cli train ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, RunConfig, config_from_dict, config_to_dict, \
+    resolve_mixed_precision
+from ..diffusion import create_diffusion
+from ..latent import build_autoencoder
+from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
+                         load_checkpoint_files, read_meta, resolve_checkpoint,
+                         save_checkpoint, step_dirname)
+from .data import StreamSampler, build_loader, build_train_dataset
+from .ema import create_ema, ema_decay_at, update_ema
+from .plots import plot_loss_curve
+
+__all__ = ["train", "TrainResult", "SetupError", "capture_rng", "restore_rng",
+           "config_from_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_KEYS = ("name", "variant", "conditioning", "num_frames", "input_size", "in_channels",
+              "num_classes", "learn_sigma", "depth", "hidden_size", "num_heads")
+
+
+class SetupError(ValueError):
+    """The run cannot start: bad data path, mismatched checkpoint, existing run folder, ..."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]  # the loss of every step run by this call (mean over processes)
+    output: Path
+    model: torch.nn.Module  # unwrapped, on the training device
+    ema: torch.nn.Module
+    checkpoint: Path | None = None
+    samples: list[Path] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# random state
+
+def capture_rng() -> dict:
+    """The states of Python's, NumPy's and torch's global generators (tensors and plain values
+    only, so they load with ``torch.load(weights_only=True)``)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss),
+                         float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# setup helpers
+
+def _make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+
+    if cfg.train.deterministic:
+        # CPU kernels are deterministic already; on CUDA cuBLAS needs a fixed workspace and
+        # atomics-based kernels must be avoided (a warning names any that has no alternative).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
+    device_type = "cpu" if cpu else "cuda"
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, device_type)
+    if precision == "fp16" and cpu:
+        raise SetupError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on the CPU")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        # accelerate keeps its settings process-wide; a second run in the same process (a
+        # notebook, the tests) may use other ones. Launched runs keep the launcher's state.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=cpu, mixed_precision=precision)
+
+
+def _barrier(accelerator) -> None:
+    """Wait for every process. CPU processes use a plain gloo barrier: accelerate's passes
+    device_ids=[local rank], which fails on a machine with fewer GPUs than CPU processes."""
+    if accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        torch.distributed.barrier()
+    else:
+        accelerator.wait_for_everyone()
+
+
+def _model_kwargs(cfg: RunConfig, in_channels: int, latent_hw, num_classes: int) -> dict:
+    m = cfg.model
+    kwargs = dict(name=m.name, variant=m.variant, conditioning=m.conditioning,
+                  num_frames=cfg.data.num_frames,
+                  input_size=latent_hw[0] if latent_hw[0] == latent_hw[1] else tuple(latent_hw),
+                  in_channels=in_channels, num_classes=num_classes, learn_sigma=m.learn_sigma,
+                  class_dropout_prob=m.class_dropout_prob,
+                  gradient_checkpointing=m.gradient_checkpointing)
+    for key in ("depth", "hidden_size", "num_heads"):
+        if getattr(m, key) is not None:
+            kwargs[key] = getattr(m, key)
+    return kwargs
+
+
+def _model_num_classes(cfg: RunConfig, dataset) -> int:
+    data_classes = int(getattr(dataset, "num_classes", 0) or 0)
+    wanted = cfg.model.num_classes
+    if wanted is None:
+        return data_classes
+    if wanted > 0 and wanted != data_classes:
+        raise SetupError(f"model.num_classes is {wanted} but the '{cfg.data.name}' data have "
+                         f"{data_classes} classes; set model.num_classes=null to use the data's "
+                         f"count or 0 for an unconditional model")
+    return wanted
+
+
+def _compare_model_configs(saved: dict, built: dict, where: Path) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {built.get(k)!r}" for k in MODEL_KEYS
+             if _norm(saved.get(k)) != _norm(built.get(k))]
+    if diffs:
+        raise SetupError(f"cannot resume from '{where}': the model differs ({'; '.join(diffs)})")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _read_losses(path: Path, up_to: int) -> list[tuple[int, float]]:
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.reader(f):
+            try:
+                step, loss = int(row[0]), float(row[1])
+            except (ValueError, IndexError):
+                continue  # header or a torn last line
+            if step <= up_to:
+                rows.append((step, loss))
+    return rows
+
+
+def _write_losses(path: Path, rows) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "loss"])
+        writer.writerows((s, f"{v:.6g}") for s, v in rows)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool = True
+          ) -> TrainResult:
+    """Train the model ``cfg`` describes, writing into ``output`` (else ``cfg.train.output``).
+
+    ``resume``: None starts a new run (refusing a folder that already has checkpoints),
+    ``"auto"`` continues from the output's latest checkpoint if there is one, anything else is a
+    checkpoint path (run folder, checkpoints folder or checkpoint folder). A resumed run continues
+    exactly: its parameters equal those of an uninterrupted run, bit for bit (with the same
+    number of processes; on GPUs with ``train.deterministic=true``).
+    """
+    from ..models import create_model
+    from ..sampling import save_samples, sample_videos
+
+    output = Path(output or cfg.train.output or "")
+    if not str(output) or str(output) == ".":
+        raise SetupError("no output folder: pass --output DIR (or set train.output)")
+    cfg.train.output = str(output)
+    cfg.validate()
+
+    checkpoint = None
+    if resume is not None:
+        if resume == "auto":
+            found = latest_checkpoint(output)
+            checkpoint = load_checkpoint_files(found) if found is not None else None
+        else:
+            checkpoint = load_checkpoint_files(resume)
+    elif list_checkpoints(output):
+        raise SetupError(f"'{output}' already holds checkpoints; pass --resume to continue that "
+                         "run or choose another --output")
+
+    accelerator = _make_accelerator(cfg)
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    t_cfg = cfg.train
+    if t_cfg.batch_size % world:
+        raise SetupError(f"train.batch_size {t_cfg.batch_size} is not divisible by the {world} "
+                         "processes")
+
+    # Same seed on every process for the model's initial weights...
+    seed_everything(t_cfg.seed)
+    try:
+        dataset = build_train_dataset(cfg.data, seed=t_cfg.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SetupError(f"data ({cfg.data.name}): {exc}") from exc
+    except TypeError as exc:  # an unknown keyword in data.options
+        raise SetupError(f"data ({cfg.data.name}): {exc} (check data.options: "
+                         f"{cfg.data.options})") from exc
+    ae_kwargs = {} if cfg.autoencoder.kind == "pixel" else \
+        {"frame_batch_size": cfg.autoencoder.frame_batch_size}
+    try:
+        autoencoder = build_autoencoder(cfg.autoencoder.kind, cfg.autoencoder.path, **ae_kwargs)
+        latent_hw = autoencoder.latent_size(cfg.data.resolution)
+    except ValueError as exc:
+        raise SetupError(f"autoencoder: {exc}") from exc
+    autoencoder.to(device)
+    num_classes = _model_num_classes(cfg, dataset)
+    model_kwargs = _model_kwargs(cfg, autoencoder.latent_channels, latent_hw, num_classes)
+    try:
+        model = create_model(**model_kwargs)
+    except (ValueError, TypeError) as exc:
+        raise SetupError(f"model: {exc}") from exc
+    model_config = dict(model.config)
+    diffusion = create_diffusion(cfg.diffusion.timestep_respacing, cfg.diffusion.steps,
+                                 learn_sigma=cfg.model.learn_sigma)
+    ema = create_ema(model)
+
+    start_step, rng_states = 0, None
+    if checkpoint is not None:
+        _compare_model_configs(checkpoint.meta.get("model_config", {}), model_config,
+                               checkpoint.folder)
+        model.load_state_dict(checkpoint.model)
+        ema.load_state_dict(checkpoint.ema)
+        start_step = int(checkpoint.state["step"])
+        rng_states = checkpoint.state.get("rng")
+    model.to(device)
+    ema.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, betas=tuple(t_cfg.adam_betas),
+                                  eps=t_cfg.adam_eps, weight_decay=t_cfg.weight_decay)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint.state["optimizer"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    if checkpoint is not None and checkpoint.state.get("scaler") and accelerator.scaler:
+        accelerator.scaler.load_state_dict(checkpoint.state["scaler"])
+
+    # ... and a different stream per process for noise, timesteps and label dropout.
+    if rng_states is not None and len(rng_states) == world:
+        restore_rng(rng_states[rank])
+    else:
+        if rng_states is not None and main:
+            logger.warning("the checkpoint was written by %d processes, this run has %d: the "
+                           "random streams are re-seeded, so the run will not match an "
+                           "uninterrupted one exactly", len(rng_states), world)
+        seed_everything(t_cfg.seed * 7919 + 1 + rank + start_step * 104729)
+
+    sampler = StreamSampler(len(dataset), t_cfg.batch_size, rank, world, seed=t_cfg.seed,
+                            start=start_step * t_cfg.batch_size)
+    loader = build_loader(dataset, sampler, cfg.data.num_workers,
+                          pin_memory=device.type == "cuda")
+    class_names = list(getattr(dataset, "class_names", []) or [])[:num_classes]
+
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        with open(output / "config.yaml", "w") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    loss_rows = _read_losses(output / "loss.csv", start_step) if main else []
+    if main:
+        _write_losses(output / "loss.csv", loss_rows)
+
+    meta = {"model_config": model_config, "run_config": config_to_dict(cfg),
+            "class_names": class_names, "diffusion_steps": cfg.diffusion.steps,
+            "latent": {"channels": autoencoder.latent_channels, "size": list(latent_hw),
+                       "num_frames": cfg.data.num_frames},
+            "autoencoder": {"kind": autoencoder.kind, "path": cfg.autoencoder.path,
+                            "frame_batch_size": cfg.autoencoder.frame_batch_size},
+            "data": {"name": cfg.data.name, "resolution": cfg.data.resolution}}
+    result = TrainResult(start_step, [], output, raw_model, ema)
+
+    def write_checkpoint(step: int) -> None:
+        from accelerate.utils import gather_object
+
+        states = gather_object([capture_rng()]) if world > 1 else [capture_rng()]
+        if main:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "rng": states,
+                     "data": sampler.position(step), "config": config_to_dict(cfg),
+                     "world_size": world}
+            if accelerator.scaler is not None:
+                state["scaler"] = accelerator.scaler.state_dict()
+            result.checkpoint = save_checkpoint(output, step, raw_model.state_dict(),
+                                                ema.state_dict(), state, {**meta},
+                                                keep_last=t_cfg.keep_last)
+        _barrier(accelerator)
+
+    def write_samples(step: int) -> None:
+        if main:
+            s = cfg.sample
+            labels = torch.arange(s.num_samples) % num_classes if num_classes else None
+            videos = sample_videos(ema, autoencoder, s.num_samples, cfg.data.num_frames,
+                                   latent_hw, labels=labels, sampler=s.sampler, steps=s.steps,
+                                   eta=s.eta, cfg_scale=s.cfg_scale if num_classes else 1.0,
+                                   seed=s.seed, learn_sigma=cfg.model.learn_sigma,
+                                   diffusion_steps=cfg.diffusion.steps, device=device)
+            path, grid = save_samples(videos, output / "samples" / f"{step_dirname(step)}.gif",
+                                      fps=s.fps)
+            result.samples.extend([path, grid])
+        _barrier(accelerator)
+
+    def write_curve() -> None:
+        if main and loss_rows:
+            _write_losses(output / "loss.csv", loss_rows)
+            plot_loss_curve(output / "loss.png", [r[0] for r in loss_rows],
+                            [r[1] for r in loss_rows], title=f"training loss ({model_config['name']})")
+
+    if main:
+        params = sum(p.numel() for p in raw_model.parameters())
+        logger.info("training %s (%.2fM parameters) on %s x %d, steps %d -> %d", model_config["name"],
+                    params / 1e6, device, world, start_step, t_cfg.max_steps)
+    bar = tqdm(total=t_cfg.max_steps, initial=start_step, disable=not (main and progress),
+               unit="step", dynamic_ncols=True, desc="train", smoothing=0.05)
+    conditional = num_classes > 0
+    step = start_step
+    pending: list[tuple[int, torch.Tensor]] = []
+    data_iter = iter(loader) if step < t_cfg.max_steps else None
+    last_curve = time.monotonic()
+    model.train()
+    while step < t_cfg.max_steps:
+        batch = next(data_iter)
+        video = batch["video"].to(device, non_blocking=True)
+        latents = autoencoder.encode(video)
+        t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), device=device)
+        kwargs = {"y": batch["label"].to(device)} if conditional else None
+        with accelerator.autocast():
+            loss = diffusion.training_losses(model, latents, t, model_kwargs=kwargs)["loss"].mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; lower "
+                                     "train.lr or enable train.grad_clip")
+        accelerator.backward(loss)
+        if t_cfg.grad_clip is not None and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, raw_model, ema_decay_at(step, t_cfg.ema_decay, t_cfg.ema_early_decay,
+                                                t_cfg.ema_early_steps))
+        step += 1
+        pending.append((step, accelerator.reduce(loss.detach(), reduction="mean")
+                        if world > 1 else loss.detach()))
+        if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
+            values = [(s, float(v)) for s, v in pending]
+            pending.clear()
+            result.losses.extend(v for _, v in values)
+            loss_rows.extend(values)
+            recent = [v for _, v in loss_rows[-max(t_cfg.log_every, 20):]]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
+            if time.monotonic() - last_curve > 30:  # keep loss.csv / loss.png current
+                write_curve()
+                last_curve = time.monotonic()
+        bar.update(1)
+        if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
+            write_curve()
+            write_checkpoint(step)
+        if (t_cfg.sample_every and step % t_cfg.sample_every == 0) or step == t_cfg.max_steps:
+            write_samples(step)
+            model.train()
+    bar.close()
+    write_curve()
+    result.step = step
+    if result.checkpoint is None and main:
+        result.checkpoint = latest_checkpoint(output)
+    _barrier(accelerator)
+    return result
+
+
+def config_from_checkpoint(path) -> RunConfig:
+    """The run config stored in a checkpoint."""
+    meta = read_meta(resolve_checkpoint(path))
+    try:
+        return config_from_dict(meta["run_config"])
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"the checkpoint's config cannot be read: {exc}") from None
+
