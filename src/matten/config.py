@@ -10,6 +10,7 @@ Unknown keys are an error that names the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -338,7 +339,10 @@ def packaged_configs() -> list[str]:
 
 def _read_yaml(name_or_path: str) -> tuple[dict, str]:
     path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in str(name_or_path):
+    # A bare name is a packaged config even when a folder of that name (say a run called
+    # "demo") sits in the working directory; a file, a .yaml name or a path is a file.
+    if path.is_file() or path.suffix in (".yaml", ".yml") or os.sep in str(name_or_path) \
+            or "/" in str(name_or_path):
         if not path.is_file():
             raise FileNotFoundError(f"config file '{path}' not found (packaged configs: "
                                     f"{', '.join(packaged_configs())})")

@@ -1,0 +1,377 @@
+"""A small video feature network that Matten trains itself, for a Fréchet distance offline.
+
+FVD needs the I3D network's weights, which Matten never downloads. When they are not available,
+this 3D CNN -- trained in about a minute on CPU to classify the motion type of the built-in
+synthetic clips -- gives a feature space in which motion matters, so a Fréchet distance in it
+still ranks generated videos sensibly. Its numbers are only comparable with each other (same
+weights), never with published FVD; the extractor says so with ``comparable_to_published``.
+
+Training clips are drawn from a seed range of their own, so the net never sees the clips that
+evaluation draws from the synthetic set with ordinary seeds, and its held-out accuracy is
+measured on yet another seed range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.synthetic import MOTION_TYPES, SyntheticVideoDataset
+from ..data.transforms import as_size
+from ..data.video_io import atomic_write_path
+
+__all__ = ["MOTION_NET_NAME", "MotionFeatureExtractor", "MotionFeatureNet",
+           "load_or_train_motion_net", "motion_net_cache_paths", "train_motion_net"]
+
+MOTION_NET_NAME = "matten-motion-net-v1"
+_ARCH_VERSION = 1  # bump when the architecture or the training recipe changes
+
+# Seeds far from the ones configs and tests use (0, 1, 2, ...), so training and validation never
+# draw an evaluation clip: SyntheticVideoDataset items are a function of (seed, index).
+TRAIN_SEED_BASE = 7_340_000
+VAL_SEED_BASE = 7_350_000
+
+DEFAULT_SPEED = (0.03, 0.1)  # covers the synthetic default (0.03-0.06) and the demo (0.06-0.1)
+
+
+class MotionFeatureNet(nn.Module):
+    """Compact 3D CNN: ``(B, 3, F, H, W)`` in [-1, 1] -> ``feature_dim`` embedding (+ class head).
+
+    Inputs of any size are first resampled to ``internal_frames x internal_size^2`` so that the
+    features of e.g. 16x16x8 and 32x32x16 clips live in the same space. The frames and their
+    temporal differences go through four Conv3d+GroupNorm+SiLU stages, a global average pool
+    and a linear projection to the embedding; ``head`` is a linear classifier over motion types.
+    """
+
+    def __init__(self, feature_dim: int = 128, num_classes: int = len(MOTION_TYPES),
+                 width: int = 16, internal_size: int = 32, internal_frames: int = 8):
+        super().__init__()
+        self.feature_dim, self.num_classes, self.width = int(feature_dim), int(num_classes), width
+        self.internal_size, self.internal_frames = int(internal_size), int(internal_frames)
+
+        def stage(cin, cout, stride):
+            return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                                 nn.GroupNorm(min(8, cout // 4), cout), nn.SiLU())
+
+        w = width
+        # Spatial stride first (cheap, objects are several pixels wide), temporal stride only after
+        # two full-rate temporal convolutions so motion direction is resolved early.
+        self.stages = nn.Sequential(
+            stage(6, w, (1, 2, 2)),            # T x 16 x 16
+            stage(w, 2 * w, (1, 2, 2)),        # T x 8 x 8
+            stage(2 * w, 4 * w, (2, 2, 2)),    # T/2 x 4 x 4
+            stage(4 * w, 4 * w, (1, 1, 1)),
+        )
+        self.proj = nn.Linear(4 * w, self.feature_dim)
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
+
+    def config(self) -> dict:
+        return {"feature_dim": self.feature_dim, "num_classes": self.num_classes,
+                "width": self.width, "internal_size": self.internal_size,
+                "internal_frames": self.internal_frames}
+
+    def preprocess(self, videos: torch.Tensor) -> torch.Tensor:
+        if videos.ndim != 5 or videos.shape[1] != 3:
+            raise ValueError(f"videos must have shape (B, 3, F, H, W), got {tuple(videos.shape)}")
+        videos = videos.to(dtype=self.proj.weight.dtype)
+        size = (self.internal_frames, self.internal_size, self.internal_size)
+        if tuple(videos.shape[2:]) != size:
+            # Antialiasing matters when shrinking large frames; trilinear alone would skip pixels.
+            b, c, t, h, w = videos.shape
+            if (h, w) != size[1:]:
+                x = videos.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+                x = F.interpolate(x, size=size[1:], mode="bilinear", align_corners=False,
+                                  antialias=h > size[1] or w > size[2])
+                videos = x.reshape(b, t, c, *size[1:]).permute(0, 2, 1, 3, 4)
+            if t != size[0]:
+                videos = F.interpolate(videos, size=size, mode="trilinear", align_corners=False)
+        return videos
+
+    def features(self, videos: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(videos)
+        # Frame differences as extra channels: motion is the signal, and the objects are small,
+        # so handing the first layer where things move makes training start much faster.
+        diff = torch.diff(x, dim=2, prepend=x[:, :, :1])
+        x = self.stages(torch.cat([x, diff], dim=1))
+        return self.proj(x.mean(dim=(2, 3, 4)))
+
+    def forward(self, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(features (B, feature_dim), logits (B, num_classes))``."""
+        feats = self.features(videos)
+        return feats, self.head(feats)
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+def _clips(dataset: SyntheticVideoDataset, start: int, count: int) -> tuple[torch.Tensor,
+                                                                              torch.Tensor]:
+    """``count`` consecutive items as one ``(B, 3, F, H, W)`` batch in [-1, 1].
+
+    Renders with numpy and converts the whole batch at once; per-item tensor conversion is far
+    slower on a busy CPU.
+    """
+    frames, labels = zip(*(dataset.render(i) for i in range(start, start + count)))
+    video = torch.from_numpy(np.stack(frames)).permute(0, 4, 1, 2, 3)
+    return (video * 2.0 - 1.0).clamp_(-1.0, 1.0).contiguous(), torch.tensor(labels)
+
+
+def _augment(videos: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Colour augmentation, so the features describe shapes and motion rather than hues.
+
+    Per clip: a random channel permutation, random per-channel gain, a global brightness shift
+    and contrast scale, occasional greyscale, and a little pixel noise. Geometry and time are left
+    alone because flips and time reversal change the motion class.
+    """
+    b = videos.shape[0]
+    x = (videos + 1.0) / 2.0
+    perm = torch.argsort(torch.rand(b, 3, generator=gen), dim=1)
+    x = torch.gather(x, 1, perm[:, :, None, None, None].expand_as(x))
+    gain = 0.6 + 0.8 * torch.rand(b, 3, 1, 1, 1, generator=gen)
+    x = x * gain
+    grey = torch.rand(b, generator=gen) < 0.2
+    x = torch.where(grey[:, None, None, None, None], x.mean(dim=1, keepdim=True).expand_as(x), x)
+    contrast = 0.7 + 0.6 * torch.rand(b, 1, 1, 1, 1, generator=gen)
+    mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
+    x = (x - mean) * contrast + mean + 0.2 * (torch.rand(b, 1, 1, 1, 1, generator=gen) - 0.5)
+    x = x + 0.02 * torch.randn(x.shape, generator=gen)
+    return (x * 2.0 - 1.0).clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def _accuracy(net: MotionFeatureNet, dataset: SyntheticVideoDataset, batch_size: int) -> float:
+    was_training = net.training
+    net.eval()
+    correct = 0
+    for start in range(0, len(dataset), batch_size):
+        videos, labels = _clips(dataset, start, min(batch_size, len(dataset) - start))
+        correct += int((net(videos)[1].argmax(dim=1) == labels).sum())
+    net.train(was_training)
+    return correct / len(dataset)
+
+
+def train_motion_net(resolution=16, num_frames: int = 8, num_classes: int = len(MOTION_TYPES),
+                     steps: int = 300, seed: int = 0, batch_size: int = 32, lr: float = 2e-3,
+                     feature_dim: int = 128, width: int = 16, max_objects: int = 2,
+                     speed: tuple[float, float] = DEFAULT_SPEED, num_val: int = 240,
+                     augment: bool = True, num_threads: int | None = 1, log_every: int = 0
+                     ) -> tuple[MotionFeatureNet, dict]:
+    """Train a :class:`MotionFeatureNet` to classify the motion type of synthetic clips.
+
+    Every step draws fresh clips (``resolution``, ``num_frames``) from a training seed range, so
+    there is no overfitting to a fixed set; accuracy is then measured on ``num_val`` clips from a
+    separate range. Returns the net (in eval mode) and a dict with the settings, the losses, the
+    held-out accuracy and the training time.
+
+    ``num_threads`` caps torch's CPU threads during training only (restored afterwards; ``None``
+    leaves torch's setting). One thread is the default: the convolutions are small, and on a CPU
+    shared with other work, extra threads mostly spin waiting on each other (several times
+    slower on a busy 2-core machine). It also keeps the result reproducible across machines.
+    """
+    with _torch_threads(num_threads):
+        return _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr,
+                      feature_dim, width, max_objects, speed, num_val, augment, log_every)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
+
+
+def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, feature_dim, width,
+           max_objects, speed, num_val, augment, log_every) -> tuple[MotionFeatureNet, dict]:
+    if not 1 <= num_classes <= len(MOTION_TYPES):
+        raise ValueError(f"num_classes must be in [1, {len(MOTION_TYPES)}], got {num_classes}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError("steps and batch_size must be >= 1")
+    h, w = as_size(resolution)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, caller's RNG untouched
+        torch.manual_seed(seed)
+        net = MotionFeatureNet(feature_dim=feature_dim, num_classes=num_classes, width=width)
+    gen = torch.Generator().manual_seed(seed)  # augmentation
+    common = dict(resolution=(h, w), num_frames=num_frames, num_classes=num_classes,
+                  max_objects=max_objects, speed=tuple(speed))
+    train_set = SyntheticVideoDataset(steps * batch_size, seed=TRAIN_SEED_BASE + seed, **common)
+    val_set = SyntheticVideoDataset(max(num_val, 1), seed=VAL_SEED_BASE + seed, **common)
+
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    losses: list[float] = []
+    net.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        videos, labels = _clips(train_set, step * batch_size, batch_size)
+        if augment:
+            videos = _augment(videos, gen)
+        loss = F.cross_entropy(net(videos)[1], labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"motion net step {step + 1}/{steps}: loss {np.mean(losses[-log_every:]):.4f}")
+    train_seconds = time.perf_counter() - t0
+    accuracy = _accuracy(net, val_set, 2 * batch_size)
+    net.eval()
+    info = {"name": MOTION_NET_NAME, "arch_version": _ARCH_VERSION,
+            "settings": _settings(h, w, num_frames, num_classes, steps, seed, batch_size, lr,
+                                  feature_dim, width, max_objects, speed, num_val, augment),
+            "heldout_accuracy": accuracy, "train_seconds": round(train_seconds, 2),
+            "final_loss": float(np.mean(losses[-max(1, steps // 10):])), "losses": losses}
+    return net, info
+
+
+_TRAIN_PARAMS = inspect.signature(train_motion_net).parameters
+
+
+def _settings(h, w, num_frames, num_classes, steps, seed, batch_size, lr, feature_dim, width,
+              max_objects, speed, num_val, augment) -> dict:
+    return {"resolution": [int(h), int(w)], "num_frames": int(num_frames),
+            "num_classes": int(num_classes), "steps": int(steps), "seed": int(seed),
+            "batch_size": int(batch_size), "lr": float(lr), "feature_dim": int(feature_dim),
+            "width": int(width), "max_objects": int(max_objects),
+            "speed": [float(speed[0]), float(speed[1])], "num_val": int(num_val),
+            "augment": bool(augment), "arch_version": _ARCH_VERSION}
+
+
+# ----------------------------------------------------------------------------------------------
+# cache
+
+def motion_net_cache_paths(cache_dir, settings: dict) -> tuple[Path, Path]:
+    """``(weights .safetensors, info .json)`` for a settings dict, named by resolution, frames,
+    classes and a hash of all the settings."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    h, w = settings["resolution"]
+    stem = (f"{MOTION_NET_NAME}-r{h}x{w}-f{settings['num_frames']}-c{settings['num_classes']}"
+            f"-{digest}")
+    cache_dir = Path(cache_dir)
+    return cache_dir / f"{stem}.safetensors", cache_dir / f"{stem}.json"
+
+
+def _load_cached(weights: Path, info_file: Path, settings: dict) -> tuple[MotionFeatureNet, dict]:
+    from safetensors.torch import load_file
+
+    info = json.loads(info_file.read_text())
+    if info.get("settings") != settings:
+        raise ValueError("its settings differ from the ones asked for")
+    net = MotionFeatureNet(**info["model"])
+    net.load_state_dict(load_file(str(weights)))
+    net.eval()
+    return net, info
+
+
+def load_or_train_motion_net(cache_dir, resolution=16, num_frames: int = 8,
+                             num_classes: int = len(MOTION_TYPES), steps: int = 300, seed: int = 0,
+                             batch_size: int = 32, **train_kwargs) -> tuple[MotionFeatureNet,
+                                                                           dict]:
+    """Reuse the net cached in ``cache_dir`` for these settings, or train and cache it.
+
+    The weights go to a ``.safetensors`` file and the settings, held-out accuracy and training
+    time to a JSON file beside it, both written atomically (JSON last, so a JSON file always
+    describes complete weights). A cache entry that cannot be read is retrained with a warning.
+    """
+    h, w = as_size(resolution)
+    params = _TRAIN_PARAMS
+    unknown = set(train_kwargs) - set(params)
+    if unknown:
+        raise TypeError(f"unknown motion net training options: {sorted(unknown)}")
+    # The settings that change the weights (not num_threads/log_every) identify a cache entry.
+    opts = {k: train_kwargs.get(k, params[k].default)
+            for k in ("lr", "feature_dim", "width", "max_objects", "speed", "num_val", "augment")}
+    settings = _settings(h, w, num_frames, num_classes, steps, seed, batch_size, **opts)
+    weights, info_file = motion_net_cache_paths(cache_dir, settings)
+    if weights.exists() and info_file.exists():
+        try:
+            return _load_cached(weights, info_file, settings)
+        except Exception as exc:  # any damage to a cache entry just means training again
+            warnings.warn(f"cached motion net '{weights}' cannot be used ({exc}); retraining",
+                          RuntimeWarning, stacklevel=2)
+
+    net, info = train_motion_net((h, w), num_frames, num_classes, steps=steps, seed=seed,
+                                 batch_size=batch_size, **train_kwargs)
+    from safetensors.torch import save_file
+
+    info = dict(info, model=net.config())
+    saved = {k: v for k, v in info.items() if k != "losses"}
+    with atomic_write_path(weights) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                  metadata={"name": MOTION_NET_NAME})
+    with atomic_write_path(info_file) as tmp:
+        tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return net, info
+
+
+# ----------------------------------------------------------------------------------------------
+# extractor
+
+class MotionFeatureExtractor:
+    """Videos ``(B, 3, F, H, W)`` in [-1, 1] -> ``(B, feature_dim)`` float64 features.
+
+    ``name`` identifies the network family; ``weights_id`` (a hash of the weights) tells apart
+    nets trained with different settings, so use :attr:`cache_name` in feature-stats cache keys.
+    """
+
+    comparable_to_published = False
+
+    def __init__(self, net: MotionFeatureNet, info: dict | None = None, device=None,
+                 batch_size: int = 64):
+        self.device = torch.device(device) if device is not None else next(net.parameters()).device
+        self.net = net.to(self.device).eval()
+        self.info = dict(info or {})
+        self.batch_size = int(batch_size)
+        self.name = MOTION_NET_NAME
+        self.feature_dim = net.feature_dim
+        digest = hashlib.sha256()
+        for k, v in sorted(net.state_dict().items()):
+            digest.update(k.encode())
+            digest.update(v.detach().cpu().float().numpy().tobytes())
+        self.weights_id = digest.hexdigest()[:12]
+
+    @property
+    def cache_name(self) -> str:
+        return f"{self.name}-{self.weights_id}"
+
+    @classmethod
+    def load_or_train(cls, cache_dir, resolution=16, num_frames: int = 8, device=None,
+                      **kwargs) -> "MotionFeatureExtractor":
+        net, info = load_or_train_motion_net(cache_dir, resolution, num_frames, **kwargs)
+        return cls(net, info, device=device)
+
+    @torch.no_grad()
+    def __call__(self, videos) -> np.ndarray:
+        if not torch.is_tensor(videos):
+            videos = torch.as_tensor(np.asarray(videos))
+        if videos.ndim != 5 or videos.shape[1] != 3:
+            raise ValueError(f"videos must have shape (B, 3, F, H, W), got {tuple(videos.shape)}")
+        out = []
+        for start in range(0, videos.shape[0], self.batch_size):
+            chunk = videos[start:start + self.batch_size].to(self.device, torch.float32)
+            out.append(self.net.features(chunk).double().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.feature_dim), np.float64)
+        return np.concatenate(out, axis=0)
+
+    def __repr__(self):
+        return (f"MotionFeatureExtractor({self.cache_name}, feature_dim={self.feature_dim}, "
+                f"comparable_to_published=False)")
