@@ -9,7 +9,7 @@ import sys
 
 from . import __version__
 
-COMMANDS = ["train", "sample", "flops"]
+COMMANDS = ["train", "sample", "eval", "flops"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,11 +35,12 @@ class SyntheticVideoDataset(Dataset):
     Items are ``{"video": float (3, num_frames, H, W) in [-1, 1], "label": int64}``; with
     ``num_classes=0`` the motion is still one of the first four kinds, drawn at random, and every
     label is 0 (unconditional data). ``speed`` is the object's displacement per frame as a
-    fraction of the shorter image side.
+    fraction of the shorter image side; ``size`` is the range of object radii, as the same fraction.
     """
 
     def __init__(self, num_videos: int, resolution=32, num_frames: int = 16, num_classes: int = 4,
-                 seed: int = 0, max_objects: int = 2, speed: tuple[float, float] = (0.03, 0.06)):
+                 seed: int = 0, max_objects: int = 2, speed: tuple[float, float] = (0.03, 0.06),
+                 size: tuple[float, float] = (0.10, 0.16)):
         if num_videos < 1:
             raise ValueError(f"num_videos must be >= 1, got {num_videos}")
         if not 0 <= num_classes <= len(MOTION_TYPES):
@@ -52,6 +53,9 @@ class SyntheticVideoDataset(Dataset):
         self.resolution = (self.height, self.width)
         self.num_classes, self.seed = int(num_classes), int(seed)
         self.max_objects, self.speed = int(max_objects), (float(speed[0]), float(speed[1]))
+        self.size = (float(size[0]), float(size[1]))
+        if not 0 < self.size[0] <= self.size[1] < 0.5:
+            raise ValueError(f"size must be (low, high) with 0 < low <= high < 0.5, got {size}")
         self.class_names = list(MOTION_TYPES[:self.num_classes])
         self.skipped: dict[str, list[str]] = {}
 
@@ -111,7 +115,7 @@ class SyntheticVideoDataset(Dataset):
         ys = np.arange(h, dtype=np.float64)[None, :, None] + 0.5
         xs = np.arange(w, dtype=np.float64)[None, None, :] + 0.5
         for _ in range(int(rng.integers(1, self.max_objects + 1))):
-            radius = rng.uniform(0.10, 0.16) * s
+            radius = rng.uniform(*self.size) * s
             colour = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.5, 1.0),
                                                   rng.uniform(0.85, 1.0)))  # bright, any hue
             x, y = self._trajectory(rng, motion, radius)

@@ -1,0 +1,261 @@
+"""Evaluate a checkpoint: sample clips, extract features, Fréchet distance against real clips.
+
+    real clips  --extractor-->  stats (cached .npz, keyed by data / size / frames / clips / net)
+    samples     --extractor-->  stats (clips kept in <output>/generated/ so a run resumes)
+                 -> frechet_distance -> <output>/report.json + <output>/comparison.gif
+
+The extractor is I3D when a weight file is given (``i3d_torchscript.pt``: FVD as StyleGAN-V
+computes it), else the offline motion feature net (:mod:`.motion_net`), trained once on the
+synthetic set and cached: its distance is labelled ``fd-motion-net`` and is not comparable with
+published FVD. Both real and generated clips are quantised to uint8 first, as decoded video is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data import video_to_uint8, write_video
+from ..data.video_io import atomic_write_path
+from .frechet import FeatureStats, FeatureStatsAccumulator, cached_stats, frechet_distance
+
+__all__ = ["EvalSettings", "evaluate", "build_extractor", "real_clips", "uint8_to_model_input",
+           "clip_features", "GeneratedClips"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    num_clips: int = 2048  # the StyleGAN-V protocol: 2048 clips of 16 frames
+    batch_size: int = 16  # clips sampled per shard (one model call)
+    sampler: str | None = None  # None: the run's sample.sampler
+    steps: int | None = None
+    eta: float = 0.0
+    cfg_scale: float | None = None  # None: the run's sample.cfg_scale (conditional models)
+    seed: int = 0
+    weights: str = "ema"
+    grid_clips: int = 8  # clips of each kind in the side-by-side comparison
+
+
+def uint8_to_model_input(clips: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, F, H, W, 3)`` -> float ``(N, 3, F, H, W)`` in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 4, 1, 2, 3).float()
+    return x / 127.5 - 1.0
+
+
+def clip_features(extractor, clips: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Features ``(N, D)`` of uint8 clips ``(N, F, H, W, 3)``."""
+    out = [extractor(uint8_to_model_input(clips[i:i + batch_size]))
+           for i in range(0, len(clips), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, extractor.feature_dim))
+
+
+def build_extractor(i3d_path=None, cache_dir=None, resolution=16, num_frames: int = 8,
+                    device="cpu"):
+    """I3D from ``i3d_path`` (see :func:`matten.eval.i3d.load_i3d`), else the offline motion
+    net for this clip size (trained on the synthetic set on first use, then cached)."""
+    if i3d_path is not None:
+        from .i3d import load_i3d
+
+        return load_i3d(i3d_path, device=device)
+    from .motion_net import MotionFeatureExtractor
+
+    return MotionFeatureExtractor.load_or_train(cache_dir, resolution, num_frames, device=device)
+
+
+def real_clips(dataset, num_clips: int, progress: bool = False):
+    """Yield uint8 batches ``(b, F, H, W, 3)`` of ``num_clips`` real clips: evenly spread over the
+    dataset, or every item and then more passes (new epochs: new clip starts) when it is small."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the evaluation dataset is empty")
+    if num_clips <= n:
+        order = [(0, int(i)) for i in np.linspace(0, n - 1, num_clips).round()]
+    else:
+        order = [divmod(k, n) for k in range(num_clips)]
+    batch = []
+    for epoch, index in tqdm(order, desc="real clips", disable=not progress, unit="clip"):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        batch.append(video_to_uint8(dataset[index]["video"]))
+        if len(batch) == 64:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
+
+
+class GeneratedClips:
+    """The sampled clips of an evaluation, one ``shard_XXXXX.npz`` per batch (uint8 clips and
+    labels), each written atomically. Shard ``i`` is a function of (seed, i) alone, so an
+    interrupted evaluation continues with the missing shards and gets the same clips."""
+
+    def __init__(self, folder, num_clips: int, batch_size: int):
+        self.folder = Path(folder)
+        self.num_clips, self.batch_size = int(num_clips), int(batch_size)
+        self.num_shards = -(-self.num_clips // self.batch_size)
+
+    def path(self, shard: int) -> Path:
+        return self.folder / f"shard_{shard:05d}.npz"
+
+    def shard_size(self, shard: int) -> int:
+        return min(self.batch_size, self.num_clips - shard * self.batch_size)
+
+    def load(self, shard: int) -> np.ndarray | None:
+        """The clips of a finished shard, or None (missing, or unreadable: then it is redone)."""
+        path = self.path(shard)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as data:
+                clips = data["clips"]
+        except Exception as exc:  # a damaged shard is sampled again
+            logger.warning("generated clips '%s' cannot be read (%s); sampling them again",
+                           path, exc)
+            return None
+        return clips if len(clips) == self.shard_size(shard) else None
+
+    def save(self, shard: int, clips: np.ndarray, labels) -> None:
+        with atomic_write_path(self.path(shard)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, clips=clips, labels=np.asarray(labels if labels is not None else []))
+
+
+def _sample_shard(loaded, shard: int, size: int, settings: EvalSettings, sampler: str,
+                  cfg_scale: float, device) -> tuple[np.ndarray, torch.Tensor | None]:
+    from ..sampling import sample_videos
+
+    labels = None
+    if loaded.num_classes:
+        first = shard * settings.batch_size
+        labels = (torch.arange(first, first + size) % loaded.num_classes).long()
+    videos = sample_videos(loaded.model, loaded.autoencoder, size, loaded.num_frames,
+                           loaded.latent_size, labels=labels, sampler=sampler,
+                           steps=settings.steps, eta=settings.eta,
+                           cfg_scale=cfg_scale if labels is not None else 1.0,
+                           seed=settings.seed * 1_000_003 + shard,
+                           learn_sigma=loaded.learn_sigma,
+                           diffusion_steps=loaded.diffusion_steps, device=device)
+    return video_to_uint8(videos), labels
+
+
+def _comparison(real: np.ndarray, fake: np.ndarray, path: Path, fps: int) -> Path:
+    """Real clips on the top row, generated clips below, as one video."""
+    from ..sampling import _upscale, tile_videos
+
+    k = min(len(real), len(fake))
+    if k == 0:
+        return path
+    clips = _upscale(np.concatenate([real[:k], fake[:k]]), 64)
+    return write_video(path, tile_videos(clips, columns=k), fps=fps)
+
+
+def evaluate(checkpoint, output, data=None, settings: EvalSettings | None = None, i3d=None,
+             cache_dir=None, device=None, progress: bool = True, extractor=None) -> dict:
+    """Evaluate ``checkpoint`` into the folder ``output``; returns the report (also written to
+    ``output/report.json``).
+
+    ``data`` is a :class:`matten.config.DataConfig` for the real clips (default: the run's own
+    data config). ``i3d`` is a local I3D weight file (default: the offline motion net).
+    ``cache_dir`` holds feature statistics and the motion net (default ``output/cache``).
+    ``extractor`` replaces the feature network (any callable with ``name``, ``cache_name``,
+    ``feature_dim`` and ``comparable_to_published``).
+    """
+    from ..sampling import load_for_sampling
+    from ..training.data import build_train_dataset
+    from ..training.loop import config_from_checkpoint
+
+    settings = settings or EvalSettings()
+    if settings.num_clips < 2:
+        raise ValueError("--num-clips must be >= 2 (a covariance needs two clips)")
+    if settings.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    output = Path(output)
+    cache_dir = Path(cache_dir) if cache_dir is not None else output / "cache"
+    start = time.time()
+
+    loaded = load_for_sampling(checkpoint, weights=settings.weights, device=device)
+    run = config_from_checkpoint(loaded.folder)
+    data = data or run.data
+    if data.name == "synthetic" and data.num_videos < settings.num_clips:
+        data.num_videos = settings.num_clips  # one distinct clip each
+    if (data.num_frames, data.resolution) != (loaded.num_frames, run.data.resolution):
+        raise ValueError(f"the real clips ({data.num_frames} frames at {data.resolution}px) "
+                         f"must match the model's ({loaded.num_frames} frames at "
+                         f"{run.data.resolution}px)")
+    sampler = settings.sampler or run.sample.sampler
+    cfg_scale = settings.cfg_scale if settings.cfg_scale is not None else run.sample.cfg_scale
+    if extractor is None:
+        extractor = build_extractor(i3d, cache_dir, data.resolution, data.num_frames, device)
+    metric = "fvd" if extractor.comparable_to_published else f"fd-{extractor.name}"
+
+    # Real statistics: computed once per (data, clip size, clip count, extractor).
+    dataset = build_train_dataset(data, seed=0)
+    real_key = {"data": data.name, "root": str(data.root), "split": str(data.split),
+                "options": data.options, "num_videos": data.num_videos,
+                "resolution": data.resolution, "frames": data.num_frames,
+                "stride": data.frame_stride, "clips": settings.num_clips,
+                "extractor": extractor.cache_name}
+    preview_real: list[np.ndarray] = []
+
+    def compute_real() -> FeatureStats:
+        acc = FeatureStatsAccumulator()
+        for clips in real_clips(dataset, settings.num_clips, progress):
+            if len(preview_real) < settings.grid_clips:
+                preview_real.append(clips[:settings.grid_clips])
+            acc.update(clip_features(extractor, clips))
+        return acc.stats()
+
+    real = cached_stats(cache_dir, real_key, compute_real)
+
+    # Generated clips: resumable shards, then their statistics.
+    store = GeneratedClips(output / "generated", settings.num_clips, settings.batch_size)
+    acc, preview_fake, resumed = FeatureStatsAccumulator(), [], 0
+    for shard in tqdm(range(store.num_shards), desc="sampling", disable=not progress,
+                      unit="batch"):
+        clips = store.load(shard)
+        if clips is None:
+            clips, labels = _sample_shard(loaded, shard, store.shard_size(shard), settings,
+                                          sampler, cfg_scale, device)
+            store.save(shard, clips, labels)
+        else:
+            resumed += 1
+        if sum(map(len, preview_fake)) < settings.grid_clips:
+            preview_fake.append(clips)
+        acc.update(clip_features(extractor, clips))
+    fake = acc.stats()
+    distance = frechet_distance(real.mean, real.cov, fake.mean, fake.cov)
+
+    if not preview_real:  # the real statistics came from the cache: read a few clips again
+        preview_real = [next(real_clips(dataset, min(settings.grid_clips, len(dataset))))]
+    comparison = _comparison(np.concatenate(preview_real)[:settings.grid_clips],
+                             np.concatenate(preview_fake)[:settings.grid_clips],
+                             output / "comparison.gif", run.sample.fps)
+    report = {
+        "metric": metric, "value": distance,
+        "comparable_to_published_fvd": bool(extractor.comparable_to_published),
+        "extractor": extractor.cache_name, "feature_dim": int(extractor.feature_dim),
+        "checkpoint": str(loaded.folder), "step": loaded.step, "weights": settings.weights,
+        "num_clips": settings.num_clips, "num_frames": loaded.num_frames,
+        "resolution": run.data.resolution, "sampler": sampler,
+        "steps": settings.steps, "eta": settings.eta,
+        "cfg_scale": cfg_scale if loaded.num_classes else 1.0, "seed": settings.seed,
+        "data": {"name": data.name, "root": data.root, "split": data.split},
+        "shards_resumed": resumed, "shards_total": store.num_shards,
+        "comparison": str(comparison), "seconds": round(time.time() - start, 1),
+    }
+    if not extractor.comparable_to_published:
+        report["note"] = ("Fréchet distance in the features of Matten's offline motion network "
+                          "trained on the synthetic set; not comparable with published FVD")
+    with atomic_write_path(output / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    return report
