@@ -70,6 +70,7 @@ class AutoencoderConfig:
 class DiffusionConfig:
     steps: int = 1000  # diffusion steps of the training chain
     timestep_respacing: str = ""  # training respacing ("" keeps all steps)
+    prediction: str = "eps"  # what the model predicts: "eps" (the paper) or "velocity"
 
 
 @dataclass
@@ -154,6 +155,9 @@ class RunConfig:
         if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             problems.append(f"train.mixed_precision must be auto, no, bf16 or fp16, got "
                             f"{t.mixed_precision!r}")
+        if self.diffusion.prediction not in ("eps", "velocity"):
+            problems.append(f"diffusion.prediction must be 'eps' or 'velocity', got "
+                            f"{self.diffusion.prediction!r}")
         s = self.sample
         if s.sampler not in ("ddpm", "ddim"):
             problems.append(f"sample.sampler must be 'ddpm' or 'ddim', got {s.sampler!r}")

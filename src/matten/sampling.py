@@ -65,6 +65,10 @@ class LoadedModel:
         return int(self.meta.get("diffusion_steps", 1000))
 
     @property
+    def prediction(self) -> str:
+        return str(self.meta.get("prediction", "eps"))
+
+    @property
     def step(self) -> int:
         return int(self.meta["step"])
 
@@ -133,7 +137,8 @@ def resolve_labels(class_arg, num_samples: int, num_classes: int,
 def sample_latents(model: nn.Module, shape, *, labels: torch.Tensor | None = None,
                    sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
                    cfg_scale: float = 1.0, seed: int = 0, batch_size: int | None = None,
-                   learn_sigma: bool = True, diffusion_steps: int = 1000, device=None,
+                   learn_sigma: bool = True, diffusion_steps: int = 1000,
+                   prediction: str = "eps", device=None,
                    progress: bool = False, noise: torch.Tensor | None = None,
                    clip_denoised: bool = False) -> torch.Tensor:
     """Sample latents of ``shape`` = (N, C, F, h, w).
@@ -164,7 +169,7 @@ def sample_latents(model: nn.Module, shape, *, labels: torch.Tensor | None = Non
     if noise is None:
         noise = torch.randn(tuple(shape), generator=generator, device=device)
     diffusion = create_diffusion(str(steps), diffusion_steps=diffusion_steps,
-                                 learn_sigma=learn_sigma)
+                                 learn_sigma=learn_sigma, prediction=prediction)
     net = model
     if labels is not None and cfg_scale != 1.0:
         net = classifier_free_guidance(model, float(cfg_scale), int(null_class))

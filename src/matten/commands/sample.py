@@ -75,6 +75,7 @@ def run(args, parser) -> int:
             loaded.latent_size, labels=labels, sampler=sampler, steps=args.steps,
             eta=args.eta, cfg_scale=cfg_scale, seed=args.seed, batch_size=args.batch_size,
             learn_sigma=loaded.learn_sigma, diffusion_steps=loaded.diffusion_steps,
+            prediction=loaded.prediction,
             device=device, progress=not args.no_progress)
         fps = args.fps or int(sample_cfg.get("fps", 8))
         video_path, grid_path = save_samples(videos, args.output, fps=fps)

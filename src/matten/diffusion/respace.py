@@ -87,8 +87,9 @@ class SpacedDiffusion(GaussianDiffusion):
     ``betas`` (default: 1000-step linear). Its timesteps are 0 .. len(use_timesteps) - 1; the model
     receives the matching original indices (``timestep_map``)."""
 
-    def __init__(self, use_timesteps: Iterable[int], betas=None, *, learn_sigma: bool = True):
-        base = GaussianDiffusion(betas, learn_sigma=learn_sigma)
+    def __init__(self, use_timesteps: Iterable[int], betas=None, *, learn_sigma: bool = True,
+                 prediction: str = "eps"):
+        base = GaussianDiffusion(betas, learn_sigma=learn_sigma, prediction=prediction)
         kept = sorted({int(s) for s in use_timesteps})
         if not kept:
             raise ValueError("use_timesteps is empty: keep at least one timestep")
@@ -96,7 +97,8 @@ class SpacedDiffusion(GaussianDiffusion):
             raise ValueError(f"use_timesteps must lie in [0, {base.num_timesteps - 1}], got "
                              f"[{kept[0]}, {kept[-1]}]")
         abar = base.alphas_cumprod[kept]
-        super().__init__(1.0 - abar / np.append(1.0, abar[:-1]), learn_sigma=learn_sigma)
+        super().__init__(1.0 - abar / np.append(1.0, abar[:-1]), learn_sigma=learn_sigma,
+                         prediction=prediction)
         self.use_timesteps = set(kept)
         self.timestep_map = np.array(kept, dtype=np.int64)
         self.original_num_steps = base.num_timesteps

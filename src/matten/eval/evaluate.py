@@ -143,7 +143,8 @@ def _sample_shard(loaded, shard: int, size: int, settings: EvalSettings, sampler
                            cfg_scale=cfg_scale if labels is not None else 1.0,
                            seed=settings.seed * 1_000_003 + shard,
                            learn_sigma=loaded.learn_sigma,
-                           diffusion_steps=loaded.diffusion_steps, device=device)
+                           diffusion_steps=loaded.diffusion_steps,
+                           prediction=loaded.prediction, device=device)
     return video_to_uint8(videos), labels
 
 

@@ -258,7 +258,8 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
         raise SetupError(f"model: {exc}") from exc
     model_config = dict(model.config)
     diffusion = create_diffusion(cfg.diffusion.timestep_respacing, cfg.diffusion.steps,
-                                 learn_sigma=cfg.model.learn_sigma)
+                                 learn_sigma=cfg.model.learn_sigma,
+                                 prediction=cfg.diffusion.prediction)
     ema = create_ema(model)
 
     start_step, rng_states = 0, None
@@ -306,6 +307,7 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
 
     meta = {"model_config": model_config, "run_config": config_to_dict(cfg),
             "class_names": class_names, "diffusion_steps": cfg.diffusion.steps,
+            "prediction": cfg.diffusion.prediction,
             "latent": {"channels": autoencoder.latent_channels, "size": list(latent_hw),
                        "num_frames": cfg.data.num_frames},
             "autoencoder": {"kind": autoencoder.kind, "path": cfg.autoencoder.path,
@@ -336,7 +338,8 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
                                    latent_hw, labels=labels, sampler=s.sampler, steps=s.steps,
                                    eta=s.eta, cfg_scale=s.cfg_scale if num_classes else 1.0,
                                    seed=s.seed, learn_sigma=cfg.model.learn_sigma,
-                                   diffusion_steps=cfg.diffusion.steps, device=device)
+                                   diffusion_steps=cfg.diffusion.steps,
+                                   prediction=cfg.diffusion.prediction, device=device)
             path, grid = save_samples(videos, output / "samples" / f"{step_dirname(step)}.gif",
                                       fps=s.fps)
             result.samples.extend([path, grid])
