@@ -1,0 +1,161 @@
+import numpy as np
+import pytest
+import torch
+
+from matten.data.long_memory import (ACTION_DELTAS, TRAJECTORIES, PanningMapDataset,
+                                     actions_from_camera, retrieval_error, revisit_pairs)
+
+
+@pytest.mark.parametrize("trajectory", TRAJECTORIES)
+def test_items_are_deterministic_with_the_documented_shapes(trajectory):
+    ds = PanningMapDataset(6, resolution=16, num_frames=64, map_size=48, trajectory=trajectory)
+    again = PanningMapDataset(6, resolution=16, num_frames=64, map_size=48, trajectory=trajectory)
+    other = PanningMapDataset(6, resolution=16, num_frames=64, map_size=48, trajectory=trajectory,
+                              seed=1)
+    item = ds[3]
+    assert set(item) == {"video", "label", "actions", "camera"}
+    for key in item:
+        assert torch.equal(item[key], again[3][key]) and torch.equal(item[key], ds[3][key])
+    assert not torch.equal(item["video"], other[3]["video"])
+    assert not torch.equal(item["video"], ds[4]["video"])
+    assert torch.equal(ds[-1]["video"], ds[5]["video"])
+    video = item["video"]
+    assert video.shape == (3, 64, 16, 16) and video.dtype == torch.float32
+    assert video.min() >= -1 and video.max() <= 1 and video.std() > 0.1
+    assert item["label"].dtype == torch.int64 and int(item["label"]) == 0
+    assert item["actions"].shape == (64,) and item["actions"].dtype == torch.int64
+    assert item["camera"].shape == (64, 2) and item["camera"].dtype == torch.float32
+    with pytest.raises(IndexError):
+        ds[6]
+
+
+def test_non_square_window_and_plain_items():
+    ds = PanningMapDataset(2, resolution=(12, 20), num_frames=9, map_size=(30, 40),
+                           with_actions=False)
+    item = ds[1]
+    assert set(item) == {"video", "label"} and item["video"].shape == (3, 9, 12, 20)
+    assert ds.world(1).shape == (30, 40, 3)
+
+
+@pytest.mark.parametrize("trajectory", TRAJECTORIES)
+@pytest.mark.parametrize("step", [1, 2])
+def test_camera_stays_inside_the_map_moves_little_and_matches_the_actions(trajectory, step):
+    ds = PanningMapDataset(20, resolution=16, num_frames=64, map_size=48, trajectory=trajectory,
+                           step=step)
+    for i in range(len(ds)):
+        camera, actions = ds.camera_path(i)
+        assert camera.min() >= 0
+        assert camera[:, 0].max() <= 48 - 16 and camera[:, 1].max() <= 48 - 16
+        delta = np.diff(camera, axis=0)
+        assert np.abs(delta).sum(axis=1).max() <= step  # one axis-aligned step or a pause
+        assert actions[0] == 0
+        assert np.array_equal(ACTION_DELTAS[actions[1:]] * step, delta)
+        assert np.array_equal(actions_from_camera(camera, step), actions)
+        assert np.ptp(camera, axis=0).max() >= 8  # it pans well away, not just jitters
+
+
+def test_frames_are_crops_of_the_world_at_the_camera():
+    ds = PanningMapDataset(3, resolution=16, num_frames=20, map_size=48)
+    frames, camera, _ = ds.render(2)
+    world = ds.world(2)
+    for t in (0, 7, 19):
+        x, y = camera[t]
+        assert np.array_equal(frames[t], world[y:y + 16, x:x + 16])
+    # landmarks make the world brighter in places than its textured background
+    assert world.max() > 0.85 and np.median(world.max(axis=2)) < 0.7
+
+
+@pytest.mark.parametrize("trajectory", TRAJECTORIES)
+def test_every_path_revisits_after_at_least_half_the_clip(trajectory):
+    ds = PanningMapDataset(20, resolution=16, num_frames=64, map_size=48, trajectory=trajectory)
+    for i in range(len(ds)):
+        camera = ds[i]["camera"]
+        pairs = revisit_pairs(camera, min_gap=32)
+        assert pairs and all(later - earlier == gap >= 32 for earlier, later, gap in pairs)
+        assert all(torch.equal(camera[a], camera[b]) for a, b, _ in pairs)
+
+
+def test_revisit_pairs_tolerance_and_excursion():
+    camera = np.array([[0, 0], [0, 0], [1, 0], [5, 0], [1, 0], [0.4, 0], [0, 0]], dtype=float)
+    assert revisit_pairs(camera, min_gap=5) == [(0, 5, 5), (0, 6, 6), (1, 6, 5)]
+    assert revisit_pairs(camera, min_gap=5, max_overlap_shift=0.0) == [(0, 6, 6), (1, 6, 5)]
+    assert (0, 1, 1) in revisit_pairs(camera, min_gap=1)
+    # with an excursion required, a camera that stayed put gives no pair
+    assert (0, 1, 1) not in revisit_pairs(camera, min_gap=1, min_excursion=2)
+    assert (2, 4, 2) in revisit_pairs(camera, min_gap=1, min_excursion=2)
+    with pytest.raises(ValueError, match="min_gap"):
+        revisit_pairs(camera, min_gap=0)
+    with pytest.raises(ValueError, match="camera"):
+        revisit_pairs(np.zeros((5, 3)), min_gap=1)
+
+
+@pytest.mark.parametrize("trajectory", ["out_and_back", "loop"])
+def test_retrieval_error_is_zero_on_real_videos_and_large_on_forgetful_ones(trajectory):
+    ds = PanningMapDataset(4, resolution=16, num_frames=64, map_size=48, trajectory=trajectory)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(len(ds)):
+        item = ds[i]
+        real = retrieval_error(item["video"], item["camera"], min_gap=1, bins=6, max_shift=3)
+        counted = [e for e, n in zip(real["errors"], real["count"]) if n]
+        assert sum(real["count"]) > 0 and max(counted) == 0.0 and real["mean"] == 0.0
+        assert real["gaps"] == sorted(real["gaps"]) and len(real["gaps"]) == 6
+        assert len(real["edges"]) == 7 and real["edges"][0] == 1 and real["edges"][-1] == 64
+        for e, n in zip(real["errors"], real["count"]):
+            assert (n == 0) == np.isnan(e)
+
+        forgetful = item["video"].clone()
+        forgetful[:, 32:] = torch.rand(forgetful[:, 32:].shape, generator=generator) * 2 - 1
+        bad = retrieval_error(forgetful.numpy(), item["camera"].numpy(), min_gap=32,
+                              bins=[32, 48, 64])
+        assert sum(bad["count"]) > 0 and bad["mean"] > 0.3
+        assert all(e > 0.3 for e, n in zip(bad["errors"], bad["count"]) if n)
+
+
+def test_retrieval_error_aligns_whole_pixel_offsets():
+    ds = PanningMapDataset(1, resolution=16, num_frames=64, map_size=48)
+    item = ds[0]
+    exact = retrieval_error(item["video"], item["camera"], min_gap=2)
+    shifted = retrieval_error(item["video"], item["camera"], min_gap=2, max_shift=4)
+    assert sum(shifted["count"]) > sum(exact["count"]) and shifted["mean"] == 0.0
+    # a video that drifts by a pixel at every revisit is caught once offsets are aligned
+    drifted = item["video"].roll(1, dims=3)
+    drifted[:, :32] = item["video"][:, :32]
+    assert retrieval_error(drifted, item["camera"], min_gap=32)["mean"] > 0.02
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="map_size .* must exceed resolution"):
+        PanningMapDataset(1, resolution=64, map_size=48)
+    with pytest.raises(ValueError, match="must exceed resolution"):
+        PanningMapDataset(1, resolution=48, map_size=48)
+    with pytest.raises(ValueError, match="num_frames must be >= 2"):
+        PanningMapDataset(1, num_frames=1)
+    with pytest.raises(ValueError, match="num_videos"):
+        PanningMapDataset(0)
+    with pytest.raises(ValueError, match="step"):
+        PanningMapDataset(1, step=0)
+    with pytest.raises(ValueError, match="trajectory"):
+        PanningMapDataset(1, trajectory="spiral")
+    with pytest.raises(ValueError, match="landmark_size"):
+        PanningMapDataset(1, landmark_size=(0.3, 0.1))
+    video, camera = torch.zeros(3, 8, 16, 16), torch.zeros(8, 2)
+    with pytest.raises(ValueError, match="camera must be"):
+        retrieval_error(video, torch.zeros(7, 2))
+    with pytest.raises(ValueError, match="video must be"):
+        retrieval_error(video[0], camera)
+    with pytest.raises(ValueError, match="min_gap"):
+        retrieval_error(video, camera, min_gap=8)
+    with pytest.raises(ValueError, match="bins"):
+        retrieval_error(video, camera, bins=[3, 2])
+    with pytest.raises(ValueError, match="max_shift"):
+        retrieval_error(video, camera, max_shift=16)
+    with pytest.raises(ValueError, match="discrete actions"):
+        actions_from_camera(np.array([[0, 0], [1, 1]]))
+
+
+def test_short_clips_still_work():
+    for trajectory in ("out_and_back", "loop"):
+        for frames in (2, 3, 5):
+            ds = PanningMapDataset(2, resolution=8, num_frames=frames, map_size=10,
+                                   trajectory=trajectory)
+            assert ds[1]["video"].shape == (3, frames, 8, 8)
