@@ -18,11 +18,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, dim = x.shape
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch, L, dim) -> q, k, v, each (batch, heads, L, head_dim); lets callers cache k, v."""
+        batch, length, _ = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries against (possibly cached, longer) keys and values -> (batch, Lq, dim).
+
+        ``attn_mask``: boolean (Lq, Lk) or broadcastable, True where a query may attend."""
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        batch, _, length, _ = q.shape
+        return self.proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(*self.project(x), attn_mask=attn_mask)
 
 
 class Mlp(nn.Sequential):
