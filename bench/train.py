@@ -1,0 +1,161 @@
+"""Training-step speed, peak memory and hardware utilisation: Matten-S/2 variant 3 vs Latte-S/2.
+
+One training step = the diffusion loss (L_simple + L_vlb) of a batch, backward, AdamW step, at the
+demo config's data shape (pixel space, its frames, resolution and batch) with the full S size
+(paper Table 3: Matten-S variant 3 = 6 blocks of [spatial attn, temporal attn, global Mamba],
+Latte-S = 6 blocks of [spatial attn, temporal attn], hidden 384, 6 heads).
+
+Achieved FLOP/s = FLOPs of a step / step time, where the FLOPs of a step are 3x the forward's as
+counted by torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention and the
+selective scan's registered formula); it is reported as a fraction of the FLOP/s of a large
+float32 matmul measured in the same run. Peak memory: growth of resident memory during one step
+in a fresh process (CPU) or the CUDA allocator's peak (GPU).
+
+    python bench/train.py                  # CPU
+    python bench/train.py --device cuda    # GPU
+    python bench/train.py --batch-size 4 --frames 16 --resolution 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import MALLOC_ENV, best_time, print_table, sampled_peak  # noqa: E402
+
+from matten.config import load_config  # noqa: E402
+from matten.diffusion import create_diffusion  # noqa: E402
+from matten.models import create_model  # noqa: E402
+
+MODELS = [("Matten-S/2", 3), ("Latte-S/2", None)]
+
+
+def build(name, variant, frames, resolution, num_classes, device):
+    torch.manual_seed(0)
+    kwargs = dict(num_frames=frames, input_size=resolution, in_channels=3,
+                  num_classes=num_classes)
+    if variant is not None:
+        kwargs["variant"] = variant
+    return create_model(name, **kwargs).to(device)
+
+
+def make_step(model, batch, frames, resolution, num_classes, device):
+    diffusion = create_diffusion()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, 3, frames, resolution, resolution, generator=g) * 2 - 1).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    kwargs = {"y": (torch.arange(batch) % num_classes).to(device)} if num_classes else None
+
+    def step():
+        loss = diffusion.training_losses(model, x, t, model_kwargs=kwargs)["loss"].mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def forward():
+        model(x, t, **(kwargs or {}))
+
+    return step, forward
+
+
+def step_flops(forward) -> int:
+    with FlopCounterMode(display=False) as counter:
+        forward()
+    return 3 * counter.get_total_flops()
+
+
+def matmul_flops_per_second(device, n: int) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+
+    def mm():
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * n ** 3 / best_time(mm, repeats=5, warmup=2)
+
+
+def child_peak(args) -> None:
+    """--peak-memory NAME: one warm-up step, then the resident-memory growth of a second."""
+    device = torch.device("cpu")
+    name, variant = next(m for m in MODELS if m[0] == args.peak_memory)
+    model = build(name, variant, args.frames, args.resolution, args.num_classes, device)
+    step, _ = make_step(model, args.batch_size, args.frames, args.resolution, args.num_classes,
+                        device)
+    step()
+    print(json.dumps({"peak_mb": sampled_peak(step)[1]}))
+
+
+def cpu_peak_mb(name: str, args) -> float:
+    cmd = [sys.executable, __file__, "--peak-memory", name, "--frames", str(args.frames),
+           "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
+           "--num-classes", str(args.num_classes)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env={**os.environ, **MALLOC_ENV}).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+
+
+def main() -> None:
+    demo = load_config("demo")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--frames", type=int, default=demo.data.num_frames)
+    parser.add_argument("--resolution", type=int, default=demo.data.resolution)
+    parser.add_argument("--batch-size", type=int, default=demo.train.batch_size)
+    parser.add_argument("--num-classes", type=int, default=demo.data.num_classes)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--matmul-size", type=int, default=None)
+    parser.add_argument("--peak-memory", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peak_memory:
+        return child_peak(args)
+
+    device = torch.device(args.device)
+    peak_mm = matmul_flops_per_second(device, args.matmul_size or
+                                      (8192 if device.type == "cuda" else 4096))
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    print(f"training step, batch {args.batch_size} x 3 x {args.frames} x {args.resolution} x "
+          f"{args.resolution} (pixel space, patch 2), float32, {where}, torch {torch.__version__}")
+    print(f"large float32 matmul: {peak_mm / 1e9:.1f} GFLOP/s")
+    rows, results = [], {}
+    for name, variant in MODELS:
+        model = build(name, variant, args.frames, args.resolution, args.num_classes, device)
+        params = sum(p.numel() for p in model.parameters())
+        step, forward = make_step(model, args.batch_size, args.frames, args.resolution,
+                                  args.num_classes, device)
+        flops = step_flops(forward)
+        seconds = best_time(step, repeats=args.repeats, warmup=1)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            step()
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        else:
+            peak = cpu_peak_mb(name, args)
+        achieved = flops / seconds
+        results[name] = seconds
+        label = f"{name} v{variant}" if variant else f"{name} (baseline)"
+        rows.append([label, f"{params / 1e6:.1f}", f"{flops / 1e9:.1f}", f"{1 / seconds:.2f}",
+                     f"{seconds * 1e3:.0f}", f"{peak:.0f}", f"{achieved / 1e9:.1f}",
+                     f"{achieved / peak_mm:.1%}"])
+        del model, step, forward
+    print_table(["model", "params M", "GFLOP/step", "steps/s", "ms/step", "peak extra MB",
+                 "achieved GFLOP/s", "of matmul FLOP/s"], rows)
+    ratio = results["Latte-S/2"] / results["Matten-S/2"]
+    print(f"Matten-S/2 step time vs Latte-S/2: {1 / ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
