@@ -19,7 +19,7 @@ import torch
 from matten.data import video_to_uint8
 from matten.eval.evaluate import build_extractor, clip_features, real_clips
 from matten.eval.frechet import FeatureStats
-from matten.models import create_model
+from matten.models import build_model
 from matten.sampling import load_for_sampling, sample_videos
 from matten.training import config_from_checkpoint
 from matten.training.data import build_train_dataset
@@ -68,7 +68,7 @@ def main() -> None:
     held_out_data = build_train_dataset(
         dataclasses.replace(data, options={**data.options, "seed": 12345}), seed=0)
     torch.manual_seed(0)
-    untrained = create_model(**loaded.meta["model_config"]).eval()
+    untrained = build_model(**loaded.meta["model_config"]).eval()
     noise = np.random.default_rng(0).integers(
         0, 256, (n, data.num_frames, data.resolution, data.resolution, 3), dtype=np.uint8)
     sets = {

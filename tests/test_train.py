@@ -334,3 +334,34 @@ def test_cuda_bf16_training_resumes_exactly_with_deterministic_kernels(tmp_path)
     assert a.state["config"]["train"]["mixed_precision"] == "auto"
     assert weights_digest(a.model) == weights_digest(b.model)
     assert weights_digest(a.ema) == weights_digest(b.ema)
+
+
+# ----------------------------------------------------------------------------------------------
+# long video: the causal backbone with diffusion forcing
+
+def test_causal_model_trains_with_a_noise_level_per_frame(tmp_path, monkeypatch):
+    from matten.diffusion import GaussianDiffusion
+    from matten.models import CausalVideoBackbone
+    from matten.sampling import load_for_sampling
+
+    seen = []
+    real_losses = GaussianDiffusion.training_losses
+
+    def spy(self, model, x_start, t, model_kwargs=None, noise=None):
+        seen.append((tuple(t.shape), sorted(model_kwargs or {})))
+        return real_losses(self, model, x_start, t, model_kwargs=model_kwargs, noise=noise)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", spy)
+    cfg = load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+                               "model.window=2", "data.num_frames=5", "data.num_videos=8",
+                               "train.batch_size=2", "train.max_steps=3", "train.log_every=1",
+                               "sample.num_samples=2", "sample.steps=2", "train.cpu=true"])
+    result = train(cfg, output=tmp_path / "run", progress=False)
+    assert len(result.losses) == 3 and np.isfinite(result.losses).all()
+    # diffusion forcing: t is (batch, frames), and the camera moves reach the model as actions
+    assert seen == [((2, 5), ["actions"])] * 3
+    loaded = load_for_sampling(tmp_path / "run")
+    assert isinstance(loaded.model, CausalVideoBackbone)
+    assert loaded.model.config["window"] == 2 and loaded.model.config["memory"] == "both"
+    for a, b in zip(loaded.model.state_dict().values(), result.ema.state_dict().values()):
+        assert torch.equal(a.cpu(), b.cpu())

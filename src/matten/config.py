@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "Matten-S/2"  # Matten-S/B/L/XL/2 or Latte-S/B/L/XL/2 (the attention baseline)
+    name: str = "Matten-S/2"  # Matten-S/B/L/XL/2, Latte-S/B/L/XL/2 (the attention baseline) or
+    # Matten-Causal (the long-video backbone: window / sink / memory / num_actions below)
     variant: int = 3  # Matten variants 1-4 (paper Sec. 3.2); ignored by Latte
     conditioning: str = "adan"  # "adan" (M-AdaN / adaLN-Zero) or "tokens" (conditional tokens)
     num_classes: int | None = None  # None: the dataset's class count (0 = unconditional)
@@ -42,6 +43,10 @@ class ModelConfig:
     hidden_size: int | None = None
     num_heads: int | None = None
     gradient_checkpointing: bool = False
+    window: int = 8  # Matten-Causal: frames of the sliding attention window
+    sink: int = 1  # Matten-Causal: first frames always attended to
+    memory: str = "both"  # Matten-Causal global memory: "ssm", "delta", "both" or "none"
+    num_actions: int = 0  # Matten-Causal: discrete per-frame actions (0: none)
 
 
 @dataclass
@@ -71,6 +76,7 @@ class DiffusionConfig:
     steps: int = 1000  # diffusion steps of the training chain
     timestep_respacing: str = ""  # training respacing ("" keeps all steps)
     prediction: str = "eps"  # what the model predicts: "eps" (the paper) or "velocity"
+    forcing: bool = False  # diffusion forcing: an independent noise level per frame
 
 
 @dataclass
@@ -155,6 +161,11 @@ class RunConfig:
         if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             problems.append(f"train.mixed_precision must be auto, no, bf16 or fp16, got "
                             f"{t.mixed_precision!r}")
+        if self.model.memory not in ("ssm", "delta", "both", "none"):
+            problems.append(f"model.memory must be ssm, delta, both or none, got "
+                            f"{self.model.memory!r}")
+        if self.model.window < 1 or self.model.sink < 0 or self.model.num_actions < 0:
+            problems.append("model.window must be >= 1, model.sink and model.num_actions >= 0")
         if self.diffusion.prediction not in ("eps", "velocity"):
             problems.append(f"diffusion.prediction must be 'eps' or 'velocity', got "
                             f"{self.diffusion.prediction!r}")

@@ -18,7 +18,8 @@ from .training.checkpoint import (CheckpointError, load_weights, read_meta,
                                   resolve_checkpoint)
 
 __all__ = ["SamplingError", "LoadedModel", "load_for_sampling", "default_steps", "sample_latents",
-           "sample_videos", "resolve_labels", "tile_videos", "save_samples", "VIDEO_SUFFIXES"]
+           "sample_videos", "resolve_labels", "dataset_actions", "tile_videos", "save_samples",
+           "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm", ".mov", ".mkv", ".avi")
 
@@ -76,12 +77,12 @@ class LoadedModel:
 def load_for_sampling(path, weights: str = "ema", device="cpu", vae_path=None) -> LoadedModel:
     """Rebuild the model of a checkpoint (run folder, checkpoints folder or checkpoint folder)
     with its ``"ema"`` (default) or ``"model"`` weights, and its autoencoder."""
-    from .models import create_model
+    from .models import build_model
 
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
     try:
-        model = create_model(**meta["model_config"])
+        model = build_model(**meta["model_config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot rebuild the model of '{folder}': {exc}") from None
     state = load_weights(folder, weights)
@@ -98,6 +99,21 @@ def load_for_sampling(path, weights: str = "ema", device="cpu", vae_path=None) -
     autoencoder = build_autoencoder(kind, vae_path if vae_path is not None
                                     else ae_meta.get("path"), **kwargs).to(device)
     return LoadedModel(model, autoencoder, meta, folder)
+
+
+def dataset_actions(run_config: dict, num_samples: int) -> torch.Tensor | None:
+    """The per-frame actions of the first ``num_samples`` clips of the run's data (the camera
+    moves of the panning-map set), for sampling an action-conditioned model; None if the data
+    have none."""
+    from .config import config_from_dict
+    from .training.data import build_train_dataset
+
+    data = config_from_dict(run_config).data
+    dataset = build_train_dataset(data)
+    first = dataset[0]
+    if "actions" not in first:
+        return None
+    return torch.stack([dataset[i % len(dataset)]["actions"] for i in range(num_samples)])
 
 
 def resolve_labels(class_arg, num_samples: int, num_classes: int,
@@ -140,7 +156,8 @@ def sample_latents(model: nn.Module, shape, *, labels: torch.Tensor | None = Non
                    learn_sigma: bool = True, diffusion_steps: int = 1000,
                    prediction: str = "eps", device=None,
                    progress: bool = False, noise: torch.Tensor | None = None,
-                   clip_denoised: bool = False) -> torch.Tensor:
+                   clip_denoised: bool = False, actions: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Sample latents of ``shape`` = (N, C, F, h, w).
 
     The initial noise of all N samples is drawn at once from ``seed`` (so it does not depend on
@@ -177,6 +194,8 @@ def sample_latents(model: nn.Module, shape, *, labels: torch.Tensor | None = Non
     out = []
     for lo in range(0, n, batch_size):
         kwargs = {} if labels is None else {"y": labels[lo:lo + batch_size].to(device)}
+        if actions is not None:  # per-frame actions of an action-conditioned causal model
+            kwargs["actions"] = actions[lo:lo + batch_size].to(device)
         x = noise[lo:lo + batch_size]
         if sampler == "ddpm":
             z = diffusion.p_sample_loop(net, x.shape, noise=x, model_kwargs=kwargs,

@@ -49,8 +49,8 @@ def add_parser(subparsers):
 def run(args, parser) -> int:
     import torch
 
-    from ..sampling import (VIDEO_SUFFIXES, SamplingError, load_for_sampling, resolve_labels,
-                            sample_videos, save_samples)
+    from ..sampling import (VIDEO_SUFFIXES, SamplingError, dataset_actions, load_for_sampling,
+                            resolve_labels, sample_videos, save_samples)
     from ..training import CheckpointError
 
     try:
@@ -69,13 +69,16 @@ def run(args, parser) -> int:
         cfg_scale = args.cfg_scale
         if cfg_scale is None:
             cfg_scale = float(sample_cfg.get("cfg_scale", 1.0)) if labels is not None else 1.0
+        actions = None
+        if getattr(loaded.model, "action_embedder", None) is not None:
+            actions = dataset_actions(loaded.meta["run_config"], args.num_samples)
         start = time.time()
         videos = sample_videos(
             loaded.model, loaded.autoencoder, args.num_samples, loaded.num_frames,
             loaded.latent_size, labels=labels, sampler=sampler, steps=args.steps,
             eta=args.eta, cfg_scale=cfg_scale, seed=args.seed, batch_size=args.batch_size,
             learn_sigma=loaded.learn_sigma, diffusion_steps=loaded.diffusion_steps,
-            prediction=loaded.prediction,
+            prediction=loaded.prediction, actions=actions,
             device=device, progress=not args.no_progress)
         fps = args.fps or int(sample_cfg.get("fps", 8))
         video_path, grid_path = save_samples(videos, args.output, fps=fps)

@@ -406,6 +406,15 @@ def _build_synthetic(root, resolution, num_frames=16, frame_stride=3, split=None
     return SyntheticVideoDataset(resolution=resolution, num_frames=num_frames, **kwargs)
 
 
+def _build_panning_map(root, resolution, num_frames=16, frame_stride=3, split=None, **kwargs):
+    from .long_memory import PanningMapDataset
+
+    kwargs.setdefault("num_videos", 512)
+    if split == "test":
+        kwargs["seed"] = int(kwargs.get("seed", 0)) + 1_000_003
+    return PanningMapDataset(resolution=resolution, num_frames=num_frames, **kwargs)
+
+
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "ucf101": UCF101Dataset,
     "sky_timelapse": SkyTimelapseDataset,
@@ -413,6 +422,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "taichi_hd": TaichiHDDataset,
     "folder": FolderDataset,
     "synthetic": _build_synthetic,
+    "panning_map": _build_panning_map,
 }
 _ALIASES = {"ucf": "ucf101", "sky": "sky_timelapse", "skytimelapse": "sky_timelapse",
             "ffs": "faceforensics", "face_forensics": "faceforensics", "taichi": "taichi_hd",
@@ -428,6 +438,6 @@ def build_dataset(name: str, root, resolution, num_frames: int = 16, frame_strid
     key = _ALIASES.get(key, key)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; choose one of {sorted(DATASETS)}")
-    if key == "synthetic":
+    if key in ("synthetic", "panning_map"):
         return DATASETS[key](root, resolution, num_frames, frame_stride, split, **kwargs)
     return DATASETS[key](root, resolution, num_frames, frame_stride, split=split, **kwargs)

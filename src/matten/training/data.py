@@ -88,6 +88,8 @@ def build_train_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if key == "synthetic":
         kwargs.setdefault("num_videos", cfg.num_videos)
         kwargs.setdefault("num_classes", cfg.num_classes)
+    elif key == "panning_map":  # built in, unlabelled (its camera moves are per-frame actions)
+        kwargs.setdefault("num_videos", cfg.num_videos)
     else:
         if cfg.root is None:
             raise FileNotFoundError(f"data.root is required for the '{cfg.name}' dataset: set it "

@@ -42,7 +42,8 @@ __all__ = ["train", "TrainResult", "SetupError", "capture_rng", "restore_rng",
 logger = logging.getLogger(__name__)
 
 MODEL_KEYS = ("name", "variant", "conditioning", "num_frames", "input_size", "in_channels",
-              "num_classes", "learn_sigma", "depth", "hidden_size", "num_heads")
+              "num_classes", "learn_sigma", "depth", "hidden_size", "num_heads", "window", "sink",
+              "memory", "num_actions")
 
 
 class SetupError(ValueError):
@@ -131,7 +132,19 @@ def _barrier(accelerator) -> None:
 
 
 def _model_kwargs(cfg: RunConfig, in_channels: int, latent_hw, num_classes: int) -> dict:
+    from ..models import CAUSAL_NAME
+
     m = cfg.model
+    if m.name == CAUSAL_NAME:  # the long-video backbone; its clip length is only the router's
+        kwargs = dict(name=m.name, input_size=list(latent_hw), in_channels=in_channels,
+                      num_classes=num_classes, learn_sigma=m.learn_sigma,
+                      class_dropout_prob=m.class_dropout_prob, num_actions=m.num_actions,
+                      window=m.window, sink=m.sink, memory=m.memory,
+                      context_length=cfg.data.num_frames)
+        for key in ("depth", "hidden_size", "num_heads"):
+            if getattr(m, key) is not None:
+                kwargs[key] = getattr(m, key)
+        return kwargs
     kwargs = dict(name=m.name, variant=m.variant, conditioning=m.conditioning,
                   num_frames=cfg.data.num_frames,
                   input_size=latent_hw[0] if latent_hw[0] == latent_hw[1] else tuple(latent_hw),
@@ -204,7 +217,7 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     exactly: its parameters equal those of an uninterrupted run, bit for bit (with the same
     number of processes; on GPUs with ``train.deterministic=true``).
     """
-    from ..models import create_model
+    from ..models import build_model
     from ..sampling import save_samples, sample_videos
 
     output = Path(output or cfg.train.output or "")
@@ -253,7 +266,7 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     num_classes = _model_num_classes(cfg, dataset)
     model_kwargs = _model_kwargs(cfg, autoencoder.latent_channels, latent_hw, num_classes)
     try:
-        model = create_model(**model_kwargs)
+        model = build_model(**model_kwargs)
     except (ValueError, TypeError) as exc:
         raise SetupError(f"model: {exc}") from exc
     model_config = dict(model.config)
@@ -334,12 +347,17 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
         if main:
             s = cfg.sample
             labels = torch.arange(s.num_samples) % num_classes if num_classes else None
+            actions = None
+            if getattr(raw_model, "action_embedder", None) is not None:
+                actions = torch.stack([dataset[i % len(dataset)]["actions"]
+                                       for i in range(s.num_samples)])
             videos = sample_videos(ema, autoencoder, s.num_samples, cfg.data.num_frames,
                                    latent_hw, labels=labels, sampler=s.sampler, steps=s.steps,
                                    eta=s.eta, cfg_scale=s.cfg_scale if num_classes else 1.0,
                                    seed=s.seed, learn_sigma=cfg.model.learn_sigma,
                                    diffusion_steps=cfg.diffusion.steps,
-                                   prediction=cfg.diffusion.prediction, device=device)
+                                   prediction=cfg.diffusion.prediction, device=device,
+                                   actions=actions)
             path, grid = save_samples(videos, output / "samples" / f"{step_dirname(step)}.gif",
                                       fps=s.fps)
             result.samples.extend([path, grid])
@@ -367,8 +385,17 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
         batch = next(data_iter)
         video = batch["video"].to(device, non_blocking=True)
         latents = autoencoder.encode(video)
-        t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), device=device)
-        kwargs = {"y": batch["label"].to(device)} if conditional else None
+        # Diffusion forcing draws a noise level per frame, so the model learns to denoise any
+        # frame given a history at any noise level (clean when generating autoregressively).
+        t_shape = latents.shape[:1] + (latents.shape[2:3] if cfg.diffusion.forcing else ())
+        t = torch.randint(0, diffusion.num_timesteps, t_shape, device=device)
+        kwargs = {"y": batch["label"].to(device)} if conditional else {}
+        if getattr(raw_model, "action_embedder", None) is not None:
+            if "actions" not in batch:
+                raise SetupError(f"model.num_actions is set but the '{cfg.data.name}' data have "
+                                 "no per-frame actions")
+            kwargs["actions"] = batch["actions"].to(device)
+        kwargs = kwargs or None
         with accelerator.autocast():
             loss = diffusion.training_losses(model, latents, t, model_kwargs=kwargs)["loss"].mean()
         if not torch.isfinite(loss):
