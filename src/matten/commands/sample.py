@@ -41,6 +41,11 @@ def add_parser(subparsers):
     parser.add_argument("--vae", default=None,
                         help="local Stable Diffusion VAE path (overrides the checkpoint's)")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if any)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="long video (Matten-Causal models): generate this many frames chunk "
+                             "by chunk, writing them as they come, at constant memory per frame")
+    parser.add_argument("--chunk-size", type=int, default=2,
+                        help="frames denoised together in long generation (default 2)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=lambda args: run(args, parser))
     return parser
@@ -69,6 +74,8 @@ def run(args, parser) -> int:
         cfg_scale = args.cfg_scale
         if cfg_scale is None:
             cfg_scale = float(sample_cfg.get("cfg_scale", 1.0)) if labels is not None else 1.0
+        if args.frames is not None:
+            return run_long(args, parser, loaded, labels, device)
         actions = None
         if getattr(loaded.model, "action_embedder", None) is not None:
             actions = dataset_actions(loaded.meta["run_config"], args.num_samples)
@@ -90,3 +97,53 @@ def run(args, parser) -> int:
     print(f"video: {video_path}")
     print(f"grid:  {grid_path}")
     return 0
+
+
+def run_long(args, parser, loaded, labels, device) -> int:
+    """`--frames N`: autoregressive generation of a Matten-Causal model, written progressively."""
+    import time
+
+    from ..diffusion import create_diffusion
+    from ..long_video import write_long_video
+    from ..models import CausalVideoBackbone
+    from ..sampling import SamplingError, dataset_actions, default_steps
+
+    if not isinstance(loaded.model, CausalVideoBackbone):
+        parser.error("--frames needs a long-video model (model.name: Matten-Causal); clip "
+                     f"models generate their {loaded.num_frames} training frames")
+    if args.frames < 1 or args.chunk_size < 1:
+        parser.error("--frames and --chunk-size must be >= 1")
+    sample_cfg = loaded.meta.get("run_config", {}).get("sample", {})
+    sampler = args.sampler or sample_cfg.get("sampler", "ddim")
+    steps = args.steps or default_steps(sampler)
+    diffusion = create_diffusion(str(steps), diffusion_steps=loaded.diffusion_steps,
+                                 learn_sigma=loaded.learn_sigma, prediction=loaded.prediction)
+    actions = None
+    if loaded.model.action_embedder is not None:
+        # the camera moves of the run's clips, repeated for as long as the video runs
+        clip_actions = dataset_actions(loaded.meta["run_config"], args.num_samples)
+        actions = (lambda frame: clip_actions[:, frame % clip_actions.shape[1]])
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else 1.0
+    h, w = loaded.latent_size
+    start = time.time()
+    try:
+        path = write_long_video(
+            loaded.model, diffusion, loaded.autoencoder, args.output, args.frames,
+            args.chunk_size, (loaded.autoencoder.latent_channels, h, w), batch=args.num_samples,
+            y=labels, actions=actions, sampler=sampler, eta=args.eta, cfg_scale=cfg_scale,
+            clip_denoised=loaded.autoencoder.kind == "pixel",
+            generator=torch_generator(args.seed), device=device,
+            fps=args.fps or int(sample_cfg.get("fps", 8)), min_size=128,
+            progress=not args.no_progress)
+    except (SamplingError, ValueError) as exc:
+        parser.error(str(exc))
+    print(f"{args.frames} frames x {args.num_samples} from {loaded.folder} (step {loaded.step}) "
+          f"in {time.time() - start:.1f}s, chunks of {args.chunk_size}")
+    print(f"video: {path}")
+    return 0
+
+
+def torch_generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(int(seed))

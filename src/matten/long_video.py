@@ -1,0 +1,344 @@
+"""Videos of any length from a causal backbone, generated and written chunk by chunk.
+
+A :class:`~matten.models.causal.CausalVideoBackbone` carries everything it needs from the past in
+a fixed-size :class:`~matten.models.causal.CausalState`, so a video is generated one chunk at a
+time: start the chunk from noise, denoise it with every step reading the history through the state
+(``step(..., commit=False)``), then ``commit`` the clean chunk. Each finished chunk is handed to
+the caller at once (decode it, append it to a :class:`StreamingVideoWriter`, drop it), so memory
+stays constant however long the video is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data.video_io import _CONTAINERS, _pad_even, as_uint8_frames, available_encoder
+
+__all__ = ["LongVideoChunk", "iter_long", "generate_long", "StreamingVideoWriter",
+           "write_long_video"]
+
+Labels = Tensor | int | Callable[[int], "Tensor | int"] | None
+Actions = Tensor | Callable[[int], Tensor] | None
+
+
+@dataclass
+class LongVideoChunk:
+    """One finished chunk: ``frames`` (B, C, k, h, w) are video frames ``start .. start + k - 1``;
+    ``state`` is the (conditional branch's) state after committing them."""
+    start: int
+    frames: Tensor
+    state: object
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.frames.shape[2]
+
+
+def _labels(y: Labels, frame: int, batch: int, device) -> Tensor | None:
+    """Labels (B,) for the chunk starting at ``frame``: a callable picks them per chunk, so the
+    class can change mid-stream (the model takes one label per sample for a whole chunk)."""
+    if callable(y):
+        y = y(frame)
+    if y is None:
+        return None
+    y = torch.as_tensor(y, dtype=torch.long, device=device)
+    if y.dim() == 0:
+        y = y.expand(batch)
+    if y.shape != (batch,):
+        raise ValueError(f"labels for frame {frame} must have shape ({batch},), "
+                         f"got {tuple(y.shape)}")
+    return y
+
+
+def _actions(actions: Actions, start: int, stop: int, device) -> Tensor | None:
+    """Actions of frames start .. stop - 1: a slice of a (B, F[, dim]) tensor, or a callable
+    ``frame -> (B,) or (B, dim)`` stacked over the chunk (for actions decided while generating)."""
+    if actions is None:
+        return None
+    if callable(actions):
+        return torch.stack([torch.as_tensor(actions(f)) for f in range(start, stop)],
+                           dim=1).to(device)
+    return actions[:, start:stop].to(device)
+
+
+def _check(num_frames: int, chunk_size: int, latent_shape, batch: int, sampler: str,
+           eta: float, cfg_scale: float) -> None:
+    if num_frames < 1 or chunk_size < 1 or batch < 1:
+        raise ValueError(f"need num_frames, chunk_size and batch >= 1, got {num_frames}, "
+                         f"{chunk_size}, {batch}")
+    if len(tuple(latent_shape)) != 3:
+        raise ValueError(f"latent_shape must be (C, h, w), got {tuple(latent_shape)}")
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    if isinstance(eta, bool) or not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale}")
+
+
+@torch.no_grad()
+def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, *,
+              batch: int = 1, y: Labels = None, actions: Actions = None, sampler: str = "ddim",
+              eta: float = 0.0, cfg_scale: float = 1.0, clip_denoised: bool = False,
+              generator: torch.Generator | None = None, device=None,
+              progress: bool = False) -> Iterator[LongVideoChunk]:
+    """Yield the chunks of a ``num_frames``-frame video in order (the last one may be shorter).
+
+    ``diffusion`` is a (respaced) diffusion; every frame of a chunk shares the noise level of the
+    current step and the committed history is clean (t = 0). Random draws come from ``generator``
+    in a fixed order: per chunk, its initial noise, then any sampler noise (DDPM, DDIM eta > 0).
+    With ``cfg_scale`` != 1 (class-conditional models) the unconditional branch keeps its own
+    state, its history committed under the null label, as it would be in a full-clip pass.
+    """
+    _check(num_frames, chunk_size, latent_shape, batch, sampler, eta, cfg_scale)
+    if device is None:
+        device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    guided = cfg_scale != 1.0
+    null = getattr(model, "null_class", None)
+    if guided and null is None:
+        raise ValueError("classifier-free guidance needs a class-conditional model")
+    state = model.init_state(batch)
+    uncond_state = model.init_state(batch) if guided else None
+    sample_step = diffusion.ddim_sample if sampler == "ddim" else diffusion.p_sample
+    extra = {"eta": float(eta)} if sampler == "ddim" else {}
+    starts = range(0, num_frames, chunk_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="long video", unit="chunk")
+    for start in starts:
+        stop = min(start + chunk_size, num_frames)
+        k = stop - start
+        labels = _labels(y, start, batch, device)
+        acts = _actions(actions, start, stop, device)
+        if guided and labels is None:
+            raise ValueError("classifier-free guidance needs labels y")
+        null_labels = torch.full_like(labels, null) if guided else None
+
+        def chunk_model(x, t, _labels=labels, _acts=acts, _null=null_labels):
+            # t arrives as original (un-respaced) timesteps (B,); one level for the whole chunk.
+            t = t[:, None].expand(-1, x.shape[2]) if t.dim() == 1 else t
+            out = model.step(x, t, state, y=_labels, actions=_acts, commit=False)[0]
+            if not guided:
+                return out
+            uncond = model.step(x, t, uncond_state, y=_null, actions=_acts, commit=False)[0]
+            c = x.shape[1]
+            eps = torch.lerp(uncond[:, :c], out[:, :c], float(cfg_scale))
+            return torch.cat([eps, out[:, c:]], dim=1)
+
+        shape = (batch, int(latent_shape[0]), k, *(int(n) for n in latent_shape[1:]))
+        # Drawn on the generator's device so a CPU generator gives the same video anywhere.
+        x = torch.randn(shape, generator=generator, dtype=dtype,
+                        device=generator.device if generator is not None else device).to(device)
+        for i in range(diffusion.num_timesteps - 1, -1, -1):
+            t = torch.full((batch,), i, device=device, dtype=torch.long)
+            x = sample_step(chunk_model, x, t, clip_denoised, None, generator=generator,
+                            **extra)["sample"]
+        clean_t = torch.zeros(batch, k, device=device, dtype=torch.long)
+        state = model.commit(x, clean_t, state, y=labels, actions=acts)
+        if guided:
+            uncond_state = model.commit(x, clean_t, uncond_state, y=null_labels, actions=acts)
+        yield LongVideoChunk(start, x, state)
+
+
+def generate_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, *,
+                  on_chunk: Callable[[LongVideoChunk], None] | None = None, **kwargs):
+    """Generate a long video autoregressively; keyword arguments as for :func:`iter_long`.
+
+    With ``on_chunk`` each finished chunk is passed to it and dropped, so memory does not grow
+    with the video; the number of frames is returned. Without it the whole latent video
+    (B, C, num_frames, h, w) is returned, which is only sensible for short videos.
+    """
+    chunks = iter_long(model, diffusion, num_frames, chunk_size, latent_shape, **kwargs)
+    if on_chunk is None:
+        return torch.cat([c.frames for c in chunks], dim=2)
+    total = 0
+    for chunk in chunks:
+        on_chunk(chunk)
+        total = chunk.stop
+    return total
+
+
+class StreamingVideoWriter:
+    """Append frames to a video file as they are produced, atomically.
+
+    Frames go to a hidden temporary file next to ``path``, renamed into place on a clean close,
+    so ``path`` never holds a half-written video. On an exception inside the ``with`` block the
+    temporary file is deleted, unless ``keep_partial`` is set: then the frames written so far are
+    finalized into ``<path>.partial`` (useful when a long generation dies late). Encoding matches
+    :func:`matten.data.write_video` (H.264 or MPEG-4 for .mp4/.mov/.mkv/.avi, VP9 for .webm,
+    yuv420p, odd sizes padded to even). ``.gif`` is supported by buffering every frame in memory
+    until close, so use it for short videos only.
+    """
+
+    def __init__(self, path, fps: float = 8, crf: int = 18, keep_partial: bool = False):
+        self.path = Path(path)
+        self.suffix = self.path.suffix.lower()
+        if self.suffix != ".gif" and self.suffix not in _CONTAINERS:
+            raise ValueError(f"cannot write video '{self.path}': unsupported suffix "
+                             f"'{self.path.suffix}' (use one of "
+                             f"{sorted(list(_CONTAINERS) + ['.gif'])})")
+        if not float(fps) > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.fps, self.crf, self.keep_partial = fps, int(crf), keep_partial
+        self.frames_written = 0
+        self._tmp: Path | None = None
+        self._container = self._stream = None
+        self._size: tuple[int, int] | None = None
+        self._gif: list[np.ndarray] = []
+
+    # ------------------------------------------------------------------ context
+
+    def __enter__(self) -> "StreamingVideoWriter":
+        self.open()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+    def open(self) -> None:
+        if self._tmp is not None:
+            raise RuntimeError(f"'{self.path}' is already open")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                   dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, frames) -> None:
+        """Append ``uint8 (k, H, W, 3)`` frames; every frame must have the size of the first."""
+        if self._tmp is None:
+            raise RuntimeError("the writer is not open (use it as a context manager)")
+        frames = as_uint8_frames(frames)
+        size = tuple(frames.shape[1:3])
+        if self._size is None:
+            self._size = size
+        elif size != self._size:
+            raise ValueError(f"frames of size {size} differ from the first frames' {self._size}")
+        if self.suffix == ".gif":
+            self._gif.extend(frames)
+        else:
+            self._encode(_pad_even(frames))
+        self.frames_written += len(frames)
+
+    def _encode(self, frames: np.ndarray) -> None:
+        import av
+
+        if self._container is None:
+            fmt, encoders = _CONTAINERS[self.suffix]
+            codec = available_encoder(encoders)
+            if codec is None:
+                raise RuntimeError(f"no encoder among {list(encoders)} is available in this "
+                                   "FFmpeg build")
+            _, h, w, _ = frames.shape
+            rate = Fraction(self.fps).limit_denominator(1001)
+            self._container = av.open(str(self._tmp), mode="w", format=fmt)
+            stream = self._container.add_stream(codec, rate=rate)
+            stream.width, stream.height = w, h
+            stream.pix_fmt = "yuv420p"
+            if codec in ("libx264", "h264"):
+                stream.options = {"crf": str(self.crf), "preset": "medium"}
+            elif codec.startswith("libvpx"):
+                stream.options = {"crf": str(self.crf + 12), "b": "0"}
+            else:
+                stream.bit_rate = max(2_000_000, int(w * h * float(rate) * 4))
+            self._stream = stream
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self._container.mux(packet)
+
+    def _finish(self) -> None:
+        """Flush the encoder and close the temporary file."""
+        if self.suffix == ".gif":
+            if self._gif:
+                from .data.video_io import _write_gif
+                _write_gif(self._tmp, np.stack(self._gif), self.fps)
+                self._gif = []
+            return
+        if self._container is not None:
+            try:
+                for packet in self._stream.encode():
+                    self._container.mux(packet)
+            finally:
+                self._container.close()
+                self._container = self._stream = None
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self) -> Path:
+        """Finish the file and move it into place; a video needs at least one frame."""
+        if self._tmp is None:
+            return self.path
+        tmp = self._tmp
+        try:
+            if self.frames_written == 0:
+                raise ValueError(f"no frames were written to '{self.path}'")
+            self._finish()
+            mode = self.path.stat().st_mode & 0o777 if self.path.exists() else 0o644
+            os.chmod(tmp, mode)
+            os.replace(tmp, self.path)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        finally:
+            self._tmp = None
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file (or keep what was written as ``<path>.partial``)."""
+        if self._tmp is None:
+            return
+        tmp, self._tmp = self._tmp, None
+        if self.keep_partial and self.frames_written:
+            try:
+                self._finish()
+                os.replace(tmp, self.path.with_name(self.path.name + ".partial"))
+                return
+            except Exception:
+                pass
+        self._discard(tmp)
+
+    def _discard(self, tmp: Path) -> None:
+        if self._container is not None:
+            with contextlib.suppress(Exception):
+                self._container.close()
+            self._container = self._stream = None
+        self._gif = []
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_long_video(model, diffusion, autoencoder, path, num_frames: int, chunk_size: int,
+                     latent_shape, *, fps: float = 8, keep_partial: bool = False,
+                     min_size: int = 0, **kwargs) -> Path:
+    """Generate a long video and write it while generating: each chunk is decoded by
+    ``autoencoder`` and appended to ``path`` (a batch is tiled side by side), so neither latents
+    nor pixels accumulate. Frames smaller than ``min_size`` pixels are enlarged (nearest
+    neighbour) so they can be seen. Keyword arguments as for :func:`iter_long`."""
+    from .data import video_to_uint8
+    from .sampling import _upscale, tile_videos
+
+    with StreamingVideoWriter(path, fps=fps, keep_partial=keep_partial) as writer:
+        for chunk in iter_long(model, diffusion, num_frames, chunk_size, latent_shape, **kwargs):
+            with torch.no_grad():
+                pixels = autoencoder.decode(chunk.frames).clamp(-1, 1)
+            frames = _upscale(video_to_uint8(pixels), min_size)  # (B, k, H, W, 3)
+            writer.write(frames[0] if len(frames) == 1 else tile_videos(frames))
+    return Path(path)

@@ -1,0 +1,222 @@
+import numpy as np
+import pytest
+import torch
+
+from matten.data import read_video
+from matten.diffusion import create_diffusion
+from matten.long_video import (StreamingVideoWriter, generate_long, iter_long,
+                               write_long_video)
+from matten.models.causal import create_causal_model
+
+LATENT = (4, 4, 4)
+
+
+def tiny(num_classes=3, seed=0, **kwargs):
+    """A tiny causal model moved off its adaLN-Zero init (which predicts exactly zero)."""
+    torch.manual_seed(seed)
+    model = create_causal_model(input_size=4, in_channels=4, depth=1, hidden_size=32,
+                                num_heads=2, patch_size=2, window=3, sink=1, memory="both",
+                                context_length=8, num_classes=num_classes, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny()
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return create_diffusion("4", prediction="eps")
+
+
+def reference(model, diffusion, num_frames, chunk, y, seed, batch=1, actions=None):
+    """Each chunk denoised by the full-history ``forward`` over [clean past (t = 0); chunk]."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    history = torch.zeros(batch, LATENT[0], 0, *LATENT[1:], dtype=dtype)
+    for start in range(0, num_frames, chunk):
+        k = min(chunk, num_frames - start)
+        acts = None if actions is None else actions[:, :start + k]
+
+        def full(x, t):
+            t_full = torch.cat([torch.zeros(batch, start, dtype=torch.long),
+                                t[:, None].expand(-1, k)], dim=1)
+            out = model(torch.cat([history, x], dim=2), t_full, y=y, actions=acts)
+            return out[:, :, start:]
+
+        x = torch.randn(batch, LATENT[0], k, *LATENT[1:], generator=g, dtype=dtype)
+        with torch.no_grad():
+            for i in range(diffusion.num_timesteps - 1, -1, -1):
+                t = torch.full((batch,), i, dtype=torch.long)
+                x = diffusion.ddim_sample(full, x, t, eta=0.0, generator=g)["sample"]
+        history = torch.cat([history, x], dim=2)
+    return history
+
+
+def test_streaming_matches_full_history_recomputation(diffusion):
+    # float64 so that 12 frames of float32 rounding do not blur a 1e-5 comparison
+    model = tiny().double()
+    y = torch.tensor([1, 2])
+    got = generate_long(model, diffusion, 12, 2, LATENT, batch=2, y=y,
+                        generator=torch.Generator().manual_seed(3))
+    want = reference(model, diffusion, 12, 2, y, seed=3, batch=2)
+    assert got.shape == (2, 4, 12, 4, 4)
+    assert got.abs().max() > 1e-2  # not trivially zero
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_uneven_last_chunk_and_actions():
+    model = tiny(num_classes=0, num_actions=3).double()
+    diffusion = create_diffusion("4", prediction="eps")
+    actions = torch.randint(0, 3, (1, 7), generator=torch.Generator().manual_seed(0))
+    got = generate_long(model, diffusion, 7, 3, LATENT, actions=actions,
+                        generator=torch.Generator().manual_seed(5))
+    want = reference(model, diffusion, 7, 3, None, seed=5, actions=actions)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # The same actions given frame by frame as a callable.
+    again = generate_long(model, diffusion, 7, 3, LATENT, actions=lambda f: actions[:, f],
+                          generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+
+
+def test_state_size_is_constant_and_chunks_are_streamed(model, diffusion):
+    sizes, starts = {}, []
+
+    def on_chunk(chunk):
+        starts.append(chunk.start)
+        assert chunk.frames.shape == (1, 4, 2, 4, 4)
+        sizes[chunk.start // 2 + 1] = chunk.state.num_elements()
+
+    total = generate_long(model, diffusion, 20, 2, LATENT, y=0, on_chunk=on_chunk,
+                          generator=torch.Generator().manual_seed(0))
+    assert total == 20 and starts == list(range(0, 20, 2))
+    assert sizes[3] == sizes[10] > 0
+
+
+def test_class_switch_changes_later_chunks_only_and_is_deterministic(model, diffusion):
+    def run(y):
+        return generate_long(model, diffusion, 8, 2, LATENT, y=y,
+                             generator=torch.Generator().manual_seed(7))
+
+    fixed = run(torch.tensor([0]))
+    switched = run(lambda frame: torch.tensor([0 if frame < 4 else 2]))
+    assert torch.equal(switched[:, :, :4], fixed[:, :, :4])
+    assert not torch.allclose(switched[:, :, 4:], fixed[:, :, 4:], atol=1e-4)
+    assert torch.equal(run(torch.tensor([0])), fixed)
+
+
+def test_guidance_keeps_a_state_per_branch(diffusion):
+    model = tiny().double()
+    y = torch.tensor([1])
+    plain = generate_long(model, diffusion, 4, 2, LATENT, y=y,
+                          generator=torch.Generator().manual_seed(1))
+    same = generate_long(model, diffusion, 4, 2, LATENT, y=y, cfg_scale=1.0,
+                         generator=torch.Generator().manual_seed(1))
+    assert torch.equal(plain, same)
+    # Scale 0 is the unconditional branch alone: full-history recomputation with the null label.
+    uncond = generate_long(model, diffusion, 4, 2, LATENT, y=y, cfg_scale=0.0,
+                           generator=torch.Generator().manual_seed(1))
+    want = reference(model, diffusion, 4, 2, torch.tensor([model.null_class]), seed=1)
+    torch.testing.assert_close(uncond, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="guidance"):
+        next(iter_long(tiny(num_classes=0), diffusion, 4, 2, LATENT, cfg_scale=2.0))
+
+
+def frames(n, h=10, w=14, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_streaming_writer_writes_a_readable_mp4(tmp_path):
+    path = tmp_path / "out" / "long.mp4"
+    with StreamingVideoWriter(path, fps=8) as writer:
+        for i in range(4):
+            writer.write(frames(3, seed=i))
+        assert not path.exists()  # only moved into place on close
+    video = read_video(path)
+    assert video.shape == (12, 10, 14, 3)
+    assert [p.name for p in path.parent.iterdir()] == ["long.mp4"]
+
+
+def test_streaming_writer_failure_leaves_no_file(tmp_path):
+    path = tmp_path / "long.mp4"
+    with pytest.raises(RuntimeError, match="boom"):
+        with StreamingVideoWriter(path) as writer:
+            writer.write(frames(3))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    # An existing file survives a failed rewrite; keep_partial keeps what was written.
+    with StreamingVideoWriter(path) as writer:
+        writer.write(frames(2))
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with StreamingVideoWriter(path, keep_partial=True) as writer:
+            writer.write(frames(5))
+            raise RuntimeError("boom")
+    assert path.read_bytes() == before
+    assert read_video(tmp_path / "long.mp4.partial").shape[0] == 5
+    with pytest.raises(ValueError, match="size"):
+        with StreamingVideoWriter(tmp_path / "b.mp4") as writer:
+            writer.write(frames(2))
+            writer.write(frames(2, h=12))
+    assert not (tmp_path / "b.mp4").exists()
+
+
+def test_write_long_video_end_to_end(tmp_path, model, diffusion):
+    class Pixels:  # stands in for an autoencoder: latent channels 0..2 as RGB
+        def decode(self, z):
+            return z[:, :3].tanh()
+
+    path = write_long_video(model, diffusion, Pixels(), tmp_path / "v.mp4", 6, 2, LATENT,
+                            batch=2, y=torch.tensor([0, 1]),
+                            generator=torch.Generator().manual_seed(0))
+    video = read_video(path)
+    assert video.shape[0] == 6
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_stochastic_samplers_follow_the_generator(model, diffusion, sampler, eta):
+    def run(seed):
+        return generate_long(model, diffusion, 4, 2, LATENT, y=1, sampler=sampler, eta=eta,
+                             generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(0), run(0)) and not torch.allclose(run(0), run(1))
+
+
+def test_sample_command_streams_a_long_video_from_a_trained_causal_model(tmp_path, capsys):
+    from matten import cli
+    from matten.config import load_config
+    from matten.training import train
+
+    run = tmp_path / "run"
+    train(load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+                               "model.window=2", "data.num_frames=4", "data.num_videos=4",
+                               "train.batch_size=2", "train.max_steps=1", "sample.steps=2",
+                               "sample.num_samples=1", "train.cpu=true"]),
+          output=run, progress=False)
+    out = tmp_path / "long.mp4"
+    assert cli.main(["sample", "--checkpoint", str(run), "--output", str(out), "-n", "1",
+                     "--steps", "2", "--frames", "9", "--chunk-size", "2", "--no-progress"]) == 0
+    assert "9 frames x 1" in capsys.readouterr().out
+    assert read_video(out).shape[0] == 9  # longer than the 4-frame training clips
+
+
+def test_frames_option_needs_a_causal_model(tmp_path, capsys):
+    from matten import cli
+    from matten.config import load_config
+    from matten.training import train
+
+    run = tmp_path / "clip"
+    train(load_config("demo", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+                               "data.resolution=8", "data.num_frames=4", "data.num_videos=4",
+                               "train.batch_size=2", "train.max_steps=1", "sample.steps=2",
+                               "sample.num_samples=1", "train.cpu=true"]),
+          output=run, progress=False)
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--checkpoint", str(run), "--output", str(tmp_path / "x.mp4"),
+                  "--frames", "9"])
+    assert "--frames needs a long-video model" in capsys.readouterr().err
