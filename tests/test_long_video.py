@@ -220,3 +220,21 @@ def test_frames_option_needs_a_causal_model(tmp_path, capsys):
         cli.main(["sample", "--checkpoint", str(run), "--output", str(tmp_path / "x.mp4"),
                   "--frames", "9"])
     assert "--frames needs a long-video model" in capsys.readouterr().err
+
+
+def test_context_frames_continue_like_generated_history(model, diffusion):
+    """Frames given as context are committed exactly as if they had been generated: with the
+    same noise for the later chunks (DDIM, eta 0) the continuation is the same."""
+    full = generate_long(model, diffusion, 8, 2, LATENT, y=1,
+                         generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):  # the initial noise of the two chunks the context replaces
+        torch.randn((1, *LATENT[:1], 2, *LATENT[1:]), generator=generator)
+    rest = list(iter_long(model, diffusion, 8, 2, LATENT, y=1, context=full[:, :, :4],
+                          generator=generator))
+    assert [c.start for c in rest] == [4, 6]
+    # float32: committing 4 frames at once rounds differently from 2 + 2
+    torch.testing.assert_close(torch.cat([c.frames for c in rest], dim=2), full[:, :, 4:],
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="context"):
+        next(iter_long(model, diffusion, 4, 2, LATENT, y=1, context=full[:, :, :4]))

@@ -92,8 +92,13 @@ def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, 
               batch: int = 1, y: Labels = None, actions: Actions = None, sampler: str = "ddim",
               eta: float = 0.0, cfg_scale: float = 1.0, clip_denoised: bool = False,
               generator: torch.Generator | None = None, device=None,
-              progress: bool = False) -> Iterator[LongVideoChunk]:
+              progress: bool = False, context: torch.Tensor | None = None
+              ) -> Iterator[LongVideoChunk]:
     """Yield the chunks of a ``num_frames``-frame video in order (the last one may be shorter).
+
+    ``context`` (B, C, n, h, w), optional: the first n frames, given (e.g. real frames whose
+    continuation is wanted); they are committed clean and only frames n .. num_frames - 1 are
+    generated and yielded. Labels and actions are indexed by absolute frame.
 
     ``diffusion`` is a (respaced) diffusion; every frame of a chunk shares the noise level of the
     current step and the committed history is clean (t = 0). Random draws come from ``generator``
@@ -111,9 +116,22 @@ def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, 
         raise ValueError("classifier-free guidance needs a class-conditional model")
     state = model.init_state(batch)
     uncond_state = model.init_state(batch) if guided else None
+    first = 0
+    if context is not None:  # given frames 0 .. n-1: committed clean, then generation continues
+        first = int(context.shape[2])
+        if context.shape[0] != batch or first >= num_frames:
+            raise ValueError(f"context must have shape (batch={batch}, C, n, h, w) with n < "
+                             f"num_frames={num_frames}, got {tuple(context.shape)}")
+        context = context.to(device, dtype)
+        labels, acts = _labels(y, 0, batch, device), _actions(actions, 0, first, device)
+        clean_t = torch.zeros(batch, first, device=device, dtype=torch.long)
+        state = model.commit(context, clean_t, state, y=labels, actions=acts)
+        if guided:
+            uncond_state = model.commit(context, clean_t, uncond_state,
+                                        y=torch.full_like(labels, null), actions=acts)
     sample_step = diffusion.ddim_sample if sampler == "ddim" else diffusion.p_sample
     extra = {"eta": float(eta)} if sampler == "ddim" else {}
-    starts = range(0, num_frames, chunk_size)
+    starts = range(first, num_frames, chunk_size)
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="long video", unit="chunk")
