@@ -74,7 +74,20 @@ class FinalLayer(nn.Module):
         return self.linear(x)
 
 
-class VideoBackbone(nn.Module):
+class ClassConditioned:
+    """What samplers ask of a backbone with an optional ``y_embedder`` (a LabelEmbedder)."""
+
+    @property
+    def num_classes(self) -> int:
+        return self.y_embedder.num_classes if self.y_embedder is not None else 0
+
+    @property
+    def null_class(self) -> int | None:
+        """Label of the null class used for classifier-free guidance (None if unconditional)."""
+        return self.y_embedder.null_class if self.y_embedder is not None else None
+
+
+class VideoBackbone(ClassConditioned, nn.Module):
     """eps_theta(x_t, t, y): a stack of blocks of one layout over video latent patches."""
 
     def __init__(self, layout, depth: int, hidden_size: int, num_heads: int, patch_size: int = 2,
@@ -95,15 +108,6 @@ class VideoBackbone(nn.Module):
             Block(layout, hidden_size, num_heads, conditioning, mlp_ratio, d_state, expand)
             for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, conditioning)
-
-    @property
-    def num_classes(self) -> int:
-        return self.y_embedder.num_classes if self.y_embedder is not None else 0
-
-    @property
-    def null_class(self) -> int | None:
-        """Label of the null class used for classifier-free guidance (None if unconditional)."""
-        return self.y_embedder.null_class if self.y_embedder is not None else None
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None, frames: int) -> Condition:
         if t.dim() == 1:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..ssm import TokenGrid
 from ..ssm import scan_order as order
 from .attention import Attention, Mlp
-from .backbone import FinalLayer
+from .backbone import ClassConditioned, FinalLayer
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_1d, unpatchify
 from .layers import AttentionLayer, Condition, gated, modulate
 from .memory import BlockwiseTemporalSSM, GatedDeltaMemory, MambaState, PositionRouter
@@ -265,7 +265,7 @@ class ActionEmbedder(nn.Module):
         return self.embed(actions.to(self.embed[0].weight.dtype))
 
 
-class CausalVideoBackbone(nn.Module):
+class CausalVideoBackbone(ClassConditioned, nn.Module):
     """eps_theta(x, t, y, actions) with per-frame noise levels, causal in time; see the module
     docstring. ``forward`` runs a whole clip; ``init_state`` / ``step`` / ``commit`` stream one."""
 
@@ -293,15 +293,6 @@ class CausalVideoBackbone(nn.Module):
                         ssm_block_size=tuple(ssm_block_size))
             for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, "adan")
-
-    @property
-    def num_classes(self) -> int:
-        return self.y_embedder.num_classes if self.y_embedder is not None else 0
-
-    @property
-    def null_class(self) -> int | None:
-        """Label of the null class used for classifier-free guidance (None if unconditional)."""
-        return self.y_embedder.null_class if self.y_embedder is not None else None
 
     def condition(self, t: Tensor, y: Tensor | None, actions: Tensor | None, batch: int,
                   frames: int) -> Condition:
