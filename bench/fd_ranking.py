@@ -26,11 +26,11 @@ from matten.training.data import build_train_dataset
 
 
 def sampled_clips(model, loaded, n, batch, seed) -> np.ndarray:
+    run = config_from_checkpoint(loaded.folder)
     out = []
     for lo in range(0, n, batch):
         size = min(batch, n - lo)
         labels = (torch.arange(lo, lo + size) % loaded.num_classes) if loaded.num_classes else None
-        run = config_from_checkpoint(loaded.folder)
         videos = sample_videos(model, loaded.autoencoder, size, loaded.num_frames,
                                loaded.latent_size, labels=labels, sampler="ddim", steps=50,
                                cfg_scale=run.sample.cfg_scale if labels is not None else 1.0,

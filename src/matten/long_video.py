@@ -16,14 +16,14 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .data.video_io import _CONTAINERS, _pad_even, as_uint8_frames, available_encoder
+from .data.video_io import (CONTAINERS, as_uint8_frames, encode_frames, flush_stream,
+                            open_video_stream, pad_even, write_gif)
 
 __all__ = ["LongVideoChunk", "iter_long", "generate_long", "StreamingVideoWriter",
            "write_long_video"]
@@ -203,10 +203,10 @@ class StreamingVideoWriter:
     def __init__(self, path, fps: float = 8, crf: int = 18, keep_partial: bool = False):
         self.path = Path(path)
         self.suffix = self.path.suffix.lower()
-        if self.suffix != ".gif" and self.suffix not in _CONTAINERS:
+        if self.suffix != ".gif" and self.suffix not in CONTAINERS:
             raise ValueError(f"cannot write video '{self.path}': unsupported suffix "
                              f"'{self.path.suffix}' (use one of "
-                             f"{sorted(list(_CONTAINERS) + ['.gif'])})")
+                             f"{sorted(list(CONTAINERS) + ['.gif'])})")
         if not float(fps) > 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.fps, self.crf, self.keep_partial = fps, int(crf), keep_partial
@@ -253,47 +253,27 @@ class StreamingVideoWriter:
         if self.suffix == ".gif":
             self._gif.extend(frames)
         else:
-            self._encode(_pad_even(frames))
+            self._encode(pad_even(frames))
         self.frames_written += len(frames)
 
     def _encode(self, frames: np.ndarray) -> None:
-        import av
-
         if self._container is None:
-            fmt, encoders = _CONTAINERS[self.suffix]
-            codec = available_encoder(encoders)
-            if codec is None:
-                raise RuntimeError(f"no encoder among {list(encoders)} is available in this "
-                                   "FFmpeg build")
+            fmt, encoders = CONTAINERS[self.suffix]
             _, h, w, _ = frames.shape
-            rate = Fraction(self.fps).limit_denominator(1001)
-            self._container = av.open(str(self._tmp), mode="w", format=fmt)
-            stream = self._container.add_stream(codec, rate=rate)
-            stream.width, stream.height = w, h
-            stream.pix_fmt = "yuv420p"
-            if codec in ("libx264", "h264"):
-                stream.options = {"crf": str(self.crf), "preset": "medium"}
-            elif codec.startswith("libvpx"):
-                stream.options = {"crf": str(self.crf + 12), "b": "0"}
-            else:
-                stream.bit_rate = max(2_000_000, int(w * h * float(rate) * 4))
-            self._stream = stream
-        for frame in frames:
-            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                self._container.mux(packet)
+            self._container, self._stream = open_video_stream(self._tmp, fmt, encoders, self.fps,
+                                                              w, h, self.crf)
+        encode_frames(self._container, self._stream, frames)
 
     def _finish(self) -> None:
         """Flush the encoder and close the temporary file."""
         if self.suffix == ".gif":
             if self._gif:
-                from .data.video_io import _write_gif
-                _write_gif(self._tmp, np.stack(self._gif), self.fps)
+                write_gif(self._tmp, np.stack(self._gif), self.fps)
                 self._gif = []
             return
         if self._container is not None:
             try:
-                for packet in self._stream.encode():
-                    self._container.mux(packet)
+                flush_stream(self._container, self._stream)
             finally:
                 self._container.close()
                 self._container = self._stream = None
@@ -351,12 +331,12 @@ def write_long_video(model, diffusion, autoencoder, path, num_frames: int, chunk
     nor pixels accumulate. Frames smaller than ``min_size`` pixels are enlarged (nearest
     neighbour) so they can be seen. Keyword arguments as for :func:`iter_long`."""
     from .data import video_to_uint8
-    from .sampling import _upscale, tile_videos
+    from .sampling import upscale_frames, tile_videos
 
     with StreamingVideoWriter(path, fps=fps, keep_partial=keep_partial) as writer:
         for chunk in iter_long(model, diffusion, num_frames, chunk_size, latent_shape, **kwargs):
             with torch.no_grad():
                 pixels = autoencoder.decode(chunk.frames).clamp(-1, 1)
-            frames = _upscale(video_to_uint8(pixels), min_size)  # (B, k, H, W, 3)
+            frames = upscale_frames(video_to_uint8(pixels), min_size)  # (B, k, H, W, 3)
             writer.write(frames[0] if len(frames) == 1 else tile_videos(frames))
     return Path(path)

@@ -18,8 +18,8 @@ from .training.checkpoint import (CheckpointError, load_weights, read_meta,
                                   resolve_checkpoint)
 
 __all__ = ["SamplingError", "LoadedModel", "load_for_sampling", "default_steps", "sample_latents",
-           "sample_videos", "resolve_labels", "dataset_actions", "tile_videos", "save_samples",
-           "VIDEO_SUFFIXES"]
+           "sample_videos", "resolve_labels", "clip_actions", "dataset_actions", "tile_videos",
+           "upscale_frames", "save_samples", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm", ".mov", ".mkv", ".avi")
 
@@ -101,19 +101,20 @@ def load_for_sampling(path, weights: str = "ema", device="cpu", vae_path=None) -
     return LoadedModel(model, autoencoder, meta, folder)
 
 
+def clip_actions(dataset, num_samples: int) -> torch.Tensor | None:
+    """The per-frame actions of the first ``num_samples`` clips of ``dataset`` (the camera moves
+    of the panning-map set), for sampling an action-conditioned model; None if it has none."""
+    if "actions" not in dataset[0]:
+        return None
+    return torch.stack([dataset[i % len(dataset)]["actions"] for i in range(num_samples)])
+
+
 def dataset_actions(run_config: dict, num_samples: int) -> torch.Tensor | None:
-    """The per-frame actions of the first ``num_samples`` clips of the run's data (the camera
-    moves of the panning-map set), for sampling an action-conditioned model; None if the data
-    have none."""
+    """:func:`clip_actions` of the data a run was trained on."""
     from .config import config_from_dict
     from .training.data import build_train_dataset
 
-    data = config_from_dict(run_config).data
-    dataset = build_train_dataset(data)
-    first = dataset[0]
-    if "actions" not in first:
-        return None
-    return torch.stack([dataset[i % len(dataset)]["actions"] for i in range(num_samples)])
+    return clip_actions(build_train_dataset(config_from_dict(run_config).data), num_samples)
 
 
 def resolve_labels(class_arg, num_samples: int, num_classes: int,
@@ -235,7 +236,7 @@ def tile_videos(videos: np.ndarray, columns: int | None = None, padding: int = 2
     return out
 
 
-def _upscale(frames: np.ndarray, min_size: int) -> np.ndarray:
+def upscale_frames(frames: np.ndarray, min_size: int) -> np.ndarray:
     """Nearest-neighbour upscale of small frames (..., H, W, 3) so they can be seen."""
     h, w = frames.shape[-3:-1]
     k = max(1, math.ceil(min_size / max(h, w)))
@@ -252,7 +253,7 @@ def save_samples(videos: torch.Tensor, output, fps: int = 8, min_size: int = 128
     output = Path(output)
     if output.suffix.lower() not in VIDEO_SUFFIXES:
         raise SamplingError(f"--output '{output}' must end in one of {', '.join(VIDEO_SUFFIXES)}")
-    frames = _upscale(video_to_uint8(videos), min_size // 2 if len(videos) > 1 else min_size)
+    frames = upscale_frames(video_to_uint8(videos), min_size // 2 if len(videos) > 1 else min_size)
     video_path = write_video(output, tile_videos(frames), fps=fps)
     grid_path = save_grid_image(output.with_suffix(".png"), frames)
     return video_path, grid_path

@@ -21,7 +21,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 # Container suffix -> (PyAV format name, encoders to try in order).
-_CONTAINERS = {
+CONTAINERS = {
     ".mp4": ("mp4", ("libx264", "h264", "mpeg4")),
     ".m4v": ("mp4", ("libx264", "h264", "mpeg4")),
     ".mov": ("mov", ("libx264", "h264", "mpeg4")),
@@ -291,7 +291,7 @@ def available_encoder(candidates: Sequence[str]) -> str | None:
     return None
 
 
-def _pad_even(frames: np.ndarray) -> np.ndarray:
+def pad_even(frames: np.ndarray) -> np.ndarray:
     t, h, w, c = frames.shape
     ph, pw = h % 2, w % 2
     if ph or pw:
@@ -299,35 +299,54 @@ def _pad_even(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def _write_av(tmp: Path, frames: np.ndarray, fps, fmt: str, encoders: Sequence[str],
-              crf: int) -> None:
+def open_video_stream(path, fmt: str, encoders: Sequence[str], fps, width: int, height: int,
+                      crf: int):
+    """A PyAV container writing ``path`` and its yuv420p video stream, encoded the same way for
+    every Matten video: the first available encoder of ``encoders``, quality ``crf``."""
     import av
 
     codec = available_encoder(encoders)
     if codec is None:
         raise RuntimeError(f"no encoder among {list(encoders)} is available in this FFmpeg build")
-    frames = _pad_even(frames)
-    t, h, w, _ = frames.shape
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(tmp), mode="w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height = w, h
-        stream.pix_fmt = "yuv420p"
-        if codec in ("libx264", "h264"):
-            stream.options = {"crf": str(int(crf)), "preset": "medium"}
-        elif codec.startswith("libvpx"):
-            stream.options = {"crf": str(int(crf) + 12), "b": "0"}
-        else:  # mpeg4: constant bit rate generous enough for near-lossless small videos
-            stream.bit_rate = max(2_000_000, int(w * h * float(rate) * 4))
-        for frame in frames:
-            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            for packet in stream.encode(vf):
-                container.mux(packet)
-        for packet in stream.encode():
+    container = av.open(str(path), mode="w", format=fmt)
+    stream = container.add_stream(codec, rate=rate)
+    stream.width, stream.height = width, height
+    stream.pix_fmt = "yuv420p"
+    if codec in ("libx264", "h264"):
+        stream.options = {"crf": str(int(crf)), "preset": "medium"}
+    elif codec.startswith("libvpx"):
+        stream.options = {"crf": str(int(crf) + 12), "b": "0"}
+    else:  # mpeg4: constant bit rate generous enough for near-lossless small videos
+        stream.bit_rate = max(2_000_000, int(width * height * float(rate) * 4))
+    return container, stream
+
+
+def encode_frames(container, stream, frames: np.ndarray) -> None:
+    """Encode uint8 ``(T, H, W, 3)`` frames into ``stream`` and mux the packets."""
+    import av
+
+    for frame in frames:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
             container.mux(packet)
 
 
-def _write_gif(tmp: Path, frames: np.ndarray, fps) -> None:
+def flush_stream(container, stream) -> None:
+    for packet in stream.encode():
+        container.mux(packet)
+
+
+def _write_av(tmp: Path, frames: np.ndarray, fps, fmt: str, encoders: Sequence[str],
+              crf: int) -> None:
+    frames = pad_even(frames)
+    _, h, w, _ = frames.shape
+    container, stream = open_video_stream(tmp, fmt, encoders, fps, w, h, crf)
+    with container:
+        encode_frames(container, stream, frames)
+        flush_stream(container, stream)
+
+
+def write_gif(tmp: Path, frames: np.ndarray, fps) -> None:
     from PIL import Image
 
     images = [Image.fromarray(f) for f in frames]
@@ -346,17 +365,17 @@ def write_video(path, frames, fps: float = 8, crf: int = 18) -> Path:
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix != ".gif" and suffix not in _CONTAINERS:
+    if suffix != ".gif" and suffix not in CONTAINERS:
         raise ValueError(f"cannot write video '{path}': unsupported suffix '{path.suffix}' "
-                         f"(use one of {sorted(list(_CONTAINERS) + ['.gif'])})")
+                         f"(use one of {sorted(list(CONTAINERS) + ['.gif'])})")
     if not float(fps) > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     frames = as_uint8_frames(frames)
     with atomic_write_path(path) as tmp:
         if suffix == ".gif":
-            _write_gif(tmp, frames, fps)
+            write_gif(tmp, frames, fps)
         else:
-            fmt, encoders = _CONTAINERS[suffix]
+            fmt, encoders = CONTAINERS[suffix]
             _write_av(tmp, frames, fps, fmt, encoders, crf)
     return path
 

@@ -150,12 +150,12 @@ def _sample_shard(loaded, shard: int, size: int, settings: EvalSettings, sampler
 
 def _comparison(real: np.ndarray, fake: np.ndarray, path: Path, fps: int) -> Path:
     """Real clips on the top row, generated clips below, as one video."""
-    from ..sampling import _upscale, tile_videos
+    from ..sampling import upscale_frames, tile_videos
 
     k = min(len(real), len(fake))
     if k == 0:
         return path
-    clips = _upscale(np.concatenate([real[:k], fake[:k]]), 64)
+    clips = upscale_frames(np.concatenate([real[:k], fake[:k]]), 64)
     return write_video(path, tile_videos(clips, columns=k), fps=fps)
 
 

@@ -218,7 +218,7 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     number of processes; on GPUs with ``train.deterministic=true``).
     """
     from ..models import build_model
-    from ..sampling import save_samples, sample_videos
+    from ..sampling import clip_actions, save_samples, sample_videos
 
     output = Path(output or cfg.train.output or "")
     if not str(output) or str(output) == ".":
@@ -349,8 +349,7 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
             labels = torch.arange(s.num_samples) % num_classes if num_classes else None
             actions = None
             if getattr(raw_model, "action_embedder", None) is not None:
-                actions = torch.stack([dataset[i % len(dataset)]["actions"]
-                                       for i in range(s.num_samples)])
+                actions = clip_actions(dataset, s.num_samples)
             videos = sample_videos(ema, autoencoder, s.num_samples, cfg.data.num_frames,
                                    latent_hw, labels=labels, sampler=s.sampler, steps=s.steps,
                                    eta=s.eta, cfg_scale=s.cfg_scale if num_classes else 1.0,
