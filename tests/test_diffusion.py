@@ -11,7 +11,7 @@ import torch
 from scipy.stats import norm
 
 from matten.diffusion import (GaussianDiffusion, SpacedDiffusion, classifier_free_guidance,
-                              create_diffusion, space_timesteps)
+                              create_diffusion, forcing_timesteps, space_timesteps)
 from matten.diffusion.gaussian_math import (approx_standard_normal_cdf,
                                             discretized_gaussian_log_likelihood, normal_kl)
 
@@ -253,6 +253,51 @@ def test_per_frame_losses_equal_frame_by_frame_losses():
     for key in ("mse", "vb", "loss"):
         expected = torch.stack([fr[key] for fr in frames]).mean(0)
         torch.testing.assert_close(whole[key], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_frame_weights_leave_history_frames_out_of_the_loss():
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.rand(2, 3, 4, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([[0, 0, 300, 999], [0, 17, 5, 7]])
+    weight = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    model = lambda x, t: torch.cat([0.9 * x, torch.tanh(x)], 1)  # noqa: E731
+    weighted = d.training_losses(model, x0, t, noise=noise, frame_weight=weight)
+    frames = [d.training_losses(model, x0[:, :, f], t[:, f], noise=noise[:, :, f])
+              for f in range(4)]
+    for key in ("mse", "vb", "loss"):
+        per_frame = torch.stack([fr[key] for fr in frames], dim=1)           # (B, F)
+        expected = torch.stack([per_frame[0, 2:].mean(), per_frame[1, 1:].mean()])
+        torch.testing.assert_close(weighted[key], expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="frame_weight"):
+        d.training_losses(model, x0, t, noise=noise, frame_weight=weight[:, :3])
+
+
+def test_forcing_timesteps_draw_a_level_per_frame_and_clean_history():
+    torch.manual_seed(0)
+    t, weight = forcing_timesteps(4000, 8, 1000)
+    assert t.shape == (4000, 8) and weight is None
+    # independent per frame: uniform over [0, 1000), frames uncorrelated
+    assert abs(t.float().mean().item() - 499.5) < 5 and t.min() == 0 and t.max() == 999
+    corr = np.corrcoef(t[:, 0].numpy(), t[:, 1].numpy())[0, 1]
+    assert abs(corr) < 0.05
+    t, weight = forcing_timesteps(4000, 8, 1000, history_prob=0.5)
+    history = weight == 0
+    # history is a prefix: clean (t = 0) and out of the loss; it leaves a frame to denoise
+    assert (t[history] == 0).all()
+    assert torch.equal(history, history.cummin(dim=1).values)
+    length = history.sum(1)
+    assert length.max() <= 7
+    with_history = length > 0
+    assert abs(with_history.float().mean().item() - 0.5) < 0.03
+    # prefix lengths uniform over 1 .. F - 1
+    counts = torch.bincount(length[with_history], minlength=8)[1:]
+    assert counts.min() > 0.8 * counts.float().mean()
+    # the other frames keep independent levels
+    assert abs(t[~history].float().mean().item() - 499.5) < 10
+    with pytest.raises(ValueError, match="history_prob"):
+        forcing_timesteps(2, 4, 1000, history_prob=1.5)
 
 
 def test_wrong_model_output_channels_raise():

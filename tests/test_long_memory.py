@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from matten.data.long_memory import (ACTION_DELTAS, TRAJECTORIES, PanningMapDataset,
-                                     actions_from_camera, retrieval_error, revisit_pairs)
+                                     actions_from_camera, pixel_last_seen, retrieval_error,
+                                     revisit_pairs)
 
 
 @pytest.mark.parametrize("trajectory", TRAJECTORIES)
@@ -159,3 +160,26 @@ def test_short_clips_still_work():
             ds = PanningMapDataset(2, resolution=8, num_frames=frames, map_size=10,
                                    trajectory=trajectory)
             assert ds[1]["video"].shape == (3, frames, 8, 8)
+
+
+def test_pixel_last_seen_against_a_brute_force_search():
+    data = PanningMapDataset(2, resolution=8, num_frames=20, map_size=20, seed=4,
+                             trajectory="mixed", step=2)
+    for i in range(2):
+        camera = data[i]["camera"].numpy().astype(np.int64)
+        last = pixel_last_seen(camera, 8, 8)
+        for f in range(20):
+            for r in range(8):
+                for c in range(8):
+                    point = (camera[f, 1] + r, camera[f, 0] + c)   # (row, col) on the map
+                    shown = [g for g in range(f) if camera[g, 1] <= point[0] < camera[g, 1] + 8
+                             and camera[g, 0] <= point[1] < camera[g, 0] + 8]
+                    assert last[f, r, c] == (shown[-1] if shown else -1)
+        # a real video shows the same colour wherever a point was seen before
+        video = data[i]["video"].numpy()
+        f, r, c = np.nonzero(last >= 0)
+        g = last[f, r, c]
+        dy, dx = (camera[f] - camera[g]).T[::-1]
+        np.testing.assert_array_equal(video[:, f, r, c], video[:, g, r + dy, c + dx])
+    with pytest.raises(ValueError, match="integer"):
+        pixel_last_seen(np.array([[0.5, 0.0]]), 8, 8)

@@ -33,8 +33,10 @@ def diffusion():
     return create_diffusion("4", prediction="eps")
 
 
-def reference(model, diffusion, num_frames, chunk, y, seed, batch=1, actions=None):
-    """Each chunk denoised by the full-history ``forward`` over [clean past (t = 0); chunk]."""
+def reference(model, diffusion, num_frames, chunk, y, seed, batch=1, actions=None,
+              teacher=None):
+    """Each chunk denoised by the full-history ``forward`` over [clean past (t = 0); chunk]; the
+    past is the generated chunks, or the frames of ``teacher``."""
     g = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     history = torch.zeros(batch, LATENT[0], 0, *LATENT[1:], dtype=dtype)
@@ -54,7 +56,10 @@ def reference(model, diffusion, num_frames, chunk, y, seed, batch=1, actions=Non
                 t = torch.full((batch,), i, dtype=torch.long)
                 x = diffusion.ddim_sample(full, x, t, eta=0.0, generator=g)["sample"]
         history = torch.cat([history, x], dim=2)
-    return history
+        generated = x if start == 0 else torch.cat([generated, x], dim=2)
+        if teacher is not None:
+            history = teacher[:, :, :start + k]
+    return generated
 
 
 def test_streaming_matches_full_history_recomputation(diffusion):
@@ -238,3 +243,19 @@ def test_context_frames_continue_like_generated_history(model, diffusion):
                                rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="context"):
         next(iter_long(model, diffusion, 4, 2, LATENT, y=1, context=full[:, :, :4]))
+
+
+def test_teacher_forcing_generates_each_chunk_from_the_real_past():
+    model = tiny(num_classes=0).double()
+    diffusion = create_diffusion("4", prediction="eps")
+    real = torch.randn(1, *LATENT[:1], 8, *LATENT[1:], generator=torch.Generator().manual_seed(2),
+                       dtype=torch.float64)
+    got = generate_long(model, diffusion, 8, 2, LATENT, teacher=real,
+                        generator=torch.Generator().manual_seed(4))
+    want = reference(model, diffusion, 8, 2, None, seed=4, teacher=real)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    free = generate_long(model, diffusion, 8, 2, LATENT, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got[:, :, :2], free[:, :, :2], atol=0, rtol=0)  # same first chunk
+    assert (got[:, :, 2:] - free[:, :, 2:]).abs().max() > 1e-3     # then a different past
+    with pytest.raises(ValueError, match="teacher"):
+        generate_long(model, diffusion, 8, 2, LATENT, teacher=real[:, :, :6])

@@ -81,6 +81,10 @@ def test_config_overrides_types_and_bad_keys(tmp_path):
         load_config("demo", ["batch_size=4"])
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config("demo", ["train.mixed_precision=fp8"])
+    with pytest.raises(ConfigError, match="history_prob needs diffusion.forcing"):
+        load_config("demo", ["diffusion.history_prob=0.5"])
+    with pytest.raises(ConfigError, match=r"history_prob must be in \[0, 1\]"):
+        load_config("long", ["diffusion.history_prob=2"])
     with pytest.raises(FileNotFoundError, match="no packaged config 'nope'"):
         load_config("nope")
     bad = tmp_path / "bad.yaml"
@@ -344,20 +348,28 @@ def test_causal_model_trains_with_a_noise_level_per_frame(tmp_path, monkeypatch)
     from matten.models import CausalVideoBackbone
     from matten.sampling import load_for_sampling
 
-    seen = []
+    seen, weights = [], []
     real_losses = GaussianDiffusion.training_losses
 
-    def spy(self, model, x_start, t, model_kwargs=None, noise=None):
+    def spy(self, model, x_start, t, model_kwargs=None, noise=None, frame_weight=None):
         seen.append((tuple(t.shape), sorted(model_kwargs or {})))
-        return real_losses(self, model, x_start, t, model_kwargs=model_kwargs, noise=noise)
+        if frame_weight is not None:  # clean history frames: t = 0 and left out of the loss
+            assert (t[frame_weight == 0] == 0).all()
+            weights.append(frame_weight)
+        return real_losses(self, model, x_start, t, model_kwargs=model_kwargs, noise=noise,
+                           frame_weight=frame_weight)
 
     monkeypatch.setattr(GaussianDiffusion, "training_losses", spy)
     cfg = load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
                                "model.window=2", "data.num_frames=5", "data.num_videos=8",
                                "train.batch_size=2", "train.max_steps=3", "train.log_every=1",
-                               "sample.num_samples=2", "sample.steps=2", "train.cpu=true"])
+                               "sample.num_samples=2", "sample.steps=2", "train.cpu=true",
+                               "diffusion.history_prob=1.0"])
     result = train(cfg, output=tmp_path / "run", progress=False)
     assert len(result.losses) == 3 and np.isfinite(result.losses).all()
+    # every clip kept a clean prefix of history, and the last frame is always denoised
+    assert len(weights) == 3 and all((w[:, 0] == 0).all() and (w[:, -1] == 1).all()
+                                     for w in weights)
     # diffusion forcing: t is (batch, frames), and the camera moves reach the model as actions
     assert seen == [((2, 5), ["actions"])] * 3
     loaded = load_for_sampling(tmp_path / "run")

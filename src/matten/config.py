@@ -77,6 +77,7 @@ class DiffusionConfig:
     timestep_respacing: str = ""  # training respacing ("" keeps all steps)
     prediction: str = "eps"  # what the model predicts: "eps" (the paper) or "velocity"
     forcing: bool = False  # diffusion forcing: an independent noise level per frame
+    history_prob: float = 0.0  # forcing: chance a clip's first frames are clean history (no loss)
 
 
 @dataclass
@@ -169,6 +170,10 @@ class RunConfig:
         if self.diffusion.prediction not in ("eps", "velocity"):
             problems.append(f"diffusion.prediction must be 'eps' or 'velocity', got "
                             f"{self.diffusion.prediction!r}")
+        if not 0.0 <= self.diffusion.history_prob <= 1.0:
+            problems.append("diffusion.history_prob must be in [0, 1]")
+        if self.diffusion.history_prob > 0 and not self.diffusion.forcing:
+            problems.append("diffusion.history_prob needs diffusion.forcing: true")
         s = self.sample
         if s.sampler not in ("ddpm", "ddim"):
             problems.append(f"sample.sampler must be 'ddpm' or 'ddim', got {s.sampler!r}")

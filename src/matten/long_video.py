@@ -92,13 +92,16 @@ def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, 
               batch: int = 1, y: Labels = None, actions: Actions = None, sampler: str = "ddim",
               eta: float = 0.0, cfg_scale: float = 1.0, clip_denoised: bool = False,
               generator: torch.Generator | None = None, device=None,
-              progress: bool = False, context: torch.Tensor | None = None
-              ) -> Iterator[LongVideoChunk]:
+              progress: bool = False, context: torch.Tensor | None = None,
+              teacher: torch.Tensor | None = None) -> Iterator[LongVideoChunk]:
     """Yield the chunks of a ``num_frames``-frame video in order (the last one may be shorter).
 
     ``context`` (B, C, n, h, w), optional: the first n frames, given (e.g. real frames whose
     continuation is wanted); they are committed clean and only frames n .. num_frames - 1 are
-    generated and yielded. Labels and actions are indexed by absolute frame.
+    generated and yielded. Labels and actions are indexed by absolute frame. ``teacher``
+    (B, C, num_frames, h, w), optional: teacher forcing. Each chunk is still generated, but the
+    real frames are committed in its place, so every chunk is made from the true past (to measure
+    what a model does with a given history, without its own errors piling up).
 
     ``diffusion`` is a (respaced) diffusion; every frame of a chunk shares the noise level of the
     current step and the committed history is clean (t = 0). Random draws come from ``generator``
@@ -107,6 +110,10 @@ def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, 
     state, its history committed under the null label, as it would be in a full-clip pass.
     """
     _check(num_frames, chunk_size, latent_shape, batch, sampler, eta, cfg_scale)
+    if teacher is not None and (teacher.dim() != 5 or teacher.shape[0] != batch
+                                or teacher.shape[2] < num_frames):
+        raise ValueError(f"teacher must have shape (batch={batch}, C, >= {num_frames}, h, w), "
+                         f"got {tuple(teacher.shape)}")
     if device is None:
         device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -164,9 +171,10 @@ def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, 
             x = sample_step(chunk_model, x, t, clip_denoised, None, generator=generator,
                             **extra)["sample"]
         clean_t = torch.zeros(batch, k, device=device, dtype=torch.long)
-        state = model.commit(x, clean_t, state, y=labels, actions=acts)
+        past = x if teacher is None else teacher[:, :, start:stop].to(device, dtype)
+        state = model.commit(past, clean_t, state, y=labels, actions=acts)
         if guided:
-            uncond_state = model.commit(x, clean_t, uncond_state, y=null_labels, actions=acts)
+            uncond_state = model.commit(past, clean_t, uncond_state, y=null_labels, actions=acts)
         yield LongVideoChunk(start, x, state)
 
 

@@ -317,6 +317,29 @@ def revisit_pairs(camera, min_gap: int, max_overlap_shift: float = 0.5,
     return pairs
 
 
+def pixel_last_seen(camera, height: int, width: int) -> np.ndarray:
+    """For every pixel of every frame, the last earlier frame that showed the same map point.
+
+    ``camera`` is ``(F, 2)`` integer top-left ``(x, y)`` positions of a ``height`` x ``width``
+    window. Returns int64 ``(F, height, width)``: the index of that frame, or -1 where the
+    point is in view for the first time. ``f - last`` is how long the point was out of sight, so
+    pixels with ``f - last >= window`` show content that a model attending to its last
+    ``window - 1`` frames can only know from a longer memory.
+    """
+    cam = _as_numpy(camera)
+    if cam.ndim != 2 or cam.shape[1] != 2 or np.any(cam != np.round(cam)) or np.any(cam < 0):
+        raise ValueError(f"camera must be (num_frames, 2) non-negative integer positions, "
+                         f"got shape {tuple(cam.shape)}")
+    cam = cam.astype(np.int64)
+    seen = np.full((cam[:, 1].max() + height, cam[:, 0].max() + width), -1, dtype=np.int64)
+    last = np.empty((len(cam), height, width), dtype=np.int64)
+    for f, (x, y) in enumerate(cam):
+        view = seen[y:y + height, x:x + width]
+        last[f] = view
+        view[...] = f
+    return last
+
+
 def retrieval_error(video, camera, min_gap: int = 1, bins=8, max_shift: int = 0,
                     min_excursion: float = 0.0) -> dict:
     """Error between revisited views, against the gap between them: how well a video remembers.

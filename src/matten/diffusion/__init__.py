@@ -1,16 +1,17 @@
 """Gaussian diffusion with learned covariance (Improved DDPM): losses, timestep respacing, DDPM and
-DDIM samplers, classifier-free guidance."""
+DDIM samplers, classifier-free guidance, diffusion-forcing noise levels."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .forcing import forcing_timesteps
 from .gaussian_diffusion import GaussianDiffusion, linear_beta_schedule
 from .guidance import classifier_free_guidance
 from .respace import SpacedDiffusion, space_timesteps
 
 __all__ = ["GaussianDiffusion", "SpacedDiffusion", "space_timesteps", "classifier_free_guidance",
-           "create_diffusion", "linear_beta_schedule"]
+           "create_diffusion", "linear_beta_schedule", "forcing_timesteps"]
 
 
 def create_diffusion(timestep_respacing: str | int | Sequence[int] | None = "",

@@ -41,9 +41,16 @@ def linear_beta_schedule(num_timesteps: int) -> np.ndarray:
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the batch one."""
-    return x.mean(dim=tuple(range(1, x.dim())))
+def mean_flat(x: torch.Tensor, frame_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over every dimension but the batch one.
+
+    With ``frame_weight`` (B, F) for data (B, C, F, ...): the weighted mean of the per-frame means,
+    so frames of weight 0 (e.g. clean history under diffusion forcing) add nothing."""
+    if frame_weight is None:
+        return x.mean(dim=tuple(range(1, x.dim())))
+    per_frame = x.mean(dim=(1,) + tuple(range(3, x.dim())))          # (B, F)
+    weight = frame_weight.to(per_frame.dtype)
+    return (per_frame * weight).sum(1) / weight.sum(1).clamp(min=1e-12)
 
 
 def timestep_view(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -229,7 +236,8 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ training
 
     def _vb_terms_bpd(self, model_output: torch.Tensor, x_start: torch.Tensor,
-                      x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                      x_t: torch.Tensor, t: torch.Tensor,
+                      frame_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample term of the variational bound, in bits per dimension."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self._mean_variance_from_output(model_output, x_t, t, clip_denoised=False)
@@ -239,14 +247,21 @@ class GaussianDiffusion:
         # At t = 0 the bound's term is the decoder's likelihood of the data, not a KL. Choosing per
         # element (not per sample) lets each frame of a (B, F) t have its own kind of term.
         first = timestep_view(t, x_t.shape) == 0
-        return mean_flat(torch.where(first, nll, kl)) / math.log(2.0)
+        return mean_flat(torch.where(first, nll, kl), frame_weight) / math.log(2.0)
 
     def training_losses(self, model: Model, x_start: torch.Tensor, t: torch.Tensor,
-                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None
-                        ) -> dict[str, torch.Tensor]:
+                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None,
+                        frame_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-sample losses: "mse" (L_simple), "vb" (L_vlb term; only with learn_sigma) and
-        "loss" = mse + vb, each of shape (B,)."""
+        "loss" = mse + vb, each of shape (B,).
+
+        ``frame_weight`` (B, F), optional, weighs each frame's share of the loss (0 leaves a frame
+        out: given history the model reads but is not asked to denoise)."""
         self._check_timesteps(t, x_start)
+        if frame_weight is not None and (x_start.dim() < 3 or tuple(frame_weight.shape)
+                                         != (x_start.shape[0], x_start.shape[2])):
+            raise ValueError(f"frame_weight must have shape (B, F) for data of shape "
+                             f"{tuple(x_start.shape)}, got {tuple(frame_weight.shape)}")
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
@@ -257,7 +272,7 @@ class GaussianDiffusion:
                       - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
         else:
             target = noise
-        terms = {"mse": mean_flat((target - pred) ** 2)}
+        terms = {"mse": mean_flat((target - pred) ** 2, frame_weight)}
         if v is None:
             terms["loss"] = terms["mse"]
             return terms
@@ -266,7 +281,8 @@ class GaussianDiffusion:
         frozen = torch.cat([pred.detach(), v], dim=1)
         # L_vlb is a sum of T per-step terms, weighted by lambda = 0.001 in IDDPM; one sampled
         # term therefore carries T / 1000.
-        terms["vb"] = self._vb_terms_bpd(frozen, x_start, x_t, t) * (self.num_timesteps / 1000.0)
+        terms["vb"] = (self._vb_terms_bpd(frozen, x_start, x_t, t, frame_weight)
+                       * (self.num_timesteps / 1000.0))
         terms["loss"] = terms["mse"] + terms["vb"]
         return terms
 

@@ -174,33 +174,28 @@ class HybridMemoryLayer(nn.Module):
     def _delta(self, h: Tensor, grid: TokenGrid, start: int, state: LayerState, commit: bool):
         """Frame f reads the memory after every non-sink frame <= f - window has been written.
 
-        Written frame by frame (one delta-rule chunk per frame), oldest first, from the pending
-        recent frames of the cache and then the chunk itself.
+        The frames are written oldest first, one delta-rule chunk each, from the pending recent
+        frames of the cache and then the chunk itself; all of the chunk's reads run at once.
         """
-        batch = h.shape[0]
-        chunk = h.view(batch, grid.frames, grid.tokens_per_frame, -1)
+        batch, n = h.shape[0], grid.frames
+        chunk = h.view(batch, n, grid.tokens_per_frame, -1)
         pending = chunk if state.pending is None else torch.cat([state.pending.to(h.dtype),
                                                                  chunk], dim=1)
         first = start - (0 if state.pending is None else state.pending.shape[1])
         memory = state.memory if state.memory is not None else self.delta.init_state(
             batch, h.device)
         written = max(self.sink, start - self.window + 1)   # frames below are already in memory
-        reads = []
-        for f in range(start, start + grid.frames):
-            stop = f - self.window + 1
-            memory, written = self._write_until(memory, pending, first, written, stop)
-            reads.append(self.delta.read(memory, chunk[:, f - start]))
-        if commit:  # leave the memory ready for the next chunk's first frame
-            end = start + grid.frames
-            memory, _ = self._write_until(memory, pending, first, written, end - self.window + 1)
-        return torch.stack(reads, dim=1).flatten(1, 2), memory
-
-    def _write_until(self, memory: Tensor, pending: Tensor, first: int, written: int,
-                     stop: int) -> tuple[Tensor, int]:
-        while written < stop:
-            memory = self.delta.write(memory, pending[:, written - first])
-            written += 1
-        return memory, written
+        # frames below `stop` are written: what the chunk's last frame reads, and when committing
+        # one more, so the memory is ready for the next chunk's first frame
+        stop = start + n - self.window + (1 if commit else 0)
+        after = [memory] + self.delta.write_frames(
+            memory, pending[:, written - first:max(written, stop) - first])
+        # frame f reads the state after frames < f - window + 1: after[f - window + 1 - written]
+        index = [min(max(f - self.window + 1 - written, 0), len(after) - 1)
+                 for f in range(start, start + n)]
+        states = torch.stack([after[i] for i in index], dim=1)      # (B, n, H, dk, dv)
+        reads = self.delta.read(states.flatten(0, 1), chunk.flatten(0, 1))
+        return reads.view(batch, n * grid.tokens_per_frame, -1), after[-1]
 
     def _next_state(self, h: Tensor, grid: TokenGrid, start: int, state: LayerState, kv, ssm,
                     memory) -> LayerState:

@@ -172,6 +172,22 @@ class GatedDeltaMemory(nn.Module):
         M = gated_delta_write(state.to(compute), k, v, beta, log_decay, self.chunk_size)
         return M.to(state.dtype)
 
+    def write_frames(self, state: Tensor, frames: Tensor) -> list[Tensor]:
+        """Write frames (B, n, m, D) one after another (m tokens each, oldest frame first) ->
+        the n states after each frame. The projections run once for all frames; only the
+        recurrence steps frame by frame."""
+        batch, n, m, _ = frames.shape
+        if n == 0:
+            return []
+        compute = torch.promote_types(state.dtype, torch.float32)
+        inputs = [t.to(compute).unflatten(1, (n, m)) for t in self.write_inputs(frames.flatten(1, 2))]
+        M, states = state.to(compute), []
+        for f in range(n):
+            k, v, beta, log_decay = (t[:, f] for t in inputs)
+            M = gated_delta_write(M, k, v, beta, log_decay, self.chunk_size)
+            states.append(M.to(state.dtype))
+        return states
+
     @staticmethod
     def retrieve_raw(state: Tensor, q: Tensor) -> Tensor:
         """M^T q per head: state (B, H, dk, dv), q (B, m, H, dk) -> (B, m, H, dv), in the wider of
@@ -180,7 +196,8 @@ class GatedDeltaMemory(nn.Module):
         return torch.einsum("bhkv,bmhk->bmhv", state.to(dtype), q.to(dtype))
 
     def read(self, state: Tensor, queries: Tensor) -> Tensor:
-        """Query tokens (B, m, D) -> memory read-out (B, m, D)."""
+        """Query tokens (B, m, D) -> memory read-out (B, m, D). Frames that read different
+        states go in the batch: states (B*n, H, dk, dv), queries (B*n, m, D)."""
         q = F.normalize(self._heads(self.q_proj(queries)), dim=-1, eps=1e-6)
         o = self.norm(self.retrieve_raw(state, q))
         o = F.silu(self._heads(self.g_proj(queries))) * o

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, RunConfig, config_from_dict, config_to_dict, \
     resolve_mixed_precision
-from ..diffusion import create_diffusion
+from ..diffusion import create_diffusion, forcing_timesteps
 from ..latent import build_autoencoder
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                          load_checkpoint_files, read_meta, resolve_checkpoint,
@@ -386,8 +386,13 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
         latents = autoencoder.encode(video)
         # Diffusion forcing draws a noise level per frame, so the model learns to denoise any
         # frame given a history at any noise level (clean when generating autoregressively).
-        t_shape = latents.shape[:1] + (latents.shape[2:3] if cfg.diffusion.forcing else ())
-        t = torch.randint(0, diffusion.num_timesteps, t_shape, device=device)
+        frame_weight = None
+        if cfg.diffusion.forcing:
+            t, frame_weight = forcing_timesteps(latents.shape[0], latents.shape[2],
+                                                diffusion.num_timesteps,
+                                                cfg.diffusion.history_prob, device)
+        else:
+            t = torch.randint(0, diffusion.num_timesteps, latents.shape[:1], device=device)
         kwargs = {"y": batch["label"].to(device)} if conditional else {}
         if getattr(raw_model, "action_embedder", None) is not None:
             if "actions" not in batch:
@@ -396,7 +401,8 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
             kwargs["actions"] = batch["actions"].to(device)
         kwargs = kwargs or None
         with accelerator.autocast():
-            loss = diffusion.training_losses(model, latents, t, model_kwargs=kwargs)["loss"].mean()
+            loss = diffusion.training_losses(model, latents, t, model_kwargs=kwargs,
+                                             frame_weight=frame_weight)["loss"].mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; lower "
                                      "train.lr or enable train.grad_clip")
