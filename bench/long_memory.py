@@ -1,91 +1,167 @@
-"""Memory after long gaps: a Matten-Causal model trained on the panning-map set is given the
-first half of a test clip (the camera's way out, real frames) and generates the second half
-(the way back, following the real camera moves). Every generated frame of the way back shows a
-place seen before, so its error against that earlier real frame, by gap length, measures what
-the model remembers (the pairs of `matten.data.revisit_pairs`). Two references on the same clips: repeating
-the last context frame (no memory at all) and uniform noise.
+"""Memory after long gaps: does the global memory bring back what has left the attention window?
 
-    python bench/long_memory.py --checkpoint runs/long [--clips 8 --frames 48]
+A Matten-Causal model trained on the panning-map set is given the first half of test clips (real
+frames: the camera's way out) and generates the second half with the real camera moves (the way
+back, over places seen before). Every generated pixel is scored against the real one, grouped by
+how long its map point had been out of sight (:func:`matten.data.pixel_last_seen`): a point seen
+in the last ``window - 1`` frames or in a sink frame is in reach of the local attention; a point
+out of sight for ``window`` frames or more can only come back through the global memory.
+
+The way back is generated twice: *teacher-forced*, each chunk from the real past (what the
+memory retrieves), and *free-running*, from the model's own frames (real generation, where
+errors pile up).
+
+The ablation, one command: train ``memory: none`` (the window alone) and ``memory: delta`` (or
+``--memory ssm|both``) from the same config, seed and steps, then evaluate both:
+
+    python bench/long_memory.py --train runs/memory-ablation            # ~35 min on 2 CPU cores
+    python bench/long_memory.py --checkpoint runs/a runs/b              # compare trained runs
+
+Training resumes where it stopped when run again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import numpy as np
 import torch
 
-from matten.config import config_from_dict
-from matten.data import PanningMapDataset, revisit_pairs
-from matten.diffusion import create_diffusion
-from matten.long_video import iter_long
-from matten.sampling import load_for_sampling
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import print_table  # noqa: E402
+
+from matten.config import config_from_dict, load_config  # noqa: E402
+from matten.data import DARK, PanningMapDataset, pixel_last_seen  # noqa: E402
+from matten.diffusion import create_diffusion  # noqa: E402
+from matten.long_video import generate_long  # noqa: E402
+from matten.sampling import load_for_sampling  # noqa: E402
+
+TEST_SEED = 987_654  # maps the training set (seed 0, items 0 .. num_videos - 1) never draws
+
+
+def train_ablation(folder: str, config: str, memory: str, steps: int,
+                   overrides: list[str]) -> list[str]:
+    """Train ``model.memory=none`` and ``model.memory=<memory>``; returns the two run folders."""
+    from matten.training import train
+
+    runs = []
+    for kind in ("none", memory):
+        run = os.path.join(folder, f"memory-{kind}")
+        cfg = load_config(config, overrides + [f"model.memory={kind}",
+                                               f"train.max_steps={steps}"])
+        print(f"training {run} ({steps} steps)", flush=True)
+        train(cfg, output=run, resume="auto", progress=sys.stderr.isatty())
+        runs.append(run)
+    return runs
+
+
+def pixel_groups(camera: np.ndarray, visible: np.ndarray, first: int, height: int, width: int,
+                 window: int, sink: int, edges: list[int]) -> np.ndarray:
+    """Group of every pixel of frames first .. F - 1, (F - first, H, W): 0 in reach of the
+    local attention, k >= 1 out of sight for a gap in [edges[k - 1], edges[k]), -1 never seen
+    before or in a dark frame."""
+    last = pixel_last_seen(camera, height, width, visible)
+    gap = np.arange(len(camera))[:, None, None] - last
+    rows = camera[:, 1, None, None] + np.arange(height)[None, :, None]
+    cols = camera[:, 0, None, None] + np.arange(width)[None, None, :]
+    in_sink = np.zeros_like(last, dtype=bool)
+    for s in range(min(sink, first)):   # lit sink frames stay in the attention's reach
+        x, y = camera[s]
+        in_sink |= visible[s] & (rows >= y) & (rows < y + height) & (cols >= x) & (cols < x + width)
+    group = np.searchsorted(edges, gap, side="right")          # 1 .. len(edges) - 1 when inside
+    group = np.where((gap < window) | in_sink, 0, group)
+    group = np.where((last < 0) | ~visible[:, None, None], -1, group)
+    return group[first:]
+
+
+def evaluate(run: str, clips: int, frames: int | None, steps: int, chunk_size: int,
+             seed: int) -> tuple[dict, list[str], dict]:
+    """Mean |error| per pixel group for both ways of generating -> (errors, labels, info)."""
+    loaded = load_for_sampling(run)
+    model, config = loaded.model, loaded.model.config
+    data = config_from_dict(loaded.meta["run_config"]).data
+    frames = frames or data.num_frames
+    half, window, sink = frames // 2, config["window"], config["sink"]
+    # every test clip goes dark for window + 1 frames just before the half the model generates
+    dark = dict(blackout=1.0, blackout_frames=(window + 1, window + 1),
+                blackout_start=half - window - 1)
+    options = {k: v for k, v in data.options.items()
+               if k not in ("seed", "trajectory", *dark)}
+    test = PanningMapDataset(clips, resolution=data.resolution, num_frames=frames,
+                             seed=TEST_SEED, trajectory="out_and_back", **options, **dark)
+    items = [test[i] for i in range(clips)]
+    video = torch.stack([it["video"] for it in items])                    # (B, 3, F, H, W)
+    actions = torch.stack([it["actions"] for it in items])
+    height, width = video.shape[-2:]
+    edges = [window, 2 * window, frames]
+    labels = [f"{window}-{2 * window - 1}", f"{2 * window}-{frames - 1}"]
+    groups = np.stack([pixel_groups(it["camera"].numpy().astype(np.int64),
+                                    (it["actions"] != DARK).numpy(), half, height, width, window,
+                                    sink, edges) for it in items])       # (B, F - half, H, W)
+    diffusion = create_diffusion(str(steps), diffusion_steps=loaded.diffusion_steps,
+                                 learn_sigma=loaded.learn_sigma, prediction=loaded.prediction)
+    errors = {}
+    for mode in ("teacher-forced", "free-running"):
+        generated = generate_long(
+            model, diffusion, frames, chunk_size, (3, height, width), batch=clips,
+            actions=actions if model.action_embedder is not None else None,
+            context=video[:, :, :half], teacher=video if mode == "teacher-forced" else None,
+            clip_denoised=True, generator=torch.Generator().manual_seed(seed))
+        error = (generated.clamp(-1, 1) - video[:, :, half:]).abs().mean(1).numpy()
+        errors[mode] = [float(error[groups == g].mean()) if (groups == g).any() else float("nan")
+                        for g in range(len(edges))]
+    counts = [int((groups == g).sum()) for g in range(len(edges))]
+    info = {"memory": config["memory"], "step": loaded.step, "window": window, "sink": sink,
+            "frames": frames, "counts": counts}
+    return errors, labels, info
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--clips", type=int, default=8)
-    parser.add_argument("--frames", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps per chunk")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", nargs="+", help="trained Matten-Causal runs to compare")
+    source.add_argument("--train", metavar="FOLDER",
+                        help="train the ablation pair into FOLDER, then compare them")
+    parser.add_argument("--config", default="long", help="config for --train")
+    parser.add_argument("--memory", default="delta", choices=("ssm", "delta", "both"),
+                        help="the global memory --train sets against the window alone")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps for --train")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for --train (repeatable)")
+    parser.add_argument("--clips", type=int, default=32, help="test clips")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="test clip length (default: the training clip length)")
+    parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per chunk")
     parser.add_argument("--chunk-size", type=int, default=2)
-    parser.add_argument("--bins", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    loaded = load_for_sampling(args.checkpoint)
-    data = config_from_dict(loaded.meta["run_config"]).data
-    options = {k: v for k, v in data.options.items() if k != "seed"}
-    # test clips: seeds the training set never used, the out-and-back path (revisits by design)
-    test = PanningMapDataset(args.clips, resolution=data.resolution, num_frames=args.frames,
-                             seed=987_654, trajectory="out_and_back",
-                             **{k: v for k, v in options.items() if k != "trajectory"})
-    diffusion = create_diffusion(str(args.steps), diffusion_steps=loaded.diffusion_steps,
-                                 learn_sigma=loaded.learn_sigma, prediction=loaded.prediction)
-    half = args.frames // 2
-    edges = np.linspace(1, args.frames, args.bins + 1)
-    results: dict[str, list[tuple[int, float]]] = {"model": [], "repeat last frame": [],
-                                                   "uniform noise": []}
-    for i in range(args.clips):
-        item = test[i]
-        video, camera = item["video"], item["camera"].numpy()
-        actions = item["actions"][None] if loaded.model.action_embedder is not None else None
-        chunks = iter_long(loaded.model, diffusion, args.frames, args.chunk_size,
-                           tuple(video.shape[:1]) + tuple(video.shape[2:]),
-                           context=video[None, :, :half], actions=actions,
-                           clip_denoised=True, generator=torch.Generator().manual_seed(i))
-        generated = torch.cat([c.frames[0] for c in chunks], dim=1).clamp(-1, 1)
-        candidates = {
-            "model": generated,
-            "repeat last frame": video[:, half - 1:half].expand(-1, args.frames - half, -1, -1),
-            "uniform noise": torch.rand_like(generated) * 2 - 1,
-        }
-        # revisits whose later frame was generated: (earlier, later, gap)
-        pairs = [p for p in revisit_pairs(camera, min_gap=1) if p[1] >= half]
-        for name, later in candidates.items():
-            full = torch.cat([video[:, :half], later], dim=1)
-            for early, late, gap in pairs:
-                err = (full[:, late] - full[:, early]).abs().mean().item()
-                results[name].append((gap, err))
-
-    def mean_by_bin(pairs):
-        gaps, errs = np.array(pairs).T
-        which = np.clip(np.digitize(gaps, edges) - 1, 0, len(edges) - 2)
-        return [errs[which == b].mean() if (which == b).any() else float("nan")
-                for b in range(len(edges) - 1)], np.bincount(which, minlength=len(edges) - 1)
-
-    print(f"retrieval error (mean |pixel| in [-1, 1]) of the way back by gap, {args.clips} test "
-          f"clips of {args.frames} frames, first {half} given; checkpoint step {loaded.step}, "
-          f"window {loaded.model.config.get('window')}, memory {loaded.model.config.get('memory')}")
-    gaps = [f"{int(a)}-{int(b) - 1}" for a, b in zip(edges[:-1], edges[1:])]
-    print("| frames between visits | " + " | ".join(gaps) + " |")
-    print("|---" * (len(gaps) + 1) + "|")
-    report = {}
-    for name, pairs in results.items():
-        means, counts = mean_by_bin(pairs)
-        report[name] = [float(m) for m in means]
-        print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    runs = args.checkpoint or train_ablation(args.train, args.config, args.memory, args.steps,
+                                             args.set)
+    torch.set_grad_enabled(False)
+    rows, report = [], {}
+    for run in runs:
+        errors, labels, info = evaluate(run, args.clips, args.frames, args.sample_steps,
+                                        args.chunk_size, args.seed)
+        report[run] = {"errors": errors, **info}
+        for mode, values in errors.items():
+            rows.append([f"memory {info['memory']} (step {info['step']})", mode]
+                        + [f"{v:.4f}" for v in values])
+    first = report[runs[0]]
+    print(f"mean |pixel error| (in [-1, 1]) of the way back, {args.clips} test clips of "
+          f"{first['frames']} frames, first {first['frames'] // 2} given; window "
+          f"{first['window']}, sink {first['sink']}; pixels per group {first['counts']}")
+    print_table(["model", "way back", "in the window"]
+                + [f"out of sight {g} frames" for g in labels], rows)
     print(json.dumps(report))
+    beyond = {info["memory"]: info["errors"]["teacher-forced"][1:] for info in report.values()}
+    if len(beyond) > 1:
+        print("teacher-forced error out of the window's reach (by gap): " + ", ".join(
+            f"{kind} " + " / ".join(f"{v:.4f}" for v in values)
+            for kind, values in beyond.items()))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from matten.data.long_memory import (ACTION_DELTAS, TRAJECTORIES, PanningMapDataset,
+from matten.data.long_memory import (ACTION_DELTAS, DARK, TRAJECTORIES, PanningMapDataset,
                                      actions_from_camera, pixel_last_seen, retrieval_error,
                                      revisit_pairs)
 
@@ -183,3 +183,50 @@ def test_pixel_last_seen_against_a_brute_force_search():
         np.testing.assert_array_equal(video[:, f, r, c], video[:, g, r + dy, c + dx])
     with pytest.raises(ValueError, match="integer"):
         pixel_last_seen(np.array([[0.5, 0.0]]), 8, 8)
+
+
+def test_blackout_goes_dark_in_place_and_comes_back_to_what_was_seen():
+    lit = PanningMapDataset(8, resolution=8, num_frames=16, map_size=24, step=2, seed=3)
+    dark = PanningMapDataset(8, resolution=8, num_frames=16, map_size=24, step=2, seed=3,
+                             blackout=0.5, blackout_frames=(3, 5))
+    went_dark = 0
+    for i in range(8):
+        item, plain = dark[i], lit[i]
+        actions, camera, video = item["actions"], item["camera"], item["video"]
+        off = actions == DARK
+        assert torch.equal(item["video"][:, 0], plain["video"][:, 0])   # the same map
+        if not off.any():
+            assert torch.equal(video, plain["video"])
+            continue
+        went_dark += 1
+        frames = torch.nonzero(off).flatten()
+        start, n = int(frames[0]), len(frames)
+        assert torch.equal(frames, torch.arange(start, start + n)) and 3 <= n <= 5
+        assert 1 <= start and start + n <= 15                     # lit frames on both sides
+        assert (video[:, off] == -1).all()                          # black
+        assert (camera[start:start + n] == camera[start - 1]).all()   # still in the dark
+        # the path around the dark is the path of a clip n frames shorter
+        short = PanningMapDataset(8, resolution=8, num_frames=16 - n, map_size=24, step=2,
+                                  seed=3)
+        assert torch.equal(torch.cat([camera[:start], camera[start + n:]]), short[i]["camera"])
+        # nothing is seen in the dark: after it, every point was last seen before it
+        last = pixel_last_seen(camera.numpy().astype(np.int64), 8, 8, visible=~off.numpy())
+        assert (last[start + n] < start).all() and (last[start + n] >= 0).any()
+        if actions[start + n] == 0:
+            assert torch.equal(video[:, start + n], video[:, start - 1])
+        pairs = revisit_pairs(camera.numpy(), 1, visible=~off.numpy())
+        assert pairs and not any(off[a] or off[b] for a, b, _ in pairs)
+        result = retrieval_error(video, camera, visible=~off.numpy())
+        assert result["mean"] == 0.0
+    assert 2 <= went_dark <= 6
+    fixed = PanningMapDataset(4, resolution=8, num_frames=16, map_size=24, blackout=1.0,
+                              blackout_frames=(5, 5), blackout_start=3)
+    for i in range(4):
+        assert torch.equal(torch.nonzero(fixed[i]["actions"] == DARK).flatten(),
+                           torch.arange(3, 8))
+    with pytest.raises(ValueError, match="blackout must be"):
+        PanningMapDataset(1, blackout=2.0)
+    with pytest.raises(ValueError, match="lit frame before and after"):
+        PanningMapDataset(1, num_frames=8, blackout=0.5, blackout_frames=(4, 7))
+    with pytest.raises(ValueError, match="lit frame before and after"):
+        PanningMapDataset(1, num_frames=8, blackout=0.5, blackout_frames=(2, 2), blackout_start=0)

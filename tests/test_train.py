@@ -81,6 +81,10 @@ def test_config_overrides_types_and_bad_keys(tmp_path):
         load_config("demo", ["batch_size=4"])
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config("demo", ["train.mixed_precision=fp8"])
+    options = load_config("long", ["data.options.step=3", "data.options.new=x"]).data.options
+    assert options["step"] == 3 and options["new"] == "x" and options["map_size"] == 48
+    with pytest.raises(ConfigError, match="section.key"):
+        load_config("long", ["train.lr.x=1"])
     with pytest.raises(ConfigError, match="history_prob needs diffusion.forcing"):
         load_config("demo", ["diffusion.history_prob=0.5"])
     with pytest.raises(ConfigError, match=r"history_prob must be in \[0, 1\]"):
@@ -364,7 +368,8 @@ def test_causal_model_trains_with_a_noise_level_per_frame(tmp_path, monkeypatch)
                                "model.window=2", "data.num_frames=5", "data.num_videos=8",
                                "train.batch_size=2", "train.max_steps=3", "train.log_every=1",
                                "sample.num_samples=2", "sample.steps=2", "train.cpu=true",
-                               "diffusion.history_prob=1.0"])
+                               "diffusion.history_prob=1.0", "data.options.blackout=1.0",
+                               "data.options.blackout_frames=[2, 2]"])
     result = train(cfg, output=tmp_path / "run", progress=False)
     assert len(result.losses) == 3 and np.isfinite(result.losses).all()
     # every clip kept a clean prefix of history, and the last frame is always denoised

@@ -328,7 +328,7 @@ def parse_override(item: str) -> tuple[str, Any]:
                           "e.g. train.batch_size=4")
     key, raw = item.split("=", 1)
     key = key.strip()
-    if key.count(".") != 1 or not all(key.split(".")):
+    if key.count(".") not in (1, 2) or not all(key.split(".")):
         raise ConfigError(f"override key '{key}' must be section.key, e.g. train.batch_size")
     try:
         value = _yaml_load(raw) if raw.strip() else None
@@ -344,9 +344,18 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict | None) -> RunCo
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
     nested: dict[str, dict] = {}
     for key, value in items:
-        if key.count(".") != 1:
-            raise ConfigError(f"override key '{key}' must be section.key, e.g. train.batch_size")
-        section, name = key.split(".")
+        parts = key.split(".")
+        if len(parts) == 3 and isinstance(getattr(getattr(cfg, parts[0], None), parts[1], None),
+                                          dict):
+            # one entry of a dict field: data.options.step=2
+            section, name, entry = parts
+            fields = nested.setdefault(section, {})
+            fields.setdefault(name, dict(getattr(getattr(cfg, section), name)))[entry] = value
+            continue
+        if len(parts) != 2:
+            raise ConfigError(f"override key '{key}' must be section.key, e.g. train.batch_size "
+                              f"(or section.key.entry for a dict such as data.options)")
+        section, name = parts
         nested.setdefault(section, {})[name] = value
     return config_from_dict_into(cfg, nested)
 

@@ -17,8 +17,13 @@ scores a (generated) video by how much those frames differ, binned by the gap be
 Ground-truth videos score exactly 0.
 
 Actions are the camera's moves as discrete labels, ``actions[t]`` being the move from frame
-``t - 1`` to ``t`` (``actions[0]`` is 0): 0 stay, 1 left, 2 right, 3 up, 4 down.
-``camera[t]`` is the window's top-left corner as ``(x, y)`` in map pixels.
+``t - 1`` to ``t`` (``actions[0]`` is 0): 0 stay, 1 left, 2 right, 3 up, 4 down, and 5 dark
+(:data:`DARK`): the camera stays but sees nothing. ``camera[t]`` is the window's top-left corner
+as ``(x, y)`` in map pixels.
+
+With ``blackout`` a clip may go dark for several frames and come back where it was: when the
+light returns, the whole view is content last seen before the dark, a retrieval after a gap
+that a model seeing only its recent frames cannot make.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from torch.utils.data import Dataset
 
 from .transforms import as_size
 
-ACTION_NAMES = ("stay", "left", "right", "up", "down")
+ACTION_NAMES = ("stay", "left", "right", "up", "down", "dark")
+DARK = 5  # the action of a frame where the camera stays and sees nothing
 # (dx, dy) of one move per action, in units of the dataset's ``step``.
-ACTION_DELTAS = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int64)
+ACTION_DELTAS = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1], [0, 0]], dtype=np.int64)
 TRAJECTORIES = ("out_and_back", "loop", "mixed")
 
 
@@ -69,12 +75,18 @@ class PanningMapDataset(Dataset):
     camera's move per frame in pixels (1-2 keeps motion learnable);
     ``landmark_size`` is the range of landmark radii as a fraction of the window's shorter side;
     ``num_landmarks`` defaults to about 8 per 48 x 48 pixels of map.
+
+    ``blackout`` is the chance that a clip goes dark (black frames, action :data:`DARK`, the
+    camera still) for a number of frames drawn from ``blackout_frames`` (inclusive), starting at
+    ``blackout_start`` or at a random frame that leaves at least one lit frame on each side.
     """
 
     def __init__(self, num_videos: int, resolution=16, num_frames: int = 64, map_size=48,
                  seed: int = 0, trajectory: str = "out_and_back", step: int = 1,
                  num_landmarks: int | None = None,
-                 landmark_size: tuple[float, float] = (0.1, 0.2), with_actions: bool = True):
+                 landmark_size: tuple[float, float] = (0.1, 0.2), with_actions: bool = True,
+                 blackout: float = 0.0, blackout_frames: tuple[int, int] = (4, 8),
+                 blackout_start: int | None = None):
         if num_videos < 1:
             raise ValueError(f"num_videos must be >= 1, got {num_videos}")
         if num_frames < 2:
@@ -103,6 +115,18 @@ class PanningMapDataset(Dataset):
         if num_landmarks < 0:
             raise ValueError(f"num_landmarks must be >= 0, got {num_landmarks}")
         self.num_landmarks = int(num_landmarks)
+        self.blackout = float(blackout)
+        self.blackout_frames = (int(blackout_frames[0]), int(blackout_frames[1]))
+        self.blackout_start = None if blackout_start is None else int(blackout_start)
+        if not 0.0 <= self.blackout <= 1.0:
+            raise ValueError(f"blackout must be a probability in [0, 1], got {blackout}")
+        if self.blackout > 0:
+            low, high = self.blackout_frames
+            first = 1 if self.blackout_start is None else self.blackout_start
+            if not 1 <= low <= high or first < 1 or first + high > self.num_frames - 1:
+                raise ValueError(f"blackout_frames {blackout_frames} starting at frame {first} "
+                                 f"must leave a lit frame before and after the dark in "
+                                 f"{self.num_frames} frames")
         self.seed, self.trajectory, self.with_actions = int(seed), trajectory, bool(with_actions)
         # the camera's top-left corner ranges over [0, range] on each axis
         self.x_range = self.map_width - self.width
@@ -197,9 +221,9 @@ class PanningMapDataset(Dataset):
             previous = a if a else previous
         return np.asarray(actions, dtype=np.int64)
 
-    def _loop(self, rng) -> np.ndarray:
-        """Positions of one lap of a rectangle, ``(P, 2)``, sized so a lap takes ~F/2..F-1."""
-        f, st = self.num_frames, self.step
+    def _loop(self, rng, f: int) -> np.ndarray:
+        """Positions of one lap of a rectangle, ``(P, 2)``, sized so a lap takes ~f/2..f-1."""
+        st = self.step
         sx, sy = self.x_range // st, self.y_range // st  # room in moves on each axis
         lap_max = 2 * (sx + sy)
         lo = min(max(4, 2 * math.ceil(math.ceil(f / 2) / 2)), lap_max)  # even, >= F/2
@@ -220,12 +244,13 @@ class PanningMapDataset(Dataset):
     def camera_path(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Item ``index``'s camera: top-left ``(x, y)`` int64 ``(F, 2)`` and actions ``(F,)``."""
         rng = self._rng(index, 1)
-        f = self.num_frames
+        dark = self._blackout(index)
+        f = self.num_frames - (len(dark) if dark is not None else 0)   # frames with a move
         kind = self.trajectory
         if kind == "mixed":
             kind = ("out_and_back", "loop")[int(rng.integers(2))]
         if kind == "loop":
-            lap = self._loop(rng)
+            lap = self._loop(rng, f)
             camera = lap[np.arange(f) % len(lap)]
         else:
             half = (f + 1) // 2
@@ -236,7 +261,28 @@ class PanningMapDataset(Dataset):
                                                               0)])
             camera = np.concatenate([out, out[: f - half][::-1]])  # come back the same way
         camera = camera.astype(np.int64)
-        return camera, actions_from_camera(camera, self.step)
+        if dark is None:
+            return camera, actions_from_camera(camera, self.step)
+        # the camera stands still in the dark, then goes on along its path
+        start = dark.start
+        camera = np.concatenate([camera[:start], np.repeat(camera[start - 1:start], len(dark), 0),
+                                 camera[start:]])
+        actions = actions_from_camera(camera, self.step)
+        actions[dark] = DARK
+        return camera, actions
+
+    def _blackout(self, index: int) -> range | None:
+        """The dark frames of item ``index``, or None (its own random stream, so the map and
+        the path are the same with or without a blackout)."""
+        if self.blackout == 0:
+            return None
+        rng = self._rng(index, 2)
+        if rng.random() >= self.blackout:
+            return None
+        length = int(rng.integers(self.blackout_frames[0], self.blackout_frames[1] + 1))
+        start = (self.blackout_start if self.blackout_start is not None
+                 else int(rng.integers(1, self.num_frames - length)))
+        return range(start, start + length)
 
     # -- rendering ---------------------------------------------------------------------------
 
@@ -247,6 +293,7 @@ class PanningMapDataset(Dataset):
         rows = camera[:, 1, None] + np.arange(self.height)  # (F, H)
         cols = camera[:, 0, None] + np.arange(self.width)  # (F, W)
         frames = world[rows[:, :, None], cols[:, None, :]]  # integer crops: (F, H, W, 3)
+        frames[actions == DARK] = 0.0
         return frames, camera, actions
 
     def __getitem__(self, index: int) -> dict:
@@ -291,13 +338,14 @@ def _as_numpy(x) -> np.ndarray:
 
 
 def revisit_pairs(camera, min_gap: int, max_overlap_shift: float = 0.5,
-                  min_excursion: float = 0.0) -> list[tuple[int, int, int]]:
+                  min_excursion: float = 0.0, visible=None) -> list[tuple[int, int, int]]:
     """Frame pairs ``(earlier, later, gap)`` where the camera is back (nearly) where it was.
 
     A pair counts when ``later - earlier >= min_gap`` and the two positions differ by at most
     ``max_overlap_shift`` pixels on each axis (0.5 keeps only exact revisits of integer paths).
     With ``min_excursion > 0`` the camera must also have been at least that far away (on some
     axis) in between, so that a pair tests memory rather than a camera that never moved.
+    ``visible`` (F,) bool, optional: only frames that show something (not dark) pair up.
     """
     cam = _as_numpy(camera).astype(np.float64)
     if cam.ndim != 2 or cam.shape[1] != 2:
@@ -314,39 +362,53 @@ def revisit_pairs(camera, min_gap: int, max_overlap_shift: float = 0.5,
             away = np.maximum.accumulate(np.abs(cam[i + 1:] - cam[i]).max(axis=1))
             hits = hits[away[hits + min_gap - 1] >= min_excursion]
         pairs.extend((i, i + min_gap + int(h), min_gap + int(h)) for h in hits)
-    return pairs
+    shown = _visibility(visible, len(cam))
+    return [p for p in pairs if shown[p[0]] and shown[p[1]]]
 
 
-def pixel_last_seen(camera, height: int, width: int) -> np.ndarray:
+def pixel_last_seen(camera, height: int, width: int, visible=None) -> np.ndarray:
     """For every pixel of every frame, the last earlier frame that showed the same map point.
 
     ``camera`` is ``(F, 2)`` integer top-left ``(x, y)`` positions of a ``height`` x ``width``
     window. Returns int64 ``(F, height, width)``: the index of that frame, or -1 where the
     point is in view for the first time. ``f - last`` is how long the point was out of sight, so
     pixels with ``f - last >= window`` show content that a model attending to its last
-    ``window - 1`` frames can only know from a longer memory.
+    ``window - 1`` frames can only know from a longer memory. ``visible`` (F,) bool, optional:
+    frames that show nothing (dark) show no point.
     """
     cam = _as_numpy(camera)
     if cam.ndim != 2 or cam.shape[1] != 2 or np.any(cam != np.round(cam)) or np.any(cam < 0):
         raise ValueError(f"camera must be (num_frames, 2) non-negative integer positions, "
                          f"got shape {tuple(cam.shape)}")
     cam = cam.astype(np.int64)
+    visible = _visibility(visible, len(cam))
     seen = np.full((cam[:, 1].max() + height, cam[:, 0].max() + width), -1, dtype=np.int64)
     last = np.empty((len(cam), height, width), dtype=np.int64)
     for f, (x, y) in enumerate(cam):
         view = seen[y:y + height, x:x + width]
         last[f] = view
-        view[...] = f
+        if visible[f]:
+            view[...] = f
     return last
 
 
+def _visibility(visible, frames: int) -> np.ndarray:
+    if visible is None:
+        return np.ones(frames, dtype=bool)
+    visible = _as_numpy(visible).astype(bool)
+    if visible.shape != (frames,):
+        raise ValueError(f"visible must be ({frames},) for {frames} camera positions, "
+                         f"got shape {visible.shape}")
+    return visible
+
+
 def retrieval_error(video, camera, min_gap: int = 1, bins=8, max_shift: int = 0,
-                    min_excursion: float = 0.0) -> dict:
+                    min_excursion: float = 0.0, visible=None) -> dict:
     """Error between revisited views, against the gap between them: how well a video remembers.
 
     ``video`` is ``(3, F, H, W)`` (tensor or array, any value range; the dataset's is [-1, 1]);
-    ``camera`` its ``(F, 2)`` top-left positions. For every revisit pair (see
-    :func:`revisit_pairs`; camera offsets up to ``max_shift`` whole pixels are aligned and only
+    ``camera`` its ``(F, 2)`` top-left positions; ``visible`` (F,) its lit frames (for items with
+    a blackout: ``actions != DARK``). For every revisit pair (see :func:`revisit_pairs`; camera offsets up to ``max_shift`` whole pixels are aligned and only
     the overlap compared) the mean absolute pixel difference is taken, and pairs are averaged
     within gap bins: ``bins`` equal-width bins over ``[min_gap, F)`` or a sequence of edges (a
     gap ``g`` falls in ``[edge_k, edge_k+1)``; gaps outside all bins count only in "mean").
@@ -379,7 +441,7 @@ def retrieval_error(video, camera, min_gap: int = 1, bins=8, max_shift: int = 0,
             raise ValueError(f"bins must be an int or an increasing sequence of >= 2 edges, "
                              f"got {bins!r}")
 
-    pairs = np.array(revisit_pairs(cam, min_gap, max_shift + 1e-6, min_excursion),
+    pairs = np.array(revisit_pairs(cam, min_gap, max_shift + 1e-6, min_excursion, visible),
                      dtype=np.int64).reshape(-1, 3)
     offset = cam[pairs[:, 1]] - cam[pairs[:, 0]]
     whole = np.all(np.abs(offset - np.round(offset)) < 1e-6, axis=1)  # sub-pixel: no alignment
