@@ -200,8 +200,9 @@ def test_sample_command_streams_a_long_video_from_a_trained_causal_model(tmp_pat
     run = tmp_path / "run"
     train(load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
                                "model.window=2", "data.num_frames=4", "data.num_videos=4",
-                               "train.batch_size=2", "train.max_steps=1", "sample.steps=2",
-                               "sample.num_samples=1", "train.cpu=true"]),
+                               "data.options.blackout=0", "train.batch_size=2",
+                               "train.max_steps=1", "sample.steps=2", "sample.num_samples=1",
+                               "train.cpu=true"]),
           output=run, progress=False)
     out = tmp_path / "long.mp4"
     assert cli.main(["sample", "--checkpoint", str(run), "--output", str(out), "-n", "1",
@@ -259,3 +260,63 @@ def test_teacher_forcing_generates_each_chunk_from_the_real_past():
     assert (got[:, :, 2:] - free[:, :, 2:]).abs().max() > 1e-3     # then a different past
     with pytest.raises(ValueError, match="teacher"):
         generate_long(model, diffusion, 8, 2, LATENT, teacher=real[:, :, :6])
+
+
+def test_action_schedules_and_class_switches_from_the_command_line(tmp_path, capsys):
+    from matten import cli
+    from matten.sampling import SamplingError, parse_action_schedule, parse_class_switches
+
+    names = ("stay", "left", "right")
+    assert parse_action_schedule("right*3, stay,1*2", 3, names) == [2, 2, 2, 0, 1, 1]
+    for bad in ("up", "right*0", "7", "right*x"):
+        with pytest.raises(SamplingError, match="--actions"):
+            parse_action_schedule(bad, 3, names)
+    switches = parse_class_switches(["6:cat", "2:0"], 2, 2, ["dog", "cat"])
+    assert [(f, y.tolist()) for f, y in switches] == [(2, [0, 0]), (6, [1, 1])]
+    with pytest.raises(SamplingError, match="FRAME:CLASS"):
+        parse_class_switches(["cat"], 2, 2, ["dog", "cat"])
+
+    # the CLI hands each chunk its class and actions, and switches class mid-stream
+    import unittest.mock as mock
+
+    import matten.long_video as long_video
+    from matten.config import load_config
+    from matten.training import train
+    seen = []
+    real_iter = long_video.iter_long
+
+    def spy(model, diffusion, num_frames, chunk_size, latent_shape, **kwargs):
+        for chunk in real_iter(model, diffusion, num_frames, chunk_size, latent_shape, **kwargs):
+            y, acts = kwargs["y"], kwargs["actions"]
+            seen.append((chunk.start, None if y is None else y(chunk.start).tolist(),
+                         None if acts is None else acts(chunk.start).tolist()))
+            yield chunk
+
+    def tiny_run(name, *overrides):
+        run = tmp_path / name
+        train(load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+                                   "model.window=2", "data.num_frames=4", "data.num_videos=4",
+                                   "train.batch_size=2", "train.max_steps=1", "sample.steps=2",
+                                   "sample.num_samples=1", "train.cpu=true", *overrides]),
+              output=run, progress=False)
+        return str(run)
+
+    classes = tiny_run("classes", "data.name=synthetic", "data.num_classes=2",
+                       "model.num_classes=2", "model.num_actions=0", "data.options={}")
+    actions = tiny_run("actions", "data.options.blackout=0")
+    out = str(tmp_path / "switch.mp4")
+    with mock.patch.object(long_video, "iter_long", spy):
+        assert cli.main(["sample", "--checkpoint", classes, "--output", out, "-n", "1",
+                         "--steps", "2", "--frames", "6", "--class", "0", "--class-at", "4:1",
+                         "--no-progress"]) == 0
+        assert seen == [(0, [0], None), (2, [0], None), (4, [1], None)]
+        seen.clear()
+        assert cli.main(["sample", "--checkpoint", actions, "--output", out, "-n", "1",
+                         "--steps", "2", "--frames", "6", "--chunk-size", "1",
+                         "--actions", "right*2,left", "--no-progress"]) == 0
+        assert seen == [(f, None, [a]) for f, a in zip(range(6), [2, 2, 1, 2, 2, 1])]
+    assert read_video(out).shape[0] == 6
+    for bad in (["--actions", "fly"], ["--class-at", "2:1"]):
+        with pytest.raises(SystemExit):
+            cli.main(["sample", "--checkpoint", actions, "--output", out, "--frames", "4", *bad])
+        assert bad[0] in capsys.readouterr().err

@@ -19,7 +19,8 @@ from .training.checkpoint import (CheckpointError, load_weights, read_meta,
 
 __all__ = ["SamplingError", "LoadedModel", "load_for_sampling", "default_steps", "sample_latents",
            "sample_videos", "resolve_labels", "clip_actions", "dataset_actions", "tile_videos",
-           "upscale_frames", "save_samples", "VIDEO_SUFFIXES"]
+           "upscale_frames", "save_samples", "action_names", "parse_action_schedule",
+           "parse_class_switches", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm", ".mov", ".mkv", ".avi")
 
@@ -115,6 +116,53 @@ def dataset_actions(run_config: dict, num_samples: int) -> torch.Tensor | None:
     from .training.data import build_train_dataset
 
     return clip_actions(build_train_dataset(config_from_dict(run_config).data), num_samples)
+
+
+def action_names(run_config: dict) -> tuple[str, ...]:
+    """Names of the discrete actions of the data a run was trained on (empty if unnamed)."""
+    if str(run_config.get("data", {}).get("name", "")).lower() == "panning_map":
+        from .data import ACTION_NAMES
+        return ACTION_NAMES
+    return ()
+
+
+def parse_action_schedule(spec: str, num_actions: int, names=()) -> list[int]:
+    """``"right*8,stay,left*8"`` -> one action per frame: comma-separated actions (an index or
+    a name), each optionally repeated ``*COUNT`` times. The list is cycled over the video."""
+    lookup = {str(n).lower(): i for i, n in enumerate(names)}
+    known = f" or one of {list(names)}" if names else ""
+    schedule = []
+    for item in str(spec).split(","):
+        action, _, count = item.strip().partition("*")
+        action = action.strip().lower()
+        try:
+            value = lookup[action] if action in lookup else int(action)
+            repeat = int(count) if count.strip() else 1
+        except ValueError:
+            raise SamplingError(f"--actions item {item.strip()!r} must be ACTION or ACTION*COUNT "
+                                f"with ACTION an index in [0, {num_actions - 1}]{known}") from None
+        if not 0 <= value < num_actions or repeat < 1:
+            raise SamplingError(f"--actions item {item.strip()!r}: the action must be in "
+                                f"[0, {num_actions - 1}] and the count >= 1")
+        schedule.extend([value] * repeat)
+    return schedule
+
+
+def parse_class_switches(items, num_samples: int, num_classes: int,
+                         class_names=()) -> list[tuple[int, torch.Tensor]]:
+    """``["100:3", "200:dog"]`` -> [(frame, labels (num_samples,))], sorted by frame: from that
+    frame on, every sample is generated with that class."""
+    switches = []
+    for item in items or []:
+        frame, sep, label = str(item).partition(":")
+        try:
+            frame = int(frame)
+        except ValueError:
+            frame = -1
+        if not sep or frame < 0:
+            raise SamplingError(f"--class-at {item!r} must be FRAME:CLASS with FRAME >= 0")
+        switches.append((frame, resolve_labels(label, num_samples, num_classes, class_names)))
+    return sorted(switches, key=lambda s: s[0])
 
 
 def resolve_labels(class_arg, num_samples: int, num_classes: int,

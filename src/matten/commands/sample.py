@@ -46,6 +46,13 @@ def add_parser(subparsers):
                              "by chunk, writing them as they come, at constant memory per frame")
     parser.add_argument("--chunk-size", type=int, default=2,
                         help="frames denoised together in long generation (default 2)")
+    parser.add_argument("--actions", default=None, metavar="SPEC",
+                        help="per-frame actions of an action-conditioned model, cycled over the "
+                             "video: e.g. 'right*8,stay*2,left*8' (names or indices); default: "
+                             "the camera moves of the training clips")
+    parser.add_argument("--class-at", dest="class_at", action="append", default=None,
+                        metavar="FRAME:CLASS", help="long video: switch every sample to CLASS "
+                                                    "from FRAME on (repeatable)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=lambda args: run(args, parser))
     return parser
@@ -54,8 +61,8 @@ def add_parser(subparsers):
 def run(args, parser) -> int:
     import torch
 
-    from ..sampling import (VIDEO_SUFFIXES, SamplingError, dataset_actions, load_for_sampling,
-                            resolve_labels, sample_videos, save_samples)
+    from ..sampling import (VIDEO_SUFFIXES, SamplingError, load_for_sampling, resolve_labels,
+                            sample_videos, save_samples)
     from ..training import CheckpointError
 
     try:
@@ -76,9 +83,11 @@ def run(args, parser) -> int:
             cfg_scale = float(sample_cfg.get("cfg_scale", 1.0)) if labels is not None else 1.0
         if args.frames is not None:
             return run_long(args, parser, loaded, labels, device)
-        actions = None
-        if getattr(loaded.model, "action_embedder", None) is not None:
-            actions = dataset_actions(loaded.meta["run_config"], args.num_samples)
+        if args.class_at:
+            raise SamplingError("--class-at switches classes mid-stream: it needs --frames")
+        actions = frame_actions(args, loaded)
+        if actions is not None:
+            actions = torch.stack([actions(f) for f in range(loaded.num_frames)], dim=1)
         start = time.time()
         videos = sample_videos(
             loaded.model, loaded.autoencoder, args.num_samples, loaded.num_frames,
@@ -106,7 +115,7 @@ def run_long(args, parser, loaded, labels, device) -> int:
     from ..diffusion import create_diffusion
     from ..long_video import write_long_video
     from ..models import CausalVideoBackbone
-    from ..sampling import SamplingError, dataset_actions, default_steps
+    from ..sampling import SamplingError, default_steps, parse_class_switches
 
     if not isinstance(loaded.model, CausalVideoBackbone):
         parser.error("--frames needs a long-video model (model.name: Matten-Causal); clip "
@@ -118,11 +127,19 @@ def run_long(args, parser, loaded, labels, device) -> int:
     steps = args.steps or default_steps(sampler)
     diffusion = create_diffusion(str(steps), diffusion_steps=loaded.diffusion_steps,
                                  learn_sigma=loaded.learn_sigma, prediction=loaded.prediction)
-    actions = None
-    if loaded.model.action_embedder is not None:
-        # the camera moves of the run's clips, repeated for as long as the video runs
-        clip_actions = dataset_actions(loaded.meta["run_config"], args.num_samples)
-        actions = (lambda frame: clip_actions[:, frame % clip_actions.shape[1]])
+    try:
+        actions = frame_actions(args, loaded)
+        switches = parse_class_switches(args.class_at, args.num_samples, loaded.num_classes,
+                                        loaded.class_names)
+    except SamplingError as exc:
+        parser.error(str(exc))
+    y = labels
+    if switches:
+        if labels is None:
+            parser.error("--class-at needs a class-conditional model")
+
+        def y(frame: int):  # the labels of the last switch at or before this frame
+            return next((lab for at, lab in reversed(switches) if at <= frame), labels)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else 1.0
     h, w = loaded.latent_size
     start = time.time()
@@ -130,7 +147,7 @@ def run_long(args, parser, loaded, labels, device) -> int:
         path = write_long_video(
             loaded.model, diffusion, loaded.autoencoder, args.output, args.frames,
             args.chunk_size, (loaded.autoencoder.latent_channels, h, w), batch=args.num_samples,
-            y=labels, actions=actions, sampler=sampler, eta=args.eta, cfg_scale=cfg_scale,
+            y=y, actions=actions, sampler=sampler, eta=args.eta, cfg_scale=cfg_scale,
             clip_denoised=loaded.autoencoder.kind == "pixel",
             generator=torch_generator(args.seed), device=device,
             fps=args.fps or int(sample_cfg.get("fps", 8)), min_size=128,
@@ -141,6 +158,27 @@ def run_long(args, parser, loaded, labels, device) -> int:
           f"in {time.time() - start:.1f}s, chunks of {args.chunk_size}")
     print(f"video: {path}")
     return 0
+
+
+def frame_actions(args, loaded):
+    """``frame -> actions (num_samples,)`` for an action-conditioned model (None otherwise):
+    the ``--actions`` schedule, or the camera moves of the run's training clips, cycled."""
+    import torch
+
+    from ..sampling import SamplingError, action_names, dataset_actions, parse_action_schedule
+
+    embedder = getattr(loaded.model, "action_embedder", None)
+    if args.actions is not None and (embedder is None or not embedder.num_actions):
+        raise SamplingError("--actions needs a model trained with discrete actions")
+    if embedder is None:
+        return None
+    n = args.num_samples
+    if args.actions is not None:
+        schedule = parse_action_schedule(args.actions, embedder.num_actions,
+                                         action_names(loaded.meta.get("run_config", {})))
+        return lambda frame: torch.full((n,), schedule[frame % len(schedule)], dtype=torch.long)
+    clips = dataset_actions(loaded.meta["run_config"], n)
+    return lambda frame: clips[:, frame % clips.shape[1]]
 
 
 def torch_generator(seed: int):

@@ -167,20 +167,18 @@ class GatedDeltaMemory(nn.Module):
         The update runs in at least float32 whatever the tokens' dtype, since the state
         accumulates over the whole video.
         """
-        compute = torch.promote_types(state.dtype, torch.float32)
-        k, v, beta, log_decay = (t.to(compute) for t in self.write_inputs(tokens))
-        M = gated_delta_write(state.to(compute), k, v, beta, log_decay, self.chunk_size)
-        return M.to(state.dtype)
+        return self.write_frames(state, tokens[:, None])[0]
 
     def write_frames(self, state: Tensor, frames: Tensor) -> list[Tensor]:
         """Write frames (B, n, m, D) one after another (m tokens each, oldest frame first) ->
         the n states after each frame. The projections run once for all frames; only the
         recurrence steps frame by frame."""
-        batch, n, m, _ = frames.shape
+        n, m = frames.shape[1:3]
         if n == 0:
             return []
         compute = torch.promote_types(state.dtype, torch.float32)
-        inputs = [t.to(compute).unflatten(1, (n, m)) for t in self.write_inputs(frames.flatten(1, 2))]
+        inputs = [t.to(compute).unflatten(1, (n, m))
+                  for t in self.write_inputs(frames.flatten(1, 2))]
         M, states = state.to(compute), []
         for f in range(n):
             k, v, beta, log_decay = (t[:, f] for t in inputs)
