@@ -78,8 +78,9 @@ def pixel_groups(camera: np.ndarray, visible: np.ndarray, first: int, height: in
 
 
 def evaluate(run: str, clips: int, frames: int | None, steps: int, chunk_size: int,
-             seed: int) -> tuple[dict, list[str], dict]:
-    """Mean |error| per pixel group for both ways of generating -> (errors, labels, info)."""
+             seed: int) -> tuple[dict, list[str], dict, torch.Tensor, torch.Tensor]:
+    """Mean |error| per pixel group for both ways of generating -> (errors, labels, info,
+    the real clips, the free-running videos: the given half then the generated one)."""
     loaded = load_for_sampling(run)
     model, config = loaded.model, loaded.model.config
     data = config_from_dict(loaded.meta["run_config"]).data
@@ -103,20 +104,32 @@ def evaluate(run: str, clips: int, frames: int | None, steps: int, chunk_size: i
                                     sink, edges) for it in items])       # (B, F - half, H, W)
     diffusion = create_diffusion(str(steps), diffusion_steps=loaded.diffusion_steps,
                                  learn_sigma=loaded.learn_sigma, prediction=loaded.prediction)
-    errors = {}
+    errors, videos = {}, {}
     for mode in ("teacher-forced", "free-running"):
         generated = generate_long(
             model, diffusion, frames, chunk_size, (3, height, width), batch=clips,
             actions=actions if model.action_embedder is not None else None,
             context=video[:, :, :half], teacher=video if mode == "teacher-forced" else None,
             clip_denoised=True, generator=torch.Generator().manual_seed(seed))
+        videos[mode] = torch.cat([video[:, :, :half], generated.clamp(-1, 1)], dim=2)
         error = (generated.clamp(-1, 1) - video[:, :, half:]).abs().mean(1).numpy()
         errors[mode] = [float(error[groups == g].mean()) if (groups == g).any() else float("nan")
                         for g in range(len(edges))]
     counts = [int((groups == g).sum()) for g in range(len(edges))]
     info = {"memory": config["memory"], "step": loaded.step, "window": window, "sink": sink,
             "frames": frames, "counts": counts}
-    return errors, labels, info
+    return errors, labels, info, video, videos["free-running"]
+
+
+def save_figure(path: str, real: torch.Tensor, generated: list[torch.Tensor], clips: int = 3):
+    """A PNG: for each of the first ``clips`` clips, a row of real frames, then a row per model
+    (its given half, then what it generated)."""
+    from matten.data import save_grid_image, video_to_uint8
+    from matten.sampling import upscale_frames
+
+    rows = [v[i] for i in range(min(clips, len(real))) for v in [real, *generated]]
+    frames = np.stack([video_to_uint8(r) for r in rows])          # (rows, F, H, W, 3)
+    save_grid_image(path, upscale_frames(frames, 48), padding=4)
 
 
 def main() -> None:
@@ -137,15 +150,18 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per chunk")
     parser.add_argument("--chunk-size", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figure", default=None, metavar="PNG",
+                        help="also save the first clips, real and free-running, per model")
     args = parser.parse_args()
 
     runs = args.checkpoint or train_ablation(args.train, args.config, args.memory, args.steps,
                                              args.set)
     torch.set_grad_enabled(False)
-    rows, report = [], {}
+    rows, report, generated = [], {}, []
     for run in runs:
-        errors, labels, info = evaluate(run, args.clips, args.frames, args.sample_steps,
-                                        args.chunk_size, args.seed)
+        errors, labels, info, real, free = evaluate(run, args.clips, args.frames,
+                                                    args.sample_steps, args.chunk_size, args.seed)
+        generated.append(free)
         report[run] = {"errors": errors, **info}
         for mode, values in errors.items():
             rows.append([f"memory {info['memory']} (step {info['step']})", mode]
@@ -157,6 +173,10 @@ def main() -> None:
     print_table(["model", "way back", "in the window"]
                 + [f"out of sight {g} frames" for g in labels], rows)
     print(json.dumps(report))
+    if args.figure:
+        save_figure(args.figure, real, generated)
+        print(f"figure: {args.figure} (per clip: real, then " + ", ".join(
+            f"memory {info['memory']}" for info in report.values()) + ")")
     beyond = {info["memory"]: info["errors"]["teacher-forced"][1:] for info in report.values()}
     if len(beyond) > 1:
         print("teacher-forced error out of the window's reach (by gap): " + ", ".join(
