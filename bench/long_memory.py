@@ -3,9 +3,12 @@
 A Matten-Causal model trained on the panning-map set is given the first half of test clips (real
 frames: the camera's way out) and generates the second half with the real camera moves (the way
 back, over places seen before). Every generated pixel is scored against the real one, grouped by
-how long its map point had been out of sight (:func:`matten.data.pixel_last_seen`): a point seen
-in the last ``window - 1`` frames or in a sink frame is in reach of the local attention; a point
-out of sight for ``window`` frames or more can only come back through the global memory.
+how long its map point had been out of sight (:func:`matten.data.pixel_last_seen`). Each block's
+window reaches ``window - 1`` frames back, and stacked blocks reach further (a frame reads the
+frames before it, which read the frames before them): ``depth * (window - 1)`` frames in all. A
+point seen within that reach (or in a sink frame) may come from the local attention; a point out
+of sight for longer can only come back through the global memory. The test clips go dark for
+just over that reach before the half the model generates, so the first lit frame is all memory.
 
 The way back is generated twice: *teacher-forced*, each chunk from the real past (what the
 memory retrieves), and *free-running*, from the model's own frames (real generation, where
@@ -14,7 +17,7 @@ errors pile up).
 The ablation, one command: train ``memory: none`` (the window alone) and ``memory: delta`` (or
 ``--memory ssm|both``) from the same config, seed and steps, then evaluate both:
 
-    python bench/long_memory.py --train runs/memory-ablation            # ~35 min on 2 CPU cores
+    python bench/long_memory.py --train runs/memory-ablation            # ~1 h on 2 CPU cores
     python bench/long_memory.py --checkpoint runs/a runs/b              # compare trained runs
 
 Training resumes where it stopped when run again.
@@ -59,10 +62,10 @@ def train_ablation(folder: str, config: str, memory: str, steps: int,
 
 
 def pixel_groups(camera: np.ndarray, visible: np.ndarray, first: int, height: int, width: int,
-                 window: int, sink: int, edges: list[int]) -> np.ndarray:
+                 reach: int, sink: int, edges: list[int]) -> np.ndarray:
     """Group of every pixel of frames first .. F - 1, (F - first, H, W): 0 in reach of the
-    local attention, k >= 1 out of sight for a gap in [edges[k - 1], edges[k]), -1 never seen
-    before or in a dark frame."""
+    local attention (out of sight for at most ``reach`` frames, or in a sink frame), k >= 1 out
+    of sight for a gap in [edges[k - 1], edges[k]), -1 never seen before or in a dark frame."""
     last = pixel_last_seen(camera, height, width, visible)
     gap = np.arange(len(camera))[:, None, None] - last
     rows = camera[:, 1, None, None] + np.arange(height)[None, :, None]
@@ -72,7 +75,7 @@ def pixel_groups(camera: np.ndarray, visible: np.ndarray, first: int, height: in
         x, y = camera[s]
         in_sink |= visible[s] & (rows >= y) & (rows < y + height) & (cols >= x) & (cols < x + width)
     group = np.searchsorted(edges, gap, side="right")          # 1 .. len(edges) - 1 when inside
-    group = np.where((gap < window) | in_sink, 0, group)
+    group = np.where((gap <= reach) | in_sink, 0, group)
     group = np.where((last < 0) | ~visible[:, None, None], -1, group)
     return group[first:]
 
@@ -85,10 +88,14 @@ def evaluate(run: str, clips: int, frames: int | None, steps: int, chunk_size: i
     model, config = loaded.model, loaded.model.config
     data = config_from_dict(loaded.meta["run_config"]).data
     frames = frames or data.num_frames
-    half, window, sink = frames // 2, config["window"], config["sink"]
-    # every test clip goes dark for window + 1 frames just before the half the model generates
-    dark = dict(blackout=1.0, blackout_frames=(window + 1, window + 1),
-                blackout_start=half - window - 1)
+    half, sink = frames // 2, config["sink"]
+    reach = config["depth"] * (config["window"] - 1)
+    if half - reach - 1 < 1:
+        raise SystemExit(f"test clips of {frames} frames are too short to go dark for "
+                         f"{reach + 1} frames (the attention's reach + 1) before their second half")
+    # every test clip goes dark for reach + 1 frames just before the half the model generates
+    dark = dict(blackout=1.0, blackout_frames=(reach + 1, reach + 1),
+                blackout_start=half - reach - 1)
     options = {k: v for k, v in data.options.items()
                if k not in ("seed", "trajectory", *dark)}
     test = PanningMapDataset(clips, resolution=data.resolution, num_frames=frames,
@@ -97,10 +104,10 @@ def evaluate(run: str, clips: int, frames: int | None, steps: int, chunk_size: i
     video = torch.stack([it["video"] for it in items])                    # (B, 3, F, H, W)
     actions = torch.stack([it["actions"] for it in items])
     height, width = video.shape[-2:]
-    edges = [window, 2 * window, frames]
-    labels = [f"{window}-{2 * window - 1}", f"{2 * window}-{frames - 1}"]
+    edges = [reach + 1, frames]
+    labels = [f"{reach + 1}-{frames - 1}"]
     groups = np.stack([pixel_groups(it["camera"].numpy().astype(np.int64),
-                                    (it["actions"] != DARK).numpy(), half, height, width, window,
+                                    (it["actions"] != DARK).numpy(), half, height, width, reach,
                                     sink, edges) for it in items])       # (B, F - half, H, W)
     diffusion = create_diffusion(str(steps), diffusion_steps=loaded.diffusion_steps,
                                  learn_sigma=loaded.learn_sigma, prediction=loaded.prediction)
@@ -116,7 +123,8 @@ def evaluate(run: str, clips: int, frames: int | None, steps: int, chunk_size: i
         errors[mode] = [float(error[groups == g].mean()) if (groups == g).any() else float("nan")
                         for g in range(len(edges))]
     counts = [int((groups == g).sum()) for g in range(len(edges))]
-    info = {"memory": config["memory"], "step": loaded.step, "window": window, "sink": sink,
+    info = {"memory": config["memory"], "step": loaded.step, "window": config["window"],
+            "reach": reach, "sink": sink,
             "frames": frames, "counts": counts}
     return errors, labels, info, video, videos["free-running"]
 
@@ -141,7 +149,7 @@ def main() -> None:
     parser.add_argument("--config", default="long", help="config for --train")
     parser.add_argument("--memory", default="delta", choices=("ssm", "delta", "both"),
                         help="the global memory --train sets against the window alone")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps for --train")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps for --train")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for --train (repeatable)")
     parser.add_argument("--clips", type=int, default=32, help="test clips")
@@ -168,9 +176,10 @@ def main() -> None:
                         + [f"{v:.4f}" for v in values])
     first = report[runs[0]]
     print(f"mean |pixel error| (in [-1, 1]) of the way back, {args.clips} test clips of "
-          f"{first['frames']} frames, first {first['frames'] // 2} given; window "
-          f"{first['window']}, sink {first['sink']}; pixels per group {first['counts']}")
-    print_table(["model", "way back", "in the window"]
+          f"{first['frames']} frames, first {first['frames'] // 2} given (dark for the last "
+          f"{first['reach'] + 1}); window {first['window']}, sink {first['sink']}, attention "
+          f"reach {first['reach']} frames; pixels per group {first['counts']}")
+    print_table(["model", "way back", f"seen <= {first['reach']} frames ago"]
                 + [f"out of sight {g} frames" for g in labels], rows)
     print(json.dumps(report))
     if args.figure:
@@ -179,7 +188,7 @@ def main() -> None:
             f"memory {info['memory']}" for info in report.values()) + ")")
     beyond = {info["memory"]: info["errors"]["teacher-forced"][1:] for info in report.values()}
     if len(beyond) > 1:
-        print("teacher-forced error out of the window's reach (by gap): " + ", ".join(
+        print("teacher-forced error beyond the attention's reach: " + ", ".join(
             f"{kind} " + " / ".join(f"{v:.4f}" for v in values)
             for kind, values in beyond.items()))
 
