@@ -52,6 +52,18 @@ def test_write_matches_reference_loop(chunk_size):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
+def test_write_frames_returns_the_state_after_each_frame():
+    mem = make_memory(chunk_size=4)
+    frames = torch.randn(2, 3, 5, 12, dtype=torch.float64)        # 3 frames of 5 tokens
+    M0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        states = mem.write_frames(M0, frames)
+        assert len(states) == 3 and mem.write_frames(M0, frames[:, :0]) == []
+        for f in range(3):
+            expected = reference_write(mem, M0, frames[:, :f + 1].flatten(1, 2))
+            torch.testing.assert_close(states[f], expected, atol=1e-6, rtol=0)
+
+
 def test_write_in_two_chunks_equals_write_at_once():
     mem = make_memory(chunk_size=4)
     tokens = torch.randn(2, 13, 12, dtype=torch.float64)
