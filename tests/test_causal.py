@@ -84,6 +84,25 @@ def test_streaming_matches_at_extreme_windows(window, sink):
             torch.testing.assert_close(stream(model, x, t, chunk)[0], full, atol=1e-4, rtol=0)
 
 
+def test_ssm_block_size_per_layer():
+    model = tiny("ssm", ssm_block_size=[1, [2, 1]])
+    assert [b.memory.ssm.block_size for b in model.blocks] == [(1, 1), (2, 1)]
+    assert model.config["ssm_block_size"] == [[1, 1], [2, 1]]
+    again = create_causal_model(**model.config)
+    assert [b.memory.ssm.block_size for b in again.blocks] == [(1, 1), (2, 1)]
+    x, t = clip()
+    with torch.no_grad():
+        full = model(x, t)
+        torch.testing.assert_close(stream(model, x, t, 2)[0], full, atol=1e-4, rtol=0)
+        # a different block size changes the output (the size is used, not just stored)
+        other = create_causal_model(**{**model.config, "ssm_block_size": 2})
+        other.load_state_dict(model.state_dict())
+        assert not torch.allclose(other(x, t), full, atol=1e-4)
+    for bad in ([1, 2, 1], [[0, 1], 1], [1, (1, 2, 3)]):
+        with pytest.raises(ValueError, match="block size|sizes for"):
+            tiny("ssm", ssm_block_size=bad)
+
+
 def test_streaming_matches_with_class_and_actions():
     model = tiny("both", num_classes=3, num_actions=5)
     x, t = clip()

@@ -85,6 +85,10 @@ def test_config_overrides_types_and_bad_keys(tmp_path):
     assert options["step"] == 3 and options["new"] == "x" and options["map_size"] == 48
     with pytest.raises(ConfigError, match="section.key"):
         load_config("long", ["train.lr.x=1"])
+    assert load_config("long", ["model.ssm_block_size=[[2, 2], 4]"]).model.ssm_block_size == \
+        [[2, 2], 4]
+    with pytest.raises(ConfigError, match="ssm_block_size"):
+        load_config("long", ["model.ssm_block_size=x"])
     with pytest.raises(ConfigError, match="history_prob needs diffusion.forcing"):
         load_config("demo", ["diffusion.history_prob=0.5"])
     with pytest.raises(ConfigError, match=r"history_prob must be in \[0, 1\]"):

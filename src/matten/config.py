@@ -47,6 +47,7 @@ class ModelConfig:
     sink: int = 1  # Matten-Causal: first frames always attended to
     memory: str = "both"  # Matten-Causal global memory: "ssm", "delta", "both" or "none"
     num_actions: int = 0  # Matten-Causal: discrete per-frame actions (0: none)
+    ssm_block_size: int | list = 2  # Matten-Causal SSM blocks in tokens: n, [b_h, b_w] or per layer
 
 
 @dataclass
@@ -167,6 +168,10 @@ class RunConfig:
                             f"{self.model.memory!r}")
         if self.model.window < 1 or self.model.sink < 0 or self.model.num_actions < 0:
             problems.append("model.window must be >= 1, model.sink and model.num_actions >= 0")
+        block = self.model.ssm_block_size
+        if not (isinstance(block, int) and block >= 1 or isinstance(block, list) and block):
+            problems.append(f"model.ssm_block_size must be a positive int, [b_h, b_w] or a list "
+                            f"of per-layer sizes, got {block!r}")
         if self.diffusion.prediction not in ("eps", "velocity"):
             problems.append(f"diffusion.prediction must be 'eps' or 'velocity', got "
                             f"{self.diffusion.prediction!r}")

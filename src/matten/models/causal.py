@@ -57,6 +57,22 @@ def spatial_pos_embed(dim: int, height: int, width: int, device=None,
     return torch.from_numpy(table).to(device=device, dtype=dtype)[None]
 
 
+def layer_block_sizes(spec, depth: int) -> list[tuple[int, int]]:
+    """The block-wise SSM's block size (b_h, b_w) for each of ``depth`` layers, from one size
+    for all (an int or a pair) or a list of ``depth`` of them (coarser blocks deeper, say)."""
+    def pair(size) -> tuple[int, int]:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(size) != 2 or not all(isinstance(n, int) and n >= 1 for n in size):
+            raise ValueError(f"an SSM block size must be an int or (b_h, b_w) >= 1, got {size!r}")
+        return size
+
+    if isinstance(spec, int) or (len(spec) == 2 and all(isinstance(n, int) for n in spec)):
+        return [pair(spec)] * depth
+    if len(spec) != depth:
+        raise ValueError(f"ssm_block_size lists {len(spec)} sizes for {depth} layers")
+    return [pair(size) for size in spec]
+
+
 def window_mask(query_frames: Tensor, key_frames: Tensor, window: int, sink: int) -> Tensor:
     """Boolean (Lq, Lk): key frame j is visible to query frame i iff j <= i and j is one of the
     ``window`` most recent frames (i - window < j) or a sink frame (j < sink)."""
@@ -269,7 +285,7 @@ class CausalVideoBackbone(ClassConditioned, nn.Module):
                  class_dropout_prob: float = 0.1, num_actions: int = 0, action_dim: int = 0,
                  window: int = 8, sink: int = 1, memory: str = "both",
                  context_length: int = 16, mlp_ratio: float = 4.0, d_state: int = 16,
-                 expand: int = 2, ssm_block_size: tuple[int, int] = (2, 2)):
+                 expand: int = 2, ssm_block_size=(2, 2)):
         super().__init__()
         if window < 1 or sink < 0:
             raise ValueError(f"need window >= 1 and sink >= 0, got window={window}, sink={sink}")
@@ -285,8 +301,8 @@ class CausalVideoBackbone(ClassConditioned, nn.Module):
         self.blocks = nn.ModuleList(
             CausalBlock(hidden_size, num_heads, mlp_ratio, window=window, sink=sink, memory=memory,
                         context_length=context_length, d_state=d_state, expand=expand,
-                        ssm_block_size=tuple(ssm_block_size))
-            for _ in range(depth))
+                        ssm_block_size=block)
+            for block in layer_block_sizes(ssm_block_size, depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, "adan")
 
     def condition(self, t: Tensor, y: Tensor | None, actions: Tensor | None, batch: int,
@@ -374,23 +390,22 @@ def create_causal_model(input_size: int | tuple[int, int] = 32, in_channels: int
                         action_dim: int = 0, window: int = 8, sink: int = 1,
                         memory: str = "both", context_length: int = 16, mlp_ratio: float = 4.0,
                         d_state: int = 16, expand: int = 2,
-                        ssm_block_size: int | tuple[int, int] = (2, 2)) -> CausalVideoBackbone:
+                        ssm_block_size=(2, 2)) -> CausalVideoBackbone:
     """Build a causal backbone; ``model.config`` holds these arguments, enough to rebuild it.
 
     ``context_length`` is the training clip length (the router's T_ref); ``input_size`` (latent
     H, W) is recorded for samplers, the network accepts any size divisible by the patch (and,
-    with SSM memory, by ``ssm_block_size`` tokens)."""
+    with SSM memory, by every layer's block of tokens). ``ssm_block_size``: one size for every
+    layer (an int or (b_h, b_w)) or a list with one per layer."""
     config = dict(locals())
-    for key in ("input_size", "ssm_block_size"):
-        if isinstance(config[key], tuple):
-            config[key] = list(config[key])
-    block = ((ssm_block_size, ssm_block_size) if isinstance(ssm_block_size, int)
-             else tuple(ssm_block_size))
+    if isinstance(config["input_size"], tuple):
+        config["input_size"] = list(config["input_size"])
+    config["ssm_block_size"] = [list(b) for b in layer_block_sizes(ssm_block_size, depth)]
     model = CausalVideoBackbone(
         depth, hidden_size, num_heads, patch_size=patch_size, in_channels=in_channels,
         learn_sigma=learn_sigma, num_classes=num_classes, class_dropout_prob=class_dropout_prob,
         num_actions=num_actions, action_dim=action_dim, window=window, sink=sink, memory=memory,
         context_length=context_length, mlp_ratio=mlp_ratio, d_state=d_state, expand=expand,
-        ssm_block_size=block)
+        ssm_block_size=ssm_block_size)
     model.config = config
     return model

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_KEYS = ("name", "variant", "conditioning", "num_frames", "input_size", "in_channels",
               "num_classes", "learn_sigma", "depth", "hidden_size", "num_heads", "window", "sink",
-              "memory", "num_actions")
+              "memory", "num_actions", "ssm_block_size")
 
 
 class SetupError(ValueError):
@@ -140,7 +140,7 @@ def _model_kwargs(cfg: RunConfig, in_channels: int, latent_hw, num_classes: int)
                       num_classes=num_classes, learn_sigma=m.learn_sigma,
                       class_dropout_prob=m.class_dropout_prob, num_actions=m.num_actions,
                       window=m.window, sink=m.sink, memory=m.memory,
-                      context_length=cfg.data.num_frames)
+                      ssm_block_size=m.ssm_block_size, context_length=cfg.data.num_frames)
         for key in ("depth", "hidden_size", "num_heads"):
             if getattr(m, key) is not None:
                 kwargs[key] = getattr(m, key)
