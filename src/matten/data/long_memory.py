@@ -310,7 +310,8 @@ class PanningMapDataset(Dataset):
     def __repr__(self):
         return (f"PanningMapDataset(num_videos={self.num_videos}, resolution={self.resolution}, "
                 f"num_frames={self.num_frames}, map_size={self.map_size}, "
-                f"trajectory={self.trajectory!r}, step={self.step}, seed={self.seed})")
+                f"trajectory={self.trajectory!r}, step={self.step}, seed={self.seed}, "
+                f"blackout={self.blackout}, blackout_frames={self.blackout_frames})")
 
 
 def actions_from_camera(camera, step: int = 1) -> np.ndarray:
