@@ -17,7 +17,7 @@ errors pile up).
 The ablation, one command: train ``memory: none`` (the window alone) and ``memory: delta`` (or
 ``--memory ssm|both``) from the same config, seed and steps, then evaluate both:
 
-    python bench/long_memory.py --train runs/memory-ablation            # ~45 min on 2 CPU cores
+    python bench/long_memory.py --train runs/memory-ablation            # ~30 min on 2 CPU cores
     python bench/long_memory.py --checkpoint runs/a runs/b              # compare trained runs
 
 Training resumes where it stopped when run again.
