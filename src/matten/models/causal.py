@@ -59,7 +59,8 @@ def spatial_pos_embed(dim: int, height: int, width: int, device=None,
 
 def layer_block_sizes(spec, depth: int) -> list[tuple[int, int]]:
     """The block-wise SSM's block size (b_h, b_w) for each of ``depth`` layers, from one size
-    for all (an int or a pair) or a list of ``depth`` of them (coarser blocks deeper, say)."""
+    for all (an int, or a pair of ints: always read as one (b_h, b_w)) or a list of ``depth``
+    of them (coarser blocks deeper, say)."""
     def pair(size) -> tuple[int, int]:
         size = (size, size) if isinstance(size, int) else tuple(size)
         if len(size) != 2 or not all(isinstance(n, int) and n >= 1 for n in size):
