@@ -170,6 +170,12 @@ def _model_num_classes(cfg: RunConfig, dataset) -> int:
 
 
 def _compare_model_configs(saved: dict, built: dict, where: Path) -> None:
+    saved = dict(saved)
+    if saved.get("ssm_block_size") is not None and saved.get("depth"):
+        # older checkpoints hold one (b_h, b_w) for all layers; compare per layer
+        from ..models.causal import layer_block_sizes
+        saved["ssm_block_size"] = [list(b) for b in layer_block_sizes(saved["ssm_block_size"],
+                                                                      saved["depth"])]
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {built.get(k)!r}" for k in MODEL_KEYS
              if _norm(saved.get(k)) != _norm(built.get(k))]
     if diffs:
