@@ -160,12 +160,12 @@ class HybridMemoryLayer(nn.Module):
         frames = torch.arange(start, start + grid.frames, device=x.device)
         local, kv = self._local(h, grid, frames, start, state)
         mixed = local
-        new_ssm = new_memory = None
+        new_ssm = new_memory = rows = None
         if self.ssm is not None:
             ssm_out, new_ssm = self.ssm(h, grid, state.ssm, return_state=True)
             mixed = mixed + ssm_out
         if self.delta is not None:
-            delta_out, new_memory = self._delta(h, grid, start, state, commit)
+            delta_out, new_memory, rows = self._delta(h, grid, start, state, commit)
             gamma = self.router(frames[None], self.context_length)          # (1, n, 1)
             delta_out = delta_out.view(x.shape[0], grid.frames, grid.tokens_per_frame, -1)
             mixed = mixed + (gamma[..., None].to(delta_out.dtype) * delta_out).flatten(1, 2)
@@ -173,7 +173,7 @@ class HybridMemoryLayer(nn.Module):
         x = x + gated(self.mlp(modulate(self.norm2(x), shift_m, scale_m, grid)), gate_m, grid)
         if not commit:
             return x, None
-        return x, self._next_state(h, grid, start, state, kv, new_ssm, new_memory)
+        return x, self._next_state(grid, start, kv, new_ssm, new_memory, rows)
 
     def _local(self, h: Tensor, grid: TokenGrid, frames: Tensor, start: int, state: LayerState):
         """Same-position windowed attention of the chunk against the cache and itself."""
@@ -193,6 +193,7 @@ class HybridMemoryLayer(nn.Module):
 
         The frames are written oldest first, one delta-rule chunk each, from the pending recent
         frames of the cache and then the chunk itself; all of the chunk's reads run at once.
+        Returns (read-out, memory, the inputs of the pending frames and the chunk, oldest first).
         """
         batch, n = h.shape[0], grid.frames
         chunk = h.view(batch, n, grid.tokens_per_frame, -1)
@@ -212,25 +213,22 @@ class HybridMemoryLayer(nn.Module):
                  for f in range(start, start + n)]
         states = torch.stack([after[i] for i in index], dim=1)      # (B, n, H, dk, dv)
         reads = self.delta.read(states.flatten(0, 1), chunk.flatten(0, 1))
-        return reads.view(batch, n * grid.tokens_per_frame, -1), after[-1]
+        return reads.view(batch, n * grid.tokens_per_frame, -1), after[-1], pending
 
-    def _next_state(self, h: Tensor, grid: TokenGrid, start: int, state: LayerState, kv, ssm,
-                    memory) -> LayerState:
-        """Keep the sinks' and the last ``window - 1`` frames' keys and values (and inputs, to be
-        written into the delta memory when they leave the window); drop the rest."""
+    def _next_state(self, grid: TokenGrid, start: int, kv, ssm, memory,
+                     rows: Tensor | None) -> LayerState:
+        """Keep the sinks' and the last ``window - 1`` frames' keys and values (and, from
+        ``rows``, the inputs of frames end - rows .. end - 1, those to be written into the delta
+        memory when they leave the window); drop the rest."""
         k, v, key_frames = kv
         end = start + grid.frames
         position = {f: i for i, f in enumerate(key_frames.tolist())}
         keep = self._sink_frames(end) + self._recent_frames(end)
         index = torch.tensor([position[f] for f in keep], device=k.device, dtype=torch.long)
         pending = None
-        if self.delta is not None:
-            chunk = h.view(h.shape[0], grid.frames, grid.tokens_per_frame, -1)
-            old = 0 if state.pending is None else state.pending.shape[1]
-            rows = chunk if state.pending is None else torch.cat(
-                [state.pending.to(h.dtype), chunk], dim=1)
-            recent = torch.tensor(self._recent_frames(end), device=h.device, dtype=torch.long)
-            pending = rows.index_select(1, recent - (start - old))
+        if rows is not None:
+            recent = torch.tensor(self._recent_frames(end), device=k.device, dtype=torch.long)
+            pending = rows.index_select(1, recent - (end - rows.shape[1]))
         return LayerState(k.index_select(2, index), v.index_select(2, index), pending, ssm, memory)
 
 
