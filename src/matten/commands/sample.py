@@ -82,7 +82,7 @@ def run(args, parser) -> int:
         if cfg_scale is None:
             cfg_scale = float(sample_cfg.get("cfg_scale", 1.0)) if labels is not None else 1.0
         if args.frames is not None:
-            return run_long(args, parser, loaded, labels, device)
+            return run_long(args, parser, loaded, labels, device, sampler, sample_cfg)
         if args.class_at:
             raise SamplingError("--class-at switches classes mid-stream: it needs --frames")
         actions = frame_actions(args, loaded)
@@ -108,7 +108,7 @@ def run(args, parser) -> int:
     return 0
 
 
-def run_long(args, parser, loaded, labels, device) -> int:
+def run_long(args, parser, loaded, labels, device, sampler: str, sample_cfg: dict) -> int:
     """`--frames N`: autoregressive generation of a Matten-Causal model, written progressively."""
     import time
 
@@ -122,8 +122,6 @@ def run_long(args, parser, loaded, labels, device) -> int:
                      f"models generate their {loaded.num_frames} training frames")
     if args.frames < 1 or args.chunk_size < 1:
         parser.error("--frames and --chunk-size must be >= 1")
-    sample_cfg = loaded.meta.get("run_config", {}).get("sample", {})
-    sampler = args.sampler or sample_cfg.get("sampler", "ddim")
     steps = args.steps or default_steps(sampler)
     diffusion = create_diffusion(str(steps), diffusion_steps=loaded.diffusion_steps,
                                  learn_sigma=loaded.learn_sigma, prediction=loaded.prediction)
