@@ -118,14 +118,14 @@ def evaluate(run: str, clips: int, frames: int | None, steps: int, chunk_size: i
             actions=actions if model.action_embedder is not None else None,
             context=video[:, :, :half], teacher=video if mode == "teacher-forced" else None,
             clip_denoised=True, generator=torch.Generator().manual_seed(seed))
-        videos[mode] = torch.cat([video[:, :, :half], generated.clamp(-1, 1)], dim=2)
-        error = (generated.clamp(-1, 1) - video[:, :, half:]).abs().mean(1).numpy()
+        generated = generated.clamp(-1, 1)
+        videos[mode] = torch.cat([video[:, :, :half], generated], dim=2)
+        error = (generated - video[:, :, half:]).abs().mean(1).numpy()
         errors[mode] = [float(error[groups == g].mean()) if (groups == g).any() else float("nan")
                         for g in range(len(edges))]
     counts = [int((groups == g).sum()) for g in range(len(edges))]
     info = {"memory": config["memory"], "step": loaded.step, "window": config["window"],
-            "reach": reach, "sink": sink,
-            "frames": frames, "counts": counts}
+            "reach": reach, "sink": sink, "frames": frames, "counts": counts}
     return errors, labels, info, video, videos["free-running"]
 
 

@@ -13,8 +13,8 @@ from .video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ShortVideoError, Vide
                        write_video)
 
 __all__ = ["ACTION_NAMES", "DARK", "PanningMapDataset", "actions_from_camera", "pixel_last_seen",
-           "retrieval_error",
-           "revisit_pairs", "DATASETS", "IMAGE_EXTENSIONS", "MOTION_TYPES", "VIDEO_EXTENSIONS",
+           "retrieval_error", "revisit_pairs", "DATASETS", "IMAGE_EXTENSIONS", "MOTION_TYPES",
+           "VIDEO_EXTENSIONS",
            "FaceForensicsDataset", "FolderDataset", "ShortVideoError", "SkyTimelapseDataset",
            "SyntheticVideoDataset", "TaichiHDDataset", "UCF101Dataset", "VideoClipDataset",
            "VideoDecodeError", "VideoEntry", "VideoTransform", "build_dataset", "clip_span",

@@ -264,9 +264,9 @@ class PanningMapDataset(Dataset):
         if dark is None:
             return camera, actions_from_camera(camera, self.step)
         # the camera stands still in the dark, then goes on along its path
-        start = dark.start
-        camera = np.concatenate([camera[:start], np.repeat(camera[start - 1:start], len(dark), 0),
-                                 camera[start:]])
+        s = dark.start
+        camera = np.concatenate([camera[:s], np.repeat(camera[s - 1:s], len(dark), 0),
+                                 camera[s:]])
         actions = actions_from_camera(camera, self.step)
         actions[dark] = DARK
         return camera, actions
