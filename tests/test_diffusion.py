@@ -239,39 +239,43 @@ def test_vb_term_sends_no_gradient_to_eps():
     assert eps.grad is not None and eps.grad.abs().sum() > 0
 
 
-def test_per_frame_losses_equal_frame_by_frame_losses():
-    d = GaussianDiffusion()
-    g = torch.Generator().manual_seed(8)
+def elementwise_model(x, t):
+    """Each frame's output depends on that frame only, so per-frame losses can be checked one
+    frame at a time."""
+    return torch.cat([0.9 * x, torch.tanh(x)], 1)
+
+
+def clip_and_frame_losses(seed, t):
+    """A random (2, 3, 4, 4, 4) clip and noise, and the losses of each frame run on its own:
+    {key: (B, F)}."""
+    g = torch.Generator().manual_seed(seed)
     x0 = torch.rand(2, 3, 4, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    frames = [GaussianDiffusion().training_losses(elementwise_model, x0[:, :, f], t[:, f],
+                                                  noise=noise[:, :, f]) for f in range(4)]
+    return x0, noise, {key: torch.stack([fr[key] for fr in frames], dim=1)
+                       for key in ("mse", "vb", "loss")}
+
+
+def test_per_frame_losses_equal_frame_by_frame_losses():
     t = torch.tensor([[0, 5, 300, 999], [42, 0, 0, 7]])
-    # An elementwise model, so each frame's output does not depend on the other frames.
-    model = lambda x, t: torch.cat([0.9 * x, torch.tanh(x)], 1)  # noqa: E731
-    whole = d.training_losses(model, x0, t, noise=noise)
-    frames = [d.training_losses(model, x0[:, :, f], t[:, f], noise=noise[:, :, f])
-              for f in range(4)]
+    x0, noise, per_frame = clip_and_frame_losses(8, t)
+    whole = GaussianDiffusion().training_losses(elementwise_model, x0, t, noise=noise)
     for key in ("mse", "vb", "loss"):
-        expected = torch.stack([fr[key] for fr in frames]).mean(0)
-        torch.testing.assert_close(whole[key], expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(whole[key], per_frame[key].mean(1), rtol=1e-12, atol=1e-12)
 
 
 def test_frame_weights_leave_history_frames_out_of_the_loss():
     d = GaussianDiffusion()
-    g = torch.Generator().manual_seed(9)
-    x0 = torch.rand(2, 3, 4, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
-    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     t = torch.tensor([[0, 0, 300, 999], [0, 17, 5, 7]])
     weight = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
-    model = lambda x, t: torch.cat([0.9 * x, torch.tanh(x)], 1)  # noqa: E731
-    weighted = d.training_losses(model, x0, t, noise=noise, frame_weight=weight)
-    frames = [d.training_losses(model, x0[:, :, f], t[:, f], noise=noise[:, :, f])
-              for f in range(4)]
+    x0, noise, per_frame = clip_and_frame_losses(9, t)
+    weighted = d.training_losses(elementwise_model, x0, t, noise=noise, frame_weight=weight)
     for key in ("mse", "vb", "loss"):
-        per_frame = torch.stack([fr[key] for fr in frames], dim=1)           # (B, F)
-        expected = torch.stack([per_frame[0, 2:].mean(), per_frame[1, 1:].mean()])
+        expected = torch.stack([per_frame[key][0, 2:].mean(), per_frame[key][1, 1:].mean()])
         torch.testing.assert_close(weighted[key], expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="frame_weight"):
-        d.training_losses(model, x0, t, noise=noise, frame_weight=weight[:, :3])
+        d.training_losses(elementwise_model, x0, t, noise=noise, frame_weight=weight[:, :3])
 
 
 def test_forcing_timesteps_draw_a_level_per_frame_and_clean_history():
