@@ -10,6 +10,7 @@ Unknown keys are an error that names the key.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import types
@@ -21,9 +22,14 @@ from typing import Any, Union
 
 import yaml
 
+from .data.datasets import dataset_key
+
 __all__ = ["ModelConfig", "DataConfig", "AutoencoderConfig", "DiffusionConfig", "TrainConfig",
            "SampleConfig", "RunConfig", "ConfigError", "load_config", "packaged_configs",
-           "apply_overrides", "config_from_dict", "config_to_dict", "resolve_mixed_precision"]
+           "apply_overrides", "config_from_dict", "config_to_dict", "resolve_mixed_precision",
+           "config_differences"]
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -243,6 +249,8 @@ def _coerce(value: Any, hint, key: str) -> Any:
         raise ConfigError(errors[0] if len(errors) == 1 else
                           f"config key '{key}': {value!r} matches none of {hint}")
     if value is None:
+        if hint is dict or origin is dict:  # `data.options=null`: no options
+            return {}
         raise ConfigError(f"config key '{key}' may not be null")
     if hint is bool:
         if isinstance(value, bool):
@@ -348,21 +356,50 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict | None) -> RunCo
         return cfg
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
     nested: dict[str, dict] = {}
+    entries: dict[tuple[str, str], dict] = {}  # one-entry overrides of dict fields
     for key, value in items:
         parts = key.split(".")
         if len(parts) == 3 and isinstance(getattr(getattr(cfg, parts[0], None), parts[1], None),
                                           dict):
             # one entry of a dict field: data.options.step=2
             section, name, entry = parts
-            fields = nested.setdefault(section, {})
-            fields.setdefault(name, dict(getattr(getattr(cfg, section), name)))[entry] = value
+            entries.setdefault((section, name), {})[entry] = value
             continue
         if len(parts) != 2:
             raise ConfigError(f"override key '{key}' must be section.key, e.g. train.batch_size "
                               f"(or section.key.entry for a dict such as data.options)")
         section, name = parts
         nested.setdefault(section, {})[name] = value
+        entries.pop((section, name), None)  # a whole dict given later replaces earlier entries
+    _drop_other_datasets_options(cfg, nested.get("data"))
+    for (section, name), values in entries.items():
+        fields = nested.setdefault(section, {})
+        base = (fields[name] or {}) if name in fields else getattr(getattr(cfg, section), name)
+        fields[name] = {**base, **values}
     return config_from_dict_into(cfg, nested)
+
+
+def _drop_other_datasets_options(cfg: RunConfig, data_overrides: dict | None) -> None:
+    """``data.options`` are keyword arguments of one dataset class: when an override switches
+    ``data.name`` (say the demo's synthetic set to ``folder``), the old dataset's options would
+    be passed to the new one and fail, so they are dropped unless options are given too."""
+    if not data_overrides or "name" not in data_overrides or "options" in data_overrides:
+        return
+    if dataset_key(data_overrides["name"]) == dataset_key(cfg.data.name) or not cfg.data.options:
+        return
+    logger.warning("data.name changed from '%s' to '%s': dropping the options of '%s' (%s); "
+                   "set data.options.KEY=VALUE for the new dataset", cfg.data.name,
+                   data_overrides["name"], cfg.data.name,
+                   ", ".join(f"{k}={v!r}" for k, v in cfg.data.options.items()))
+    data_overrides["options"] = {}
+
+
+def config_differences(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (old value, new value)}`` for every value that differs."""
+    a, b = config_to_dict(old), config_to_dict(new)
+    return {f"{section}.{key}": (a[section].get(key), value)
+            for section in b for key, value in b[section].items()
+            if a[section].get(key) != value}
 
 
 def packaged_configs() -> list[str]:

@@ -19,18 +19,27 @@ def add_parser(subparsers):
     parser.add_argument("--thop-batch", type=int, default=3,
                         help="batch of the thop-style count (Latte's published figure uses 3)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=lambda args: run(args, parser))
 
 
 def _g(x):
     return "-" if x is None else f"{x / 1e9:.0f}"
 
 
-def run(args) -> int:
+def run(args, parser) -> int:
     from ..eval.flops import flops_report
     from ..models import parse_name
 
-    _, size, patch = parse_name(args.model)
+    try:
+        _, size, patch = parse_name(args.model)
+    except ValueError as exc:
+        parser.error(f"--model: {exc}")
+    if args.frames < 1 or args.thop_batch < 1:
+        parser.error("--frames and --thop-batch must be >= 1")
+    latent = args.resolution // 8
+    if args.resolution < 1 or args.resolution % 8 or latent % patch:
+        parser.error(f"--resolution {args.resolution} must be a positive multiple of "
+                     f"{8 * patch} (the SD VAE divides it by 8, then {patch}x{patch} patches)")
     if args.table:
         entries = [(f"Matten-{size}/{patch}", v) for v in (1, 2, 3, 4)] + [(f"Latte-{size}/{patch}", 3)]
     else:

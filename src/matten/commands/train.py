@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from ..config import ConfigError, apply_overrides, load_config, packaged_configs
@@ -67,14 +68,41 @@ def build_config(args):
             if source is None:
                 raise FileNotFoundError(f"nothing to resume in '{args.output}' and no --config "
                                         "given to start a new run")
-        return apply_overrides(config_from_checkpoint(source), overrides).validate()
+        return apply_overrides(resume_base_config(source), overrides).validate()
     raise ConfigError("--config is required to start a run (e.g. --config demo)")
+
+
+def resume_base_config(checkpoint):
+    """The config a resumed run starts from: the run folder's ``config.yaml`` when the user has
+    edited it (the edits take effect; the loop refuses those that change what the weights
+    mean), else the config stored in the checkpoint."""
+    from ..config import config_differences, load_config
+    from ..training import config_from_checkpoint, resolve_checkpoint
+
+    folder = resolve_checkpoint(checkpoint)
+    saved = config_from_checkpoint(folder)
+    edited_path = folder.parent.parent / "config.yaml"
+    if not edited_path.is_file():
+        return saved
+    try:
+        edited = load_config(str(edited_path))
+    except (ConfigError, OSError) as exc:
+        raise ConfigError(f"the run's config '{edited_path}' cannot be used: {exc} (fix it, or "
+                          "delete it to resume with the checkpoint's own config)") from None
+    edits = {k: v for k, v in config_differences(saved, edited).items() if k != "train.output"}
+    if edits:
+        logging.getLogger(__name__).warning(
+            "using the edited %s: %s", edited_path,
+            ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in edits.items()))
+        return edited
+    return saved
 
 
 def run(args, parser) -> int:
     from ..training import CheckpointError, SetupError, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    output = args.output
     try:
         cfg = build_config(args)
         output = args.output or cfg.train.output
@@ -83,9 +111,30 @@ def run(args, parser) -> int:
         result = train(cfg, output=output, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, SetupError, CheckpointError, FileNotFoundError) as exc:
         parser.error(str(exc))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"\nstopped at once; {_last_checkpoint_words(output)}", file=sys.stderr)
+        return 130
+    resume = f"matten train --output {result.output} --resume"
+    if result.stopped_by is not None:
+        print(f"stopped by {result.stopped_by} at step {result.step}: checkpoint "
+              f"{result.checkpoint}; continue with: {resume}")
+        return 130
+    if result.nothing_to_do:
+        print(f"nothing left to train: {result.output} is at step {result.step} "
+              f"(train.max_steps); add --max-steps N to train longer")
+        return 0
     if result.checkpoint is not None:
         print(f"step {result.step}: checkpoint {result.checkpoint}")
         print(f"loss curve: {result.output / 'loss.png'}")
         for path in result.samples[-2:]:
             print(f"samples: {path}")
     return 0
+
+
+def _last_checkpoint_words(output) -> str:
+    from ..training import latest_checkpoint
+
+    found = latest_checkpoint(output) if output else None
+    if found is None:
+        return "no checkpoint was written"
+    return f"the last checkpoint is {found}; continue with: matten train --output {output} --resume"

@@ -2,8 +2,9 @@
 
 Every dataset yields ``{"video": float (C, F, H, W) in [-1, 1], "label": int64 scalar tensor}``
 (label 0 when unlabelled). Videos that cannot be read or are too short for one clip are skipped
-when the dataset is indexed (one warning, details in ``dataset.skipped``); a video that fails to
-decode later is recorded the same way and replaced by the next good one.
+when the dataset is indexed (one warning; ``dataset.skipped`` maps each reason to the paths,
+``dataset.skipped_rows()`` lists them); a video that fails to decode later is recorded the same
+way and replaced by the next good one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from .video_io import (VIDEO_EXTENSIONS, ShortVideoError, VideoDecodeError, coun
                        is_image_file, natural_key, read_video)
 
 logger = logging.getLogger(__name__)
+
+
+# Why a video was left out (the keys of ``dataset.skipped``), in words.
+SKIP_REASONS = {"corrupt": "corrupt", "too_short": "too short", "decode_error": "failed to decode",
+                "no_class_folder": "not in a class folder", "missing": "listed in the split but "
+                "missing", "no_group": "no UCF101 group in the name"}
 
 
 @dataclass(frozen=True)
@@ -189,16 +196,28 @@ class VideoClipDataset(Dataset):
                 entries.append(VideoEntry(path, label, n))
         n_skipped = sum(len(v) for v in self.skipped.values())
         if n_skipped:
-            detail = ", ".join(f"{k}: {len(v)}" for k, v in self.skipped.items())
-            logger.warning("%s (%s): skipped %d of %d videos (%s; a clip needs %d frames); "
-                           "see dataset.skipped for the paths", self.name, self.root, n_skipped,
-                           n_skipped + len(entries), detail, self.span)
+            logger.warning("%s (%s): skipped %d of %d videos (%s)", self.name, self.root,
+                           n_skipped, n_skipped + len(entries), self.skipped_summary())
         if not entries:
-            detail = ", ".join(f"{k}: {len(v)}" for k, v in self.skipped.items())
             raise ValueError(f"{self.name}: none of the {len(pairs)} videos under '{self.root}' "
-                             f"is usable ({detail}; a clip of {self.num_frames} frames with stride "
-                             f"{self.frame_stride} needs {self.span} frames)")
+                             f"is usable ({self.skipped_summary()})")
         return entries
+
+    def skipped_summary(self) -> str:
+        """The skipped videos counted by reason, e.g. ``corrupt: 2, too short: 1 (a clip of
+        16 frames at stride 3 needs 46 frames)``."""
+        parts = []
+        for reason, paths in self.skipped.items():
+            text = f"{SKIP_REASONS.get(reason, reason)}: {len(paths)}"
+            if reason == "too_short":
+                text += (f" (a clip of {self.num_frames} frames at stride {self.frame_stride} "
+                         f"needs {self.span} frames)")
+            parts.append(text)
+        return ", ".join(parts)
+
+    def skipped_rows(self) -> list[tuple[str, str]]:
+        """Every skipped video as ``(reason, path)``, in the order they were found."""
+        return [(reason, path) for reason, paths in self.skipped.items() for path in paths]
 
     # -- items -----------------------------------------------------------------------------
 
@@ -429,13 +448,18 @@ _ALIASES = {"ucf": "ucf101", "sky": "sky_timelapse", "skytimelapse": "sky_timela
             "taichihd": "taichi_hd", "videos": "folder"}
 
 
+def dataset_key(name: str) -> str:
+    """The registry key of a dataset name or alias (``"UCF"`` -> ``"ucf101"``)."""
+    key = str(name).lower().replace("-", "_")
+    return _ALIASES.get(key, key)
+
+
 def build_dataset(name: str, root, resolution, num_frames: int = 16, frame_stride: int = 3,
                   split: str | None = None, **kwargs) -> Dataset:
     """Build a dataset by name: ``ucf101``, ``sky_timelapse``, ``faceforensics``, ``taichi_hd``,
     ``folder`` or ``synthetic`` (``root`` is ignored; pass ``num_videos``, ``num_classes``,
     ``seed``). Extra keyword arguments go to the dataset class."""
-    key = str(name).lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
+    key = dataset_key(name)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; choose one of {sorted(DATASETS)}")
     if key in ("synthetic", "panning_map"):

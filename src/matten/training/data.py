@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import DataConfig
 from ..data import build_dataset
+from ..data.datasets import DATASETS, dataset_key
 
 __all__ = ["StreamSampler", "EpochDataset", "build_train_dataset", "build_loader"]
 
@@ -84,7 +85,10 @@ class EpochDataset(Dataset):
 def build_train_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     """The training set a data config describes."""
     kwargs = dict(cfg.options)
-    key = str(cfg.name).lower()
+    key = dataset_key(cfg.name)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset data.name={cfg.name!r}; choose one of "
+                         f"{', '.join(sorted(DATASETS))}")
     if key == "synthetic":
         kwargs.setdefault("num_videos", cfg.num_videos)
         kwargs.setdefault("num_classes", cfg.num_classes)

@@ -25,8 +25,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, RunConfig, config_from_dict, config_to_dict, \
-    resolve_mixed_precision
+from ..config import ConfigError, RunConfig, config_differences, config_from_dict, \
+    config_to_dict, resolve_mixed_precision
 from ..diffusion import create_diffusion, forcing_timesteps
 from ..latent import build_autoencoder
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
@@ -35,6 +35,7 @@ from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
 from .data import StreamSampler, build_loader, build_train_dataset
 from .ema import create_ema, ema_decay_at, update_ema
 from .plots import plot_loss_curve
+from .stopping import GracefulStop
 
 __all__ = ["train", "TrainResult", "SetupError", "capture_rng", "restore_rng",
            "config_from_checkpoint"]
@@ -44,6 +45,14 @@ logger = logging.getLogger(__name__)
 MODEL_KEYS = ("name", "variant", "conditioning", "num_frames", "input_size", "in_channels",
               "num_classes", "learn_sigma", "depth", "hidden_size", "num_heads", "window", "sink",
               "memory", "num_actions", "ssm_block_size")
+
+# Settings whose change on resume would change what the trained weights mean (the model's output
+# is read as another quantity, or its inputs live in another space): refused.
+MEANING_KEYS = ("diffusion.prediction", "diffusion.steps", "model.learn_sigma",
+                "autoencoder.kind")
+# Settings that are expected to change on resume: not worth a warning.
+RESUME_FREE_KEYS = ("train.max_steps", "train.output")
+SKIPPED_FILE = "skipped_videos.tsv"
 
 
 class SetupError(ValueError):
@@ -55,10 +64,12 @@ class TrainResult:
     step: int
     losses: list[float]  # the loss of every step run by this call (mean over processes)
     output: Path
-    model: torch.nn.Module  # unwrapped, on the training device
-    ema: torch.nn.Module
+    model: torch.nn.Module | None  # unwrapped, on the training device (None: nothing to do)
+    ema: torch.nn.Module | None
     checkpoint: Path | None = None
     samples: list[Path] = field(default_factory=list)
+    stopped_by: str | None = None  # the signal that stopped the run early (SIGINT, SIGTERM)
+    nothing_to_do: bool = False  # resumed at train.max_steps already: nothing was trained
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +197,56 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def _check_resume_settings(saved: dict, cfg: RunConfig, where: Path) -> None:
+    """Refuse a resume that changes what the weights mean; warn about every other change."""
+    try:
+        before = config_from_dict(saved)
+    except ConfigError:
+        return  # an older checkpoint's config: the model comparison still guards the weights
+    changes = {k: v for k, v in config_differences(before, cfg).items()
+               if k not in RESUME_FREE_KEYS}
+    refused = [f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changes.items()
+               if k in MEANING_KEYS]
+    if refused:
+        raise SetupError(f"cannot resume from '{where}' with {'; '.join(refused)}: that changes "
+                         "what the trained weights mean; train a new run (another --output) "
+                         "for these settings")
+    if changes:
+        logger.warning("resuming with changed settings: %s",
+                       ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+
+
+def _check_latent_fits(model, latent_hw, cfg: RunConfig) -> None:
+    """The latent must split into whole patches: say which resolution works, before any file
+    is written (the model itself only finds out at its first forward pass)."""
+    patch = int(getattr(model, "patch_size", 1))
+    h, w = latent_hw
+    if h % patch or w % patch:
+        factor = max(1, cfg.data.resolution // h)
+        raise SetupError(f"data.resolution={cfg.data.resolution} gives a {h}x{w} latent, which "
+                         f"the model's {patch}x{patch} patches do not divide: use a multiple of "
+                         f"{patch * factor}")
+
+
+def _write_skipped(dataset, output: Path, written: int) -> int:
+    """List the videos the dataset left out (reason and path) in ``output/skipped_videos.tsv``;
+    returns how many are listed. Rewritten when more are found (a video may fail later)."""
+    rows = dataset.skipped_rows() if hasattr(dataset, "skipped_rows") else []
+    if len(rows) == written:
+        return written
+    path = output / SKIPPED_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["reason", "path"])
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    if written == 0:
+        logger.warning("skipped %d videos (%s): listed in %s", len(rows),
+                       dataset.skipped_summary(), path)
+    return len(rows)
+
+
 def _read_losses(path: Path, up_to: int) -> list[tuple[int, float]]:
     if not path.is_file():
         return []
@@ -242,6 +303,19 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     elif list_checkpoints(output):
         raise SetupError(f"'{output}' already holds checkpoints; pass --resume to continue that "
                          "run or choose another --output")
+    if checkpoint is not None:
+        _check_resume_settings(checkpoint.meta.get("run_config", {}), cfg, checkpoint.folder)
+        done = int(checkpoint.state["step"])
+        if cfg.train.max_steps < done:
+            raise SetupError(f"the run is already at step {done}, past train.max_steps="
+                             f"{cfg.train.max_steps}: pass --max-steps above {done} to train "
+                             "further (an earlier checkpoint can be sampled with --checkpoint "
+                             f"{checkpoint.folder.parent}/step_XXXXXXX)")
+        if cfg.train.max_steps == done:
+            logger.info("nothing left to train: the run is at step %d = train.max_steps; pass "
+                        "--max-steps N (N > %d) to train longer", done, done)
+            return TrainResult(done, [], output, None, None, checkpoint=checkpoint.folder,
+                               nothing_to_do=True)
 
     accelerator = _make_accelerator(cfg)
     main = accelerator.is_main_process
@@ -256,7 +330,7 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     seed_everything(t_cfg.seed)
     try:
         dataset = build_train_dataset(cfg.data, seed=t_cfg.seed)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # a missing root, a file where a folder is needed
         raise SetupError(f"data ({cfg.data.name}): {exc}") from exc
     except TypeError as exc:  # an unknown keyword in data.options
         raise SetupError(f"data ({cfg.data.name}): {exc} (check data.options: "
@@ -275,6 +349,7 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
         model = build_model(**model_kwargs)
     except (ValueError, TypeError) as exc:
         raise SetupError(f"model: {exc}") from exc
+    _check_latent_fits(model, latent_hw, cfg)
     model_config = dict(model.config)
     diffusion = create_diffusion(cfg.diffusion.timestep_respacing, cfg.diffusion.steps,
                                  learn_sigma=cfg.model.learn_sigma,
@@ -316,10 +391,14 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
                           pin_memory=device.type == "cuda")
     class_names = list(getattr(dataset, "class_names", []) or [])[:num_classes]
 
+    skipped_listed = 0
     if main:
         output.mkdir(parents=True, exist_ok=True)
-        with open(output / "config.yaml", "w") as f:
+        config_tmp = output / ".config.yaml.tmp"
+        with open(config_tmp, "w") as f:
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        os.replace(config_tmp, output / "config.yaml")
+        skipped_listed = _write_skipped(dataset, output, 0)
     loss_rows = _read_losses(output / "loss.csv", start_step) if main else []
     if main:
         _write_losses(output / "loss.csv", loss_rows)
@@ -334,9 +413,13 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
             "data": {"name": cfg.data.name, "resolution": cfg.data.resolution}}
     result = TrainResult(start_step, [], output, raw_model, ema)
 
+    saved_step = start_step  # the step of the newest checkpoint on disk (0: none)
+
     def write_checkpoint(step: int) -> None:
         from accelerate.utils import gather_object
 
+        nonlocal saved_step
+        saved_step = step
         states = gather_object([capture_rng()]) if world > 1 else [capture_rng()]
         if main:
             state = {"step": step, "optimizer": optimizer.state_dict(), "rng": states,
@@ -368,7 +451,15 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
             result.samples.extend([path, grid])
         _barrier(accelerator)
 
+    def flush_losses() -> None:
+        """Move the losses of the steps since the last record into ``loss_rows``."""
+        values = [(s, float(v)) for s, v in pending]
+        pending.clear()
+        result.losses.extend(v for _, v in values)
+        loss_rows.extend(values)
+
     def write_curve() -> None:
+        flush_losses()  # a checkpoint's loss.csv holds every step up to it
         if main and loss_rows:
             _write_losses(output / "loss.csv", loss_rows)
             plot_loss_curve(output / "loss.png", [r[0] for r in loss_rows],
@@ -386,8 +477,9 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     data_iter = iter(loader) if step < t_cfg.max_steps else None
     last_curve = time.monotonic()
     model.train()
-    while step < t_cfg.max_steps:
-        batch = next(data_iter)
+
+    def train_step(batch) -> torch.Tensor:
+        """One optimisation step on ``batch``; returns its loss (mean over processes)."""
         video = batch["video"].to(device, non_blocking=True)
         latents = autoencoder.encode(video)
         # Diffusion forcing draws a noise level per frame, so the model learns to denoise any
@@ -419,26 +511,37 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, raw_model, ema_decay_at(step, t_cfg.ema_decay, t_cfg.ema_early_decay,
                                                 t_cfg.ema_early_steps))
-        step += 1
-        pending.append((step, accelerator.reduce(loss.detach(), reduction="mean")
-                        if world > 1 else loss.detach()))
-        if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
-            values = [(s, float(v)) for s, v in pending]
-            pending.clear()
-            result.losses.extend(v for _, v in values)
-            loss_rows.extend(values)
-            recent = [v for _, v in loss_rows[-max(t_cfg.log_every, 20):]]
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
-            if time.monotonic() - last_curve > 30:  # keep loss.csv / loss.png current
+        return accelerator.reduce(loss.detach(), reduction="mean") if world > 1 else loss.detach()
+
+    # Ctrl-C or SIGTERM: finish the step, write a checkpoint, return (see GracefulStop).
+    with GracefulStop() as stop:
+        while step < t_cfg.max_steps:
+            if _stop_agreed(stop, accelerator):
+                result.stopped_by = stop.requested or "a signal to another process"
+                if step != saved_step:
+                    write_curve()
+                    write_checkpoint(step)
+                break
+            loss = train_step(next(data_iter))
+            step += 1
+            pending.append((step, loss))
+            if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
+                flush_losses()
+                recent = [v for _, v in loss_rows[-max(t_cfg.log_every, 20):]]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
+                if time.monotonic() - last_curve > 30:  # keep loss.csv / loss.png current
+                    write_curve()
+                    last_curve = time.monotonic()
+            bar.update(1)
+            if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
                 write_curve()
-                last_curve = time.monotonic()
-        bar.update(1)
-        if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
-            write_curve()
-            write_checkpoint(step)
-        if (t_cfg.sample_every and step % t_cfg.sample_every == 0) or step == t_cfg.max_steps:
-            write_samples(step)
-            model.train()
+                write_checkpoint(step)
+                if main:  # a video may have failed to decode since
+                    skipped_listed = _write_skipped(dataset, output, skipped_listed)
+            if (t_cfg.sample_every and step % t_cfg.sample_every == 0) or \
+                    step == t_cfg.max_steps:
+                write_samples(step)
+                model.train()
     bar.close()
     write_curve()
     result.step = step
@@ -446,6 +549,15 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
         result.checkpoint = latest_checkpoint(output)
     _barrier(accelerator)
     return result
+
+
+def _stop_agreed(stop: GracefulStop, accelerator) -> bool:
+    """Whether any process was asked to stop: all of them must stop at the same step."""
+    requested = stop.requested is not None
+    if accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor([float(requested)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def config_from_checkpoint(path) -> RunConfig:
