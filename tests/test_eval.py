@@ -1,6 +1,10 @@
-"""`matten eval`: resumable sampling, cached real statistics, the report and the comparison."""
+"""`matten eval`: resumable sampling keyed by checkpoint and settings, cached real statistics,
+the report and the comparison."""
 
 import json
+import shutil
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +14,8 @@ from matten import cli
 from matten.config import load_config
 from matten.data import SyntheticVideoDataset, read_video
 from matten.eval import evaluate as evaluate_module
-from matten.eval.evaluate import EvalSettings, clip_features, evaluate, real_clips
+from matten.eval.evaluate import (EvalSettings, SamplesMismatchError, clip_features,
+                                  default_output, evaluate, real_clips)
 from matten.eval.frechet import FeatureStats
 from matten.eval.motion_net import MotionFeatureExtractor, MotionFeatureNet
 from matten.training import train
@@ -22,8 +27,9 @@ TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.reso
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """A tiny class-conditional run with two checkpoints, steps 1 and 2."""
     out = tmp_path_factory.mktemp("eval") / "run"
-    train(load_config("demo", TINY), output=out, progress=False)
+    train(load_config("demo", TINY + ["train.checkpoint_every=1"]), output=out, progress=False)
     return out
 
 
@@ -60,7 +66,7 @@ def test_evaluation_resumes_without_resampling_finished_clips(run, extractor, tm
         evaluate(run, tmp_path / "part", settings=settings(), extractor=extractor,
                  progress=False)
     assert sorted(p.name for p in (tmp_path / "part" / "generated").iterdir()) == \
-        ["shard_00000.npz", "shard_00001.npz"]
+        ["key.json", "shard_00000.npz", "shard_00001.npz"]
     calls.clear()
     resumed = evaluate(run, tmp_path / "part", settings=settings(), extractor=extractor,
                        progress=False)
@@ -123,9 +129,91 @@ def test_eval_command(run, tmp_path, capsys, monkeypatch):
     assert code == 0
     printed = capsys.readouterr().out
     assert '"metric": "fd-matten-motion-net-v1"' in printed and "report.json" in printed
+    # other settings into the same folder: refused, naming them, unless --overwrite
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "e"),
+                  "--num-clips", "4", "--batch-size", "2", "--steps", "2", "--seed", "5"])
+    err = capsys.readouterr().err
+    assert "holds samples made with other settings (seed 0 -> 5)" in err and "--overwrite" in err
     with pytest.raises(SystemExit):
         cli.main(["eval", "--checkpoint", str(run), "--num-clips", "1"])
     assert "--num-clips must be >= 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["eval", "--checkpoint", str(run), "--set", "train.lr=1"])
     assert "data.KEY=VALUE" in capsys.readouterr().err
+
+
+def shard_clips(folder) -> np.ndarray:
+    return np.concatenate([np.load(p)["clips"] for p in sorted(folder.glob("shard_*.npz"))])
+
+
+def test_two_checkpoints_of_a_run_get_their_own_samples_and_score(run, extractor, tmp_path,
+                                                                  capsys, monkeypatch):
+    copy = tmp_path / "run"  # a copy: the shared run stays clean, and the keys survive copying
+    shutil.copytree(run, copy)
+    monkeypatch.setattr(evaluate_module, "build_extractor", lambda *a, **k: extractor)
+
+    def eval_cli(checkpoint) -> dict:
+        assert cli.main(["eval", "--checkpoint", str(checkpoint), "--num-clips", "4",
+                         "--batch-size", "2", "--steps", "2", "--no-progress"]) == 0
+        report_path = capsys.readouterr().out.split("report: ")[1].split()[0]
+        return json.loads(open(report_path).read())
+
+    # the newest checkpoint first, then the older one: the order that reused the newer samples
+    newer = eval_cli(copy)
+    older = eval_cli(copy / "checkpoints" / "step_0000001")
+    assert (newer["step"], older["step"]) == (2, 1)
+    assert newer["shards_resumed"] == older["shards_resumed"] == 0
+    folders = sorted(p.name for p in (copy / "eval").iterdir() if p.name != "cache")
+    assert [name.split("-")[0] for name in folders] == ["step_0000001", "step_0000002"]
+    assert (copy / "eval" / "cache").is_dir()  # real statistics shared by the run's evaluations
+    assert not np.array_equal(shard_clips(copy / "eval" / folders[0] / "generated"),
+                              shard_clips(copy / "eval" / folders[1] / "generated"))
+    assert older["value"] != newer["value"]
+    for report in (older, newer):  # the report and the folder record the key
+        key = json.loads((Path(report["output"]) / "generated" / "key.json").read_text())
+        assert report["samples_key"] == key and key["step"] == report["step"]
+        assert key["seed"] == 0 and key["num_clips"] == 4 and key["batch_size"] == 2
+    # the same checkpoint and settings again: the same folder, every shard reused
+    again = eval_cli(copy / "checkpoints" / "step_0000001")
+    assert again["output"] == older["output"] and again["shards_resumed"] == 2
+    assert again["value"] == pytest.approx(older["value"], rel=1e-9)
+
+
+def test_other_settings_never_reuse_samples(run, extractor, tmp_path):
+    out = tmp_path / "e"
+    first = evaluate(run, out, settings=settings(), extractor=extractor, progress=False)
+    changes = {"cfg_scale": 3.0, "seed": 1, "steps": 3, "eta": 0.5, "batch_size": 3,
+               "num_clips": 4, "sampler": "ddpm", "weights": "model"}
+    for name, value in changes.items():
+        with pytest.raises(SamplesMismatchError, match=rf"other settings \(.*{name} "):
+            evaluate(run, out, settings=settings(**{name: value}), extractor=extractor,
+                     progress=False)
+    # another checkpoint into the same folder
+    with pytest.raises(SamplesMismatchError, match=r"step 2 -> 1.*weights_sha256"):
+        evaluate(run / "checkpoints" / "step_0000001", out, settings=settings(),
+                 extractor=extractor, progress=False)
+    # the default folders differ whenever the key does
+    base = evaluate_module.sample_key(run / "checkpoints" / "step_0000002", "ema", 2, "ddim",
+                                      2.0, settings(), 4, 8)
+    seeded = dict(base, seed=1)
+    assert default_output(run / "checkpoints" / "step_0000002", base) != \
+        default_output(run / "checkpoints" / "step_0000002", seeded)
+    # --overwrite: sampled again with the new settings
+    redone = evaluate(run, out, settings=settings(seed=1), extractor=extractor, progress=False,
+                      overwrite=True)
+    assert redone["shards_resumed"] == 0 and redone["samples_key"]["seed"] == 1
+    assert redone["value"] != first["value"]
+    # shards of an older layout, without key.json, are not trusted either
+    (out / "generated" / "key.json").unlink()
+    with pytest.raises(SamplesMismatchError, match="without a key.json"):
+        evaluate(run, out, settings=settings(seed=1), extractor=extractor, progress=False)
+
+
+def test_eval_on_a_missing_gpu_is_a_message(run, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", "--checkpoint", str(run), "--device", "cuda", "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA GPU is usable" in err and "Traceback" not in err

@@ -13,16 +13,22 @@ def add_parser(subparsers):
                     "clips: FVD with a local I3D file (--i3d), else the offline motion-net "
                     "distance (not comparable with published FVD). Writes OUTPUT/report.json "
                     "and OUTPUT/comparison.gif (real clips above, samples below). Sampled clips "
-                    "are kept in OUTPUT/generated: running again resumes.",
+                    "are kept in OUTPUT/generated with the settings that made them: running "
+                    "again with the same checkpoint and settings resumes.",
         epilog="examples:\n"
-               "  matten eval --checkpoint runs/demo --output runs/demo/eval --num-clips 256\n"
+               "  matten eval --checkpoint runs/demo --num-clips 256\n"
                "  matten eval --checkpoint runs/ucf --data /data/UCF-101 --i3d i3d_torchscript.pt "
                "--output runs/ucf/fvd",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="a run folder (its latest checkpoint) or a checkpoint folder")
     parser.add_argument("--output", "-o", default=None,
-                        help="evaluation folder (default: <checkpoint run>/eval)")
+                        help="evaluation folder (default: <run>/eval/step_XXXXXXX-<key>, one per "
+                             "checkpoint and sampling settings); a folder holding samples of "
+                             "another checkpoint or other settings is refused unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete samples in OUTPUT/generated made with another checkpoint or "
+                             "other settings and sample again")
     parser.add_argument("--data", default=None,
                         help="folder of the real videos (default: the run's data.root; not "
                              "needed for the synthetic set)")
@@ -34,13 +40,14 @@ def add_parser(subparsers):
                              "pytorch-i3d state dict")
     parser.add_argument("--cache-dir", default=None,
                         help="where real statistics and the motion net are cached "
-                             "(default: OUTPUT/cache)")
+                             "(default: OUTPUT/cache; <run>/eval/cache without --output)")
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cfg-scale", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", choices=("ema", "model"), default="ema")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
     parser.add_argument("--set", dest="set_overrides", action="append", default=[],
                         metavar="data.KEY=VALUE", help="override the real data config")
     parser.add_argument("--no-progress", action="store_true")
@@ -52,11 +59,13 @@ def run(args, parser) -> int:
     from pathlib import Path
 
     from ..config import ConfigError, apply_overrides
+    from ..devices import DeviceError, resolve_device
     from ..eval.evaluate import EvalSettings, evaluate
     from ..sampling import SamplingError
     from ..training import CheckpointError, config_from_checkpoint, resolve_checkpoint
 
     try:
+        device = resolve_device(args.device)  # before any work: a missing GPU fails at once
         folder = resolve_checkpoint(args.checkpoint)
         cfg = config_from_checkpoint(folder)
         overrides = list(args.set_overrides)
@@ -65,16 +74,17 @@ def run(args, parser) -> int:
         if args.data is not None:
             overrides.append(f"data.root={args.data}")
         data = apply_overrides(cfg, overrides).data
-        output = Path(args.output) if args.output else folder.parent.parent / "eval"
         settings = EvalSettings(num_clips=args.num_clips, batch_size=args.batch_size,
                                 sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                                 seed=args.seed, weights=args.weights)
+        output = Path(args.output) if args.output else None  # None: the default per key
         report = evaluate(folder, output, data=data, settings=settings, i3d=args.i3d,
-                          cache_dir=args.cache_dir, device=args.device,
-                          progress=not args.no_progress)
-    except (ConfigError, CheckpointError, SamplingError, FileNotFoundError, ValueError) as exc:
+                          cache_dir=args.cache_dir, device=device,
+                          progress=not args.no_progress, overwrite=args.overwrite)
+    except (ConfigError, CheckpointError, DeviceError, SamplingError, FileNotFoundError,
+            ValueError) as exc:
         parser.error(str(exc))
     print(json.dumps({k: report[k] for k in ("metric", "value", "num_clips", "step")}))
-    print(f"report: {output / 'report.json'}")
+    print(f"report: {Path(report['output']) / 'report.json'}")
     print(f"comparison: {report['comparison']}")
     return 0

@@ -4,6 +4,12 @@
     samples     --extractor-->  stats (clips kept in <output>/generated/ so a run resumes)
                  -> frechet_distance -> <output>/report.json + <output>/comparison.gif
 
+The sampled clips are keyed by everything that determines them (:func:`sample_key`: the
+checkpoint's content, weights, sampler settings, seed, clip count, batch size, clip size), stored
+in ``generated/key.json``: a folder holding clips of another key is refused (or, with
+``overwrite``, emptied), never mixed in. The default output, ``<run>/eval/step_XXXXXXX-<key>``,
+is one folder per checkpoint and settings.
+
 The extractor is I3D when a weight file is given (``i3d_torchscript.pt``: FVD as StyleGAN-V
 computes it), else the offline motion feature net (:mod:`.motion_net`), trained once on the
 synthetic set and cached: its distance is labelled ``fd-motion-net`` and is not comparable with
@@ -12,8 +18,10 @@ published FVD. Both real and generated clips are quantised to uint8 first, as de
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +32,14 @@ from tqdm.auto import tqdm
 
 from ..data import video_to_uint8, write_video
 from ..data.video_io import atomic_write_path
+from ..devices import resolve_device
+from ..training.checkpoint import (CHECKPOINTS_DIR, EMA_FILE, META_FILE, MODEL_FILE,
+                                   step_dirname)
 from .frechet import FeatureStats, FeatureStatsAccumulator, cached_stats, frechet_distance
 
 __all__ = ["EvalSettings", "evaluate", "build_extractor", "real_clips", "uint8_to_model_input",
-           "clip_features", "GeneratedClips"]
+           "clip_features", "GeneratedClips", "SamplesMismatchError", "sample_key",
+           "default_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +105,103 @@ def real_clips(dataset, num_clips: int, progress: bool = False):
         yield np.stack(batch)
 
 
+class SamplesMismatchError(ValueError):
+    """The output folder holds sampled clips made with other settings or another checkpoint."""
+
+
+SHARD_FORMAT = 1  # what a shard holds (uint8 clips and labels); bump when that changes
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sample_key(folder, weights: str, step: int, sampler: str, cfg_scale: float,
+               settings: "EvalSettings", num_frames: int, resolution: int) -> dict:
+    """Everything the sampled clips of an evaluation depend on. The checkpoint enters by content
+    (the weights file used and its ``checkpoint.json``), so a copied run keeps its samples."""
+    folder = Path(folder)
+    return {"step": int(step), "weights": weights,
+            "weights_sha256": _sha256(folder / (EMA_FILE if weights == "ema" else MODEL_FILE)),
+            "checkpoint_json_sha256": _sha256(folder / META_FILE),
+            "sampler": sampler, "steps": None if settings.steps is None else int(settings.steps),
+            "eta": float(settings.eta), "cfg_scale": float(cfg_scale), "seed": int(settings.seed),
+            "num_clips": int(settings.num_clips), "batch_size": int(settings.batch_size),
+            "num_frames": int(num_frames), "resolution": int(resolution),
+            "shard_format": SHARD_FORMAT}
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def default_output(folder, key: dict) -> Path:
+    """``<run>/eval/step_XXXXXXX-<first 8 hex digits of the key's hash>`` for the checkpoint
+    ``folder``: one evaluation folder per checkpoint and settings, side by side."""
+    folder = Path(folder)
+    run_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else folder.parent
+    return run_dir / "eval" / f"{step_dirname(key['step'])}-{key_digest(key)[:8]}"
+
+
+def _key_differences(old: dict, new: dict) -> list[str]:
+    def shown(value):
+        text = json.dumps(value)
+        return text[1:13] + "..." if len(text) > 40 else text  # a hash: its first digits
+
+    names = list(new) + [name for name in old if name not in new]
+    return [f"{name} {shown(old.get(name))} -> {shown(new.get(name))}"
+            for name in names if old.get(name) != new.get(name)]
+
+
 class GeneratedClips:
     """The sampled clips of an evaluation, one ``shard_XXXXX.npz`` per batch (uint8 clips and
-    labels), each written atomically. Shard ``i`` is a function of (seed, i) alone, so an
-    interrupted evaluation continues with the missing shards and gets the same clips."""
+    labels), each written atomically, and ``key.json``: the :func:`sample_key` they were made
+    with. Shard ``i`` is a function of (key, i) alone, so an interrupted evaluation continues
+    with the missing shards and gets the same clips."""
 
-    def __init__(self, folder, num_clips: int, batch_size: int):
+    KEY_FILE = "key.json"
+
+    def __init__(self, folder, num_clips: int, batch_size: int, key: dict | None = None):
         self.folder = Path(folder)
         self.num_clips, self.batch_size = int(num_clips), int(batch_size)
         self.num_shards = -(-self.num_clips // self.batch_size)
+        self.key = key
+
+    def claim(self, overwrite: bool = False) -> None:
+        """Make the folder this key's: keep shards made with the same key; refuse shards of
+        another key (or, with ``overwrite``, delete them); then record the key."""
+        key_path = self.folder / self.KEY_FILE
+        shards = list(self.folder.glob("shard_*.npz"))
+        if key_path.is_file():
+            try:
+                old = json.loads(key_path.read_text())
+            except (OSError, ValueError):
+                old = None
+            if old == self.key:
+                return
+            if isinstance(old, dict):
+                differences = ", ".join(_key_differences(old, self.key))
+                problem = f"samples made with other settings ({differences})"
+            else:
+                problem = f"samples with an unreadable {self.KEY_FILE}"
+        elif shards:
+            problem = f"{len(shards)} sample shard(s) without a {self.KEY_FILE} (an older layout)"
+        else:
+            problem = None
+        if problem is not None:
+            if not overwrite:
+                raise SamplesMismatchError(
+                    f"'{self.folder}' holds {problem}; pass --overwrite to sample again there, "
+                    "or choose another --output")
+            logger.warning("%s: deleting %s", self.folder, problem)
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_write_path(key_path) as tmp:
+            tmp.write_text(json.dumps(self.key, indent=2, sort_keys=True) + "\n")
 
     def path(self, shard: int) -> Path:
         return self.folder / f"shard_{shard:05d}.npz"
@@ -159,14 +259,20 @@ def _comparison(real: np.ndarray, fake: np.ndarray, path: Path, fps: int) -> Pat
     return write_video(path, tile_videos(clips, columns=k), fps=fps)
 
 
-def evaluate(checkpoint, output, data=None, settings: EvalSettings | None = None, i3d=None,
-             cache_dir=None, device=None, progress: bool = True, extractor=None) -> dict:
+def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None = None,
+             i3d=None, cache_dir=None, device=None, progress: bool = True, extractor=None,
+             overwrite: bool = False) -> dict:
     """Evaluate ``checkpoint`` into the folder ``output``; returns the report (also written to
     ``output/report.json``).
 
+    ``output`` defaults to :func:`default_output` (``<run>/eval/step_XXXXXXX-<key>``). An
+    ``output`` whose ``generated/`` holds clips sampled with another :func:`sample_key` raises
+    :class:`SamplesMismatchError` naming the differences, unless ``overwrite`` (then they are
+    deleted and sampled again).
     ``data`` is a :class:`matten.config.DataConfig` for the real clips (default: the run's own
     data config). ``i3d`` is a local I3D weight file (default: the offline motion net).
-    ``cache_dir`` holds feature statistics and the motion net (default ``output/cache``).
+    ``cache_dir`` holds feature statistics and the motion net (default ``output/cache``, or
+    ``<run>/eval/cache`` with the default ``output``, shared by the run's evaluations).
     ``extractor`` replaces the feature network (any callable with ``name``, ``cache_name``,
     ``feature_dim`` and ``comparable_to_published``).
     """
@@ -179,9 +285,7 @@ def evaluate(checkpoint, output, data=None, settings: EvalSettings | None = None
         raise ValueError("--num-clips must be >= 2 (a covariance needs two clips)")
     if settings.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    output = Path(output)
-    cache_dir = Path(cache_dir) if cache_dir is not None else output / "cache"
+    device = resolve_device(device)
     start = time.time()
 
     loaded = load_for_sampling(checkpoint, weights=settings.weights, device=device)
@@ -195,6 +299,21 @@ def evaluate(checkpoint, output, data=None, settings: EvalSettings | None = None
                          f"{run.data.resolution}px)")
     sampler = settings.sampler or run.sample.sampler
     cfg_scale = settings.cfg_scale if settings.cfg_scale is not None else run.sample.cfg_scale
+    if not loaded.num_classes:
+        cfg_scale = 1.0  # no guidance without classes: the scale changes nothing
+
+    # The sampled clips' folder, claimed for their key before any slow work.
+    key = sample_key(loaded.folder, settings.weights, loaded.step, sampler, cfg_scale, settings,
+                     loaded.num_frames, run.data.resolution)
+    if output is None:
+        output = default_output(loaded.folder, key)
+        if cache_dir is None:
+            cache_dir = output.parent / "cache"
+    output = Path(output)
+    cache_dir = Path(cache_dir) if cache_dir is not None else output / "cache"
+    store = GeneratedClips(output / "generated", settings.num_clips, settings.batch_size, key)
+    store.claim(overwrite)
+
     if extractor is None:
         extractor = build_extractor(i3d, cache_dir, data.resolution, data.num_frames, device)
     metric = "fvd" if extractor.comparable_to_published else f"fd-{extractor.name}"
@@ -219,7 +338,6 @@ def evaluate(checkpoint, output, data=None, settings: EvalSettings | None = None
     real = cached_stats(cache_dir, real_key, compute_real)
 
     # Generated clips: resumable shards, then their statistics.
-    store = GeneratedClips(output / "generated", settings.num_clips, settings.batch_size)
     acc, preview_fake, resumed = FeatureStatsAccumulator(), [], 0
     for shard in tqdm(range(store.num_shards), desc="sampling", disable=not progress,
                       unit="batch"):
@@ -249,9 +367,10 @@ def evaluate(checkpoint, output, data=None, settings: EvalSettings | None = None
         "num_clips": settings.num_clips, "num_frames": loaded.num_frames,
         "resolution": run.data.resolution, "sampler": sampler,
         "steps": settings.steps, "eta": settings.eta,
-        "cfg_scale": cfg_scale if loaded.num_classes else 1.0, "seed": settings.seed,
+        "cfg_scale": cfg_scale, "seed": settings.seed,
         "data": {"name": data.name, "root": data.root, "split": data.split},
         "shards_resumed": resumed, "shards_total": store.num_shards,
+        "output": str(output), "samples_key": key, "samples_key_hash": key_digest(key),
         "comparison": str(comparison), "seconds": round(time.time() - start, 1),
     }
     if not extractor.comparable_to_published:
