@@ -1,0 +1,89 @@
+"""Stopping long commands cleanly on Ctrl-C (SIGINT) and on ``kill`` (SIGTERM).
+
+Python turns Ctrl-C into :class:`KeyboardInterrupt`, so ``except KeyboardInterrupt`` can keep the
+work done so far. SIGTERM (what ``kill``, job schedulers and container runtimes send) kills the
+process at once instead, skipping every ``except`` and ``finally``. Within
+:func:`sigterm_as_interrupt`, SIGTERM raises :class:`Terminated`, a ``KeyboardInterrupt``, so one
+handler serves both::
+
+    with sigterm_as_interrupt():
+        try:
+            long_work()
+        except KeyboardInterrupt as stop:
+            save_what_was_done()
+            return exit_status(stop)        # 130 after Ctrl-C, 143 after SIGTERM
+
+:func:`interrupts_deferred` holds both signals back during a short step that must not be cut in
+half (muxing a frame's packets into a video file) and delivers them when it ends.
+
+Signal handlers can only be set from the main thread: in any other thread both context managers
+do nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+__all__ = ["Terminated", "sigterm_as_interrupt", "interrupts_deferred", "exit_status"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received within :func:`sigterm_as_interrupt`."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("terminated by SIGTERM")
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _restore(signum: int, handler) -> None:
+    # getsignal/signal return None for a handler not set from Python; the default is the
+    # closest thing that can be put back.
+    signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated`; the previous handler is restored
+    when the block ends. A SIGTERM that was being ignored stays ignored."""
+    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        _restore(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back within the block, then deliver them to the handlers that were
+    there before (so a Ctrl-C still raises ``KeyboardInterrupt``, only later). Keep the block
+    short: a user's Ctrl-C waits for it."""
+    if not _in_main_thread():
+        yield
+        return
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            _restore(s, handler)
+        for s in dict.fromkeys(received):  # each signal once, in the order they came
+            signal.raise_signal(s)
+
+
+def exit_status(stop: BaseException) -> int:
+    """The conventional exit status of a process stopped by ``stop``: 128 + the signal number,
+    130 for Ctrl-C (SIGINT) and 143 for SIGTERM (:class:`Terminated`)."""
+    return 128 + int(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
