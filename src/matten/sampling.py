@@ -19,8 +19,8 @@ from .training.checkpoint import (CheckpointError, load_weights, read_meta,
 
 __all__ = ["SamplingError", "LoadedModel", "load_for_sampling", "default_steps", "sample_latents",
            "sample_videos", "resolve_labels", "clip_actions", "dataset_actions", "tile_videos",
-           "upscale_frames", "save_samples", "action_names", "parse_action_schedule",
-           "parse_class_switches", "VIDEO_SUFFIXES"]
+           "upscale_frames", "save_samples", "grid_path_for", "action_names",
+           "parse_action_schedule", "parse_class_switches", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm", ".mov", ".mkv", ".avi")
 
@@ -161,19 +161,20 @@ def parse_class_switches(items, num_samples: int, num_classes: int,
             frame = -1
         if not sep or frame < 0:
             raise SamplingError(f"--class-at {item!r} must be FRAME:CLASS with FRAME >= 0")
-        switches.append((frame, resolve_labels(label, num_samples, num_classes, class_names)))
+        switches.append((frame, resolve_labels(label, num_samples, num_classes, class_names,
+                                               option="--class-at")))
     return sorted(switches, key=lambda s: s[0])
 
 
 def resolve_labels(class_arg, num_samples: int, num_classes: int,
-                   class_names=()) -> torch.Tensor | None:
+                   class_names=(), option: str = "--class") -> torch.Tensor | None:
     """Labels for ``num_samples`` samples: None for an unconditional model; for a conditional one
     ``class_arg`` (an index or a class name, or a list of them, cycled) or, when None, the classes
-    in turn."""
+    in turn. Errors name the command-line ``option`` the classes came from."""
     if num_classes <= 0:
         if class_arg not in (None, [], ()):
             raise SamplingError("this model is unconditional (trained without class labels); "
-                                "--class cannot be used")
+                                f"{option} cannot be used")
         return None
     if class_arg is None or class_arg == [] or class_arg == ():
         return torch.arange(num_samples) % num_classes
@@ -189,10 +190,10 @@ def resolve_labels(class_arg, num_samples: int, num_classes: int,
             value = int(text)
         except ValueError:
             known = f" or one of {list(class_names)}" if class_names else ""
-            raise SamplingError(f"--class {text!r} is not a class index in [0, {num_classes - 1}]"
-                                f"{known}") from None
+            raise SamplingError(f"{option} {text!r} is not a class index in "
+                                f"[0, {num_classes - 1}]{known}") from None
         if not 0 <= value < num_classes:
-            raise SamplingError(f"--class {value} is out of range: the model has {num_classes} "
+            raise SamplingError(f"{option} {value} is out of range: the model has {num_classes} "
                                 f"classes (0 to {num_classes - 1})")
         labels.append(value)
     return torch.tensor([labels[i % len(labels)] for i in range(num_samples)], dtype=torch.long)
@@ -293,15 +294,24 @@ def upscale_frames(frames: np.ndarray, min_size: int) -> np.ndarray:
     return frames
 
 
-def save_samples(videos: torch.Tensor, output, fps: int = 8, min_size: int = 128
-                 ) -> tuple[Path, Path]:
+def grid_path_for(output) -> Path:
+    """The grid image of the video ``output``, named after its whole name: ``demo.gif`` ->
+    ``demo.gif.png``, so ``demo.mp4`` written beside it gets its own ``demo.mp4.png``."""
+    output = Path(output)
+    return output.with_name(output.name + ".png")
+
+
+def save_samples(videos: torch.Tensor, output, fps: int = 8, min_size: int = 128,
+                 grid_path=None) -> tuple[Path, Path]:
     """Write ``videos`` (N, 3, F, H, W) in [-1, 1] as one video file (the samples tiled side by
-    side; format from the suffix) and a PNG grid beside it (a row per sample, a column per
-    frame). Small frames are enlarged to at least ``min_size`` pixels. Returns both paths."""
+    side; format from the suffix) and a PNG grid (a row per sample, a column per frame) at
+    ``grid_path``: by default beside it with ``.png`` for its suffix (``step_0001000.png`` for
+    the training loop's ``step_0001000.gif``; ``matten sample`` passes :func:`grid_path_for`).
+    Small frames are enlarged to at least ``min_size`` pixels. Returns both paths."""
     output = Path(output)
     if output.suffix.lower() not in VIDEO_SUFFIXES:
         raise SamplingError(f"--output '{output}' must end in one of {', '.join(VIDEO_SUFFIXES)}")
     frames = upscale_frames(video_to_uint8(videos), min_size // 2 if len(videos) > 1 else min_size)
     video_path = write_video(output, tile_videos(frames), fps=fps)
-    grid_path = save_grid_image(output.with_suffix(".png"), frames)
-    return video_path, grid_path
+    grid = save_grid_image(output.with_suffix(".png") if grid_path is None else grid_path, frames)
+    return video_path, grid
