@@ -1,11 +1,19 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from matten.data import read_video
+from matten.data.video_io import remove_stale_temp_files
 from matten.diffusion import create_diffusion
-from matten.long_video import (StreamingVideoWriter, generate_long, iter_long,
-                               write_long_video)
+from matten.interrupts import Terminated, sigterm_as_interrupt
+from matten.long_video import (LongVideoInterrupted, StreamingVideoWriter, generate_long,
+                               iter_long, write_long_video)
 from matten.models.causal import create_causal_model
 
 LATENT = (4, 4, 4)
@@ -163,7 +171,17 @@ def test_streaming_writer_failure_leaves_no_file(tmp_path):
             writer.write(frames(5))
             raise RuntimeError("boom")
     assert path.read_bytes() == before
-    assert read_video(tmp_path / "long.mp4.partial").shape[0] == 5
+    assert writer.partial_path == tmp_path / "long.partial.mp4"  # still ends in .mp4: playable
+    assert read_video(writer.partial_path).shape[0] == 5
+    assert writer.partial_path.stat().st_mode & 0o777 == 0o644
+    # A second partial video does not replace the first.
+    with pytest.raises(RuntimeError):
+        with StreamingVideoWriter(path, keep_partial=True) as writer:
+            writer.write(frames(3))
+            raise RuntimeError("boom")
+    assert writer.partial_path == tmp_path / "long.partial-2.mp4"
+    assert read_video(tmp_path / "long.partial.mp4").shape[0] == 5
+    assert read_video(writer.partial_path).shape[0] == 3
     with pytest.raises(ValueError, match="size"):
         with StreamingVideoWriter(tmp_path / "b.mp4") as writer:
             writer.write(frames(2))
@@ -171,16 +189,73 @@ def test_streaming_writer_failure_leaves_no_file(tmp_path):
     assert not (tmp_path / "b.mp4").exists()
 
 
-def test_write_long_video_end_to_end(tmp_path, model, diffusion):
-    class Pixels:  # stands in for an autoencoder: latent channels 0..2 as RGB
-        def decode(self, z):
-            return z[:, :3].tanh()
+class Pixels:  # stands in for an autoencoder: latent channels 0..2 as RGB
+    def decode(self, z):
+        return z[:, :3].tanh()
 
+
+def test_write_long_video_end_to_end(tmp_path, model, diffusion):
     path = write_long_video(model, diffusion, Pixels(), tmp_path / "v.mp4", 6, 2, LATENT,
                             batch=2, y=torch.tensor([0, 1]),
                             generator=torch.Generator().manual_seed(0))
     video = read_video(path)
     assert video.shape[0] == 6
+
+
+class KilledAtChunk(Pixels):
+    """Gets SIGTERM (as from `kill`) while decoding the chunk number ``at`` (from 1)."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def decode(self, z):
+        self.calls += 1
+        if self.calls == self.at:
+            signal.raise_signal(signal.SIGTERM)
+        return super().decode(z)
+
+
+def test_an_interrupted_long_video_keeps_the_frames_made_so_far(tmp_path, model, diffusion):
+    path = tmp_path / "v.mp4"
+    with pytest.raises(LongVideoInterrupted) as info, sigterm_as_interrupt():
+        write_long_video(model, diffusion, KilledAtChunk(3), path, 100, 2, LATENT, y=1,
+                         keep_partial=True, generator=torch.Generator().manual_seed(0))
+    stop = info.value
+    assert isinstance(stop.interrupt, Terminated)
+    assert stop.frames == 4 and stop.partial == tmp_path / "v.partial.mp4"
+    assert read_video(stop.partial).shape[0] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["v.partial.mp4"]  # no v.mp4, no temp file
+    # Without keep_partial the interrupt passes through unchanged and nothing is kept.
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        write_long_video(model, diffusion, KilledAtChunk(2), path, 100, 2, LATENT, y=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["v.partial.mp4"]
+
+
+def test_only_temp_files_that_no_running_process_writes_are_removed(tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()  # its process id is now no running process
+    names = {
+        "dead": f".v.mp4.{finished.pid}-abcd1234.tmp",
+        "this process": f".v.mp4.{os.getpid()}-abcd1234.tmp",
+        "another live process": f".v.mp4.{os.getppid()}-abcd1234.tmp",
+        "old naming, before this process": ".v.mp4.abcd1234.tmp",
+        "old naming, since": ".v.mp4.efgh5678.tmp",
+        "another file's": f".v.mp4.png.{finished.pid}-abcd1234.tmp",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"half a video")
+    long_ago = time.time() - 3600
+    os.utime(tmp_path / names["old naming, before this process"], (long_ago, long_ago))
+    removed = remove_stale_temp_files(tmp_path / "v.mp4")
+    stale = [names["dead"], names["old naming, before this process"]]
+    assert sorted(p.name for p in removed) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names.values()) - set(stale))
+    # The writer cleans up on open, and names its own file after its process.
+    (tmp_path / names["dead"]).write_bytes(b"half a video")
+    with StreamingVideoWriter(tmp_path / "v.mp4") as writer:
+        assert not (tmp_path / names["dead"]).exists()
+        assert writer._tmp.name.startswith(f".v.mp4.{os.getpid()}-")
+        writer.write(frames(2))
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0)])
@@ -275,6 +350,8 @@ def test_action_schedules_and_class_switches_from_the_command_line(tmp_path, cap
     assert [(f, y.tolist()) for f, y in switches] == [(2, [0, 0]), (6, [1, 1])]
     with pytest.raises(SamplingError, match="FRAME:CLASS"):
         parse_class_switches(["cat"], 2, 2, ["dog", "cat"])
+    with pytest.raises(SamplingError, match="--class-at 9 is out of range"):
+        parse_class_switches(["2:9"], 2, 2)
 
     # the CLI hands each chunk its class and actions, and switches class mid-stream
     import unittest.mock as mock
@@ -316,7 +393,9 @@ def test_action_schedules_and_class_switches_from_the_command_line(tmp_path, cap
                          "--actions", "right*2,left", "--no-progress"]) == 0
         assert seen == [(f, None, [a]) for f, a in zip(range(6), [2, 2, 1, 2, 2, 1])]
     assert read_video(out).shape[0] == 6
-    for bad in (["--actions", "fly"], ["--class-at", "2:1"]):
+    for bad, message in ((["--actions", "fly"], "--actions item 'fly'"),
+                         (["--class-at", "2:1"], "unconditional (trained without class labels); "
+                                                 "--class-at cannot be used")):
         with pytest.raises(SystemExit):
             cli.main(["sample", "--checkpoint", actions, "--output", out, "--frames", "4", *bad])
-        assert bad[0] in capsys.readouterr().err
+        assert message in capsys.readouterr().err.splitlines()[-1]  # the error, not the usage

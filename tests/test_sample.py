@@ -47,7 +47,7 @@ def test_ddim_eta0_sampling_is_deterministic_for_a_seed(conditional_run, tmp_pat
         assert sample_cli(conditional_run, tmp_path / f"{name}.gif", "--seed", "5",
                           "--sampler", "ddim", "--eta", "0") == 0
     assert sample_cli(conditional_run, tmp_path / "c.gif", "--seed", "6", "--sampler", "ddim") == 0
-    a, b, c = (grid(tmp_path / f"{n}.png") for n in "abc")
+    a, b, c = (grid(tmp_path / f"{n}.gif.png") for n in "abc")
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
     assert (tmp_path / "a.gif").read_bytes() == (tmp_path / "b.gif").read_bytes()
@@ -57,14 +57,37 @@ def test_sample_writes_gif_mp4_and_png(conditional_run, tmp_path, capsys):
     assert sample_cli(conditional_run, tmp_path / "s.mp4", "--sampler", "ddpm") == 0
     assert sample_cli(conditional_run, tmp_path / "s.gif") == 0
     printed = capsys.readouterr().out
-    assert "s.gif" in printed and "s.png" in printed
+    assert "s.gif" in printed and "s.gif.png" in printed
     for suffix in (".gif", ".mp4"):
         frames = read_video(tmp_path / f"s{suffix}")
         assert frames.shape[0] == 4 and frames.shape[-1] == 3  # 4 frames, samples tiled
-    image = grid(tmp_path / "s.png")
+    image = grid(tmp_path / "s.gif.png")
     # 3 rows (samples) x 4 columns (frames) of enlarged 8x8 frames with 2-pixel padding
     cell = (image.shape[1] - 2) // 4 - 2
     assert image.shape[0] == 2 + 3 * (cell + 2) and cell >= 8
+    # Each video keeps its own grid: the GIF's (DDIM) did not replace the MP4's (DDPM).
+    assert not np.array_equal(grid(tmp_path / "s.mp4.png"), image)
+
+
+def test_num_samples_defaults_to_the_run_config(conditional_run, tmp_path, capsys):
+    assert cli.main(["sample", "--checkpoint", str(conditional_run), "--output",
+                     str(tmp_path / "d.gif"), "--no-progress", "--steps", "2"]) == 0
+    assert capsys.readouterr().out.startswith("2 samples from")  # TINY: sample.num_samples=2
+    assert read_video(tmp_path / "d.gif").shape[0] == 4
+    image = grid(tmp_path / "d.gif.png")
+    cell = (image.shape[1] - 2) // 4 - 2
+    assert image.shape[0] == 2 + 2 * (cell + 2)  # a row per sample
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(conditional_run, tmp_path, capsys,
+                                                       monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in (("cuda", "--device cuda: no CUDA GPU is usable"),
+                            ("gpu0", "--device 'gpu0' is not a device name")):
+        with pytest.raises(SystemExit) as info:
+            sample_cli(conditional_run, tmp_path / "o.gif", "--device", device)
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_checkpoint_paths_and_weights(conditional_run):
@@ -121,6 +144,8 @@ def test_bad_input_is_a_clear_error(conditional_run, tmp_path, capsys):
         (["--output", str(tmp_path / "x.jpg")], "must end in one of"),
         (["--eta", "2"], "--eta must be in [0, 1]"),
         (["--steps", "0"], "--steps must be in [1, 1000]"),
+        (["--fps", "0"], "--fps must be >= 1 (frames per second), got 0"),
+        (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
     ]
     for extra, message in cases:
         args = ["sample", "--checkpoint", str(conditional_run), "--output",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,12 @@ import torch
 from torch import Tensor
 
 from .data.video_io import (CONTAINERS, as_uint8_frames, encode_frames, flush_stream,
-                            open_video_stream, pad_even, write_gif)
+                            open_video_stream, pad_even, remove_stale_temp_files,
+                            temp_file_beside, write_gif)
+from .interrupts import interrupts_deferred
 
 __all__ = ["LongVideoChunk", "iter_long", "generate_long", "StreamingVideoWriter",
-           "write_long_video"]
+           "write_long_video", "LongVideoInterrupted", "partial_video_path"]
 
 Labels = Tensor | int | Callable[[int], "Tensor | int"] | None
 Actions = Tensor | Callable[[int], Tensor] | None
@@ -196,16 +197,30 @@ def generate_long(model, diffusion, num_frames: int, chunk_size: int, latent_sha
     return total
 
 
+def partial_video_path(path) -> Path:
+    """Where the unfinished part of ``path`` is kept: ``out.mp4`` -> ``out.partial.mp4`` (the
+    suffix stays last so players open it), or ``out.partial-2.mp4``, ``-3``, ... when that name
+    is taken: a partial video never replaces an existing file."""
+    path = Path(path)
+    candidate = path.with_name(f"{path.stem}.partial{path.suffix}")
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}.partial-{n}{path.suffix}")
+    return candidate
+
+
 class StreamingVideoWriter:
     """Append frames to a video file as they are produced, atomically.
 
     Frames go to a hidden temporary file next to ``path``, renamed into place on a clean close,
-    so ``path`` never holds a half-written video. On an exception inside the ``with`` block the
-    temporary file is deleted, unless ``keep_partial`` is set: then the frames written so far are
-    finalized into ``<path>.partial`` (useful when a long generation dies late). Encoding matches
-    :func:`matten.data.write_video` (H.264 or MPEG-4 for .mp4/.mov/.mkv/.avi, VP9 for .webm,
-    yuv420p, odd sizes padded to even). ``.gif`` is supported by buffering every frame in memory
-    until close, so use it for short videos only.
+    so ``path`` never holds a half-written video. On an exception (Ctrl-C included) inside the
+    ``with`` block the temporary file is deleted, unless ``keep_partial`` is set: then the frames
+    written so far are finished into a playable :func:`partial_video_path` (``out.partial.mp4``),
+    named in :attr:`partial_path`. Temporary files that killed writers of ``path`` left are
+    removed on open. Encoding matches :func:`matten.data.write_video` (H.264 or MPEG-4 for
+    .mp4/.mov/.mkv/.avi, VP9 for .webm, yuv420p, odd sizes padded to even). ``.gif`` is supported
+    by buffering every frame in memory until close, so use it for short videos only.
     """
 
     def __init__(self, path, fps: float = 8, crf: int = 18, keep_partial: bool = False):
@@ -219,6 +234,7 @@ class StreamingVideoWriter:
             raise ValueError(f"fps must be positive, got {fps}")
         self.fps, self.crf, self.keep_partial = fps, int(crf), keep_partial
         self.frames_written = 0
+        self.partial_path: Path | None = None  # set when an abort kept the frames written
         self._tmp: Path | None = None
         self._container = self._stream = None
         self._size: tuple[int, int] | None = None
@@ -241,10 +257,8 @@ class StreamingVideoWriter:
         if self._tmp is not None:
             raise RuntimeError(f"'{self.path}' is already open")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
-                                   dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        remove_stale_temp_files(self.path)
+        self._tmp = temp_file_beside(self.path)
 
     # ------------------------------------------------------------------ writing
 
@@ -258,11 +272,14 @@ class StreamingVideoWriter:
             self._size = size
         elif size != self._size:
             raise ValueError(f"frames of size {size} differ from the first frames' {self._size}")
-        if self.suffix == ".gif":
-            self._gif.extend(frames)
-        else:
-            self._encode(pad_even(frames))
-        self.frames_written += len(frames)
+        # A Ctrl-C between encoding a frame and muxing its packets would leave a hole in the
+        # video that a partial file could not be played past: it lands once they are counted.
+        with interrupts_deferred():
+            if self.suffix == ".gif":
+                self._gif.extend(frames)
+            else:
+                self._encode(pad_even(frames))
+            self.frames_written += len(frames)
 
     def _encode(self, frames: np.ndarray) -> None:
         if self._container is None:
@@ -308,17 +325,24 @@ class StreamingVideoWriter:
         return self.path
 
     def abort(self) -> None:
-        """Drop the temporary file (or keep what was written as ``<path>.partial``)."""
+        """Drop the temporary file, or with ``keep_partial`` finish the frames written so far
+        into :func:`partial_video_path` (then named in :attr:`partial_path`)."""
         if self._tmp is None:
             return
         tmp, self._tmp = self._tmp, None
         if self.keep_partial and self.frames_written:
             try:
                 self._finish()
-                os.replace(tmp, self.path.with_name(self.path.name + ".partial"))
+                target = partial_video_path(self.path)
+                os.chmod(tmp, 0o644)  # like every other output, not mkstemp's 0600
+                os.replace(tmp, target)
+                self.partial_path = target
                 return
             except Exception:
-                pass
+                pass  # the error that stopped the writing matters more than the partial file
+            except BaseException:  # a second Ctrl-C while finishing: stop at once
+                self._discard(tmp)
+                raise
         self._discard(tmp)
 
     def _discard(self, tmp: Path) -> None:
@@ -331,20 +355,43 @@ class StreamingVideoWriter:
             tmp.unlink()
 
 
+class LongVideoInterrupted(KeyboardInterrupt):
+    """:func:`write_long_video` with ``keep_partial`` stopped by Ctrl-C (or SIGTERM within
+    :func:`matten.interrupts.sigterm_as_interrupt`): ``partial`` is the playable video of the
+    ``frames`` frames finished so far (None when no frame was), ``interrupt`` the original
+    ``KeyboardInterrupt``."""
+
+    def __init__(self, partial: Path | None, frames: int, interrupt: KeyboardInterrupt):
+        super().__init__(f"interrupted after {frames} frames")
+        self.partial, self.frames, self.interrupt = partial, frames, interrupt
+
+
 def write_long_video(model, diffusion, autoencoder, path, num_frames: int, chunk_size: int,
                      latent_shape, *, fps: float = 8, keep_partial: bool = False,
                      min_size: int = 0, **kwargs) -> Path:
     """Generate a long video and write it while generating: each chunk is decoded by
     ``autoencoder`` and appended to ``path`` (a batch is tiled side by side), so neither latents
     nor pixels accumulate. Frames smaller than ``min_size`` pixels are enlarged (nearest
-    neighbour) so they can be seen. Keyword arguments as for :func:`iter_long`."""
+    neighbour) so they can be seen. Keyword arguments as for :func:`iter_long`.
+
+    With ``keep_partial`` an interrupted generation keeps the frames finished so far in
+    :func:`partial_video_path` (``path`` itself is not touched) and raises
+    :class:`LongVideoInterrupted`, which says where they are.
+    """
     from .data import video_to_uint8
     from .sampling import upscale_frames, tile_videos
 
-    with StreamingVideoWriter(path, fps=fps, keep_partial=keep_partial) as writer:
-        for chunk in iter_long(model, diffusion, num_frames, chunk_size, latent_shape, **kwargs):
-            with torch.no_grad():
-                pixels = autoencoder.decode(chunk.frames).clamp(-1, 1)
-            frames = upscale_frames(video_to_uint8(pixels), min_size)  # (B, k, H, W, 3)
-            writer.write(frames[0] if len(frames) == 1 else tile_videos(frames))
+    writer = StreamingVideoWriter(path, fps=fps, keep_partial=keep_partial)
+    try:
+        with writer:
+            for chunk in iter_long(model, diffusion, num_frames, chunk_size, latent_shape,
+                                   **kwargs):
+                with torch.no_grad():
+                    pixels = autoencoder.decode(chunk.frames).clamp(-1, 1)
+                frames = upscale_frames(video_to_uint8(pixels), min_size)  # (B, k, H, W, 3)
+                writer.write(frames[0] if len(frames) == 1 else tile_videos(frames))
+    except KeyboardInterrupt as stop:
+        if not keep_partial:
+            raise
+        raise LongVideoInterrupted(writer.partial_path, writer.frames_written, stop) from stop
     return Path(path)

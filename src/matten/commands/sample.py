@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +12,9 @@ def add_parser(subparsers):
     parser = subparsers.add_parser(
         "sample", help="sample videos from a trained checkpoint",
         description="Sample videos from a checkpoint (EMA weights by default). Writes OUTPUT "
-                    "(the samples side by side) and a PNG grid beside it (a row per sample).",
+                    "(the samples side by side) and OUTPUT.png beside it, a grid with a row per "
+                    "sample (demo.gif -> demo.gif.png). With --frames, Ctrl-C keeps the frames "
+                    "made so far in a partial video (long.mp4 -> long.partial.mp4).",
         epilog="examples:\n"
                "  matten sample --checkpoint runs/demo --output demo.gif\n"
                "  matten sample --checkpoint runs/ucf/checkpoints/step_0150000 --output ucf.mp4 "
@@ -21,7 +24,8 @@ def add_parser(subparsers):
                         help="a run folder (its latest checkpoint) or a checkpoint folder")
     parser.add_argument("--output", "-o", required=True,
                         help="video file: .gif, .mp4, .webm, .mov, .mkv or .avi")
-    parser.add_argument("--num-samples", "-n", type=int, default=8)
+    parser.add_argument("--num-samples", "-n", type=int, default=None,
+                        help="default: the run's config (sample.num_samples)")
     parser.add_argument("--class", dest="classes", action="append", default=None,
                         metavar="CLASS", help="class index or name for a class-conditional model "
                                               "(repeat to cycle several); default: all in turn")
@@ -61,22 +65,27 @@ def add_parser(subparsers):
 def run(args, parser) -> int:
     import torch
 
-    from ..sampling import (VIDEO_SUFFIXES, SamplingError, load_for_sampling, resolve_labels,
-                            sample_videos, save_samples)
+    from ..devices import DeviceError, resolve_device
+    from ..sampling import (VIDEO_SUFFIXES, SamplingError, grid_path_for, load_for_sampling,
+                            resolve_labels, sample_videos, save_samples)
     from ..training import CheckpointError
 
     try:
         if Path(args.output).suffix.lower() not in VIDEO_SUFFIXES:
             raise SamplingError(f"--output '{args.output}' must end in one of "
                                 f"{', '.join(VIDEO_SUFFIXES)}")
-        if args.num_samples < 1:
-            raise SamplingError("--num-samples must be >= 1")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.num_samples is not None and args.num_samples < 1:
+            raise SamplingError(f"--num-samples must be >= 1, got {args.num_samples}")
+        if args.fps is not None and args.fps < 1:
+            raise SamplingError(f"--fps must be >= 1 (frames per second), got {args.fps}")
+        device = resolve_device(args.device)
         loaded = load_for_sampling(args.checkpoint, weights=args.weights, device=device,
                                    vae_path=args.vae)
+        sample_cfg = loaded.meta.get("run_config", {}).get("sample", {})
+        if args.num_samples is None:  # the run's own setting (the long paths read args too)
+            args.num_samples = int(sample_cfg.get("num_samples", 8))
         labels = resolve_labels(args.classes, args.num_samples, loaded.num_classes,
                                 loaded.class_names)
-        sample_cfg = loaded.meta.get("run_config", {}).get("sample", {})
         sampler = args.sampler or sample_cfg.get("sampler", "ddim")
         cfg_scale = args.cfg_scale
         if cfg_scale is None:
@@ -97,8 +106,10 @@ def run(args, parser) -> int:
             prediction=loaded.prediction, actions=actions,
             device=device, progress=not args.no_progress)
         fps = args.fps or int(sample_cfg.get("fps", 8))
-        video_path, grid_path = save_samples(videos, args.output, fps=fps)
-    except (SamplingError, CheckpointError, FileNotFoundError) as exc:
+        grid_path = grid_path_for(args.output)
+        clean_stale_temp_files(args.output, grid_path)
+        video_path, grid_path = save_samples(videos, args.output, fps=fps, grid_path=grid_path)
+    except (SamplingError, CheckpointError, DeviceError, FileNotFoundError) as exc:
         parser.error(str(exc))
     what = "" if labels is None else f", classes {labels.tolist()}"
     print(f"{args.num_samples} samples from {loaded.folder} (step {loaded.step}, {args.weights} "
@@ -113,7 +124,8 @@ def run_long(args, parser, loaded, labels, device, sampler: str, sample_cfg: dic
     import time
 
     from ..diffusion import create_diffusion
-    from ..long_video import write_long_video
+    from ..interrupts import exit_status, sigterm_as_interrupt
+    from ..long_video import LongVideoInterrupted, write_long_video
     from ..models import CausalVideoBackbone
     from ..sampling import SamplingError, default_steps, parse_class_switches
 
@@ -132,30 +144,50 @@ def run_long(args, parser, loaded, labels, device, sampler: str, sample_cfg: dic
     except SamplingError as exc:
         parser.error(str(exc))
     y = labels
-    if switches:
-        if labels is None:
-            parser.error("--class-at needs a class-conditional model")
-
+    if switches:  # (parse_class_switches refused them for an unconditional model)
         def y(frame: int):  # the labels of the last switch at or before this frame
             return next((lab for at, lab in reversed(switches) if at <= frame), labels)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else 1.0
     h, w = loaded.latent_size
+    clean_stale_temp_files(args.output)
     start = time.time()
     try:
-        path = write_long_video(
-            loaded.model, diffusion, loaded.autoencoder, args.output, args.frames,
-            args.chunk_size, (loaded.autoencoder.latent_channels, h, w), batch=args.num_samples,
-            y=y, actions=actions, sampler=sampler, eta=args.eta, cfg_scale=cfg_scale,
-            clip_denoised=loaded.autoencoder.kind == "pixel",
-            generator=torch_generator(args.seed), device=device,
-            fps=args.fps or int(sample_cfg.get("fps", 8)), min_size=128,
-            progress=not args.no_progress)
+        # Ctrl-C, or SIGTERM (kill, a job scheduler), keeps the frames made so far.
+        with sigterm_as_interrupt():
+            path = write_long_video(
+                loaded.model, diffusion, loaded.autoencoder, args.output, args.frames,
+                args.chunk_size, (loaded.autoencoder.latent_channels, h, w),
+                batch=args.num_samples, y=y, actions=actions, sampler=sampler, eta=args.eta,
+                cfg_scale=cfg_scale, clip_denoised=loaded.autoencoder.kind == "pixel",
+                generator=torch_generator(args.seed), device=device,
+                fps=args.fps or int(sample_cfg.get("fps", 8)), min_size=128,
+                keep_partial=True, progress=not args.no_progress)
+    except LongVideoInterrupted as stop:
+        if stop.partial is None:
+            print("interrupted before any frame could be kept: nothing was written",
+                  file=sys.stderr)
+        else:
+            print(f"interrupted: the {stop.frames} frames generated so far (of {args.frames}) "
+                  f"are in '{stop.partial}', a partial video; '{args.output}' was not written",
+                  file=sys.stderr)
+        return exit_status(stop.interrupt)
     except (SamplingError, ValueError) as exc:
         parser.error(str(exc))
     print(f"{args.frames} frames x {args.num_samples} from {loaded.folder} (step {loaded.step}) "
           f"in {time.time() - start:.1f}s, chunks of {args.chunk_size}")
     print(f"video: {path}")
     return 0
+
+
+def clean_stale_temp_files(*outputs) -> None:
+    """Delete the temporary files that killed earlier runs left beside ``outputs``, saying so."""
+    from ..data.video_io import remove_stale_temp_files as remove
+
+    for output in outputs:
+        removed = remove(output)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) that an earlier, killed run left "
+                  f"beside '{output}'", file=sys.stderr)
 
 
 def frame_actions(args, loaded):
