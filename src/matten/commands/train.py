@@ -132,9 +132,12 @@ def run(args, parser) -> int:
 
 
 def _last_checkpoint_words(output) -> str:
-    from ..training import latest_checkpoint
+    from ..training import CheckpointError, latest_checkpoint
 
-    found = latest_checkpoint(output) if output else None
+    try:
+        found = latest_checkpoint(output) if output else None
+    except CheckpointError as exc:
+        return str(exc)
     if found is None:
         return "no checkpoint was written"
     return f"the last checkpoint is {found}; continue with: matten train --output {output} --resume"

@@ -420,6 +420,7 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
 
         nonlocal saved_step
         saved_step = step
+        failed = None
         states = gather_object([capture_rng()]) if world > 1 else [capture_rng()]
         if main:
             state = {"step": step, "optimizer": optimizer.state_dict(), "rng": states,
@@ -427,10 +428,18 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
                      "world_size": world}
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()
-            result.checkpoint = save_checkpoint(output, step, raw_model.state_dict(),
-                                                ema.state_dict(), state, {**meta},
-                                                keep_last=t_cfg.keep_last)
-        _barrier(accelerator)
+            try:
+                result.checkpoint = save_checkpoint(output, step, raw_model.state_dict(),
+                                                    ema.state_dict(), state, {**meta},
+                                                    keep_last=t_cfg.keep_last)
+            except CheckpointError as exc:
+                failed = exc
+        # Every process learns whether the write failed (so none waits for a main process
+        # that has stopped); the main process raises the error that says what is kept.
+        if _any_process(failed is not None, accelerator) and failed is None:
+            raise SetupError(f"the main process could not write checkpoint {step_dirname(step)}")
+        if failed is not None:
+            raise failed
 
     def write_samples(step: int) -> None:
         if main:
@@ -516,7 +525,7 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     # Ctrl-C or SIGTERM: finish the step, write a checkpoint, return (see GracefulStop).
     with GracefulStop() as stop:
         while step < t_cfg.max_steps:
-            if _stop_agreed(stop, accelerator):
+            if _any_process(stop.requested is not None, accelerator):
                 result.stopped_by = stop.requested or "a signal to another process"
                 if step != saved_step:
                     write_curve()
@@ -546,18 +555,19 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     write_curve()
     result.step = step
     if result.checkpoint is None and main:
-        result.checkpoint = latest_checkpoint(output)
+        with contextlib.suppress(CheckpointError):  # e.g. a newer, incomplete checkpoint
+            result.checkpoint = latest_checkpoint(output)
     _barrier(accelerator)
     return result
 
 
-def _stop_agreed(stop: GracefulStop, accelerator) -> bool:
-    """Whether any process was asked to stop: all of them must stop at the same step."""
-    requested = stop.requested is not None
+def _any_process(flag: bool, accelerator) -> bool:
+    """Whether ``flag`` is set on any process (all of them wait for this answer, so they take
+    the same branch: stop at the same step, fail at the same checkpoint)."""
     if accelerator.num_processes == 1:
-        return requested
-    flag = torch.tensor([float(requested)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return flag
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
 def config_from_checkpoint(path) -> RunConfig:
