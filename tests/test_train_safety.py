@@ -21,7 +21,7 @@ from matten.config import load_config
 from matten.data import write_video
 from matten.training import SetupError, latest_checkpoint, load_checkpoint_files, train
 from matten.training import loop as loop_module
-from matten.training.stopping import GracefulStop
+from matten.interrupts import GracefulStop
 
 TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
         "data.resolution=8", "data.num_frames=4", "data.num_videos=32",

@@ -16,6 +16,10 @@ handler serves both::
 :func:`interrupts_deferred` holds both signals back during a short step that must not be cut in
 half (muxing a frame's packets into a video file) and delivers them when it ends.
 
+:class:`GracefulStop` is for loops whose step is worth finishing (a training step): the first
+signal only sets ``stop.requested``, so the loop can finish the step, save and return; a second
+one raises :class:`KeyboardInterrupt` at once, for a user who does not want to wait.
+
 Signal handlers can only be set from the main thread: in any other thread both context managers
 do nothing.
 """
@@ -27,7 +31,10 @@ import signal
 import threading
 from collections.abc import Iterator
 
-__all__ = ["Terminated", "sigterm_as_interrupt", "interrupts_deferred", "exit_status"]
+import sys
+
+__all__ = ["Terminated", "sigterm_as_interrupt", "interrupts_deferred", "exit_status",
+           "GracefulStop"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -87,3 +94,38 @@ def exit_status(stop: BaseException) -> int:
     """The conventional exit status of a process stopped by ``stop``: 128 + the signal number,
     130 for Ctrl-C (SIGINT) and 143 for SIGTERM (:class:`Terminated`)."""
     return 128 + int(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
+class GracefulStop:
+    """Within ``with GracefulStop() as stop:`` the first SIGINT or SIGTERM sets
+    ``stop.requested`` to the signal's name (and says on stderr what happens next); a second one
+    restores the previous handlers and raises :class:`KeyboardInterrupt`."""
+
+    def __init__(self, message: str = "finishing this step and writing a checkpoint; press "
+                                      "Ctrl-C again to stop at once"):
+        self.message = message
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._restore_all()
+        return False
+
+    def _restore_all(self) -> None:
+        for sig, handler in self._previous.items():
+            _restore(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:  # the second signal: stop now
+            self._restore_all()
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        sys.stderr.write(f"\n{self.requested}: {self.message}\n")
+        sys.stderr.flush()

@@ -118,7 +118,7 @@ def run(args, parser) -> int:
     if result.stopped_by is not None:
         print(f"stopped by {result.stopped_by} at step {result.step}: checkpoint "
               f"{result.checkpoint}; continue with: {resume}")
-        return 130
+        return 143 if result.stopped_by == "SIGTERM" else 130  # 128 + the signal's number
     if result.nothing_to_do:
         print(f"nothing left to train: {result.output} is at step {result.step} "
               f"(train.max_steps); add --max-steps N to train longer")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, RunConfig, config_differences, config_from_dict, \
     config_to_dict, resolve_mixed_precision
 from ..diffusion import create_diffusion, forcing_timesteps
+from ..interrupts import GracefulStop
 from ..latent import build_autoencoder
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                          load_checkpoint_files, read_meta, resolve_checkpoint,
@@ -35,7 +36,6 @@ from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
 from .data import StreamSampler, build_loader, build_train_dataset
 from .ema import create_ema, ema_decay_at, update_ema
 from .plots import plot_loss_curve
-from .stopping import GracefulStop
 
 __all__ = ["train", "TrainResult", "SetupError", "capture_rng", "restore_rng",
            "config_from_checkpoint"]
