@@ -285,3 +285,14 @@ def test_flops_command_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ctrl_c_in_any_command_is_a_message_and_status_130(monkeypatch, capsys):
+    from matten.commands import flops
+
+    def interrupted(args, parser):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flops, "run", interrupted)
+    assert cli.main(["flops"]) == 130
+    assert "matten flops: interrupted" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from . import __version__
+from .interrupts import exit_status
 
 COMMANDS = ["train", "sample", "eval", "flops"]
 
@@ -29,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.run(args) or 0
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt as stop:  # Ctrl-C in a command without its own handling
+        print(f"\nmatten {args.command}: interrupted (outputs are written whole or not at all: "
+              "nothing half-written is left)", file=sys.stderr)
+        return exit_status(stop)
 
 
 if __name__ == "__main__":
