@@ -11,10 +11,10 @@ import torch
 from safetensors import SafetensorError
 
 from matten import cli
-from matten.training import checkpoint as ckpt_module
-from matten.training.checkpoint import (FILES, CheckpointError, CheckpointWriteError,
-                                        latest_checkpoint, list_checkpoints, resolve_checkpoint,
-                                        save_checkpoint)
+from matten.checkpoint import files as ckpt_module
+from matten.checkpoint.files import (FILES, CheckpointError, CheckpointWriteError,
+                                     latest_checkpoint, list_checkpoints, resolve_checkpoint,
+                                     save_checkpoint)
 
 
 def save(run_dir, step, **kw):

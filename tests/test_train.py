@@ -20,7 +20,7 @@ from matten.config import (ConfigError, RunConfig, apply_overrides, config_from_
                            resolve_mixed_precision)
 from matten.training import (SetupError, create_ema, ema_decay_at, latest_checkpoint,
                              list_checkpoints, load_checkpoint_files, train, update_ema)
-from matten.training import checkpoint as ckpt_module
+from matten.checkpoint import files as ckpt_module
 from matten.training.data import StreamSampler
 
 TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",

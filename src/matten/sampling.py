@@ -14,7 +14,7 @@ from torch import nn
 from .data import save_grid_image, video_to_uint8, write_video
 from .diffusion import classifier_free_guidance, create_diffusion
 from .latent import Autoencoder, PixelAutoencoder, build_autoencoder
-from .training.checkpoint import (CheckpointError, load_weights, read_meta,
+from .checkpoint import (CheckpointError, load_weights, read_meta,
                                   resolve_checkpoint)
 
 __all__ = ["SamplingError", "LoadedModel", "load_for_sampling", "default_steps", "sample_latents",

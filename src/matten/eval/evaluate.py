@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 from ..data import video_to_uint8, write_video
 from ..data.video_io import atomic_write_path
 from ..devices import resolve_device
-from ..training.checkpoint import (CHECKPOINTS_DIR, EMA_FILE, META_FILE, MODEL_FILE,
-                                   step_dirname)
+from ..checkpoint import CHECKPOINTS_DIR, EMA_FILE, META_FILE, MODEL_FILE, step_dirname
 from .frechet import FeatureStats, FeatureStatsAccumulator, cached_stats, frechet_distance
 
 __all__ = ["EvalSettings", "evaluate", "build_extractor", "real_clips", "uint8_to_model_input",

@@ -30,7 +30,7 @@ from ..config import ConfigError, RunConfig, config_differences, config_from_dic
 from ..diffusion import create_diffusion, forcing_timesteps
 from ..interrupts import GracefulStop
 from ..latent import build_autoencoder
-from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
+from ..checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                          load_checkpoint_files, read_meta, resolve_checkpoint,
                          save_checkpoint, step_dirname)
 from .data import StreamSampler, build_loader, build_train_dataset
