@@ -5,8 +5,12 @@ Each (batch, channel) pair owns an N-vector state that stays in cache, so the di
 one channel into private (L, N) buffers (states and decays) and then walks back through time; peak
 extra memory is threads x 2 x L x N values, not batch x dim x L x N. Channels are split across
 threads with ``prange``; the gradients of B and C, which sum over channels, go to one partial
-buffer per thread and are summed afterwards. B and C are passed as (batch, L, N) so that the inner
-loop over the N states reads contiguous memory.
+buffer per thread and are summed afterwards (extra memory: threads x the size of B and C).
+
+B and C come in any of ``mamba_ssm``'s layouts (:mod:`matten.ssm.layouts`) and reach the kernels
+time-major, as (batch or 1, G, L or 1, N), so that the inner loop over the N states reads
+contiguous memory. A size-1 batch or time axis is read at index 0 (its step is 0), and channel d
+reads group d // (dim // G): one kernel serves the variable, grouped and constant layouts.
 
 Most of the time goes into exp(delta * A): L x dim x N of them. In float32 they use
 :func:`decay`, an exp that LLVM can vectorise over the N states (libm's expf cannot be); float64
@@ -22,6 +26,8 @@ import numpy as np
 import torch
 from numba import types
 from numba.extending import overload
+
+from . import layouts
 
 # Reassociation and contraction (FMA) help vectorise the loops over N; no-NaN/no-inf
 # assumptions are left out so that bad values still propagate.
@@ -57,9 +63,14 @@ def _decay_impl(x):
 def _scan_forward(u, delta, A, Bt, Ct, h0, y, h_last):
     batch, dim, length = u.shape
     nstate = A.shape[1]
+    # Index steps that are 0 along a broadcast (size-1) batch or time axis of B and C.
+    bB, tB, bC, tC = Bt.shape[0] > 1, Bt.shape[2] > 1, Ct.shape[0] > 1, Ct.shape[2] > 1
+    per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     for bd in numba.prange(batch * dim):
         b = bd // dim
         d = bd % dim
+        B_bd = Bt[b * bB, d // per_gB]  # (L or 1, N): this channel's B
+        C_bd = Ct[b * bC, d // per_gC]
         h = h0[b, d].copy()
         decays = np.empty(nstate, dtype=u.dtype)
         a = A[d]
@@ -70,8 +81,8 @@ def _scan_forward(u, delta, A, Bt, Ct, h0, y, h_last):
                 decays[n] = decay(dt * a[n])
             acc = u.dtype.type(0.0)
             for n in range(nstate):
-                h[n] = decays[n] * h[n] + dtu * Bt[b, t, n]
-                acc += h[n] * Ct[b, t, n]
+                h[n] = decays[n] * h[n] + dtu * B_bd[t * tB, n]
+                acc += h[n] * C_bd[t * tC, n]
             y[b, d, t] = acc
         h_last[b, d] = h
 
@@ -80,6 +91,8 @@ def _scan_forward(u, delta, A, Bt, Ct, h0, y, h_last):
 def _scan_backward(u, delta, A, Bt, Ct, h0, dy, dh_last, du, ddelta, dA_part, dB_part, dC_part, dh0):
     batch, dim, length = u.shape
     nstate = A.shape[1]
+    bB, tB, bC, tC = Bt.shape[0] > 1, Bt.shape[2] > 1, Ct.shape[0] > 1, Ct.shape[2] > 1
+    per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     groups = dB_part.shape[0]
     total = batch * dim
     per_group = (total + groups - 1) // groups
@@ -91,6 +104,8 @@ def _scan_backward(u, delta, A, Bt, Ct, h0, dy, dh_last, du, ddelta, dA_part, dB
         for bd in range(g * per_group, min(total, (g + 1) * per_group)):
             b = bd // dim
             d = bd % dim
+            B_bd, dB_bd = Bt[b * bB, d // per_gB], dB_part[g, b * bB, d // per_gB]
+            C_bd, dC_bd = Ct[b * bC, d // per_gC], dC_part[g, b * bC, d // per_gC]
             a = A[d]
             states[0] = h0[b, d]
             for t in range(length):
@@ -99,7 +114,7 @@ def _scan_backward(u, delta, A, Bt, Ct, h0, dy, dh_last, du, ddelta, dA_part, dB
                 for n in range(nstate):
                     decays[t, n] = decay(dt * a[n])
                 for n in range(nstate):
-                    states[t + 1, n] = decays[t, n] * states[t, n] + dtu * Bt[b, t, n]
+                    states[t + 1, n] = decays[t, n] * states[t, n] + dtu * B_bd[t * tB, n]
             # Backward through time; gh holds dLoss/dh_t.
             gh[:] = dh_last[b, d]
             for t in range(length - 1, -1, -1):
@@ -109,10 +124,10 @@ def _scan_backward(u, delta, A, Bt, Ct, h0, dy, dh_last, du, ddelta, dA_part, dB
                 gu = u.dtype.type(0.0)
                 gdt = u.dtype.type(0.0)
                 for n in range(nstate):
-                    dC_part[g, b, t, n] += g_y * states[t + 1, n]
-                    gh[n] += g_y * Ct[b, t, n]
-                    gu += gh[n] * Bt[b, t, n]
-                    dB_part[g, b, t, n] += gh[n] * dt * ut
+                    dC_bd[t * tC, n] += g_y * states[t + 1, n]
+                    gh[n] += g_y * C_bd[t * tC, n]
+                    gu += gh[n] * B_bd[t * tB, n]
+                    dB_bd[t * tB, n] += gh[n] * dt * ut
                     g_decay = gh[n] * states[t, n] * decays[t, n]
                     gdt += g_decay * a[n]
                     dA_part[b, d, n] += g_decay * dt
@@ -126,9 +141,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def _time_major(t: torch.Tensor) -> np.ndarray:
-    """(batch, N, L) -> contiguous (batch, L, N)."""
-    return _np(t.transpose(1, 2))
+def _time_major(X: torch.Tensor) -> np.ndarray:
+    """B or C in any layout -> contiguous (batch or 1, G, L or 1, N)."""
+    return _np(layouts.as_grouped(X).transpose(2, 3))
 
 
 def scan_forward(u, delta, A, B, C, h0):
@@ -140,6 +155,17 @@ def scan_forward(u, delta, A, B, C, h0):
     return y, h_last
 
 
+def _partials(X, groups, dtype):
+    """One zeroed time-major gradient buffer of B or C per thread group."""
+    X4 = layouts.as_grouped(X)
+    return torch.zeros(groups, X4.shape[0], X4.shape[1], X4.shape[3], X4.shape[2], dtype=dtype)
+
+
+def _summed(part, like):
+    """Sum of the per-thread partials, back in the layout of ``like``."""
+    return part.sum(0).transpose(2, 3).reshape(like.shape)
+
+
 def scan_backward(u, delta, A, B, C, h0, dy, dh_last):
     """Gradients of the bare recurrence with respect to u, delta, A, B, C and the initial state."""
     batch, dim, length = u.shape
@@ -147,12 +173,9 @@ def scan_backward(u, delta, A, B, C, h0, dy, dh_last):
     groups = max(1, min(numba.get_num_threads(), batch * dim))
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
     dA_part = torch.zeros(batch, dim, nstate, dtype=u.dtype)
-    dB_part = torch.zeros(groups, batch, length, nstate, dtype=u.dtype)
-    dC_part = torch.zeros_like(dB_part)
+    dB_part, dC_part = _partials(B, groups, u.dtype), _partials(C, groups, u.dtype)
     dh0 = torch.empty_like(h0)
     _scan_backward(_np(u), _np(delta), _np(A), _time_major(B), _time_major(C), _np(h0), _np(dy),
                    _np(dh_last), du.numpy(), ddelta.numpy(), dA_part.numpy(), dB_part.numpy(),
                    dC_part.numpy(), dh0.numpy())
-    dB = dB_part.sum(0).transpose(1, 2)
-    dC = dC_part.sum(0).transpose(1, 2)
-    return du, ddelta, dA_part.sum(0), dB, dC, dh0
+    return du, ddelta, dA_part.sum(0), _summed(dB_part, B), _summed(dC_part, C), dh0
