@@ -1,22 +1,37 @@
 """The selective scan and Mamba blocks against the float64 reference loop."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from matten.ssm import (BiMamba, Mamba, TokenGrid, global_to_grid, global_to_spatial,
+from matten.ssm import (BiMamba, Mamba, TokenGrid, backend, global_to_grid, global_to_spatial,
                         global_to_temporal, grid_to_global, selective_scan, spatial_to_global,
                         temporal_to_global)
 from matten.ssm.chunked_scan import chunked_scan
 from matten.ssm.reference import selective_scan_ref
 
+# The module, not the function of the same name that matten.ssm exports.
+scan_module = importlib.import_module("matten.ssm.selective_scan")
 
-def make_inputs(batch, dim, length, nstate, seed=0, dtype=torch.float32):
+
+def coefficients(layout, batch, dim, length, nstate, r, groups=2):
+    """B or C in one of mamba_ssm's layouts."""
+    return {"variable": lambda: r(batch, nstate, length),
+            "grouped": lambda: r(batch, groups, nstate, length),
+            "constant": lambda: r(dim, nstate)}[layout]()
+
+
+def make_inputs(batch, dim, length, nstate, seed=0, dtype=torch.float32, B="variable",
+                C="variable", groups=2):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
     return dict(u=r(batch, dim, length), delta=r(batch, dim, length) * 0.5,
-                A=-torch.rand(dim, nstate, generator=g, dtype=dtype) * 3, B=r(batch, nstate, length),
-                C=r(batch, nstate, length), D=r(dim), z=r(batch, dim, length), delta_bias=r(dim) * 0.1)
+                A=-torch.rand(dim, nstate, generator=g, dtype=dtype) * 3,
+                B=coefficients(B, batch, dim, length, nstate, r, groups),
+                C=coefficients(C, batch, dim, length, nstate, r, groups),
+                D=r(dim), z=r(batch, dim, length), delta_bias=r(dim) * 0.1)
 
 
 def rel_err(a, b):
@@ -108,118 +123,167 @@ def test_bad_shapes_are_reported_by_name():
         selective_scan(**x)
 
 
-def mixer_by_hand(mixer, ssm, hidden):
-    """One direction of a Mamba mixer written out with the reference scan."""
-    x, z = mixer.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
-    length = x.shape[-1]
-    x = F.silu(ssm.conv1d(x)[..., :length])
-    dt, B, C = ssm.x_proj(x.transpose(1, 2)).split([ssm.dt_rank, ssm.d_state, ssm.d_state], -1)
-    delta = (dt @ ssm.dt_proj.weight.t()).transpose(1, 2)
-    return selective_scan_ref(x, delta, -torch.exp(ssm.A_log), B.transpose(1, 2), C.transpose(1, 2),
-                              ssm.D, z, delta_bias=ssm.dt_proj.bias, delta_softplus=True)
+@pytest.mark.parametrize("name,bad,error,message", [
+    ("C", torch.randn(1, 3, 16, 10), ValueError, "C must have shape .* G dividing dim=4"),
+    ("B", torch.randn(4, 8), ValueError, "B must have shape"),
+    ("A", torch.randn(4, 16, 2), ValueError, "A must have shape"),
+    ("initial_state", torch.randn(1, 4, 8), ValueError, "initial_state must have shape"),
+    ("A", -torch.rand(4, 16, dtype=torch.complex64), TypeError, "complex A is not supported"),
+    ("delta", torch.ones(1, 4, 10, dtype=torch.int64), TypeError, "delta must be float16"),
+    ("D", torch.ones(4, device="meta"), ValueError, "D is on meta but u is on cpu"),
+    ("z", [[0.0]], TypeError, "z must be a tensor"),
+])
+def test_bad_inputs_are_reported_by_name(name, bad, error, message):
+    x = make_inputs(1, 4, 10, 16)
+    x[name] = bad
+    with pytest.raises(error, match=message):
+        selective_scan(**x)
 
 
-def test_mamba_block_matches_reference_and_is_causal():
-    torch.manual_seed(0)
-    mamba = Mamba(32)
-    hidden = torch.randn(2, 21, 32)
-    out = mamba(hidden)
-    expected = mamba.out_proj(mixer_by_hand(mamba, mamba.ssms[0], hidden).transpose(1, 2))
-    assert rel_err(out, expected) < 1e-5
-    changed = hidden.clone()
-    changed[:, 15] += 1.0
-    diff = (mamba(changed) - out).abs().amax(dim=(0, 2))
-    assert diff[:15].max() == 0 and diff[15:].min() > 0
+LAYOUTS = [("variable", "variable"), ("grouped", "grouped"), ("constant", "constant"),
+           ("grouped", "constant"), ("constant", "variable")]
 
 
-def test_bimamba_is_forward_plus_flipped_backward_scan():
-    torch.manual_seed(0)
-    bi = BiMamba(16)
-    hidden = torch.randn(2, 19, 16)
-    y_fwd = mixer_by_hand(bi, bi.forward_ssm, hidden)
-    y_bwd = mixer_by_hand(bi, bi.backward_ssm, hidden.flip(1)).flip(-1)
-    expected = bi.out_proj(((y_fwd + y_bwd) / 2).transpose(1, 2))
-    assert rel_err(bi(hidden), expected) < 1e-5
-    # Both directions are live: a change in the middle reaches the first and the last token.
-    changed = hidden.clone()
-    changed[:, 9] += 1.0
-    diff = (bi(changed) - bi(hidden)).abs().amax(dim=(0, 2))
-    assert diff[0] > 0 and diff[-1] > 0
+def leaves_and_grads(scan, x, h0, weights):
+    """Outputs, last state and the gradient of every input of one weighted loss."""
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+    h0 = h0.clone().requires_grad_()
+    y, last = scan(**leaves, delta_softplus=True, return_last_state=True, initial_state=h0)
+    ((y.double() * weights[0]).sum() + (last.double() * weights[1]).sum()).backward()
+    return {"y": y, "last": last, **{k: v.grad for k, v in leaves.items()}, "initial_state": h0.grad}
 
 
-def test_bimamba_shares_projections_only():
-    bi = BiMamba(64)
-    names = {n for n, _ in bi.named_parameters()}
-    assert {"in_proj.weight", "out_proj.weight"} <= names
-    for part in ["conv1d.weight", "x_proj.weight", "dt_proj.weight", "A_log", "D"]:
-        assert f"ssms.0.{part}" in names and f"ssms.1.{part}" in names
-    assert bi.dt_rank == 4 and bi.d_inner == 128
-    assert bi.forward_ssm.x_proj.out_features == 4 + 2 * 16
+@pytest.mark.parametrize("name", ["cpu", "chunked"])
+@pytest.mark.parametrize("layout_b,layout_c", LAYOUTS)
+def test_every_layout_matches_reference_with_gradients(name, layout_b, layout_c):
+    x = make_inputs(2, 4, 23, 5, B=layout_b, C=layout_c)
+    h0 = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(1))
+    weights = (torch.randn(2, 4, 23, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64))
+    ref = leaves_and_grads(selective_scan_ref, {k: v.double() for k, v in x.items()},
+                           h0.double(), weights)
+    got = leaves_and_grads(lambda **kw: selective_scan(**kw, backend=name), x, h0, weights)
+    for key, value in ref.items():
+        assert got[key].shape == value.shape and got[key].dtype == torch.float32, key
+        assert rel_err(got[key], value) < 1e-5, key
 
 
-def test_mamba_initialisation():
-    ssm = Mamba(48).ssms[0]
-    assert torch.allclose(-torch.exp(ssm.A_log), -torch.arange(1, 17.0).expand(96, 16))
-    dt = F.softplus(ssm.dt_proj.bias)
-    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
-    assert torch.equal(ssm.D, torch.ones(96))
+def test_reference_layouts_mean_what_mamba_ssm_says():
+    """Grouped B/C: channel d uses group d // (dim // G); constant: one B per channel, every step."""
+    x = make_inputs(2, 6, 9, 3, B="grouped", C="constant", groups=3)
+    y = selective_scan_ref(**x)
+    for d in range(6):  # each channel alone, with B and C written out in the variable layout
+        channel = dict(u=x["u"][:, d:d + 1], delta=x["delta"][:, d:d + 1], A=x["A"][d:d + 1],
+                       B=x["B"][:, d // 2],  # 6 channels in 3 groups: 2 per group
+                       C=x["C"][d][None, :, None].expand(2, 3, 9),  # the same C at every step
+                       D=x["D"][d:d + 1], z=x["z"][:, d:d + 1], delta_bias=x["delta_bias"][d:d + 1])
+        assert torch.allclose(selective_scan_ref(**channel), y[:, d:d + 1], atol=1e-6), d
 
 
-def test_mamba_trains_backward():
-    torch.manual_seed(0)
-    bi = BiMamba(16)
-    bi(torch.randn(2, 10, 16)).pow(2).mean().backward()
-    for name, p in bi.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+def test_one_group_equals_the_variable_layout():
+    x = make_inputs(2, 4, 15, 8)
+    grouped = {**x, "B": x["B"][:, None], "C": x["C"][:, None]}
+    for name in ["cpu", "chunked"]:
+        assert torch.equal(selective_scan(**grouped, backend=name), selective_scan(**x, backend=name))
 
 
-def test_scan_orders_round_trip_and_group_the_right_tokens():
-    grid = TokenGrid(frames=3, height=2, width=4)
-    f, h, w = torch.meshgrid(torch.arange(3), torch.arange(2), torch.arange(4), indexing="ij")
-    ids = torch.stack([f, h, w], -1).float()[None].repeat(2, 1, 1, 1, 1)  # (b, F, h, w, 3)
-    tokens = grid_to_global(ids)
-    assert torch.equal(global_to_grid(tokens, grid), ids)
-    # Spatial-first: the first h*w tokens are frame 0 in raster order.
-    assert tokens[0, :8, 0].eq(0).all() and tokens[0, 1].tolist() == [0, 0, 1]
-    spatial = global_to_spatial(tokens, grid)
-    assert spatial.shape == (6, 8, 3) and spatial[:, :, 0].eq(spatial[:, :1, 0]).all()
-    assert torch.equal(spatial_to_global(spatial, grid), tokens)
-    temporal = global_to_temporal(tokens, grid)
-    assert temporal.shape == (16, 3, 3)
-    assert torch.equal(temporal[:, :, 0], torch.arange(3.0).expand(16, 3))
-    assert temporal[:, :, 1:].eq(temporal[:, :1, 1:]).all()  # one position per sequence
-    assert torch.equal(temporal_to_global(temporal, grid), tokens)
-    with pytest.raises(ValueError, match="grid 3x2x4"):
-        global_to_spatial(tokens[:, :-1], grid)
+def test_cpu_scan_gradcheck_constant_and_grouped_layouts():
+    x = make_inputs(2, 4, 6, 3, dtype=torch.float64, B="constant", C="grouped")
+    names = ["u", "delta", "A", "B", "C"]
+    leaves = [x[n].clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(
+        lambda *a: selective_scan(*a, delta_softplus=True, return_last_state=True), leaves)
 
 
-def test_float32_decay_is_an_accurate_exp():
-    import numba
-    import numpy as np
+# -- dispatch --------------------------------------------------------------------------------------
 
-    from matten.ssm.cpu_kernel import decay
+class FakeTriton:
+    """Stands in for matten.ssm.triton_scan: runs where it is told to."""
+    INTERPRETED = False
 
-    @numba.njit
-    def apply(x):
-        out = np.empty_like(x)
-        for i in range(x.size):
-            out[i] = decay(x[i])
-        return out
+    def __init__(self, devices):
+        self.devices = devices
 
-    x = np.concatenate([-np.linspace(0, 80, 20001), np.linspace(0, 5, 101)]).astype(np.float32)
-    exact = np.exp(x.astype(np.float64))
-    assert np.max(np.abs(apply(x) - exact) / exact) < 5e-7
-    assert apply(np.array([-200.0], np.float32))[0] < 1e-37  # underflow stays ~0
-    x64 = -np.linspace(0, 30, 1001)
-    assert np.allclose(apply(x64), np.exp(x64), rtol=1e-14, atol=0)  # float64: libm exp
+    def runs_on(self, device):
+        return device.type in self.devices
 
 
-def test_scan_runs_on_meta_device_and_is_counted_as_flops():
-    from torch.utils.flop_counter import FlopCounterMode
+@pytest.fixture
+def availability(monkeypatch):
+    """Set which of mamba_ssm and triton "import", without a GPU or either package."""
+    monkeypatch.delenv("MATTEN_SCAN_BACKEND", raising=False)
 
-    x = {k: v.to("meta") for k, v in make_inputs(2, 8, 50, 16).items()}
-    with FlopCounterMode(display=False) as counter:
-        y = selective_scan(**x)
-    assert y.shape == (2, 8, 50) and y.is_meta
-    assert counter.get_total_flops() >= 2 * 3 * 2 * 8 * 50 * 16
+    def set_available(mamba_ssm=False, triton=None):
+        monkeypatch.setattr(scan_module, "mamba_ssm_scan",
+                            lambda: (lambda *a: None) if mamba_ssm else None)
+        monkeypatch.setattr(scan_module, "triton_scan_module",
+                            lambda: FakeTriton(triton) if triton is not None else None)
+    set_available()
+    return set_available
+
+
+def test_dispatch_order_on_cuda(availability):
+    availability(mamba_ssm=True, triton=("cuda",))
+    assert backend("cuda") == "mamba_ssm"
+    assert backend("cuda", initial_state=True) == "triton"  # mamba_ssm's kernel takes none
+    availability(mamba_ssm=False, triton=("cuda",))
+    assert backend("cuda") == "triton"
+    availability(mamba_ssm=False, triton=None)
+    assert backend(torch.device("cuda:1")) == "chunked"
+    availability(mamba_ssm=True, triton=None)
+    assert backend("cuda", initial_state=True) == "chunked"
+
+
+def test_dispatch_on_other_devices(availability):
+    availability(mamba_ssm=True, triton=("cuda",))
+    assert backend("cpu") == "cpu" and backend("meta") == "cpu"
+    assert backend("mps") == "chunked"
+    assert backend() == ("mamba_ssm" if torch.cuda.is_available() else "cpu")
+
+
+def test_backend_override_by_environment_and_argument(availability, monkeypatch):
+    availability(mamba_ssm=True, triton=("cuda",))
+    monkeypatch.setenv("MATTEN_SCAN_BACKEND", "chunked")
+    assert backend("cuda") == "chunked" and backend("cpu") == "chunked"
+    assert backend("cuda", override="triton") == "triton"  # the argument wins
+    monkeypatch.setenv("MATTEN_SCAN_BACKEND", " Reference ")
+    assert backend("cpu") == "reference"
+    monkeypatch.setenv("MATTEN_SCAN_BACKEND", "auto")
+    assert backend("cuda") == "mamba_ssm"
+    monkeypatch.setenv("MATTEN_SCAN_BACKEND", "fast")
+    with pytest.raises(ValueError, match="unknown backend 'fast' .*MATTEN_SCAN_BACKEND"):
+        backend("cpu")
+
+
+@pytest.mark.parametrize("override,device,kwargs,message", [
+    ("mamba_ssm", "cpu", {}, "'mamba_ssm' runs CUDA tensors only"),
+    ("mamba_ssm", "cuda", {"initial_state": True}, "'mamba_ssm' takes no initial_state"),
+    ("cpu", "cuda", {}, "'cpu' runs CPU"),
+    ("triton", "cpu", {}, "TRITON_INTERPRET=1"),
+])
+def test_unavailable_backend_is_refused_with_the_reason(availability, override, device, kwargs,
+                                                        message):
+    availability(mamba_ssm=True, triton=("cuda",))
+    with pytest.raises(RuntimeError, match=message):
+        backend(device, override=override, **kwargs)
+
+
+@pytest.mark.parametrize("override", ["mamba_ssm", "triton"])
+def test_missing_package_is_named(availability, override):
+    with pytest.raises(RuntimeError, match=f"'{override}' is not available: {override} is not"):
+        backend("cuda", override=override)
+
+
+def test_selective_scan_follows_the_chosen_backend(availability, monkeypatch):
+    x = make_inputs(2, 4, 19, 8, B="grouped")
+    expected = selective_scan_ref(**x, delta_softplus=True).float()
+    for name in ["cpu", "chunked", "reference"]:
+        assert rel_err(selective_scan(**x, delta_softplus=True, backend=name), expected) < 1e-5
+    # mamba_ssm is handed the caller's arguments unchanged, layouts included.
+    calls = []
+    monkeypatch.setattr(scan_module, "mamba_ssm_scan",
+                        lambda: (lambda *args: calls.append(args) or "fused"))
+    monkeypatch.setattr(scan_module, "_choose", lambda *a, **k: "mamba_ssm")
+    assert selective_scan(**x, delta_softplus=True, return_last_state=True) == "fused"
+    (args,) = calls
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    assert all(a is x[k] for a, k in zip(args, names)) and args[8:] == (True, True)

@@ -3,8 +3,8 @@
 from .mamba import BiMamba, Mamba, SelectiveSSM
 from .scan_order import (TokenGrid, global_to_grid, global_to_spatial, global_to_temporal,
                          grid_to_global, spatial_to_global, temporal_to_global)
-from .selective_scan import selective_scan
+from .selective_scan import backend, selective_scan
 
-__all__ = ["BiMamba", "Mamba", "SelectiveSSM", "TokenGrid", "selective_scan", "grid_to_global",
-           "global_to_grid", "global_to_spatial", "spatial_to_global", "global_to_temporal",
-           "temporal_to_global"]
+__all__ = ["BiMamba", "Mamba", "SelectiveSSM", "TokenGrid", "backend", "selective_scan",
+           "grid_to_global", "global_to_grid", "global_to_spatial", "spatial_to_global",
+           "global_to_temporal", "temporal_to_global"]

@@ -1,11 +1,21 @@
 """``selective_scan``: Mamba's S6 scan with the call signature of ``mamba_ssm``'s ``selective_scan_fn``.
 
-Dispatch, by device:
-  * CUDA with ``mamba_ssm`` importable -> its fused kernel (unless an initial state is given,
-    which that kernel does not take);
-  * CUDA otherwise (or any non-CPU device) -> :func:`matten.ssm.chunked_scan.chunked_scan`;
-  * CPU (and the meta device) -> the compiled kernels of :mod:`matten.ssm.cpu_kernel`, with a
-    hand-written backward, registered as the operators ``matten::scan_fwd`` / ``matten::scan_bwd``.
+Backends, chosen per call from the device of ``u`` (see :func:`backend`):
+
+  * ``"mamba_ssm"``: that package's fused CUDA kernel, when it imports (CUDA only, and not for
+    calls with an ``initial_state``, which it does not take);
+  * ``"triton"``: the Triton kernels of :mod:`matten.ssm.triton_scan` (CUDA; CPU tensors through
+    Triton's interpreter when ``TRITON_INTERPRET=1`` is set before triton is first imported);
+  * ``"chunked"``: :func:`matten.ssm.chunked_scan.chunked_scan`, plain PyTorch on any device;
+  * ``"cpu"``: the compiled kernels of :mod:`matten.ssm.cpu_kernel`, with a hand-written
+    backward, registered as the operators ``matten::scan_fwd`` / ``matten::scan_bwd`` (CPU and the
+    meta device);
+  * ``"reference"``: the float64 loop of :mod:`matten.ssm.reference` (slow; for checking).
+
+Automatic order: on CUDA mamba_ssm, then triton, then chunked; on CPU (and meta) cpu; on any other
+device chunked. ``MATTEN_SCAN_BACKEND`` (auto|mamba_ssm|triton|chunked|cpu|reference) or the
+``backend=`` argument of :func:`selective_scan` names one instead; naming one that cannot run
+the call raises an error that says why.
 
 Discretisation follows Mamba: A_bar = exp(delta * A) (zero-order hold) and B_bar * u = delta * B * u
 (the first-order simplification of the paper's Eq. 3 that Mamba's kernels use).
@@ -14,14 +24,20 @@ Discretisation follows Mamba: A_bar = exp(delta * A) (zero-order hold) and B_bar
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import cpu_kernel
+from . import cpu_kernel, layouts
 from .chunked_scan import chunked_scan
+from .reference import selective_scan_ref
+
+BACKENDS = ("auto", "mamba_ssm", "triton", "chunked", "cpu", "reference")
+ENV_VAR = "MATTEN_SCAN_BACKEND"
+_AUTO_ORDER = {"cuda": ("mamba_ssm", "triton", "chunked"), "cpu": ("cpu",), "meta": ("cpu",)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,6 +48,69 @@ def mamba_ssm_scan():
     except Exception:  # ImportError, or a build that fails to load its CUDA library
         return None
     return selective_scan_fn
+
+
+@functools.lru_cache(maxsize=1)
+def triton_scan_module():
+    """:mod:`matten.ssm.triton_scan` if triton imports, else None (imported on first use)."""
+    try:
+        from . import triton_scan
+    except Exception:  # no triton, or one that fails to load
+        return None
+    return triton_scan
+
+
+def _unavailable(name: str, device: torch.device, initial_state: bool) -> str | None:
+    """Why backend ``name`` cannot run a call on ``device``, or None when it can."""
+    if name == "mamba_ssm":
+        if device.type != "cuda":
+            return "runs CUDA tensors only"
+        if mamba_ssm_scan() is None:
+            return "is not available: mamba_ssm is not installed or does not import"
+        if initial_state:
+            return "takes no initial_state"
+    elif name == "triton":
+        module = triton_scan_module()
+        if module is None:
+            return "is not available: triton is not installed or does not import"
+        if not module.runs_on(device):
+            if device.type == "cpu":
+                return ("runs CPU tensors only through Triton's interpreter: set TRITON_INTERPRET=1 "
+                        "before triton is first imported (importing matten imports it)")
+            return (f"cannot run {device.type} tensors here (CUDA needed"
+                    + (", and Triton is in interpreter mode)" if module.INTERPRETED else ")"))
+    elif name == "cpu" and device.type not in ("cpu", "meta"):
+        return "runs CPU (and meta) tensors only"
+    return None
+
+
+def backend(device: str | torch.device | None = None, *, override: str | None = None,
+            initial_state: bool = False) -> str:
+    """The backend :func:`selective_scan` uses for tensors on ``device`` (default: CUDA when there
+    is one, else CPU): "mamba_ssm", "triton", "chunked", "cpu" or "reference".
+
+    ``override`` (default: the ``MATTEN_SCAN_BACKEND`` environment variable, else "auto") names
+    one; an unknown or unavailable name raises. ``initial_state``: for a call that passes one.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    requested = (override or os.environ.get(ENV_VAR) or "auto").strip().lower()
+    if requested not in BACKENDS:
+        raise ValueError(f"selective_scan: unknown backend {requested!r} "
+                         f"(from {'backend=' if override else ENV_VAR}); choose one of {BACKENDS}")
+    if requested != "auto":
+        why = _unavailable(requested, device, initial_state)
+        if why:
+            raise RuntimeError(f"selective_scan: backend {requested!r} {why}")
+        return requested
+    for name in _AUTO_ORDER.get(device.type, ("chunked",)):
+        if _unavailable(name, device, initial_state) is None:
+            return name
+    return "chunked"
+
+
+_choose = backend  # selective_scan's ``backend`` argument shadows the function's name there
 
 
 # The CPU kernels are registered as PyTorch operators so that autograd, the meta device (shape
@@ -90,34 +169,71 @@ def _scan_bwd_flops(u_shape, *args, **kwargs) -> int:
     return 2 * scan_flops(batch, dim, length, args[1][1])
 
 
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """Raise an error naming the first argument of the wrong type, dtype, device or shape."""
+    tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z,
+               "delta_bias": delta_bias, "initial_state": initial_state}
+    for name, t in tensors.items():
+        if t is None:
+            if name in ("u", "delta", "A", "B", "C"):
+                raise TypeError(f"selective_scan: {name} is required")
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"selective_scan: {name} must be a tensor, got {type(t).__name__}")
+        if t.is_complex():
+            raise TypeError(f"selective_scan: complex {name} is not supported (dtype {t.dtype}); "
+                            "only real-valued scans are implemented")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"selective_scan: {name} must be float16, bfloat16, float32 or float64, "
+                            f"got {t.dtype}")
+        if t.device != u.device:
+            raise ValueError(f"selective_scan: {name} is on {t.device} but u is on {u.device}")
     if u.dim() != 3:
-        raise ValueError(f"u must be (batch, dim, L), got shape {tuple(u.shape)}")
+        raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {tuple(u.shape)}")
+    if A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise ValueError(f"selective_scan: A must have shape (dim, N) = ({u.shape[1]}, N) for u of "
+                         f"shape {tuple(u.shape)}, got {tuple(A.shape)}")
     batch, dim, length = u.shape
-    nstate = A.shape[-1] if A.dim() == 2 else -1
-    expected = {"delta": (delta, (batch, dim, length)), "A": (A, (dim, nstate)),
-                "B": (B, (batch, nstate, length)), "C": (C, (batch, nstate, length)),
-                "D": (D, (dim,)), "z": (z, (batch, dim, length)), "delta_bias": (delta_bias, (dim,)),
-                "initial_state": (initial_state, (batch, dim, nstate))}
-    for name, (tensor, shape) in expected.items():
-        if tensor is not None and tuple(tensor.shape) != shape:
+    nstate = A.shape[1]
+    expected = {"delta": (batch, dim, length), "D": (dim,), "z": (batch, dim, length),
+                "delta_bias": (dim,), "initial_state": (batch, dim, nstate)}
+    for name, shape in expected.items():
+        t = tensors[name]
+        if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"selective_scan: {name} must have shape {shape} for u of shape "
-                             f"{tuple(u.shape)} and A of shape {tuple(A.shape)}, got {tuple(tensor.shape)}")
+                             f"{tuple(u.shape)} and A of shape {tuple(A.shape)}, got {tuple(t.shape)}")
+    layouts.check("B", B, batch, dim, length, nstate)
+    layouts.check("C", C, batch, dim, length, nstate)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None):
+                   return_last_state=False, initial_state=None, *, backend=None):
     """Selective scan ``y_t = <C_t, h_t> + D u_t`` with ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``.
 
-    Layouts as in ``mamba_ssm``: u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L);
-    D, delta_bias: (dim,). ``delta_bias`` is added and ``softplus`` applied to delta first; the output
-    is gated by ``silu(z)``. ``initial_state`` (batch, dim, N) starts the recurrence from a carried
-    state (used for streaming); ``return_last_state`` also returns the final state.
+    Layouts as in ``mamba_ssm``: u, delta, z: (batch, dim, L); A: (dim, N), real; D, delta_bias:
+    (dim,). B and C each: (batch, N, L) (shared by all channels), (batch, G, N, L) (channel d
+    uses group d // (dim // G)) or (dim, N) (constant in time); see :mod:`matten.ssm.layouts`.
+    ``delta_bias`` is added and ``softplus`` applied to delta first; the output is gated by
+    ``silu(z)``. ``initial_state`` (batch, dim, N) starts the recurrence from a carried state (used
+    for streaming); ``return_last_state`` also returns the final state. ``backend`` names the
+    implementation (see :func:`backend`; default: ``MATTEN_SCAN_BACKEND``, else automatic).
+    The output has u's dtype; arithmetic is float32 (float64 for float64 u).
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    fused = mamba_ssm_scan() if u.is_cuda and initial_state is None else None
-    if fused is not None:
-        return fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    name = _choose(u.device, override=backend, initial_state=initial_state is not None)
+    if name == "mamba_ssm":  # its own function, arguments unchanged
+        return mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                return_last_state)
+    if name == "reference":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  return_last_state, initial_state)
+    if name == "triton":  # fused: delta_bias, softplus, D and z inside the kernels
+        y, h_last = triton_scan_module().selective_scan_triton(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+        return (y, h_last.to(u.dtype)) if return_last_state else y
 
     out_dtype = u.dtype
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -128,7 +244,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta = F.softplus(delta)
     h0 = (u32.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None
           else initial_state.to(compute))
-    if u.device.type in ("cpu", "meta"):
+    if name == "cpu":
         y, h_last = _scan_fwd(u32, delta.contiguous(), A32, B32, C32, h0.contiguous())
     else:
         y, h_last = chunked_scan(u32, delta, A32, B32, C32, h0)
