@@ -150,7 +150,8 @@ def leaves_and_grads(scan, x, h0, weights):
     h0 = h0.clone().requires_grad_()
     y, last = scan(**leaves, delta_softplus=True, return_last_state=True, initial_state=h0)
     ((y.double() * weights[0]).sum() + (last.double() * weights[1]).sum()).backward()
-    return {"y": y, "last": last, **{k: v.grad for k, v in leaves.items()}, "initial_state": h0.grad}
+    grads = {k: v.grad for k, v in leaves.items()}
+    return {"y": y, "last": last, **grads, "initial_state": h0.grad}
 
 
 @pytest.mark.parametrize("name", ["cpu", "chunked"])
@@ -158,7 +159,8 @@ def leaves_and_grads(scan, x, h0, weights):
 def test_every_layout_matches_reference_with_gradients(name, layout_b, layout_c):
     x = make_inputs(2, 4, 23, 5, B=layout_b, C=layout_c)
     h0 = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(1))
-    weights = (torch.randn(2, 4, 23, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64))
+    weights = (torch.randn(2, 4, 23, dtype=torch.float64),
+               torch.randn(2, 4, 5, dtype=torch.float64))
     ref = leaves_and_grads(selective_scan_ref, {k: v.double() for k, v in x.items()},
                            h0.double(), weights)
     got = leaves_and_grads(lambda **kw: selective_scan(**kw, backend=name), x, h0, weights)
@@ -168,7 +170,7 @@ def test_every_layout_matches_reference_with_gradients(name, layout_b, layout_c)
 
 
 def test_reference_layouts_mean_what_mamba_ssm_says():
-    """Grouped B/C: channel d uses group d // (dim // G); constant: one B per channel, every step."""
+    """Grouped B/C: channel d uses group d // (dim // G); constant: one per channel, every step."""
     x = make_inputs(2, 6, 9, 3, B="grouped", C="constant", groups=3)
     y = selective_scan_ref(**x)
     for d in range(6):  # each channel alone, with B and C written out in the variable layout
@@ -183,7 +185,8 @@ def test_one_group_equals_the_variable_layout():
     x = make_inputs(2, 4, 15, 8)
     grouped = {**x, "B": x["B"][:, None], "C": x["C"][:, None]}
     for name in ["cpu", "chunked"]:
-        assert torch.equal(selective_scan(**grouped, backend=name), selective_scan(**x, backend=name))
+        assert torch.equal(selective_scan(**grouped, backend=name),
+                           selective_scan(**x, backend=name))
 
 
 def test_cpu_scan_gradcheck_constant_and_grouped_layouts():
@@ -287,3 +290,120 @@ def test_selective_scan_follows_the_chosen_backend(availability, monkeypatch):
     (args,) = calls
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
     assert all(a is x[k] for a, k in zip(args, names)) and args[8:] == (True, True)
+
+
+def mixer_by_hand(mixer, ssm, hidden):
+    """One direction of a Mamba mixer written out with the reference scan."""
+    x, z = mixer.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+    length = x.shape[-1]
+    x = F.silu(ssm.conv1d(x)[..., :length])
+    dt, B, C = ssm.x_proj(x.transpose(1, 2)).split([ssm.dt_rank, ssm.d_state, ssm.d_state], -1)
+    delta = (dt @ ssm.dt_proj.weight.t()).transpose(1, 2)
+    return selective_scan_ref(x, delta, -torch.exp(ssm.A_log), B.transpose(1, 2), C.transpose(1, 2),
+                              ssm.D, z, delta_bias=ssm.dt_proj.bias, delta_softplus=True)
+
+
+def test_mamba_block_matches_reference_and_is_causal():
+    torch.manual_seed(0)
+    mamba = Mamba(32)
+    hidden = torch.randn(2, 21, 32)
+    out = mamba(hidden)
+    expected = mamba.out_proj(mixer_by_hand(mamba, mamba.ssms[0], hidden).transpose(1, 2))
+    assert rel_err(out, expected) < 1e-5
+    changed = hidden.clone()
+    changed[:, 15] += 1.0
+    diff = (mamba(changed) - out).abs().amax(dim=(0, 2))
+    assert diff[:15].max() == 0 and diff[15:].min() > 0
+
+
+def test_bimamba_is_forward_plus_flipped_backward_scan():
+    torch.manual_seed(0)
+    bi = BiMamba(16)
+    hidden = torch.randn(2, 19, 16)
+    y_fwd = mixer_by_hand(bi, bi.forward_ssm, hidden)
+    y_bwd = mixer_by_hand(bi, bi.backward_ssm, hidden.flip(1)).flip(-1)
+    expected = bi.out_proj(((y_fwd + y_bwd) / 2).transpose(1, 2))
+    assert rel_err(bi(hidden), expected) < 1e-5
+    # Both directions are live: a change in the middle reaches the first and the last token.
+    changed = hidden.clone()
+    changed[:, 9] += 1.0
+    diff = (bi(changed) - bi(hidden)).abs().amax(dim=(0, 2))
+    assert diff[0] > 0 and diff[-1] > 0
+
+
+def test_bimamba_shares_projections_only():
+    bi = BiMamba(64)
+    names = {n for n, _ in bi.named_parameters()}
+    assert {"in_proj.weight", "out_proj.weight"} <= names
+    for part in ["conv1d.weight", "x_proj.weight", "dt_proj.weight", "A_log", "D"]:
+        assert f"ssms.0.{part}" in names and f"ssms.1.{part}" in names
+    assert bi.dt_rank == 4 and bi.d_inner == 128
+    assert bi.forward_ssm.x_proj.out_features == 4 + 2 * 16
+
+
+def test_mamba_initialisation():
+    ssm = Mamba(48).ssms[0]
+    assert torch.allclose(-torch.exp(ssm.A_log), -torch.arange(1, 17.0).expand(96, 16))
+    dt = F.softplus(ssm.dt_proj.bias)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+    assert torch.equal(ssm.D, torch.ones(96))
+
+
+def test_mamba_trains_backward():
+    torch.manual_seed(0)
+    bi = BiMamba(16)
+    bi(torch.randn(2, 10, 16)).pow(2).mean().backward()
+    for name, p in bi.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_scan_orders_round_trip_and_group_the_right_tokens():
+    grid = TokenGrid(frames=3, height=2, width=4)
+    f, h, w = torch.meshgrid(torch.arange(3), torch.arange(2), torch.arange(4), indexing="ij")
+    ids = torch.stack([f, h, w], -1).float()[None].repeat(2, 1, 1, 1, 1)  # (b, F, h, w, 3)
+    tokens = grid_to_global(ids)
+    assert torch.equal(global_to_grid(tokens, grid), ids)
+    # Spatial-first: the first h*w tokens are frame 0 in raster order.
+    assert tokens[0, :8, 0].eq(0).all() and tokens[0, 1].tolist() == [0, 0, 1]
+    spatial = global_to_spatial(tokens, grid)
+    assert spatial.shape == (6, 8, 3) and spatial[:, :, 0].eq(spatial[:, :1, 0]).all()
+    assert torch.equal(spatial_to_global(spatial, grid), tokens)
+    temporal = global_to_temporal(tokens, grid)
+    assert temporal.shape == (16, 3, 3)
+    assert torch.equal(temporal[:, :, 0], torch.arange(3.0).expand(16, 3))
+    assert temporal[:, :, 1:].eq(temporal[:, :1, 1:]).all()  # one position per sequence
+    assert torch.equal(temporal_to_global(temporal, grid), tokens)
+    with pytest.raises(ValueError, match="grid 3x2x4"):
+        global_to_spatial(tokens[:, :-1], grid)
+
+
+def test_float32_decay_is_an_accurate_exp():
+    import numba
+    import numpy as np
+
+    from matten.ssm.cpu_kernel import decay
+
+    @numba.njit
+    def apply(x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = decay(x[i])
+        return out
+
+    x = np.concatenate([-np.linspace(0, 80, 20001), np.linspace(0, 5, 101)]).astype(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(apply(x) - exact) / exact) < 5e-7
+    assert apply(np.array([-200.0], np.float32))[0] < 1e-37  # underflow stays ~0
+    x64 = -np.linspace(0, 30, 1001)
+    assert np.allclose(apply(x64), np.exp(x64), rtol=1e-14, atol=0)  # float64: libm exp
+
+
+def test_scan_runs_on_meta_device_and_is_counted_as_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = {k: v.to("meta") for k, v in make_inputs(2, 8, 50, 16).items()}
+    with FlopCounterMode(display=False) as counter:
+        y = selective_scan(**x)
+    assert y.shape == (2, 8, 50) and y.is_meta
+    assert counter.get_total_flops() >= 2 * 3 * 2 * 8 * 50 * 16
