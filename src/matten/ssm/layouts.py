@@ -29,8 +29,8 @@ def check(name: str, X: Tensor, batch: int, dim: int, length: int, nstate: int) 
     if ok is None or tuple(X.shape) != ok or groups < 1 or dim % groups:
         raise ValueError(
             f"selective_scan: {name} must have shape (dim, N) = {(dim, nstate)}, (batch, N, L) = "
-            f"{(batch, nstate, length)} or (batch, G, N, L) = {(batch, 'G', nstate, length)} with G "
-            f"dividing dim={dim}, got {tuple(X.shape)}")
+            f"{(batch, nstate, length)} or (batch, G, N, L) = {(batch, 'G', nstate, length)} "
+            f"with G dividing dim={dim}, got {tuple(X.shape)}")
 
 
 def as_grouped(X: Tensor) -> Tensor:

@@ -75,8 +75,9 @@ def _unavailable(name: str, device: torch.device, initial_state: bool) -> str | 
             return "is not available: triton is not installed or does not import"
         if not module.runs_on(device):
             if device.type == "cpu":
-                return ("runs CPU tensors only through Triton's interpreter: set TRITON_INTERPRET=1 "
-                        "before triton is first imported (importing matten imports it)")
+                return ("runs CPU tensors only through Triton's interpreter: set "
+                        "TRITON_INTERPRET=1 before triton is first imported (importing matten "
+                        "imports it)")
             return (f"cannot run {device.type} tensors here (CUDA needed"
                     + (", and Triton is in interpreter mode)" if module.INTERPRETED else ")"))
     elif name == "cpu" and device.type not in ("cpu", "meta"):
@@ -187,8 +188,8 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
             raise TypeError(f"selective_scan: complex {name} is not supported (dtype {t.dtype}); "
                             "only real-valued scans are implemented")
         if t.dtype not in _DTYPES:
-            raise TypeError(f"selective_scan: {name} must be float16, bfloat16, float32 or float64, "
-                            f"got {t.dtype}")
+            raise TypeError(f"selective_scan: {name} must be float16, bfloat16, float32 or "
+                            f"float64, got {t.dtype}")
         if t.device != u.device:
             raise ValueError(f"selective_scan: {name} is on {t.device} but u is on {u.device}")
     if u.dim() != 3:

@@ -41,9 +41,9 @@ from . import layouts
 
 @triton.jit
 def _combine(a_first, b_first, a_then, b_then):
-    """Two steps of h -> a h + b, the first applied first: h -> a_then (a_first h + b_first) + b_then.
-    A reverse scan hands the later steps' accumulation as the first pair, so the same function
-    composes the adjoint recurrence too."""
+    """Two steps of h -> a h + b, the first applied first:
+    h -> a_then (a_first h + b_first) + b_then. A reverse scan hands the later steps' accumulation
+    as the first pair, so the same function composes the adjoint recurrence too."""
     return a_first * a_then, a_then * b_first + b_then
 
 
@@ -308,6 +308,10 @@ def _bc_args(X4: torch.Tensor) -> list[int]:
     return [0 if X4.shape[0] == 1 else sb, sg, sn, 0 if X4.shape[3] == 1 else sl]
 
 
+def _strides(z: torch.Tensor | None) -> tuple[int, ...]:
+    return z.stride() if z is not None else (0, 0, 0)
+
+
 def _dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     # A pointer the kernel never reads (its HAS_* flag is off).
     return like if t is None else t
@@ -332,7 +336,7 @@ class _TritonScan(torch.autograd.Function):
             _dummy(initial_state, u), out, h_last, h_chunks,
             dim, length, nstate, layouts.channels_per_group(B4, dim),
             layouts.channels_per_group(C4, dim),
-            *u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)), *A.stride(),
+            *u.stride(), *delta.stride(), *_strides(z), *A.stride(),
             *_bc_args(B4), *_bc_args(C4),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=softplus, HAS_H0=initial_state is not None, SAVE_CHUNKS=save,
@@ -354,7 +358,9 @@ class _TritonScan(torch.autograd.Function):
         B4, C4 = layouts.as_grouped(B), layouts.as_grouped(C)
         if dout is None:
             dout = torch.zeros(1, 1, 1, device=u.device, dtype=u.dtype).expand(u.shape)
-        new = lambda *shape, dtype=acc: torch.empty(*shape, device=u.device, dtype=dtype)  # noqa: E731
+        def new(*shape, dtype=acc):
+            return torch.empty(*shape, device=u.device, dtype=dtype)
+
         du, ddelta = new(*u.shape, dtype=u.dtype), new(*u.shape, dtype=delta.dtype)
         dz = new(*u.shape, dtype=z.dtype) if z is not None else du
         dh0 = new(batch, dim, nstate)
@@ -372,7 +378,7 @@ class _TritonScan(torch.autograd.Function):
             du, ddelta, dz, dh0, dA, dB4, dC4, dD, dbias,
             dim, length, nstate, layouts.channels_per_group(B4, dim),
             layouts.channels_per_group(C4, dim),
-            *u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)), *A.stride(),
+            *u.stride(), *delta.stride(), *_strides(z), *A.stride(),
             *_bc_args(B4), *_bc_args(C4), *dout.stride(),
             *(dB4.stride() if B.dim() > 2 else (0, 0, 0, 0)),
             *(dC4.stride() if C.dim() > 2 else (0, 0, 0, 0)),
