@@ -20,9 +20,9 @@ from matten.data import video_to_uint8
 from matten.eval.evaluate import build_extractor, clip_features, real_clips
 from matten.eval.frechet import FeatureStats
 from matten.models import build_model
-from matten.sampling import load_for_sampling, sample_videos
-from matten.training import config_from_checkpoint
-from matten.training.data import build_train_dataset
+from matten.checkpoint import config_from_checkpoint, load_for_sampling
+from matten.pipelines import sample_videos
+from matten.data import dataset_from_config as build_train_dataset
 
 
 def sampled_clips(model, loaded, n, batch, seed) -> np.ndarray:

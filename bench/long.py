@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import current_rss_bytes, print_table, reexec_with_returning_malloc  # noqa: E402
 
 from matten.diffusion import create_diffusion  # noqa: E402
-from matten.long_video import iter_long  # noqa: E402
+from matten.pipelines import iter_long  # noqa: E402
 from matten.models import create_causal_model  # noqa: E402
 
 SIZE, CHANNELS = 16, 3

@@ -39,8 +39,8 @@ from _common import print_table  # noqa: E402
 from matten.config import config_from_dict, load_config  # noqa: E402
 from matten.data import DARK, PanningMapDataset, pixel_last_seen  # noqa: E402
 from matten.diffusion import create_diffusion  # noqa: E402
-from matten.long_video import generate_long  # noqa: E402
-from matten.sampling import load_for_sampling  # noqa: E402
+from matten.checkpoint import load_for_sampling  # noqa: E402
+from matten.pipelines import generate_long  # noqa: E402
 
 TEST_SEED = 987_654  # maps the training set (seed 0, items 0 .. num_videos - 1) never draws
 
@@ -133,7 +133,7 @@ def save_figure(path: str, real: torch.Tensor, generated: list[torch.Tensor], cl
     """A PNG: for each of the first ``clips`` clips, a row of real frames, then a row per model
     (its given half, then what it generated)."""
     from matten.data import save_grid_image, video_to_uint8
-    from matten.sampling import upscale_frames
+    from matten.data import upscale_frames
 
     rows = [v[i] for i in range(min(clips, len(real))) for v in [real, *generated]]
     frames = np.stack([video_to_uint8(r) for r in rows])          # (rows, F, H, W, 3)

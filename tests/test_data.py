@@ -14,7 +14,7 @@ from matten.data import (MOTION_TYPES, FaceForensicsDataset, SkyTimelapseDataset
                          VideoDecodeError, VideoTransform, build_dataset, count_frames, make_grid,
                          read_frame_folder, read_video, resize_center_crop, sample_clip_indices,
                          save_grid_image, video_to_uint8, write_video)
-from matten.data import video_io
+from matten.data import video_write
 from matten.data.transforms import frames_to_tensor, random_hflip
 
 STEP = 10  # brightness step between consecutive source frames
@@ -116,11 +116,13 @@ def test_write_video_is_atomic_when_encoding_fails(tmp_path, monkeypatch):
     write_video(target, index_frames(5))
     before = target.read_bytes()
 
-    def broken(tmp, *args, **kwargs):
-        Path(tmp).write_bytes(b"half a video")
+    real_encode = video_write.encode_frames
+
+    def broken(container, stream, frames):  # some packets written, then the disk is full
+        real_encode(container, stream, frames[:2])
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(video_io, "_write_av", broken)
+    monkeypatch.setattr(video_write, "encode_frames", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         write_video(target, index_frames(5))
     assert target.read_bytes() == before

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from matten.data import read_video
-from matten.data.video_io import remove_stale_temp_files
+from matten.data.video_write import remove_stale_temp_files
 from matten.diffusion import create_diffusion
 from matten.interrupts import Terminated, sigterm_as_interrupt
-from matten.long_video import (LongVideoInterrupted, StreamingVideoWriter, generate_long,
-                               iter_long, write_long_video)
+from matten.data import StreamingVideoWriter
+from matten.pipelines import LongVideoInterrupted, generate_long, iter_long, write_long_video
 from matten.models.causal import create_causal_model
 
 LATENT = (4, 4, 4)
@@ -339,7 +339,8 @@ def test_teacher_forcing_generates_each_chunk_from_the_real_past():
 
 def test_action_schedules_and_class_switches_from_the_command_line(tmp_path, capsys):
     from matten import cli
-    from matten.sampling import SamplingError, parse_action_schedule, parse_class_switches
+    from matten.commands.options import parse_action_schedule, parse_class_switches
+    from matten.pipelines import SamplingError
 
     names = ("stay", "left", "right")
     assert parse_action_schedule("right*3, stay,1*2", 3, names) == [2, 2, 2, 0, 1, 1]
@@ -356,7 +357,7 @@ def test_action_schedules_and_class_switches_from_the_command_line(tmp_path, cap
     # the CLI hands each chunk its class and actions, and switches class mid-stream
     import unittest.mock as mock
 
-    import matten.long_video as long_video
+    import matten.pipelines.long as long_video
     from matten.config import load_config
     from matten.training import train
     seen = []

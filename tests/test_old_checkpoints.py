@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from matten.diffusion import create_diffusion
-from matten.long_video import generate_long
-from matten.sampling import load_for_sampling, sample_videos
+from matten.checkpoint import load_for_sampling
+from matten.pipelines import generate_long, sample_videos
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPECTED = np.load(FIXTURES / "expected.npz")

@@ -9,8 +9,9 @@ from matten import cli
 from matten.config import load_config
 from matten.data import read_video
 from matten.diffusion import create_diffusion
-from matten.sampling import (SamplingError, load_for_sampling, resolve_labels, sample_latents,
-                             tile_videos)
+from matten.checkpoint import load_for_sampling
+from matten.data import tile_videos
+from matten.pipelines import SamplingError, resolve_labels, sample_latents
 from matten.training import train
 
 TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.resolution=8",

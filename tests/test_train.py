@@ -18,8 +18,8 @@ from matten import cli
 from matten.config import (ConfigError, RunConfig, apply_overrides, config_from_dict,
                            config_to_dict, load_config, packaged_configs,
                            resolve_mixed_precision)
-from matten.training import (SetupError, create_ema, ema_decay_at, latest_checkpoint,
-                             list_checkpoints, load_checkpoint_files, train, update_ema)
+from matten.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint_files
+from matten.training import SetupError, create_ema, ema_decay_at, train, update_ema
 from matten.checkpoint import files as ckpt_module
 from matten.training.data import StreamSampler
 
@@ -366,7 +366,7 @@ def test_bf16_training_resumes_exactly_with_deterministic_kernels(tmp_path):
 def test_causal_model_trains_with_a_noise_level_per_frame(tmp_path, monkeypatch):
     from matten.diffusion import GaussianDiffusion
     from matten.models import CausalVideoBackbone
-    from matten.sampling import load_for_sampling
+    from matten.checkpoint import load_for_sampling
 
     seen, weights = [], []
     real_losses = GaussianDiffusion.training_losses

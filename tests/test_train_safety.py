@@ -19,7 +19,8 @@ import yaml
 from matten import cli
 from matten.config import load_config
 from matten.data import write_video
-from matten.training import SetupError, latest_checkpoint, load_checkpoint_files, train
+from matten.checkpoint import latest_checkpoint, load_checkpoint_files
+from matten.training import SetupError, train
 from matten.training import loop as loop_module
 from matten.interrupts import GracefulStop
 

@@ -22,7 +22,7 @@ from typing import Any, Union
 
 import yaml
 
-from .data.datasets import dataset_key
+from .data.registry import dataset_key
 
 __all__ = ["ModelConfig", "DataConfig", "AutoencoderConfig", "DiffusionConfig", "TrainConfig",
            "SampleConfig", "RunConfig", "ConfigError", "load_config", "packaged_configs",

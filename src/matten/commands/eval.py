@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from ..checkpoint import CheckpointError, config_from_checkpoint, resolve_checkpoint
+from ..config import ConfigError, apply_overrides
+from ..devices import DeviceError, resolve_device
+from ..eval.evaluate import EvalSettings, evaluate
+from ..pipelines import SamplingError
 
 
 def add_parser(subparsers):
@@ -56,14 +63,6 @@ def add_parser(subparsers):
 
 
 def run(args, parser) -> int:
-    from pathlib import Path
-
-    from ..config import ConfigError, apply_overrides
-    from ..devices import DeviceError, resolve_device
-    from ..eval.evaluate import EvalSettings, evaluate
-    from ..sampling import SamplingError
-    from ..training import CheckpointError, config_from_checkpoint, resolve_checkpoint
-
     try:
         device = resolve_device(args.device)  # before any work: a missing GPU fails at once
         folder = resolve_checkpoint(args.checkpoint)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+from ..eval.flops import flops_report
+from ..models import parse_name
+
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(
@@ -27,9 +30,6 @@ def _g(x):
 
 
 def run(args, parser) -> int:
-    from ..eval.flops import flops_report
-    from ..models import parse_name
-
     try:
         _, size, patch = parse_name(args.model)
     except ValueError as exc:

@@ -7,6 +7,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from ..checkpoint import CheckpointError
+from ..data import VIDEO_SUFFIXES, grid_path_for, remove_stale_temp_files, save_samples
+from ..devices import DeviceError
+from ..interrupts import exit_status, sigterm_as_interrupt
+from ..pipelines import (LongVideoInterrupted, LongVideoPipeline, MattenPipeline, SamplingError,
+                         discrete_actions, takes_actions)
+from .options import parse_action_schedule, parse_class_switches
+
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(
@@ -63,13 +73,6 @@ def add_parser(subparsers):
 
 
 def run(args, parser) -> int:
-    import torch
-
-    from ..devices import DeviceError, resolve_device
-    from ..sampling import (VIDEO_SUFFIXES, SamplingError, grid_path_for, load_for_sampling,
-                            resolve_labels, sample_videos, save_samples)
-    from ..training import CheckpointError
-
     try:
         if Path(args.output).suffix.lower() not in VIDEO_SUFFIXES:
             raise SamplingError(f"--output '{args.output}' must end in one of "
@@ -78,39 +81,33 @@ def run(args, parser) -> int:
             raise SamplingError(f"--num-samples must be >= 1, got {args.num_samples}")
         if args.fps is not None and args.fps < 1:
             raise SamplingError(f"--fps must be >= 1 (frames per second), got {args.fps}")
-        device = resolve_device(args.device)
-        loaded = load_for_sampling(args.checkpoint, weights=args.weights, device=device,
-                                   vae_path=args.vae)
-        sample_cfg = loaded.meta.get("run_config", {}).get("sample", {})
-        if args.num_samples is None:  # the run's own setting (the long paths read args too)
-            args.num_samples = int(sample_cfg.get("num_samples", 8))
-        labels = resolve_labels(args.classes, args.num_samples, loaded.num_classes,
-                                loaded.class_names)
-        sampler = args.sampler or sample_cfg.get("sampler", "ddim")
-        cfg_scale = args.cfg_scale
-        if cfg_scale is None:
-            cfg_scale = float(sample_cfg.get("cfg_scale", 1.0)) if labels is not None else 1.0
+        pipe = MattenPipeline.from_pretrained(args.checkpoint, weights=args.weights,
+                                              device=args.device, vae_path=args.vae)
+        args.num_samples = int(pipe.default("num_samples", args.num_samples, 8))
         if args.frames is not None:
-            return run_long(args, parser, loaded, labels, device, sampler, sample_cfg)
+            if not LongVideoPipeline.can_run(pipe.model):
+                raise SamplingError("--frames needs a long-video model (model.name: "
+                                    "Matten-Causal); clip models generate their "
+                                    f"{pipe.loaded.num_frames} training frames")
+            return run_long(args, parser, LongVideoPipeline(pipe.loaded, pipe.device))
         if args.class_at:
             raise SamplingError("--class-at switches classes mid-stream: it needs --frames")
-        actions = frame_actions(args, loaded)
+        labels = pipe.labels(args.classes, args.num_samples)
+        actions = frame_actions(args, pipe)
         if actions is not None:
-            actions = torch.stack([actions(f) for f in range(loaded.num_frames)], dim=1)
+            actions = torch.stack([actions(f) for f in range(pipe.loaded.num_frames)], dim=1)
+        sampler = pipe.default("sampler", args.sampler, "ddim")
         start = time.time()
-        videos = sample_videos(
-            loaded.model, loaded.autoencoder, args.num_samples, loaded.num_frames,
-            loaded.latent_size, labels=labels, sampler=sampler, steps=args.steps,
-            eta=args.eta, cfg_scale=cfg_scale, seed=args.seed, batch_size=args.batch_size,
-            learn_sigma=loaded.learn_sigma, diffusion_steps=loaded.diffusion_steps,
-            prediction=loaded.prediction, actions=actions,
-            device=device, progress=not args.no_progress)
-        fps = args.fps or int(sample_cfg.get("fps", 8))
+        videos = pipe(args.num_samples, args.classes, sampler=sampler, steps=args.steps,
+                      eta=args.eta, cfg_scale=args.cfg_scale, seed=args.seed, actions=actions,
+                      batch_size=args.batch_size, progress=not args.no_progress)
+        fps = int(pipe.default("fps", args.fps, 8))
         grid_path = grid_path_for(args.output)
         clean_stale_temp_files(args.output, grid_path)
         video_path, grid_path = save_samples(videos, args.output, fps=fps, grid_path=grid_path)
     except (SamplingError, CheckpointError, DeviceError, FileNotFoundError) as exc:
         parser.error(str(exc))
+    loaded = pipe.loaded
     what = "" if labels is None else f", classes {labels.tolist()}"
     print(f"{args.num_samples} samples from {loaded.folder} (step {loaded.step}, {args.weights} "
           f"weights, {sampler}{what}) in {time.time() - start:.1f}s")
@@ -119,49 +116,31 @@ def run(args, parser) -> int:
     return 0
 
 
-def run_long(args, parser, loaded, labels, device, sampler: str, sample_cfg: dict) -> int:
-    """`--frames N`: autoregressive generation of a Matten-Causal model, written progressively."""
-    import time
-
-    from ..diffusion import create_diffusion
-    from ..interrupts import exit_status, sigterm_as_interrupt
-    from ..long_video import LongVideoInterrupted, write_long_video
-    from ..models import CausalVideoBackbone
-    from ..sampling import SamplingError, default_steps, parse_class_switches
-
-    if not isinstance(loaded.model, CausalVideoBackbone):
-        parser.error("--frames needs a long-video model (model.name: Matten-Causal); clip "
-                     f"models generate their {loaded.num_frames} training frames")
+def run_long(args, parser, pipe: LongVideoPipeline) -> int:
+    """`--frames N`: autoregressive generation of a long-video model, written progressively."""
     if args.frames < 1 or args.chunk_size < 1:
         parser.error("--frames and --chunk-size must be >= 1")
-    steps = args.steps or default_steps(sampler)
-    diffusion = create_diffusion(str(steps), diffusion_steps=loaded.diffusion_steps,
-                                 learn_sigma=loaded.learn_sigma, prediction=loaded.prediction)
     try:
-        actions = frame_actions(args, loaded)
-        switches = parse_class_switches(args.class_at, args.num_samples, loaded.num_classes,
-                                        loaded.class_names)
+        labels = pipe.labels(args.classes, args.num_samples)
+        actions = frame_actions(args, pipe)
+        switches = parse_class_switches(args.class_at, args.num_samples, pipe.loaded.num_classes,
+                                        pipe.loaded.class_names)
     except SamplingError as exc:
         parser.error(str(exc))
     y = labels
     if switches:  # (parse_class_switches refused them for an unconditional model)
         def y(frame: int):  # the labels of the last switch at or before this frame
             return next((lab for at, lab in reversed(switches) if at <= frame), labels)
-    cfg_scale = args.cfg_scale if args.cfg_scale is not None else 1.0
-    h, w = loaded.latent_size
     clean_stale_temp_files(args.output)
     start = time.time()
     try:
         # Ctrl-C, or SIGTERM (kill, a job scheduler), keeps the frames made so far.
         with sigterm_as_interrupt():
-            path = write_long_video(
-                loaded.model, diffusion, loaded.autoencoder, args.output, args.frames,
-                args.chunk_size, (loaded.autoencoder.latent_channels, h, w),
-                batch=args.num_samples, y=y, actions=actions, sampler=sampler, eta=args.eta,
-                cfg_scale=cfg_scale, clip_denoised=loaded.autoencoder.kind == "pixel",
-                generator=torch_generator(args.seed), device=device,
-                fps=args.fps or int(sample_cfg.get("fps", 8)), min_size=128,
-                keep_partial=True, progress=not args.no_progress)
+            path = pipe.write(args.output, args.frames, args.chunk_size, fps=args.fps,
+                              keep_partial=True, progress=not args.no_progress,
+                              num_videos=args.num_samples, class_labels=y, actions=actions,
+                              sampler=args.sampler, steps=args.steps, eta=args.eta,
+                              cfg_scale=args.cfg_scale, seed=args.seed)
     except LongVideoInterrupted as stop:
         if stop.partial is None:
             print("interrupted before any frame could be kept: nothing was written",
@@ -173,6 +152,7 @@ def run_long(args, parser, loaded, labels, device, sampler: str, sample_cfg: dic
         return exit_status(stop.interrupt)
     except (SamplingError, ValueError) as exc:
         parser.error(str(exc))
+    loaded = pipe.loaded
     print(f"{args.frames} frames x {args.num_samples} from {loaded.folder} (step {loaded.step}) "
           f"in {time.time() - start:.1f}s, chunks of {args.chunk_size}")
     print(f"video: {path}")
@@ -181,37 +161,25 @@ def run_long(args, parser, loaded, labels, device, sampler: str, sample_cfg: dic
 
 def clean_stale_temp_files(*outputs) -> None:
     """Delete the temporary files that killed earlier runs left beside ``outputs``, saying so."""
-    from ..data.video_io import remove_stale_temp_files as remove
-
     for output in outputs:
-        removed = remove(output)
+        removed = remove_stale_temp_files(output)
         if removed:
             print(f"removed {len(removed)} temporary file(s) that an earlier, killed run left "
                   f"beside '{output}'", file=sys.stderr)
 
 
-def frame_actions(args, loaded):
+def frame_actions(args, pipe: MattenPipeline):
     """``frame -> actions (num_samples,)`` for an action-conditioned model (None otherwise):
     the ``--actions`` schedule, or the camera moves of the run's training clips, cycled."""
-    import torch
-
-    from ..sampling import SamplingError, action_names, dataset_actions, parse_action_schedule
-
-    embedder = getattr(loaded.model, "action_embedder", None)
-    if args.actions is not None and (embedder is None or not embedder.num_actions):
+    model = pipe.model
+    num_actions = discrete_actions(model)
+    if args.actions is not None and not num_actions:
         raise SamplingError("--actions needs a model trained with discrete actions")
-    if embedder is None:
+    if not takes_actions(model):
         return None
     n = args.num_samples
     if args.actions is not None:
-        schedule = parse_action_schedule(args.actions, embedder.num_actions,
-                                         action_names(loaded.meta.get("run_config", {})))
+        schedule = parse_action_schedule(args.actions, num_actions, pipe.loaded.action_names)
         return lambda frame: torch.full((n,), schedule[frame % len(schedule)], dtype=torch.long)
-    clips = dataset_actions(loaded.meta["run_config"], n)
+    clips = pipe.loaded.training_actions(n)
     return lambda frame: clips[:, frame % clips.shape[1]]
-
-
-def torch_generator(seed: int):
-    import torch
-
-    return torch.Generator().manual_seed(int(seed))

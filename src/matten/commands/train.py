@@ -7,7 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, apply_overrides, load_config, packaged_configs
+from ..checkpoint import CheckpointError, config_from_checkpoint, latest_checkpoint, \
+    resolve_checkpoint
+from ..config import ConfigError, apply_overrides, config_differences, load_config, \
+    packaged_configs
+from ..training import SetupError, train
 
 
 def add_parser(subparsers):
@@ -46,8 +50,6 @@ def add_parser(subparsers):
 
 def build_config(args):
     """The run config from --config, the checkpoint (when resuming) and the overrides."""
-    from ..training import config_from_checkpoint, latest_checkpoint
-
     if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
         # `--resume key=value`: the bare --resume was followed by an override
         args.overrides = [args.resume] + list(args.overrides)
@@ -76,9 +78,6 @@ def resume_base_config(checkpoint):
     """The config a resumed run starts from: the run folder's ``config.yaml`` when the user has
     edited it (the edits take effect; the loop refuses those that change what the weights
     mean), else the config stored in the checkpoint."""
-    from ..config import config_differences, load_config
-    from ..training import config_from_checkpoint, resolve_checkpoint
-
     folder = resolve_checkpoint(checkpoint)
     saved = config_from_checkpoint(folder)
     edited_path = folder.parent.parent / "config.yaml"
@@ -99,8 +98,6 @@ def resume_base_config(checkpoint):
 
 
 def run(args, parser) -> int:
-    from ..training import CheckpointError, SetupError, train
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output = args.output
     try:
@@ -132,8 +129,6 @@ def run(args, parser) -> int:
 
 
 def _last_checkpoint_words(output) -> str:
-    from ..training import CheckpointError, latest_checkpoint
-
     try:
         found = latest_checkpoint(output) if output else None
     except CheckpointError as exc:

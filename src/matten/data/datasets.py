@@ -15,14 +15,14 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .transforms import CLIP_STARTS, VideoTransform, as_size, clip_span, sample_clip_indices
-from .video_io import (VIDEO_EXTENSIONS, ShortVideoError, VideoDecodeError, count_frames,
+from .video_read import (VIDEO_EXTENSIONS, ShortVideoError, VideoDecodeError, count_frames,
                        is_image_file, natural_key, read_video)
 
 logger = logging.getLogger(__name__)
@@ -411,57 +411,3 @@ class FolderDataset(VideoClipDataset):
         kwargs.setdefault("name", "VideoFolder")
         super().__init__(split_root(root, split), resolution, num_frames, frame_stride, **kwargs)
         self.split = split
-
-
-# ----------------------------------------------------------------------------------------------
-# registry
-
-def _build_synthetic(root, resolution, num_frames=16, frame_stride=3, split=None, **kwargs):
-    from .synthetic import SyntheticVideoDataset
-
-    kwargs.setdefault("num_videos", 512)
-    if split == "test":  # a disjoint, equally reproducible set of items
-        kwargs["seed"] = int(kwargs.get("seed", 0)) + 1_000_003
-    return SyntheticVideoDataset(resolution=resolution, num_frames=num_frames, **kwargs)
-
-
-def _build_panning_map(root, resolution, num_frames=16, frame_stride=3, split=None, **kwargs):
-    from .long_memory import PanningMapDataset
-
-    kwargs.setdefault("num_videos", 512)
-    if split == "test":
-        kwargs["seed"] = int(kwargs.get("seed", 0)) + 1_000_003
-    return PanningMapDataset(resolution=resolution, num_frames=num_frames, **kwargs)
-
-
-DATASETS: dict[str, Callable[..., Dataset]] = {
-    "ucf101": UCF101Dataset,
-    "sky_timelapse": SkyTimelapseDataset,
-    "faceforensics": FaceForensicsDataset,
-    "taichi_hd": TaichiHDDataset,
-    "folder": FolderDataset,
-    "synthetic": _build_synthetic,
-    "panning_map": _build_panning_map,
-}
-_ALIASES = {"ucf": "ucf101", "sky": "sky_timelapse", "skytimelapse": "sky_timelapse",
-            "ffs": "faceforensics", "face_forensics": "faceforensics", "taichi": "taichi_hd",
-            "taichihd": "taichi_hd", "videos": "folder"}
-
-
-def dataset_key(name: str) -> str:
-    """The registry key of a dataset name or alias (``"UCF"`` -> ``"ucf101"``)."""
-    key = str(name).lower().replace("-", "_")
-    return _ALIASES.get(key, key)
-
-
-def build_dataset(name: str, root, resolution, num_frames: int = 16, frame_stride: int = 3,
-                  split: str | None = None, **kwargs) -> Dataset:
-    """Build a dataset by name: ``ucf101``, ``sky_timelapse``, ``faceforensics``, ``taichi_hd``,
-    ``folder`` or ``synthetic`` (``root`` is ignored; pass ``num_videos``, ``num_classes``,
-    ``seed``). Extra keyword arguments go to the dataset class."""
-    key = dataset_key(name)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}'; choose one of {sorted(DATASETS)}")
-    if key in ("synthetic", "panning_map"):
-        return DATASETS[key](root, resolution, num_frames, frame_stride, split, **kwargs)
-    return DATASETS[key](root, resolution, num_frames, frame_stride, split=split, **kwargs)

@@ -30,10 +30,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import video_to_uint8, write_video
-from ..data.video_io import atomic_write_path
+from ..data import dataset_from_config, tile_videos, upscale_frames, video_to_uint8, write_video
+from ..data.video_write import atomic_write_path
 from ..devices import resolve_device
-from ..checkpoint import CHECKPOINTS_DIR, EMA_FILE, META_FILE, MODEL_FILE, step_dirname
+from ..checkpoint import (CHECKPOINTS_DIR, EMA_FILE, META_FILE, MODEL_FILE,
+                          config_from_checkpoint, load_for_sampling, step_dirname)
+from ..pipelines import sample_videos
 from .frechet import FeatureStats, FeatureStatsAccumulator, cached_stats, frechet_distance
 
 __all__ = ["EvalSettings", "evaluate", "build_extractor", "real_clips", "uint8_to_model_input",
@@ -230,8 +232,6 @@ class GeneratedClips:
 
 def _sample_shard(loaded, shard: int, size: int, settings: EvalSettings, sampler: str,
                   cfg_scale: float, device) -> tuple[np.ndarray, torch.Tensor | None]:
-    from ..sampling import sample_videos
-
     labels = None
     if loaded.num_classes:
         first = shard * settings.batch_size
@@ -249,8 +249,6 @@ def _sample_shard(loaded, shard: int, size: int, settings: EvalSettings, sampler
 
 def _comparison(real: np.ndarray, fake: np.ndarray, path: Path, fps: int) -> Path:
     """Real clips on the top row, generated clips below, as one video."""
-    from ..sampling import upscale_frames, tile_videos
-
     k = min(len(real), len(fake))
     if k == 0:
         return path
@@ -275,10 +273,6 @@ def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None =
     ``extractor`` replaces the feature network (any callable with ``name``, ``cache_name``,
     ``feature_dim`` and ``comparable_to_published``).
     """
-    from ..sampling import load_for_sampling
-    from ..training.data import build_train_dataset
-    from ..training.loop import config_from_checkpoint
-
     settings = settings or EvalSettings()
     if settings.num_clips < 2:
         raise ValueError("--num-clips must be >= 2 (a covariance needs two clips)")
@@ -318,7 +312,7 @@ def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None =
     metric = "fvd" if extractor.comparable_to_published else f"fd-{extractor.name}"
 
     # Real statistics: computed once per (data, clip size, clip count, extractor).
-    dataset = build_train_dataset(data, seed=0)
+    dataset = dataset_from_config(data, seed=0)
     real_key = {"data": data.name, "root": str(data.root), "split": str(data.split),
                 "options": data.options, "num_videos": data.num_videos,
                 "resolution": data.resolution, "frames": data.num_frames,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..data.synthetic import MOTION_TYPES, SyntheticVideoDataset
 from ..data.transforms import as_size
-from ..data.video_io import atomic_write_path
+from ..data.video_write import atomic_write_path
 
 __all__ = ["MOTION_NET_NAME", "MotionFeatureExtractor", "MotionFeatureNet",
            "load_or_train_motion_net", "motion_net_cache_paths", "train_motion_net"]

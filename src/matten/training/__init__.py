@@ -1,11 +1,8 @@
-"""Training: the accelerate-driven loop, EMA, the resumable data order and atomic checkpoints."""
+"""Training: the accelerate-driven loop, EMA and the resumable data order (checkpoints are
+:mod:`matten.checkpoint`)."""
 
-from ..checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
-                         load_checkpoint_files, resolve_checkpoint, save_checkpoint)
 from .ema import create_ema, ema_decay_at, update_ema
-from .loop import SetupError, TrainResult, capture_rng, config_from_checkpoint, restore_rng, train
+from .loop import SetupError, TrainResult, capture_rng, restore_rng, train
 
-__all__ = ["CheckpointError", "SetupError", "TrainResult", "capture_rng", "config_from_checkpoint",
-           "create_ema", "ema_decay_at", "latest_checkpoint", "list_checkpoints",
-           "load_checkpoint_files", "resolve_checkpoint", "restore_rng", "save_checkpoint", "train",
-           "update_ema"]
+__all__ = ["SetupError", "TrainResult", "capture_rng", "create_ema", "ema_decay_at",
+           "restore_rng", "train", "update_ema"]

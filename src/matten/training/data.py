@@ -13,11 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import DataConfig
-from ..data import build_dataset
-from ..data.datasets import DATASETS, dataset_key
 
-__all__ = ["StreamSampler", "EpochDataset", "build_train_dataset", "build_loader"]
+__all__ = ["StreamSampler", "EpochDataset", "build_loader"]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -80,28 +77,6 @@ class EpochDataset(Dataset):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         return self.dataset[index]
-
-
-def build_train_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
-    """The training set a data config describes."""
-    kwargs = dict(cfg.options)
-    key = dataset_key(cfg.name)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset data.name={cfg.name!r}; choose one of "
-                         f"{', '.join(sorted(DATASETS))}")
-    if key == "synthetic":
-        kwargs.setdefault("num_videos", cfg.num_videos)
-        kwargs.setdefault("num_classes", cfg.num_classes)
-    elif key == "panning_map":  # built in, unlabelled (its camera moves are per-frame actions)
-        kwargs.setdefault("num_videos", cfg.num_videos)
-    else:
-        if cfg.root is None:
-            raise FileNotFoundError(f"data.root is required for the '{cfg.name}' dataset: set it "
-                                    "to the dataset folder (data.root=/path/to/videos)")
-        kwargs.setdefault("hflip_p", cfg.hflip)
-        kwargs.setdefault("seed", seed)  # clip starts and flips are a function of (seed, epoch)
-    return build_dataset(cfg.name, cfg.root, cfg.resolution, num_frames=cfg.num_frames,
-                         frame_stride=cfg.frame_stride, split=cfg.split, **kwargs)
 
 
 def build_loader(dataset: Dataset, sampler: StreamSampler, num_workers: int = 0,

@@ -30,15 +30,17 @@ from ..config import ConfigError, RunConfig, config_differences, config_from_dic
 from ..diffusion import create_diffusion, forcing_timesteps
 from ..interrupts import GracefulStop
 from ..latent import build_autoencoder
+from ..models import build_model
+from ..pipelines import sample_videos
 from ..checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                          load_checkpoint_files, read_meta, resolve_checkpoint,
                          save_checkpoint, step_dirname)
-from .data import StreamSampler, build_loader, build_train_dataset
+from ..data import clip_actions, dataset_from_config, save_samples
+from .data import StreamSampler, build_loader
 from .ema import create_ema, ema_decay_at, update_ema
 from .plots import plot_loss_curve
 
-__all__ = ["train", "TrainResult", "SetupError", "capture_rng", "restore_rng",
-           "config_from_checkpoint"]
+__all__ = ["train", "TrainResult", "SetupError", "capture_rng", "restore_rng"]
 
 logger = logging.getLogger(__name__)
 
@@ -284,9 +286,6 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     exactly: its parameters equal those of an uninterrupted run, bit for bit (with the same
     number of processes; on GPUs with ``train.deterministic=true``).
     """
-    from ..models import build_model
-    from ..sampling import clip_actions, save_samples, sample_videos
-
     output = Path(output or cfg.train.output or "")
     if not str(output) or str(output) == ".":
         raise SetupError("no output folder: pass --output DIR (or set train.output)")
@@ -329,7 +328,7 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     # Same seed on every process for the model's initial weights...
     seed_everything(t_cfg.seed)
     try:
-        dataset = build_train_dataset(cfg.data, seed=t_cfg.seed)
+        dataset = dataset_from_config(cfg.data, seed=t_cfg.seed)
     except (ValueError, OSError) as exc:  # a missing root, a file where a folder is needed
         raise SetupError(f"data ({cfg.data.name}): {exc}") from exc
     except TypeError as exc:  # an unknown keyword in data.options
@@ -568,13 +567,3 @@ def _any_process(flag: bool, accelerator) -> bool:
         return flag
     value = torch.tensor([float(flag)], device=accelerator.device)
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
-
-
-def config_from_checkpoint(path) -> RunConfig:
-    """The run config stored in a checkpoint."""
-    meta = read_meta(resolve_checkpoint(path))
-    try:
-        return config_from_dict(meta["run_config"])
-    except (KeyError, ConfigError) as exc:
-        raise CheckpointError(f"the checkpoint's config cannot be read: {exc}") from None
-
