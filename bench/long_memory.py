@@ -37,7 +37,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import print_table  # noqa: E402
 
 from matten.config import config_from_dict, load_config  # noqa: E402
-from matten.data import DARK, PanningMapDataset, pixel_last_seen  # noqa: E402
+from matten.data import DARK, PanningMapDataset  # noqa: E402
+from matten.eval.long_memory import pixel_last_seen  # noqa: E402
 from matten.diffusion import create_diffusion  # noqa: E402
 from matten.checkpoint import load_for_sampling  # noqa: E402
 from matten.pipelines import generate_long  # noqa: E402

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from matten.data.long_memory import (ACTION_DELTAS, DARK, TRAJECTORIES, PanningMapDataset,
-                                     actions_from_camera, pixel_last_seen, retrieval_error,
-                                     revisit_pairs)
+                                     actions_from_camera)
+from matten.eval.long_memory import pixel_last_seen, retrieval_error, revisit_pairs
 
 
 @pytest.mark.parametrize("trajectory", TRAJECTORIES)

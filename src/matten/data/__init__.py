@@ -4,8 +4,7 @@
 from .datasets import (FaceForensicsDataset, FolderDataset, SkyTimelapseDataset, TaichiHDDataset,
                        UCF101Dataset, VideoClipDataset, VideoEntry, find_videos)
 from .grids import grid_path_for, make_grid, save_grid_image, save_samples, tile_videos, upscale_frames
-from .long_memory import (ACTION_NAMES, DARK, PanningMapDataset, actions_from_camera,
-                          pixel_last_seen, retrieval_error, revisit_pairs)
+from .long_memory import ACTION_NAMES, DARK, PanningMapDataset, actions_from_camera
 from .moving_digits import DIGIT_CLASSES, MovingDigitsDataset
 from .synthetic import MOTION_TYPES, SyntheticVideoDataset
 from .transforms import (VideoTransform, clip_span, hflip, random_hflip, resize_center_crop,
@@ -17,8 +16,7 @@ from .video_read import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ShortVideoError, Vi
 from .video_write import (VIDEO_SUFFIXES, StreamingVideoWriter, atomic_write_path,
                           partial_video_path, remove_stale_temp_files, write_video)
 
-__all__ = ["ACTION_NAMES", "DARK", "PanningMapDataset", "actions_from_camera", "pixel_last_seen",
-           "retrieval_error", "revisit_pairs", "DATASETS", "DIGIT_CLASSES", "IMAGE_EXTENSIONS",
+__all__ = ["ACTION_NAMES", "DARK", "PanningMapDataset", "actions_from_camera", "DATASETS", "DIGIT_CLASSES", "IMAGE_EXTENSIONS",
            "MOTION_TYPES", "VIDEO_EXTENSIONS",
            "FaceForensicsDataset", "FolderDataset", "MovingDigitsDataset", "ShortVideoError",
            "SkyTimelapseDataset",
