@@ -250,11 +250,11 @@ def test_keep_last_k_checkpoints(tmp_path):
 
 
 def test_resume_reads_one_ssm_block_size_as_every_layer_s():
-    from matten.training.loop import SetupError, _compare_model_configs
+    from matten.training.resume import SetupError, check_same_model
     old = {"name": "Matten-Causal", "depth": 2, "ssm_block_size": [2, 2]}
-    _compare_model_configs(old, {**old, "ssm_block_size": [[2, 2], [2, 2]]}, Path("ckpt"))
+    check_same_model(old, {**old, "ssm_block_size": [[2, 2], [2, 2]]}, Path("ckpt"))
     with pytest.raises(SetupError, match="ssm_block_size"):
-        _compare_model_configs(old, {**old, "ssm_block_size": [[2, 2], [4, 4]]}, Path("ckpt"))
+        check_same_model(old, {**old, "ssm_block_size": [[2, 2], [4, 4]]}, Path("ckpt"))
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_a_different_model(tmp_path):

@@ -21,7 +21,7 @@ from matten.config import load_config
 from matten.data import write_video
 from matten.checkpoint import latest_checkpoint, load_checkpoint_files
 from matten.training import SetupError, train
-from matten.training import loop as loop_module
+from matten.training import callbacks, step as step_module
 from matten.interrupts import GracefulStop
 
 TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
@@ -64,7 +64,7 @@ def test_resume_warns_about_other_changes(tmp_path, two_step_run, caplog):
 
     run = tmp_path / "run"
     shutil.copytree(two_step_run, run)
-    with caplog.at_level(logging.WARNING, logger="matten.training.loop"):
+    with caplog.at_level(logging.WARNING, logger="matten.training.resume"):
         result = train(tiny_config("train.max_steps=3", "train.lr=5e-4"), output=run,
                        resume="auto", progress=False)
     assert result.step == 3
@@ -113,7 +113,7 @@ def test_edits_to_the_run_config_take_effect_on_resume(tmp_path, two_step_run):
 def test_loss_record_has_no_gap_after_a_crash_and_resume(tmp_path, monkeypatch):
     run = tmp_path / "run"
     calls = {"n": 0}
-    real_update = loop_module.update_ema
+    real_update = step_module.update_ema
 
     def crash_at_step_7(*args, **kwargs):  # dies two steps after the checkpoint at 5
         calls["n"] += 1
@@ -121,12 +121,12 @@ def test_loss_record_has_no_gap_after_a_crash_and_resume(tmp_path, monkeypatch):
             raise RuntimeError("power cut")
         return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "update_ema", crash_at_step_7)
+    monkeypatch.setattr(step_module, "update_ema", crash_at_step_7)
     cfg = tiny_config("train.max_steps=9", "train.checkpoint_every=5", "train.log_every=4")
     with pytest.raises(RuntimeError, match="power cut"):
         train(cfg, output=run, progress=False)
     assert latest_checkpoint(run).name == "step_0000005"
-    monkeypatch.setattr(loop_module, "update_ema", real_update)
+    monkeypatch.setattr(step_module, "update_ema", real_update)
     train(cfg, output=run, resume="auto", progress=False)
     assert loss_steps(run) == list(range(1, 10))
 
@@ -142,7 +142,7 @@ def test_graceful_stop_waits_once_then_stops_at_once():
 
 
 def test_a_stop_request_finishes_the_step_and_writes_a_checkpoint(tmp_path, monkeypatch):
-    real_update = loop_module.update_ema
+    real_update = step_module.update_ema
     calls = {"n": 0}
 
     def signal_during_step_3(*args, **kwargs):
@@ -151,7 +151,7 @@ def test_a_stop_request_finishes_the_step_and_writes_a_checkpoint(tmp_path, monk
             os.kill(os.getpid(), signal.SIGTERM)
         return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "update_ema", signal_during_step_3)
+    monkeypatch.setattr(step_module, "update_ema", signal_during_step_3)
     run = tmp_path / "run"
     result = train(tiny_config("train.max_steps=50", "train.log_every=10"), output=run,
                    progress=False)
@@ -159,7 +159,7 @@ def test_a_stop_request_finishes_the_step_and_writes_a_checkpoint(tmp_path, monk
     assert latest_checkpoint(run).name == "step_0000003"
     assert loss_steps(run) == [1, 2, 3]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    monkeypatch.setattr(loop_module, "update_ema", real_update)
+    monkeypatch.setattr(step_module, "update_ema", real_update)
     assert train(tiny_config("train.max_steps=4"), output=run, resume="auto",
                  progress=False).step == 4
 
@@ -227,7 +227,7 @@ def test_the_demo_config_trains_on_a_folder_of_videos(tmp_path, capsys):
     assert code == 0
     assert latest_checkpoint(run).name == "step_0000002"
     assert load_checkpoint_files(run).meta["run_config"]["data"]["options"] == {}
-    with open(run / loop_module.SKIPPED_FILE, newline="") as f:
+    with open(run / callbacks.SKIPPED_FILE, newline="") as f:
         rows = list(csv.reader(f, delimiter="\t"))
     assert rows[0] == ["reason", "path"]
     assert sorted(rows[1:]) == [["corrupt", str(videos / "broken.mp4")],

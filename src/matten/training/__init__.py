@@ -1,8 +1,11 @@
-"""Training: the accelerate-driven loop, EMA and the resumable data order (checkpoints are
-:mod:`matten.checkpoint`)."""
+"""Training: the accelerate-driven loop and its pieces (resume checks, the run builder, the
+step, the callbacks that write), EMA and the resumable data order. Checkpoints are
+:mod:`matten.checkpoint`."""
 
 from .ema import create_ema, ema_decay_at, update_ema
-from .loop import SetupError, TrainResult, capture_rng, restore_rng, train
+from .loop import TrainResult, train
+from .resume import SetupError
+from .rng import capture_rng, restore_rng
 
 __all__ = ["SetupError", "TrainResult", "capture_rng", "create_ema", "ema_decay_at",
            "restore_rng", "train", "update_ema"]
