@@ -1,4 +1,5 @@
-"""Inputs of the backbone: patches of the video latent, fixed sin-cos positions, timestep and class."""
+"""Inputs of the backbones: patches of the video latent, fixed sin-cos positions, timestep, class
+and per-frame action."""
 
 from __future__ import annotations
 
@@ -43,22 +44,37 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _spatio_temporal_table(dim: int, frames: int, height: int, width: int) -> np.ndarray:
-    # Spatial: half of the channels encode the row, half the column (as DiT); temporal: all
-    # channels encode the frame index (as Latte). The two are added.
+def _spatial_table(dim: int, height: int, width: int) -> np.ndarray:
+    # Half of the channels encode the row, half the column (as DiT).
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    spatial = np.concatenate([sincos_1d(dim // 2, rows), sincos_1d(dim // 2, cols)], axis=1)
+    return np.concatenate([sincos_1d(dim // 2, rows), sincos_1d(dim // 2, cols)], axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _spatio_temporal_table(dim: int, frames: int, height: int, width: int) -> np.ndarray:
+    # Temporal: all channels encode the frame index (as Latte), added to the spatial table.
     temporal = sincos_1d(dim, np.arange(frames))
+    spatial = _spatial_table(dim, height, width)
     return (temporal[:, None, :] + spatial[None, :, :]).reshape(frames * height * width, dim)
+
+
+def _as_embedding(table_fn, dim: int, *sizes, device=None, dtype=torch.float32) -> torch.Tensor:
+    if dim % 4:
+        raise ValueError(f"hidden size {dim} must be a multiple of 4 for the sin-cos embedding")
+    return torch.from_numpy(table_fn(dim, *sizes)).to(device=device, dtype=dtype)[None]
 
 
 def spatio_temporal_pos_embed(dim: int, frames: int, height: int, width: int,
                               device=None, dtype=torch.float32) -> torch.Tensor:
     """Fixed embedding p of the paper's z = z_hat + p: (1, F*h*w, dim), spatial-first order."""
-    if dim % 4:
-        raise ValueError(f"hidden size {dim} must be a multiple of 4 for the sin-cos embedding")
-    table = _spatio_temporal_table(dim, frames, height, width)
-    return torch.from_numpy(table).to(device=device, dtype=dtype)[None]
+    return _as_embedding(_spatio_temporal_table, dim, frames, height, width, device=device,
+                         dtype=dtype)
+
+
+def spatial_pos_embed(dim: int, height: int, width: int, device=None,
+                      dtype=torch.float32) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions (1, h*w, dim), the same for every frame."""
+    return _as_embedding(_spatial_table, dim, height, width, device=device, dtype=dtype)
 
 
 class TimestepEmbedder(nn.Module):
@@ -100,3 +116,32 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         return self.embedding(labels)
+
+
+class ActionEmbedder(nn.Module):
+    """Per-frame actions -> (B, F, D), added to the noise-level embedding: discrete actions
+    (B, F) through a table, continuous ones (B, F, action_dim) through an MLP."""
+
+    def __init__(self, hidden_size: int, num_actions: int = 0, action_dim: int = 0):
+        super().__init__()
+        if (num_actions > 0) == (action_dim > 0):
+            raise ValueError("give either num_actions (discrete) or action_dim (continuous)")
+        self.num_actions, self.action_dim = num_actions, action_dim
+        if num_actions:
+            self.embed = nn.Embedding(num_actions, hidden_size)
+        else:
+            self.embed = nn.Sequential(nn.Linear(action_dim, hidden_size), nn.SiLU(),
+                                       nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, actions: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+        if self.num_actions:
+            if actions.shape != (batch, frames) or actions.is_floating_point():
+                raise ValueError(f"expected integer actions of shape ({batch}, {frames}), got "
+                                 f"{actions.dtype} {tuple(actions.shape)}")
+            if actions.min() < 0 or actions.max() >= self.num_actions:
+                raise ValueError(f"actions must be in [0, {self.num_actions})")
+            return self.embed(actions)
+        if actions.shape != (batch, frames, self.action_dim):
+            raise ValueError(f"expected actions of shape ({batch}, {frames}, {self.action_dim}), "
+                             f"got {tuple(actions.shape)}")
+        return self.embed(actions.to(self.embed[0].weight.dtype))

@@ -1,7 +1,9 @@
-"""The two kinds of layer every backbone is built from, each over a sequence view of the tokens.
+"""The two kinds of layer of the clip backbones, each over a sequence view of the tokens.
 
 * :class:`AttentionLayer` — a transformer layer (self-attention, then a 4x MLP), as in DiT/Latte;
 * :class:`MambaLayer` — a bidirectional Mamba scan (Vision Mamba), as in Matten.
+
+The causal backbone adds a third on the same base: :class:`~matten.models.hybrid.HybridMemoryLayer`.
 
 A *view* says which tokens form one sequence (see :mod:`matten.ssm.scan_order`): ``"global"`` (all
 F*h*w tokens, spatial-first), ``"spatial"`` (the h*w tokens of one frame) or ``"temporal"`` (the F
@@ -76,13 +78,22 @@ def gated(x: torch.Tensor, gate: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
     return (x * gate[:, :, None]).flatten(1, 2)
 
 
-class _Layer(nn.Module):
-    """Shared plumbing: the view, the conditioning mode, running a mixer over the view."""
+def zero_modulation(dim: int, count: int) -> nn.Sequential:
+    """c -> ``count`` modulation vectors, zero-initialised so that a fresh layer is the identity."""
+    modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, count * dim))
+    nn.init.zeros_(modulation[1].weight)
+    nn.init.zeros_(modulation[1].bias)
+    return modulation
+
+
+class ConditionedLayer(nn.Module):
+    """Shared plumbing: the view, the conditioning mode, the adaptive-norm modulation, running a
+    mixer over the view. Layers with an MLP name it ``mlp`` after a norm ``norm2``."""
 
     num_modulations = 0
     cond_at_both_ends = False
 
-    def __init__(self, dim: int, view: str, conditioning: str):
+    def __init__(self, dim: int, view: str, conditioning: str, build_modulation: bool = True):
         super().__init__()
         if view not in VIEWS:
             raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
@@ -91,13 +102,16 @@ class _Layer(nn.Module):
         self.view, self.conditioning = view, conditioning
         adaptive = conditioning == "adan"
         self.norm_kwargs = dict(elementwise_affine=not adaptive, eps=1e-6)
-        if adaptive:
-            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.num_modulations * dim))
-            nn.init.zeros_(self.modulation[1].weight)
-            nn.init.zeros_(self.modulation[1].bias)
+        if adaptive and build_modulation:
+            self.modulation = zero_modulation(dim, self.num_modulations)
 
     def modulations(self, cond: Condition) -> tuple[torch.Tensor, ...]:
         return self.modulation(cond.vector).chunk(self.num_modulations, dim=-1)
+
+    def mlp_residual(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                     gate: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        """x + gate * MLP(AdaN(x)): the second half of an adaLN-Zero transformer layer."""
+        return x + gated(self.mlp(modulate(self.norm2(x), shift, scale, grid)), gate, grid)
 
     def mix(self, mixer: nn.Module, x: torch.Tensor, cond: Condition, grid: TokenGrid):
         seqs = to_sequences(x, self.view, grid)
@@ -111,7 +125,7 @@ class _Layer(nn.Module):
         return from_sequences(seqs, self.view, grid)
 
 
-class AttentionLayer(_Layer):
+class AttentionLayer(ConditionedLayer):
     """Self-attention over the view, then an MLP; adaLN-Zero or conditional tokens."""
 
     num_modulations = 6
@@ -131,10 +145,10 @@ class AttentionLayer(_Layer):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulations(cond)
         x = x + gated(self.mix(self.attn, modulate(self.norm1(x), shift_a, scale_a, grid), cond,
                                grid), gate_a, grid)
-        return x + gated(self.mlp(modulate(self.norm2(x), shift_m, scale_m, grid)), gate_m, grid)
+        return self.mlp_residual(x, shift_m, scale_m, gate_m, grid)
 
 
-class MambaLayer(_Layer):
+class MambaLayer(ConditionedLayer):
     """Bidirectional Mamba over the view; M-AdaN or conditional tokens."""
 
     num_modulations = 3
