@@ -7,7 +7,8 @@ import torch
 
 from matten.cli import main
 from matten.eval.flops import count_parameters, counted_flops, meta_model
-from matten.models import AttentionLayer, Condition, MambaLayer, create_model
+from matten.models import (AttentionLayer, Condition, MambaLayer, build_model, create_causal_model,
+                           create_model, model_kwargs_for_run)
 from matten.ssm import TokenGrid
 
 TINY = dict(depth=2, hidden_size=32, num_heads=2)
@@ -133,6 +134,42 @@ def test_layouts_and_config():
         create_model("Matten-XXL/2")
     with pytest.raises(ValueError, match="unknown variant"):
         create_model("Matten-S/2", variant=5)
+
+
+def test_build_model_rebuilds_either_family_and_callers_need_not_ask_which():
+    clip = build_model(**tiny(3, num_classes=3).config)
+    assert not clip.streams and not clip.takes_actions and clip.num_actions == 0
+    assert clip.num_classes == 3 and clip.null_class == 3
+    causal = build_model(**create_causal_model(input_size=4, depth=1, hidden_size=32,
+                                               num_heads=2, num_actions=5).config)
+    assert causal.streams and causal.takes_actions and causal.num_actions == 5
+    assert causal.config["name"] == "Matten-Causal" and causal.num_classes == 0
+    steered = create_causal_model(input_size=4, depth=1, hidden_size=32, num_heads=2,
+                                  action_dim=3)
+    assert steered.takes_actions and steered.num_actions == 0 and steered.action_dim == 3
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model(name="Foo/2")
+
+
+RUN_OPTIONS = dict(name="Matten-S/2", variant=3, conditioning="adan", num_classes=None,
+                   class_dropout_prob=0.1, learn_sigma=True, depth=2, hidden_size=None,
+                   num_heads=None, gradient_checkpointing=False, window=8, sink=1,
+                   memory="both", num_actions=0, ssm_block_size=2)
+
+
+def test_model_kwargs_for_run_reads_each_familys_options():
+    shapes = dict(in_channels=3, num_classes=4, num_frames=8)
+    clip = model_kwargs_for_run(RUN_OPTIONS, latent_hw=(8, 6), **shapes)
+    assert clip == dict(name="Matten-S/2", variant=3, conditioning="adan", num_frames=8,
+                        input_size=(8, 6), in_channels=3, num_classes=4, learn_sigma=True,
+                        class_dropout_prob=0.1, gradient_checkpointing=False, depth=2)
+    assert model_kwargs_for_run(RUN_OPTIONS, latent_hw=(8, 8), **shapes)["input_size"] == 8
+    causal = model_kwargs_for_run({**RUN_OPTIONS, "name": "Matten-Causal"}, latent_hw=(8, 8),
+                                  **shapes)
+    assert causal == dict(name="Matten-Causal", input_size=[8, 8], in_channels=3, num_classes=4,
+                          learn_sigma=True, class_dropout_prob=0.1, num_actions=0, window=8,
+                          sink=1, memory="both", ssm_block_size=2, context_length=8, depth=2)
+    assert build_model(**causal).streams and not build_model(**clip).streams
 
 
 PAPER = [("Matten-B/2", 3, 164e6), ("Matten-L/2", 3, 579e6), ("Matten-XL/2", 3, 853e6),

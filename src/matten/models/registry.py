@@ -1,4 +1,12 @@
-"""Model names and sizes: ``create_model("Matten-XL/2", variant=3)``, ``create_model("Latte-S/2")``.
+"""Model names -> model families: how each is built, and what a run's options make of it.
+
+    Matten-<S|B|L|XL>/<patch>, Latte-<S|B|L|XL>/<patch>   clip backbones, :func:`create_model`
+    Matten-Causal        the long-video backbone, :func:`~matten.models.causal.create_causal_model`
+
+``build_model(**model.config)`` rebuilds any saved model; ``model_kwargs_for_run`` turns a run
+config's ``model`` options into the arguments of a new one. Callers never branch on the name.
+
+Clip sizes: ``create_model("Matten-XL/2", variant=3)``, ``create_model("Latte-S/2")``.
 
 Sizes follow the paper's Table 3 (layers L, hidden size D), with N = 16 and E = 2 everywhere. As in
 Latte, the paper's "layers" count spatial and temporal layers separately, so a Matten-XL variant 3
@@ -10,8 +18,12 @@ Latte, the paper's "layers" count spatial and temporal layers separately, so a M
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 from .backbone import LAYOUTS, VideoBackbone
+from .causal import CAUSAL_NAME, create_causal_model
+from .denoiser import Denoiser
 
 # size -> (paper layers, hidden size, attention heads)
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -25,13 +37,19 @@ DEPTHS = {
 }
 
 _NAME = re.compile(r"^(Matten|Latte)-(S|B|L|XL)/(\d+)$")
+DEFAULT_NAME = "Matten-S/2"  # what a config without a name builds
+
+
+def _unknown_model(name) -> ValueError:
+    return ValueError(f"unknown model {name!r}: expected Matten-<S|B|L|XL>/<patch> or "
+                      f"Latte-<S|B|L|XL>/<patch>, e.g. Matten-XL/2")
 
 
 def parse_name(name: str) -> tuple[str, str, int]:
+    """A clip model's name -> (family "Matten" or "Latte", size, patch)."""
     match = _NAME.match(name)
     if not match:
-        raise ValueError(f"unknown model {name!r}: expected Matten-<S|B|L|XL>/<patch> or "
-                         f"Latte-<S|B|L|XL>/<patch>, e.g. Matten-XL/2")
+        raise _unknown_model(name)
     family, size, patch = match.groups()
     return family, size, int(patch)
 
@@ -40,7 +58,7 @@ def model_names() -> list[str]:
     return [f"{family}-{size}/2" for family in ("Matten", "Latte") for size in SIZES]
 
 
-def create_model(name: str = "Matten-S/2", variant: int = 3, conditioning: str = "adan",
+def create_model(name: str = DEFAULT_NAME, variant: int = 3, conditioning: str = "adan",
                  num_frames: int = 16, input_size: int | tuple[int, int] = 32, in_channels: int = 4,
                  num_classes: int = 0, learn_sigma: bool = True, class_dropout_prob: float = 0.1,
                  depth: int | None = None, hidden_size: int | None = None,
@@ -68,3 +86,81 @@ def create_model(name: str = "Matten-S/2", variant: int = 3, conditioning: str =
         config["variant"] = None
     model.config = config
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# From a run's options
+# --------------------------------------------------------------------------------------------
+
+def _size_overrides(options: dict) -> dict:
+    return {key: options[key] for key in ("depth", "hidden_size", "num_heads")
+            if options.get(key) is not None}
+
+
+def _clip_kwargs(options: dict, in_channels: int, latent_hw, num_classes: int,
+                 num_frames: int) -> dict:
+    height, width = latent_hw
+    return dict(name=options["name"], variant=options["variant"],
+                conditioning=options["conditioning"], num_frames=num_frames,
+                input_size=height if height == width else tuple(latent_hw),
+                in_channels=in_channels, num_classes=num_classes,
+                learn_sigma=options["learn_sigma"],
+                class_dropout_prob=options["class_dropout_prob"],
+                gradient_checkpointing=options["gradient_checkpointing"],
+                **_size_overrides(options))
+
+
+def _causal_kwargs(options: dict, in_channels: int, latent_hw, num_classes: int,
+                   num_frames: int) -> dict:
+    # the training clip length is only the router's reference length: any video length runs
+    return dict(name=options["name"], input_size=list(latent_hw), in_channels=in_channels,
+                num_classes=num_classes, learn_sigma=options["learn_sigma"],
+                class_dropout_prob=options["class_dropout_prob"],
+                num_actions=options["num_actions"], window=options["window"],
+                sink=options["sink"], memory=options["memory"],
+                ssm_block_size=options["ssm_block_size"], context_length=num_frames,
+                **_size_overrides(options))
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A kind of backbone: ``build(**config)`` makes one from its ``model.config``;
+    ``kwargs_for_run(options, in_channels, latent_hw, num_classes, num_frames)`` gives that
+    config's arguments from a run's model options and data shape."""
+    matches: Callable[[str], bool]
+    build: Callable[..., Denoiser]
+    kwargs_for_run: Callable[..., dict]
+
+
+FAMILIES = {
+    "clip": ModelFamily(lambda name: _NAME.match(name) is not None, create_model, _clip_kwargs),
+    "causal": ModelFamily(lambda name: name == CAUSAL_NAME, create_causal_model,
+                          _causal_kwargs),
+}
+
+
+def family_of(name: str) -> ModelFamily:
+    for family in FAMILIES.values():
+        if family.matches(name):
+            return family
+    raise _unknown_model(name)
+
+
+def build_model(**config) -> Denoiser:
+    """A model from its ``model.config`` (as stored in every checkpoint), whatever its family."""
+    return family_of(config.get("name", DEFAULT_NAME)).build(**config)
+
+
+def model_kwargs_for_run(options: dict, *, in_channels: int, latent_hw, num_classes: int,
+                         num_frames: int) -> dict:
+    """The arguments of :func:`build_model` for a new run: ``options`` is the run config's
+    ``model`` section as a dict (name, variant, conditioning, learn_sigma, class_dropout_prob,
+    depth / hidden_size / num_heads (None: the size's), gradient_checkpointing, window, sink,
+    memory, num_actions, ssm_block_size; each family reads its own); the rest is the data's:
+    latent channels, latent (H, W), class count and training clip length."""
+    return family_of(options["name"]).kwargs_for_run(options, in_channels, latent_hw,
+                                                     num_classes, num_frames)
