@@ -13,8 +13,7 @@ from ..checkpoint import CheckpointError
 from ..data import VIDEO_SUFFIXES, grid_path_for, remove_stale_temp_files, save_samples
 from ..devices import DeviceError
 from ..interrupts import exit_status, sigterm_as_interrupt
-from ..pipelines import (LongVideoInterrupted, LongVideoPipeline, MattenPipeline, SamplingError,
-                         discrete_actions, takes_actions)
+from ..pipelines import LongVideoInterrupted, LongVideoPipeline, MattenPipeline, SamplingError
 from .options import parse_action_schedule, parse_class_switches
 
 
@@ -85,7 +84,7 @@ def run(args, parser) -> int:
                                               device=args.device, vae_path=args.vae)
         args.num_samples = int(pipe.default("num_samples", args.num_samples, 8))
         if args.frames is not None:
-            if not LongVideoPipeline.can_run(pipe.model):
+            if not pipe.model.streams:
                 raise SamplingError("--frames needs a long-video model (model.name: "
                                     "Matten-Causal); clip models generate their "
                                     f"{pipe.loaded.num_frames} training frames")
@@ -172,10 +171,10 @@ def frame_actions(args, pipe: MattenPipeline):
     """``frame -> actions (num_samples,)`` for an action-conditioned model (None otherwise):
     the ``--actions`` schedule, or the camera moves of the run's training clips, cycled."""
     model = pipe.model
-    num_actions = discrete_actions(model)
+    num_actions = model.num_actions
     if args.actions is not None and not num_actions:
         raise SamplingError("--actions needs a model trained with discrete actions")
-    if not takes_actions(model):
+    if not model.takes_actions:
         return None
     n = args.num_samples
     if args.actions is not None:

@@ -1,8 +1,7 @@
 """Sampling, in one place: clip and long-video pipelines (``from_pretrained`` + ``__call__``),
 the sampling loops they run, and the checks every sampler call goes through."""
 
-from .clip import (MattenPipeline, discrete_actions, sample_latents, sample_videos,
-                   takes_actions)
+from .clip import MattenPipeline, sample_latents, sample_videos
 from .long import (LongVideoChunk, LongVideoInterrupted, LongVideoPipeline, generate_long,
                    iter_long, write_long_video)
 from .settings import (SAMPLERS, SamplingError, check_sampling, default_steps, resolve_labels,
@@ -11,4 +10,4 @@ from .settings import (SAMPLERS, SamplingError, check_sampling, default_steps, r
 __all__ = ["MattenPipeline", "LongVideoPipeline", "LongVideoChunk", "LongVideoInterrupted",
            "SAMPLERS", "SamplingError", "check_sampling", "default_steps", "generate_long",
            "iter_long", "resolve_labels", "run_sampler", "sample_latents", "sample_videos",
-           "sampling_diffusion", "takes_actions", "discrete_actions", "write_long_video"]
+           "sampling_diffusion", "write_long_video"]

@@ -23,8 +23,7 @@ from ..latent import Autoencoder, PixelAutoencoder
 from .settings import (SamplingError, check_sampling, resolve_labels, run_sampler,
                        sampling_diffusion)
 
-__all__ = ["sample_latents", "sample_videos", "MattenPipeline", "takes_actions",
-           "discrete_actions"]
+__all__ = ["sample_latents", "sample_videos", "MattenPipeline"]
 
 
 @torch.no_grad()
@@ -137,7 +136,7 @@ class MattenPipeline:
         labels = self.labels(class_labels, num_samples)
         cfg_scale = float(self.default("cfg_scale", cfg_scale, 1.0)) if labels is not None \
             else (1.0 if cfg_scale is None else cfg_scale)
-        if actions is None and takes_actions(self.model):
+        if actions is None and self.model.takes_actions:
             actions = loaded.training_actions(num_samples)
         videos = sample_videos(
             self.model, self.autoencoder, num_samples, loaded.num_frames, loaded.latent_size,
@@ -156,13 +155,3 @@ class MattenPipeline:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({Path(self.loaded.folder)}, step {self.loaded.step}, "
                 f"{self.loaded.meta['model_config'].get('name')})")
-
-
-def takes_actions(model: nn.Module) -> bool:
-    """Whether ``model`` is conditioned on per-frame actions."""
-    return getattr(model, "action_embedder", None) is not None
-
-
-def discrete_actions(model: nn.Module) -> int:
-    """How many discrete actions ``model`` takes (0: none, or continuous ones)."""
-    return int(model.action_embedder.num_actions) if takes_actions(model) else 0

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..data import StreamingVideoWriter, tile_videos, upscale_frames, video_to_uint8
 from ..diffusion import classifier_free_guidance
 from ..latent import PixelAutoencoder
-from .clip import MattenPipeline, takes_actions
+from .clip import MattenPipeline
 from .settings import SamplingError, check_sampling, run_sampler, sampling_diffusion
 
 __all__ = ["LongVideoChunk", "iter_long", "generate_long", "write_long_video",
@@ -232,15 +232,10 @@ class LongVideoPipeline(MattenPipeline):
     chunks as they are made, ``__call__`` returns a whole video, :meth:`write` writes one to a
     file while generating. Settings left as None take the run's ``sample`` section."""
 
-    @staticmethod
-    def can_run(model) -> bool:
-        """Whether ``model`` generates frame by frame (a long-video model)."""
-        return bool(getattr(model, "streams", hasattr(model, "init_state")))
-
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "LongVideoPipeline":
         pipe = super().from_pretrained(path, **kwargs)
-        if not cls.can_run(pipe.model):
+        if not pipe.model.streams:
             raise SamplingError(f"'{pipe.loaded.folder}' holds a clip model, which generates its "
                                 f"{pipe.loaded.num_frames} training frames: long videos need a "
                                 "long-video model (model.name: Matten-Causal)")
@@ -259,7 +254,7 @@ class LongVideoPipeline(MattenPipeline):
                                loaded.diffusion_steps, conditional=False)
         cfg_scale = float(self.default("cfg_scale", cfg_scale, 1.0)) if labels is not None \
             else (1.0 if cfg_scale is None else cfg_scale)
-        if actions is None and takes_actions(self.model):
+        if actions is None and self.model.takes_actions:
             clips = loaded.training_actions(num_videos)  # the training clips' moves, cycled
             actions = lambda frame: clips[:, frame % clips.shape[1]]  # noqa: E731
         seed = int(self.default("seed", seed, 0))
