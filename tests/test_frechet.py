@@ -12,8 +12,10 @@ from matten.data import SyntheticVideoDataset
 from matten.eval import motion_net as mn
 from matten.eval.frechet import (FeatureStats, cached_stats, feature_stats_from_batches,
                                  frechet_distance, stats_cache_path)
-from matten.eval.motion_net import (MotionFeatureExtractor, MotionFeatureNet,
-                                    load_or_train_motion_net, train_motion_net)
+from matten.eval.motion_net import (DEGRADATIONS, MotionFeatureExtractor, MotionFeatureNet,
+                                    MotionFeatureNetV2, add_noise, degrade, gaussian_blur,
+                                    load_or_train_motion_net, motion_net_cache_paths,
+                                    occlude, shuffle_frames, train_motion_net)
 
 
 def random_spd(rng, d, rank=None):
@@ -213,6 +215,33 @@ def test_different_key_uses_a_different_file(tmp_path):
         cached_stats(tmp_path, {"f": object()}, compute)
 
 
+def test_cached_stats_keep_the_features_and_recompute_older_files_without_them(tmp_path):
+    rng = np.random.default_rng(7)
+    features = rng.standard_normal((30, 4))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return features
+
+    stats = cached_stats(tmp_path, KEY, compute, need_features=True)
+    again = cached_stats(tmp_path, KEY, compute, need_features=True)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again.features, features)
+    np.testing.assert_array_equal(again.cov, stats.cov)
+    # a file written before the features were kept: fine for FD, recomputed for KID
+    old = FeatureStats(stats.mean, stats.cov, stats.count, key=stats.key)
+    old.save(stats_cache_path(tmp_path, KEY))
+    assert cached_stats(tmp_path, KEY, compute).features is None and len(calls) == 1
+    with pytest.warns(RuntimeWarning, match="no features"):
+        assert cached_stats(tmp_path, KEY, compute, need_features=True).features.shape == (30, 4)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="must return the features"):
+        cached_stats(None, KEY, lambda: old, need_features=True)
+    with pytest.raises(ValueError, match="shape"):
+        FeatureStats(stats.mean, stats.cov, 29, features=features)
+
+
 # ----------------------------------------------------------------------------------------------
 # motion feature net
 
@@ -230,7 +259,8 @@ def test_motion_net_forward_shapes(shape):
 # A small net, trained once for the module in a few seconds: 150 steps of 16 clips reach about
 # 85-100% held-out accuracy on 4 classes, enough for features that separate real clips from noise.
 # (The defaults, 300 steps of 32 clips, reach > 98% on 6 classes in about 30 s on one CPU core.)
-SMALL = dict(resolution=16, num_frames=8, num_classes=4, steps=150, batch_size=16, num_val=48)
+SMALL = dict(resolution=16, num_frames=8, num_classes=4, steps=150, batch_size=16, num_val=48,
+             version=1)
 
 
 @pytest.fixture(scope="module")
@@ -305,3 +335,94 @@ def test_features_separate_real_clips_from_noise(trained):
     assert real_vs_real < 0.2 * real_vs_noise
     assert real_vs_real < 0.2 * real_vs_frozen  # the features see motion, not just appearance
     np.testing.assert_allclose(extractor(real_a[:5]), fa[:5], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# version 2: trained to register degradations
+
+def test_a_v1_net_cached_before_v2_keeps_its_file_name():
+    """v1's settings, and so the cache files written before v2 existed, are unchanged."""
+    defaults = dict(resolution=[16, 16], num_frames=8, num_classes=6, steps=300, seed=0,
+                    batch_size=32, lr=2e-3, feature_dim=128, width=16, max_objects=2,
+                    speed=[0.03, 0.1], num_val=240, augment=True, arch_version=1)
+    weights, _ = motion_net_cache_paths("cache", defaults)
+    assert weights.name == "matten-motion-net-v1-r16x16-f8-c6-9e1d73d90e.safetensors"
+    weights2, _ = motion_net_cache_paths("cache", dict(defaults, steps=400, version=2))
+    assert weights2.name.startswith("matten-motion-net-v2-r16x16-f8-c6-")
+
+
+def test_degradations():
+    gen = torch.Generator().manual_seed(0)
+    v = torch.rand(2, 3, 8, 12, 12, generator=gen) * 2 - 1
+    blurred = gaussian_blur(v, 1.0)
+    assert blurred.shape == v.shape and blurred.std() < 0.7 * v.std()
+    assert torch.allclose(blurred.mean(dim=(3, 4)), v.mean(dim=(3, 4)), atol=0.1)
+    assert torch.equal(gaussian_blur(v, 0), v)
+    noisy = add_noise(v, 0.2, gen)
+    assert noisy.min() >= -1 and noisy.max() <= 1 and 0.1 < (noisy - v).abs().mean() < 0.2
+    moved = shuffle_frames(v, 1.0, gen)  # every frame leaves its slot, none is lost
+    for i in range(2):
+        assert all(not torch.equal(moved[i, :, t], v[i, :, t]) for t in range(8))
+        assert sorted(moved[i, 0, :, 0, 0].tolist()) == sorted(v[i, 0, :, 0, 0].tolist())
+    covered = occlude(v, 0.25, gen)
+    changed = (covered != v).any(dim=1).all(dim=1).float().mean(dim=(1, 2))  # still, every frame
+    assert torch.allclose(changed, torch.full((2,), 0.25), atol=0.06)
+    for kind in DEGRADATIONS:
+        out = degrade(v, kind, 0.5, gen)
+        assert out.shape == v.shape and torch.equal(out, v) == (kind == "clean")
+    with pytest.raises(ValueError, match="unknown degradation"):
+        degrade(v, "jpeg", 0.5, gen)
+
+
+# 150 steps of 16 clips, as SMALL: about 10 s on one core.
+SMALL_V2 = dict(SMALL, version=2)
+
+
+@pytest.fixture(scope="module")
+def trained_v2(trained):
+    cache = trained[0]  # the same folder as the v1 net: the two must not collide
+    net, info = load_or_train_motion_net(cache, **SMALL_V2)
+    return cache, net, info
+
+
+def test_v2_is_cached_under_its_own_name_beside_v1(trained, trained_v2, monkeypatch):
+    cache, net, info = trained_v2
+    assert isinstance(net, MotionFeatureNetV2) and info["name"] == "matten-motion-net-v2"
+    assert sorted(p.name.split("-r16")[0] for p in cache.glob("*.safetensors")) == \
+        ["matten-motion-net-v1", "matten-motion-net-v2"]
+    v1, v2 = MotionFeatureExtractor(trained[1]), MotionFeatureExtractor(net)
+    assert v2.name == "matten-motion-net-v2" and v2.cache_name.startswith("matten-motion-net-v2-")
+    assert v1.cache_name != v2.cache_name and v2.feature_dim == 128
+    assert info["heldout_accuracy"] > 0.6  # still learns the motion classes (chance: 0.25)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached net should have been reused")
+
+    monkeypatch.setattr(mn, "train_motion_net", no_training)
+    again, _ = load_or_train_motion_net(cache, **SMALL_V2)
+    assert isinstance(again, MotionFeatureNetV2)
+    assert MotionFeatureExtractor(again).weights_id == v2.weights_id
+    with pytest.raises(ValueError, match="version"):
+        load_or_train_motion_net(cache, **dict(SMALL_V2, version=3))
+
+
+def test_v2_distance_grows_with_blur_and_noise(trained_v2):
+    """FD to real clips rises at every step of 4 blur and 4 noise levels, from the held-out real
+    clips' distance up."""
+    extractor = MotionFeatureExtractor(trained_v2[1])
+
+    def clips(seed, n=96):
+        ds = SyntheticVideoDataset(n, 16, 8, num_classes=4, seed=seed)
+        return torch.stack([ds[i]["video"] for i in range(n)])
+
+    reference = FeatureStats.from_features(extractor(clips(0)))
+    held_out = clips(1)
+
+    def fd(videos):
+        return FeatureStats.from_features(extractor(videos)).frechet_distance(reference)
+
+    gen = torch.Generator().manual_seed(0)
+    blur = [fd(held_out)] + [fd(gaussian_blur(held_out, s)) for s in (0.5, 1.0, 1.5, 2.0)]
+    noise = [fd(held_out)] + [fd(add_noise(held_out, s, gen)) for s in (0.1, 0.2, 0.4, 0.8)]
+    for series in (blur, noise):
+        assert all(a < b for a, b in zip(series, series[1:])), series

@@ -41,8 +41,8 @@ def test_kid_is_the_subset_average_of_the_unbiased_estimate():
     result = kid(x, y, num_subsets=5, subset_size=1000, seed=7)
     assert result.subset_size == 15 and result.num_subsets == 5  # half the smaller set
     draw = np.random.default_rng(7)  # the same subsets, drawn again here
-    values = [loop_mmd2(x[draw.choice(40, 15, replace=False)], y[draw.choice(30, 15, replace=False)])
-              for _ in range(5)]
+    values = [loop_mmd2(x[draw.choice(40, 15, replace=False)],
+                        y[draw.choice(30, 15, replace=False)]) for _ in range(5)]
     assert result.mean == pytest.approx(np.mean(values), rel=1e-9)
     assert result.std_err == pytest.approx(np.std(values), rel=1e-9)
 

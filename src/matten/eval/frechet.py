@@ -131,16 +131,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eig", eps: float =
 
 @dataclass
 class FeatureStats:
-    """Mean (D,), covariance (D, D) (unbiased, as ``np.cov``) and sample count of features."""
+    """Mean (D,), covariance (D, D) (unbiased, as ``np.cov``) and sample count of features, and
+    optionally the features themselves (N, D), which KID and precision/recall need."""
 
     mean: np.ndarray
     cov: np.ndarray
     count: int
     key: dict | None = field(default=None, compare=False)  # what the stats describe (cache key)
+    features: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         self.mean, self.cov = _check_gaussian(self.mean, self.cov, "")
         self.count = int(self.count)
+        if self.features is not None:
+            self.features = _as_float64(self.features, "features")
+            if self.features.shape != (self.count, self.dim):
+                raise ValueError(f"features must have shape ({self.count}, {self.dim}) to match "
+                                 f"the stats, got {self.features.shape}")
 
     @property
     def dim(self) -> int:
@@ -148,27 +155,29 @@ class FeatureStats:
 
     @classmethod
     def from_features(cls, features) -> "FeatureStats":
-        """Fit a Gaussian to ``features`` of shape (N, D), N >= 2."""
+        """Fit a Gaussian to ``features`` of shape (N, D), N >= 2 (kept in ``.features``)."""
         x = _as_float64(features, "features")
         if x.ndim != 2:
             raise ValueError(f"features must have shape (N, D), got {x.shape}")
         if x.shape[0] < 2:
             raise ValueError(f"need at least 2 feature vectors for a covariance, got {x.shape[0]}")
         return cls(x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1]),
-                   x.shape[0])
+                   x.shape[0], features=x)
 
     def frechet_distance(self, other: "FeatureStats", method: str = "eig") -> float:
         return frechet_distance(self.mean, self.cov, other.mean, other.cov, method=method)
 
     def save(self, path) -> Path:
         """Write an ``.npz`` atomically (an existing file is replaced only once this one is
-        complete, so an interrupted run never leaves a truncated cache behind)."""
+        complete, so an interrupted run never leaves a truncated cache behind). The features go
+        in too when present: an extra array, which readers without it ignore."""
         path = Path(path)
         key_json = json.dumps(self.key, sort_keys=True) if self.key is not None else ""
+        extra = {} if self.features is None else {"features": self.features}
         with atomic_write_path(path) as tmp:
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
                 np.savez(f, mean=self.mean, cov=self.cov, count=np.int64(self.count),
-                         key=np.array(key_json), format=np.int64(_STATS_FORMAT))
+                         key=np.array(key_json), format=np.int64(_STATS_FORMAT), **extra)
         return path
 
     @classmethod
@@ -182,8 +191,9 @@ class FeatureStats:
                     raise ValueError(f"stats format {fmt}, expected {_STATS_FORMAT}")
                 mean, cov, count = data["mean"], data["cov"], int(data["count"])
                 key_json = str(data["key"]) if "key" in data.files else ""
+                features = data["features"] if "features" in data.files else None
             key = json.loads(key_json) if key_json else None
-            return cls(mean, cov, count, key=key)
+            return cls(mean, cov, count, key=key, features=features)
         except FileNotFoundError:
             raise
         except (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
@@ -272,27 +282,37 @@ def stats_cache_path(cache_dir, key: dict) -> Path:
     return Path(cache_dir) / f"{slug}-{digest}.npz"
 
 
-def cached_stats(cache_dir, key: dict, compute: Callable[[], Any]) -> FeatureStats:
+def cached_stats(cache_dir, key: dict, compute: Callable[[], Any],
+                 need_features: bool = False) -> FeatureStats:
     """Load the stats for ``key`` from ``cache_dir``, or ``compute()`` and store them.
 
     ``compute`` returns a :class:`FeatureStats` or an (N, D) feature array. The key (dataset,
     resolution, frames, number of clips, extractor name, ...) is hashed into the file name and
     also stored in the file; a file that cannot be read or whose stored key differs is recomputed
-    with a warning instead of failing the evaluation. ``cache_dir=None`` disables the cache.
+    with a warning instead of failing the evaluation. With ``need_features`` the features are
+    cached too, and a file without them (written before they were kept) is recomputed.
+    ``cache_dir=None`` disables the cache.
     """
     canonical = _canonical_key(key)
     path = stats_cache_path(cache_dir, canonical) if cache_dir is not None else None
     if path is not None and path.exists():
         try:
             stats = FeatureStats.load(path)
-            if stats.key == canonical:
+            if stats.key != canonical:
+                warnings.warn(f"feature stats cache '{path}' was written for a different key "
+                              f"({stats.key}); recomputing", RuntimeWarning, stacklevel=2)
+            elif need_features and stats.features is None:
+                warnings.warn(f"feature stats cache '{path}' holds no features (an older "
+                              "file); recomputing", RuntimeWarning, stacklevel=2)
+            else:
                 return stats
-            warnings.warn(f"feature stats cache '{path}' was written for a different key "
-                          f"({stats.key}); recomputing", RuntimeWarning, stacklevel=2)
         except ValueError as exc:
             warnings.warn(f"{exc}; recomputing", RuntimeWarning, stacklevel=2)
     result = compute()
     stats = result if isinstance(result, FeatureStats) else FeatureStats.from_features(result)
+    if need_features and stats.features is None:
+        raise ValueError("compute() must return the features (an (N, D) array, or stats with "
+                         "features) when need_features is set")
     stats.key = canonical
     if path is not None:
         stats.save(path)

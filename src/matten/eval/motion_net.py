@@ -6,6 +6,17 @@ synthetic clips -- gives a feature space in which motion matters, so a Fréchet 
 still ranks generated videos sensibly. Its numbers are only comparable with each other (same
 weights), never with published FVD; the extractor says so with ``comparable_to_published``.
 
+Two versions, told apart by name in reports and caches:
+
+* ``matten-motion-net-v1`` learns the motion class only. Anything that is not a crisp moving
+  shape lands far from the data, so its distance separates real from generated sharply but
+  saturates: slightly and badly blurred clips score alike.
+* ``matten-motion-net-v2`` (the default) also learns to recognise how a clip was degraded and how
+  strongly: half of its training clips are blurred, noised, colour-flickered, frame-shuffled or
+  partly occluded at a random strength, and two extra heads predict the kind and the strength.
+  The embedding then has to place clips by how damaged they are, so the distance grows
+  steadily with the damage (see :func:`degrade`).
+
 Training clips are drawn from a seed range of their own, so the net never sees the clips that
 evaluation draws from the synthetic set with ordinary seeds, and its held-out accuracy is
 measured on yet another seed range.
@@ -31,11 +42,17 @@ from ..data.synthetic import MOTION_TYPES, SyntheticVideoDataset
 from ..data.transforms import as_size
 from ..data.video_write import atomic_write_path
 
-__all__ = ["MOTION_NET_NAME", "MotionFeatureExtractor", "MotionFeatureNet",
-           "load_or_train_motion_net", "motion_net_cache_paths", "train_motion_net"]
+__all__ = ["DEFAULT_VERSION", "DEGRADATIONS", "MOTION_NET_NAME", "MOTION_NET_NAMES",
+           "MotionFeatureExtractor", "MotionFeatureNet", "MotionFeatureNetV2", "add_noise",
+           "colour_flicker", "degrade", "gaussian_blur", "load_or_train_motion_net",
+           "motion_net_cache_paths", "occlude", "shuffle_frames", "train_motion_net"]
 
-MOTION_NET_NAME = "matten-motion-net-v1"
-_ARCH_VERSION = 1  # bump when the architecture or the training recipe changes
+MOTION_NET_NAME = "matten-motion-net-v1"  # the first version's name (kept for its caches)
+MOTION_NET_NAMES = {1: MOTION_NET_NAME, 2: "matten-motion-net-v2"}
+DEFAULT_VERSION = 2
+# Per version: bump when its architecture or training recipe changes (a new cache entry).
+_ARCH_VERSION = {1: 1, 2: 1}
+DEFAULT_STEPS = {1: 300, 2: 400}  # v2 learns two tasks: a third more steps (about 50 s on 1 core)
 
 # Seeds far from the ones configs and tests use (0, 1, 2, ...), so training and validation never
 # draw an evaluation clip: SyntheticVideoDataset items are a function of (seed, index).
@@ -53,6 +70,8 @@ class MotionFeatureNet(nn.Module):
     temporal differences go through four Conv3d+GroupNorm+SiLU stages, a global average pool
     and a linear projection to the embedding; ``head`` is a linear classifier over motion types.
     """
+
+    version = 1
 
     def __init__(self, feature_dim: int = 128, num_classes: int = len(MOTION_TYPES),
                  width: int = 16, internal_size: int = 32, internal_frames: int = 8):
@@ -75,6 +94,10 @@ class MotionFeatureNet(nn.Module):
         )
         self.proj = nn.Linear(4 * w, self.feature_dim)
         self.head = nn.Linear(self.feature_dim, self.num_classes)
+
+    @property
+    def name(self) -> str:
+        return MOTION_NET_NAMES[self.version]
 
     def config(self) -> dict:
         return {"feature_dim": self.feature_dim, "num_classes": self.num_classes,
@@ -110,6 +133,145 @@ class MotionFeatureNet(nn.Module):
         """Return ``(features (B, feature_dim), logits (B, num_classes))``."""
         feats = self.features(videos)
         return feats, self.head(feats)
+
+
+class MotionFeatureNetV2(MotionFeatureNet):
+    """:class:`MotionFeatureNet` with a second head on the same embedding that predicts how a
+    clip was degraded: logits over :data:`DEGRADATIONS` and the strength in [0, 1]."""
+
+    version = 2
+
+    def __init__(self, feature_dim: int = 128, num_classes: int = len(MOTION_TYPES),
+                 width: int = 16, internal_size: int = 32, internal_frames: int = 8):
+        super().__init__(feature_dim, num_classes, width, internal_size, internal_frames)
+        self.degradation_head = nn.Linear(self.feature_dim, len(DEGRADATIONS) + 1)
+
+    def degradation(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kind logits (B, len(DEGRADATIONS)), strength (B,))`` from features."""
+        out = self.degradation_head(feats)
+        return out[:, :-1], out[:, -1]
+
+
+_NETS = {1: MotionFeatureNet, 2: MotionFeatureNetV2}
+
+
+# ----------------------------------------------------------------------------------------------
+# degradations (v2's training task; also what a feature space for samples should register)
+
+DEGRADATIONS = ("clean", "blur", "noise", "flicker", "shuffle", "occlusion")
+
+
+def gaussian_blur(videos: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur every frame of ``(B, C, F, H, W)`` videos with a Gaussian of ``sigma`` pixels
+    (separable, edges replicated)."""
+    if sigma <= 0:
+        return videos
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=videos.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    b, c, t, h, w = videos.shape
+    y = videos.reshape(b * c * t, 1, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return y.reshape(b, c, t, h, w)
+
+
+def add_noise(videos: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian pixel noise of ``std`` (in the [-1, 1] range of the videos), clipped."""
+    return (videos + std * torch.randn(videos.shape, generator=gen)).clamp(-1.0, 1.0)
+
+
+def colour_flicker(videos: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor:
+    """A random gain and offset per frame and channel, of relative size ``amount``: colour that
+    drifts within a clip (a constant colour change is what v1's colour augmentation ignores)."""
+    b, c, t = videos.shape[:3]
+    gain = 1.0 + amount * torch.randn(b, c, t, 1, 1, generator=gen)
+    shift = amount * torch.randn(b, c, t, 1, 1, generator=gen)
+    return ((videos + 1.0) * gain - 1.0 + shift).clamp(-1.0, 1.0)
+
+
+def shuffle_frames(videos: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """Move ``fraction`` of each clip's frames (chosen at random) one place along a cycle among
+    themselves, so every chosen frame leaves its slot: motion that jumps."""
+    t = videos.shape[2]
+    k = int(round(fraction * t))
+    out = videos.clone()
+    if k < 2:
+        return out
+    for i in range(videos.shape[0]):
+        slots = torch.randperm(t, generator=gen)[:k]
+        out[i][:, slots] = videos[i][:, slots.roll(1)]
+    return out
+
+
+def occlude(videos: torch.Tensor, area: float, gen: torch.Generator) -> torch.Tensor:
+    """Cover ``area`` (a fraction) of each clip with a still rectangle of one random colour."""
+    b, _, _, h, w = videos.shape
+    out = videos.clone()
+    if area <= 0:
+        return out
+    for i in range(b):
+        aspect = 0.5 + 1.5 * float(torch.rand(1, generator=gen))
+        ph = max(1, min(h, round(math.sqrt(area * h * w * aspect))))
+        pw = max(1, min(w, round(area * h * w / ph)))
+        y0 = int(torch.randint(0, h - ph + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, w - pw + 1, (1,), generator=gen))
+        colour = torch.rand(3, generator=gen) * 2.0 - 1.0
+        out[i, :, :, y0:y0 + ph, x0:x0 + pw] = colour[:, None, None, None]
+    return out
+
+
+def degrade(videos: torch.Tensor, kind: str, strength: float, gen: torch.Generator
+            ) -> torch.Tensor:
+    """Apply one of :data:`DEGRADATIONS` at ``strength`` in [0, 1]. Strength 1 is: a blur of
+    sigma 1.5 px per 16 px of frame, noise of std 0.4, a flicker of 0.25, every frame shuffled,
+    or 30% of the frame occluded."""
+    if kind not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {kind!r}; choose one of {DEGRADATIONS}")
+    if kind == "clean" or strength <= 0:
+        return videos
+    side = min(videos.shape[-2:])
+    if kind == "blur":
+        return gaussian_blur(videos, 1.5 * strength * side / 16)
+    if kind == "noise":
+        return add_noise(videos, 0.4 * strength, gen)
+    if kind == "flicker":
+        return colour_flicker(videos, 0.25 * strength, gen)
+    if kind == "shuffle":
+        return shuffle_frames(videos, strength, gen)
+    return occlude(videos, 0.3 * strength, gen)
+
+
+V2_CLEAN_SHARE = 0.5  # share of v2's training clips left undegraded
+V2_DEGRADATION_WEIGHT = 0.5  # weight of the degradation loss against the motion loss
+V2_STRENGTH_WEIGHT = 4.0  # weight of the strength error (MSE in [0, 1]) within it
+
+
+def _degrade_batch(videos: torch.Tensor, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Degrade about half of a batch, each clip with a random kind and a strength in [0.1, 1];
+    returns the videos, the kind indices (0 = clean) and the strengths (0 when clean)."""
+    b = videos.shape[0]
+    kinds = torch.randint(1, len(DEGRADATIONS), (b,), generator=gen)
+    kinds[torch.rand(b, generator=gen) < V2_CLEAN_SHARE] = 0
+    strength = torch.empty(b).uniform_(0.1, 1.0, generator=gen) * (kinds > 0)
+    out = videos.clone()
+    for i in torch.nonzero(kinds).flatten().tolist():
+        out[i:i + 1] = degrade(videos[i:i + 1], DEGRADATIONS[kinds[i]], float(strength[i]), gen)
+    return out, kinds, strength
+
+
+def _v2_loss(net: MotionFeatureNetV2, videos, labels, gen) -> torch.Tensor:
+    videos, kinds, strength = _degrade_batch(videos, gen)
+    feats, logits = net(videos)
+    kind_logits, predicted = net.degradation(feats)
+    # A shuffled clip no longer shows its motion class: it only trains the degradation heads.
+    keep = kinds != DEGRADATIONS.index("shuffle")
+    motion = F.cross_entropy(logits[keep], labels[keep])
+    damage = (F.cross_entropy(kind_logits, kinds)
+              + V2_STRENGTH_WEIGHT * F.mse_loss(predicted, strength))
+    return motion + V2_DEGRADATION_WEIGHT * damage
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,16 +324,18 @@ def _accuracy(net: MotionFeatureNet, dataset: SyntheticVideoDataset, batch_size:
 
 
 def train_motion_net(resolution=16, num_frames: int = 8, num_classes: int = len(MOTION_TYPES),
-                     steps: int = 300, seed: int = 0, batch_size: int = 32, lr: float = 2e-3,
-                     feature_dim: int = 128, width: int = 16, max_objects: int = 2,
-                     speed: tuple[float, float] = DEFAULT_SPEED, num_val: int = 240,
-                     augment: bool = True, num_threads: int | None = 1, log_every: int = 0
+                     steps: int | None = None, seed: int = 0, batch_size: int = 32,
+                     lr: float = 2e-3, feature_dim: int = 128, width: int = 16,
+                     max_objects: int = 2, speed: tuple[float, float] = DEFAULT_SPEED,
+                     num_val: int = 240, augment: bool = True, num_threads: int | None = 1,
+                     log_every: int = 0, version: int = DEFAULT_VERSION
                      ) -> tuple[MotionFeatureNet, dict]:
-    """Train a :class:`MotionFeatureNet` to classify the motion type of synthetic clips.
+    """Train a motion feature net of ``version`` 1 (:class:`MotionFeatureNet`: the motion type
+    of synthetic clips) or 2 (:class:`MotionFeatureNetV2`: that, and how each clip was degraded).
 
-    Every step draws fresh clips (``resolution``, ``num_frames``) from a training seed range, so
-    there is no overfitting to a fixed set; accuracy is then measured on ``num_val`` clips from a
-    separate range. Returns the net (in eval mode) and a dict with the settings, the losses, the
+    ``steps`` defaults to :data:`DEFAULT_STEPS` of the version. Every step draws fresh clips
+    (``resolution``, ``num_frames``) from a training seed range, so there is no overfitting to
+    a fixed set; accuracy is then measured on ``num_val`` clean clips from a separate range. Returns the net (in eval mode) and a dict with the settings, the losses, the
     held-out accuracy and the training time.
 
     ``num_threads`` caps torch's CPU threads during training only (restored afterwards; ``None``
@@ -179,9 +343,19 @@ def train_motion_net(resolution=16, num_frames: int = 8, num_classes: int = len(
     shared with other work, extra threads mostly spin waiting on each other (several times
     slower on a busy 2-core machine). It also keeps the result reproducible across machines.
     """
+    version = _check_version(version)
+    steps = DEFAULT_STEPS[version] if steps is None else steps
     with _torch_threads(num_threads):
         return _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr,
-                      feature_dim, width, max_objects, speed, num_val, augment, log_every)
+                      feature_dim, width, max_objects, speed, num_val, augment, log_every,
+                      version)
+
+
+def _check_version(version) -> int:
+    if version not in _NETS:
+        raise ValueError(f"unknown motion net version {version!r}; choose one of "
+                         f"{sorted(_NETS)}")
+    return int(version)
 
 
 @contextlib.contextmanager
@@ -197,7 +371,8 @@ def _torch_threads(n: int | None):
 
 
 def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, feature_dim, width,
-           max_objects, speed, num_val, augment, log_every) -> tuple[MotionFeatureNet, dict]:
+           max_objects, speed, num_val, augment, log_every, version
+           ) -> tuple[MotionFeatureNet, dict]:
     if not 1 <= num_classes <= len(MOTION_TYPES):
         raise ValueError(f"num_classes must be in [1, {len(MOTION_TYPES)}], got {num_classes}")
     if steps < 1 or batch_size < 1:
@@ -205,8 +380,8 @@ def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, fea
     h, w = as_size(resolution)
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, caller's RNG untouched
         torch.manual_seed(seed)
-        net = MotionFeatureNet(feature_dim=feature_dim, num_classes=num_classes, width=width)
-    gen = torch.Generator().manual_seed(seed)  # augmentation
+        net = _NETS[version](feature_dim=feature_dim, num_classes=num_classes, width=width)
+    gen = torch.Generator().manual_seed(seed)  # augmentation (and v2's degradations)
     common = dict(resolution=(h, w), num_frames=num_frames, num_classes=num_classes,
                   max_objects=max_objects, speed=tuple(speed))
     train_set = SyntheticVideoDataset(steps * batch_size, seed=TRAIN_SEED_BASE + seed, **common)
@@ -223,7 +398,10 @@ def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, fea
         videos, labels = _clips(train_set, step * batch_size, batch_size)
         if augment:
             videos = _augment(videos, gen)
-        loss = F.cross_entropy(net(videos)[1], labels)
+        if version == 2:
+            loss = _v2_loss(net, videos, labels, gen)
+        else:
+            loss = F.cross_entropy(net(videos)[1], labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -234,9 +412,10 @@ def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, fea
     train_seconds = time.perf_counter() - t0
     accuracy = _accuracy(net, val_set, 2 * batch_size)
     net.eval()
-    info = {"name": MOTION_NET_NAME, "arch_version": _ARCH_VERSION,
+    info = {"name": net.name, "version": version, "arch_version": _ARCH_VERSION[version],
             "settings": _settings(h, w, num_frames, num_classes, steps, seed, batch_size, lr,
-                                  feature_dim, width, max_objects, speed, num_val, augment),
+                                  feature_dim, width, max_objects, speed, num_val, augment,
+                                  version),
             "heldout_accuracy": accuracy, "train_seconds": round(train_seconds, 2),
             "final_loss": float(np.mean(losses[-max(1, steps // 10):])), "losses": losses}
     return net, info
@@ -246,24 +425,28 @@ _TRAIN_PARAMS = inspect.signature(train_motion_net).parameters
 
 
 def _settings(h, w, num_frames, num_classes, steps, seed, batch_size, lr, feature_dim, width,
-              max_objects, speed, num_val, augment) -> dict:
-    return {"resolution": [int(h), int(w)], "num_frames": int(num_frames),
-            "num_classes": int(num_classes), "steps": int(steps), "seed": int(seed),
-            "batch_size": int(batch_size), "lr": float(lr), "feature_dim": int(feature_dim),
-            "width": int(width), "max_objects": int(max_objects),
-            "speed": [float(speed[0]), float(speed[1])], "num_val": int(num_val),
-            "augment": bool(augment), "arch_version": _ARCH_VERSION}
+              max_objects, speed, num_val, augment, version) -> dict:
+    settings = {"resolution": [int(h), int(w)], "num_frames": int(num_frames),
+                "num_classes": int(num_classes), "steps": int(steps), "seed": int(seed),
+                "batch_size": int(batch_size), "lr": float(lr), "feature_dim": int(feature_dim),
+                "width": int(width), "max_objects": int(max_objects),
+                "speed": [float(speed[0]), float(speed[1])], "num_val": int(num_val),
+                "augment": bool(augment), "arch_version": _ARCH_VERSION[version]}
+    if version != 1:  # v1's settings (and so its cache file names) stay as they always were
+        settings["version"] = version
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------
 # cache
 
 def motion_net_cache_paths(cache_dir, settings: dict) -> tuple[Path, Path]:
-    """``(weights .safetensors, info .json)`` for a settings dict, named by resolution, frames,
-    classes and a hash of all the settings."""
+    """``(weights .safetensors, info .json)`` for a settings dict, named by the net's name
+    (its version), resolution, frames, classes and a hash of all the settings."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     h, w = settings["resolution"]
-    stem = (f"{MOTION_NET_NAME}-r{h}x{w}-f{settings['num_frames']}-c{settings['num_classes']}"
+    name = MOTION_NET_NAMES[settings.get("version", 1)]
+    stem = (f"{name}-r{h}x{w}-f{settings['num_frames']}-c{settings['num_classes']}"
             f"-{digest}")
     cache_dir = Path(cache_dir)
     return cache_dir / f"{stem}.safetensors", cache_dir / f"{stem}.json"
@@ -275,16 +458,16 @@ def _load_cached(weights: Path, info_file: Path, settings: dict) -> tuple[Motion
     info = json.loads(info_file.read_text())
     if info.get("settings") != settings:
         raise ValueError("its settings differ from the ones asked for")
-    net = MotionFeatureNet(**info["model"])
+    net = _NETS[settings.get("version", 1)](**info["model"])
     net.load_state_dict(load_file(str(weights)))
     net.eval()
     return net, info
 
 
 def load_or_train_motion_net(cache_dir, resolution=16, num_frames: int = 8,
-                             num_classes: int = len(MOTION_TYPES), steps: int = 300, seed: int = 0,
-                             batch_size: int = 32, **train_kwargs) -> tuple[MotionFeatureNet,
-                                                                           dict]:
+                             num_classes: int = len(MOTION_TYPES), steps: int | None = None,
+                             seed: int = 0, batch_size: int = 32, version: int = DEFAULT_VERSION,
+                             **train_kwargs) -> tuple[MotionFeatureNet, dict]:
     """Reuse the net cached in ``cache_dir`` for these settings, or train and cache it.
 
     The weights go to a ``.safetensors`` file and the settings, held-out accuracy and training
@@ -292,6 +475,8 @@ def load_or_train_motion_net(cache_dir, resolution=16, num_frames: int = 8,
     describes complete weights). A cache entry that cannot be read is retrained with a warning.
     """
     h, w = as_size(resolution)
+    version = _check_version(version)
+    steps = DEFAULT_STEPS[version] if steps is None else steps
     params = _TRAIN_PARAMS
     unknown = set(train_kwargs) - set(params)
     if unknown:
@@ -299,7 +484,8 @@ def load_or_train_motion_net(cache_dir, resolution=16, num_frames: int = 8,
     # The settings that change the weights (not num_threads/log_every) identify a cache entry.
     opts = {k: train_kwargs.get(k, params[k].default)
             for k in ("lr", "feature_dim", "width", "max_objects", "speed", "num_val", "augment")}
-    settings = _settings(h, w, num_frames, num_classes, steps, seed, batch_size, **opts)
+    settings = _settings(h, w, num_frames, num_classes, steps, seed, batch_size, **opts,
+                         version=version)
     weights, info_file = motion_net_cache_paths(cache_dir, settings)
     if weights.exists() and info_file.exists():
         try:
@@ -309,14 +495,14 @@ def load_or_train_motion_net(cache_dir, resolution=16, num_frames: int = 8,
                           RuntimeWarning, stacklevel=2)
 
     net, info = train_motion_net((h, w), num_frames, num_classes, steps=steps, seed=seed,
-                                 batch_size=batch_size, **train_kwargs)
+                                 batch_size=batch_size, version=version, **train_kwargs)
     from safetensors.torch import save_file
 
     info = dict(info, model=net.config())
     saved = {k: v for k, v in info.items() if k != "losses"}
     with atomic_write_path(weights) as tmp:
         save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp),
-                  metadata={"name": MOTION_NET_NAME})
+                  metadata={"name": net.name})
     with atomic_write_path(info_file) as tmp:
         tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return net, info
@@ -328,7 +514,8 @@ def load_or_train_motion_net(cache_dir, resolution=16, num_frames: int = 8,
 class MotionFeatureExtractor:
     """Videos ``(B, 3, F, H, W)`` in [-1, 1] -> ``(B, feature_dim)`` float64 features.
 
-    ``name`` identifies the network family; ``weights_id`` (a hash of the weights) tells apart
+    ``name`` identifies the network and its version (``matten-motion-net-v1`` or ``-v2``);
+    ``weights_id`` (a hash of the weights) tells apart
     nets trained with different settings, so use :attr:`cache_name` in feature-stats cache keys.
     """
 
@@ -340,7 +527,7 @@ class MotionFeatureExtractor:
         self.net = net.to(self.device).eval()
         self.info = dict(info or {})
         self.batch_size = int(batch_size)
-        self.name = MOTION_NET_NAME
+        self.name = net.name
         self.feature_dim = net.feature_dim
         digest = hashlib.sha256()
         for k, v in sorted(net.state_dict().items()):
@@ -355,6 +542,8 @@ class MotionFeatureExtractor:
     @classmethod
     def load_or_train(cls, cache_dir, resolution=16, num_frames: int = 8, device=None,
                       **kwargs) -> "MotionFeatureExtractor":
+        """The cached (or newly trained) net for this clip size; ``version=1`` for the first
+        version, other keywords as :func:`load_or_train_motion_net`."""
         net, info = load_or_train_motion_net(cache_dir, resolution, num_frames, **kwargs)
         return cls(net, info, device=device)
 
