@@ -217,3 +217,51 @@ def test_eval_on_a_missing_gpu_is_a_message(run, capsys, monkeypatch):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--device cuda: no CUDA GPU is usable" in err and "Traceback" not in err
+
+
+def test_the_report_gives_kid_precision_recall_and_warns_about_few_clips(run, extractor,
+                                                                         tmp_path):
+    report = evaluate(run, tmp_path / "e", settings=settings(num_clips=8), extractor=extractor,
+                      progress=False)
+    saved = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert saved["value"] == saved["fd"] == pytest.approx(report["value"])
+    assert saved["num_real_clips"] == saved["num_generated_clips"] == 8
+    assert set(saved["kid"]) == {"mean", "std_err", "subset_size", "num_subsets"}
+    assert saved["kid"]["subset_size"] == 4 and saved["kid"]["std_err"] >= 0
+    assert 0 <= saved["precision"] <= 1 and 0 <= saved["recall"] <= 1 and saved["pr_k"] == 3
+    # 8 clips of 16-d features: far too few for FD, and for FD_inf's subsets
+    assert "8 clips for 16-dimensional features" in saved["warning"]
+    assert saved["fd_inf"] is None and "FD_inf" in saved["metric_notes"][0]
+    # the generated features are kept beside the report, and match the real ones' kind
+    with np.load(tmp_path / "e" / "generated_features.npz") as data:
+        assert data["features"].shape == (8, 16)
+        assert str(data["extractor"]) == extractor.cache_name == saved["extractor"]
+
+
+def test_the_default_extractor_is_the_motion_net_v2(tmp_path, monkeypatch):
+    from matten.eval import motion_net
+
+    asked = []
+
+    def fake_load_or_train(cache_dir, resolution, num_frames, **kwargs):
+        asked.append(kwargs.get("version", motion_net.DEFAULT_VERSION))
+        return motion_net.MotionFeatureNetV2(feature_dim=16, width=4), {}
+
+    monkeypatch.setattr(motion_net, "load_or_train_motion_net", fake_load_or_train)
+    extractor = evaluate_module.build_extractor(None, tmp_path, 8, 4)
+    assert asked == [2] and extractor.name == "matten-motion-net-v2"
+    old = evaluate_module.build_extractor(None, tmp_path, 8, 4, motion_net_version=1)
+    assert asked == [2, 1] and old is not None
+
+
+def test_evaluating_a_moving_digits_run(extractor, tmp_path):
+    out = tmp_path / "digits"
+    train(load_config("digits", TINY + ["data.num_videos=4"]), output=out, progress=False)
+    report = evaluate(out, tmp_path / "e", settings=settings(), extractor=extractor,
+                      progress=False)
+    assert report["data"]["name"] == "moving_digits" and np.isfinite(report["value"])
+    (cached,) = (tmp_path / "e" / "cache").glob("*.npz")
+    real = FeatureStats.load(cached)
+    # num_videos (4) grown to one distinct clip each, as for the synthetic set
+    assert real.key["num_videos"] == 6 and len(np.unique(real.features, axis=0)) == 6
+    assert report["kid"] is not None and report["precision"] is not None

@@ -1,8 +1,11 @@
 """Evaluate a checkpoint: sample clips, extract features, Fréchet distance against real clips.
 
-    real clips  --extractor-->  stats (cached .npz, keyed by data / size / frames / clips / net)
-    samples     --extractor-->  stats (clips kept in <output>/generated/ so a run resumes)
-                 -> frechet_distance -> <output>/report.json + <output>/comparison.gif
+    real clips  --extractor-->  features + stats (cached .npz, keyed by data / size / frames /
+                                clips / net)
+    samples     --extractor-->  features + stats (clips kept in <output>/generated/ so a run
+                                resumes; features in <output>/generated_features.npz)
+                 -> FD (the report's value), FD_inf, KID, precision/recall
+                 -> <output>/report.json + <output>/comparison.gif
 
 The sampled clips are keyed by everything that determines them (:func:`sample_key`: the
 checkpoint's content, weights, sampler settings, seed, clip count, batch size, clip size), stored
@@ -11,9 +14,11 @@ in ``generated/key.json``: a folder holding clips of another key is refused (or,
 is one folder per checkpoint and settings.
 
 The extractor is I3D when a weight file is given (``i3d_torchscript.pt``: FVD as StyleGAN-V
-computes it), else the offline motion feature net (:mod:`.motion_net`), trained once on the
-synthetic set and cached: its distance is labelled ``fd-motion-net`` and is not comparable with
-published FVD. Both real and generated clips are quantised to uint8 first, as decoded video is.
+computes it), else the offline motion feature net (:mod:`.motion_net`, version 2 unless asked
+otherwise), trained once on the synthetic set and cached: its distance is labelled
+``fd-matten-motion-net-v2`` and is not comparable with published FVD. Both real and generated
+clips are quantised to uint8 first, as decoded video is. KID, precision/recall and FD_inf
+(:mod:`.metrics`) are computed in the same features; FVD itself is computed as always.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ..checkpoint import (CHECKPOINTS_DIR, EMA_FILE, META_FILE, MODEL_FILE,
                           config_from_checkpoint, load_for_sampling, step_dirname)
 from ..pipelines import sample_videos
 from .frechet import FeatureStats, FeatureStatsAccumulator, cached_stats, frechet_distance
+from .metrics import quality_metrics
 
 __all__ = ["EvalSettings", "evaluate", "build_extractor", "real_clips", "uint8_to_model_input",
            "clip_features", "GeneratedClips", "SamplesMismatchError", "sample_key",
@@ -72,16 +78,19 @@ def clip_features(extractor, clips: np.ndarray, batch_size: int = 64) -> np.ndar
 
 
 def build_extractor(i3d_path=None, cache_dir=None, resolution=16, num_frames: int = 8,
-                    device="cpu"):
+                    device="cpu", motion_net_version: int | None = None):
     """I3D from ``i3d_path`` (see :func:`matten.eval.i3d.load_i3d`), else the offline motion
-    net for this clip size (trained on the synthetic set on first use, then cached)."""
+    net for this clip size (trained on the synthetic set on first use, then cached), of
+    ``motion_net_version`` (default :data:`matten.eval.motion_net.DEFAULT_VERSION`)."""
     if i3d_path is not None:
         from .i3d import load_i3d
 
         return load_i3d(i3d_path, device=device)
     from .motion_net import MotionFeatureExtractor
 
-    return MotionFeatureExtractor.load_or_train(cache_dir, resolution, num_frames, device=device)
+    version = {} if motion_net_version is None else {"version": motion_net_version}
+    return MotionFeatureExtractor.load_or_train(cache_dir, resolution, num_frames, device=device,
+                                                **version)
 
 
 def real_clips(dataset, num_clips: int, progress: bool = False):
@@ -256,6 +265,28 @@ def _comparison(real: np.ndarray, fake: np.ndarray, path: Path, fps: int) -> Pat
     return write_video(path, tile_videos(clips, columns=k), fps=fps)
 
 
+# Data drawn by code rather than read from disk: any number of distinct clips can be asked for.
+PROCEDURAL_DATASETS = ("synthetic", "moving_digits")
+
+
+def _save_features(path: Path, features: np.ndarray, extractor_name: str) -> None:
+    """The generated clips' features, so KID, precision/recall (or anything else) can be
+    computed again without the network."""
+    with atomic_write_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, features=features, extractor=np.array(extractor_name))
+
+
+def _quality_fields(quality: dict) -> dict:
+    """The report's metric fields, in reading order: the plain FD first (for I3D that is FVD,
+    the report's value), then its extrapolation, KID, precision/recall, counts and the warning."""
+    fields = ("fd", "fd_inf", "kid", "precision", "recall", "pr_k", "num_real_clips",
+              "num_generated_clips", "warning", "fd_inf_fit")
+    out = {name: quality[name] for name in fields}
+    out["metric_notes"] = quality["notes"]
+    return out
+
+
 def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None = None,
              i3d=None, cache_dir=None, device=None, progress: bool = True, extractor=None,
              overwrite: bool = False) -> dict:
@@ -284,7 +315,7 @@ def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None =
     loaded = load_for_sampling(checkpoint, weights=settings.weights, device=device)
     run = config_from_checkpoint(loaded.folder)
     data = data or run.data
-    if data.name == "synthetic" and data.num_videos < settings.num_clips:
+    if data.name in PROCEDURAL_DATASETS and data.num_videos < settings.num_clips:
         data.num_videos = settings.num_clips  # one distinct clip each
     if (data.num_frames, data.resolution) != (loaded.num_frames, run.data.resolution):
         raise ValueError(f"the real clips ({data.num_frames} frames at {data.resolution}px) "
@@ -321,17 +352,20 @@ def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None =
     preview_real: list[np.ndarray] = []
 
     def compute_real() -> FeatureStats:
-        acc = FeatureStatsAccumulator()
+        acc, features = FeatureStatsAccumulator(), []
         for clips in real_clips(dataset, settings.num_clips, progress):
             if len(preview_real) < settings.grid_clips:
                 preview_real.append(clips[:settings.grid_clips])
-            acc.update(clip_features(extractor, clips))
-        return acc.stats()
+            features.append(clip_features(extractor, clips))
+            acc.update(features[-1])
+        stats = acc.stats()
+        stats.features = np.concatenate(features)  # for KID and precision/recall
+        return stats
 
-    real = cached_stats(cache_dir, real_key, compute_real)
+    real = cached_stats(cache_dir, real_key, compute_real, need_features=True)
 
     # Generated clips: resumable shards, then their statistics.
-    acc, preview_fake, resumed = FeatureStatsAccumulator(), [], 0
+    acc, preview_fake, resumed, fake_features = FeatureStatsAccumulator(), [], 0, []
     for shard in tqdm(range(store.num_shards), desc="sampling", disable=not progress,
                       unit="batch"):
         clips = store.load(shard)
@@ -343,9 +377,14 @@ def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None =
             resumed += 1
         if sum(map(len, preview_fake)) < settings.grid_clips:
             preview_fake.append(clips)
-        acc.update(clip_features(extractor, clips))
+        fake_features.append(clip_features(extractor, clips))
+        acc.update(fake_features[-1])
     fake = acc.stats()
     distance = frechet_distance(real.mean, real.cov, fake.mean, fake.cov)
+    fake_features = np.concatenate(fake_features)
+    _save_features(output / "generated_features.npz", fake_features, extractor.cache_name)
+    quality = quality_metrics(real.features, fake_features, fd=distance,
+                              i3d=bool(extractor.comparable_to_published))
 
     if not preview_real:  # the real statistics came from the cache: read a few clips again
         preview_real = [next(real_clips(dataset, min(settings.grid_clips, len(dataset))))]
@@ -353,7 +392,7 @@ def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None =
                              np.concatenate(preview_fake)[:settings.grid_clips],
                              output / "comparison.gif", run.sample.fps)
     report = {
-        "metric": metric, "value": distance,
+        "metric": metric, "value": distance, **_quality_fields(quality),
         "comparable_to_published_fvd": bool(extractor.comparable_to_published),
         "extractor": extractor.cache_name, "feature_dim": int(extractor.feature_dim),
         "checkpoint": str(loaded.folder), "step": loaded.step, "weights": settings.weights,
@@ -367,8 +406,9 @@ def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None =
         "comparison": str(comparison), "seconds": round(time.time() - start, 1),
     }
     if not extractor.comparable_to_published:
-        report["note"] = ("Fréchet distance in the features of Matten's offline motion network "
-                          "trained on the synthetic set; not comparable with published FVD")
+        report["note"] = (f"Fréchet distance in the features of Matten's offline motion network "
+                          f"({extractor.name}) trained on the synthetic set; not comparable "
+                          "with published FVD")
     with atomic_write_path(output / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     return report
