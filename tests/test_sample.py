@@ -143,7 +143,7 @@ def test_bad_input_is_a_clear_error(conditional_run, tmp_path, capsys):
         (["--class", "4"], "out of range: the model has 4 classes"),
         (["--class", "spin"], "'spin' is not a class index"),
         (["--output", str(tmp_path / "x.jpg")], "must end in one of"),
-        (["--eta", "2"], "--eta must be in [0, 1]"),
+        (["--eta", "2"], "--eta: eta must be a number in [0, 1]"),
         (["--steps", "0"], "--steps must be in [1, 1000]"),
         (["--fps", "0"], "--fps must be >= 1 (frames per second), got 0"),
         (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),

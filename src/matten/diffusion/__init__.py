@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .forcing import forcing_timesteps
-from .gaussian_diffusion import GaussianDiffusion, linear_beta_schedule
-from .guidance import classifier_free_guidance
+from .gaussian_diffusion import (PREDICTIONS, SAMPLERS, GaussianDiffusion, check_eta,
+                                 linear_beta_schedule)
+from .guidance import check_cfg_scale, classifier_free_guidance
 from .respace import SpacedDiffusion, space_timesteps
 
 __all__ = ["GaussianDiffusion", "SpacedDiffusion", "space_timesteps", "classifier_free_guidance",
-           "create_diffusion", "linear_beta_schedule", "forcing_timesteps"]
+           "create_diffusion", "linear_beta_schedule", "forcing_timesteps", "PREDICTIONS",
+           "SAMPLERS", "check_eta", "check_cfg_scale"]
 
 
 def create_diffusion(timestep_respacing: str | int | Sequence[int] | None = "",

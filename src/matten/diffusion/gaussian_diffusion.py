@@ -29,6 +29,7 @@ Model = Callable[..., torch.Tensor]
 
 
 PREDICTIONS = ("eps", "velocity")
+SAMPLERS = ("ddpm", "ddim")  # ancestral steps with the learned variance, or DDIM steps
 
 
 def linear_beta_schedule(num_timesteps: int) -> np.ndarray:
@@ -305,7 +306,7 @@ class GaussianDiffusion:
                     ) -> dict[str, torch.Tensor]:
         """One DDIM step x_t -> x_{t-1} (Song et al., Eq. 12); eta = 0 is deterministic, eta = 1
         has DDPM's posterior variance. Returns "sample" and "pred_xstart"."""
-        _check_eta(eta)
+        check_eta(eta)
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
         # eps recomputed from x_0 so that the step agrees with a clipped x_0.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
@@ -353,7 +354,7 @@ class GaussianDiffusion:
                                      clip_denoised: bool = False, device=None
                                      ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield each DDIM step's output, from t = T - 1 down to 0."""
-        _check_eta(eta)
+        check_eta(eta)
 
         def step(x, t):
             return self.ddim_sample(model, x, t, clip_denoised, model_kwargs, eta, generator)
@@ -387,7 +388,7 @@ def _last(iterator):
     return collections.deque(iterator, maxlen=1)[0]
 
 
-def _check_eta(eta) -> None:
+def check_eta(eta) -> None:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
 

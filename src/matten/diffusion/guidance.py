@@ -9,6 +9,13 @@ import torch
 from .gaussian_diffusion import Model
 
 
+def check_cfg_scale(cfg_scale) -> None:
+    """A guidance scale is a finite number >= 0 (1: no guidance; 0: the unconditional model)."""
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) \
+            or not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
+
+
 def classifier_free_guidance(model: Model, cfg_scale: float, null_label: int,
                              batched: tuple[str, ...] = ("actions",)) -> Model:
     """Wrap a class-conditional ``model(x, t, y=labels)`` into a guided one with the same call.
@@ -21,9 +28,7 @@ def classifier_free_guidance(model: Model, cfg_scale: float, null_label: int,
     others are passed as they are. With ``cfg_scale == 1`` the guided model is the conditional
     model, run alone.
     """
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) \
-            or not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
+    check_cfg_scale(cfg_scale)
 
     def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         if cfg_scale == 1:  # no guidance: the unconditional half would be wasted work

@@ -3,16 +3,12 @@ scale and the class labels; and the one place that runs a sampler over a diffusi
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..diffusion import create_diffusion
+from ..diffusion import SAMPLERS, check_cfg_scale, check_eta, create_diffusion
 
 __all__ = ["SamplingError", "SAMPLERS", "default_steps", "check_sampling", "sampling_diffusion",
            "run_sampler", "resolve_labels"]
-
-SAMPLERS = ("ddpm", "ddim")
 
 
 class SamplingError(ValueError):
@@ -29,15 +25,16 @@ def check_sampling(sampler: str, steps: int | None, eta, cfg_scale, diffusion_st
     """Refuse what no sampler can do, with the option's name; returns the number of steps
     (``steps``, or the sampler's default)."""
     if sampler not in SAMPLERS:
-        raise SamplingError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        raise SamplingError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     steps = default_steps(sampler) if steps is None else int(steps)
     if not 1 <= steps <= diffusion_steps:
         raise SamplingError(f"--steps must be in [1, {diffusion_steps}], got {steps}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-        raise SamplingError(f"--eta must be in [0, 1], got {eta}")
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) \
-            or not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise SamplingError(f"--cfg-scale must be a finite number >= 0, got {cfg_scale}")
+    for option, check, value in (("--eta", check_eta, eta), ("--cfg-scale", check_cfg_scale,
+                                                               cfg_scale)):
+        try:
+            check(value)
+        except ValueError as exc:
+            raise SamplingError(f"{option}: {exc}") from None
     if cfg_scale != 1.0 and not conditional:
         raise SamplingError("classifier-free guidance (--cfg-scale other than 1) needs a "
                             "class-conditional model and class labels")

@@ -1,10 +1,9 @@
-"""Run configuration: dataclasses loaded from YAML, with ``key=value`` overrides.
+"""Reading run configs: packaged configs by name or YAML files, typed ``key=value`` overrides.
 
-A run config has six sections: ``model``, ``data``, ``autoencoder``, ``diffusion``, ``train`` and
-``sample``. ``load_config("demo")`` reads the packaged ``matten/configs/demo.yaml``; any other
-name is a path to a YAML file. Overrides use dotted keys: ``train.batch_size=4``; the value is
-parsed as YAML (``null``, ``true``, ``1e-4``, ``[1, 2]``) and checked against the field's type.
-Unknown keys are an error that names the key.
+``load_config("demo")`` reads the packaged ``matten/configs/demo.yaml``; any other name is a path
+to a YAML file. Overrides use dotted keys: ``train.batch_size=4``; the value is parsed as YAML
+(``null``, ``true``, ``1e-4``, ``[1, 2]``) and checked against the field's type. Unknown keys are
+an error that names the key.
 """
 
 from __future__ import annotations
@@ -15,191 +14,20 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
-from .data.registry import dataset_key
+from ..data import dataset_key
+from .schema import SECTIONS, RunConfig
+from .validation import ConfigError
 
-__all__ = ["ModelConfig", "DataConfig", "AutoencoderConfig", "DiffusionConfig", "TrainConfig",
-           "SampleConfig", "RunConfig", "ConfigError", "load_config", "packaged_configs",
-           "apply_overrides", "config_from_dict", "config_to_dict", "resolve_mixed_precision",
-           "config_differences"]
+__all__ = ["load_config", "packaged_configs", "apply_overrides", "config_from_dict",
+           "config_to_dict", "config_differences", "parse_override", "resolve_mixed_precision"]
 
 logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A bad config file, key or value."""
-
-
-@dataclass
-class ModelConfig:
-    name: str = "Matten-S/2"  # Matten-S/B/L/XL/2, Latte-S/B/L/XL/2 (the attention baseline) or
-    # Matten-Causal (the long-video backbone: window / sink / memory / num_actions below)
-    variant: int = 3  # Matten variants 1-4 (paper Sec. 3.2); ignored by Latte
-    conditioning: str = "adan"  # "adan" (M-AdaN / adaLN-Zero) or "tokens" (conditional tokens)
-    num_classes: int | None = None  # None: the dataset's class count (0 = unconditional)
-    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
-    learn_sigma: bool = True
-    depth: int | None = None  # overrides of the size's depth / hidden size / heads
-    hidden_size: int | None = None
-    num_heads: int | None = None
-    gradient_checkpointing: bool = False
-    window: int = 8  # Matten-Causal: frames of the sliding attention window
-    sink: int = 1  # Matten-Causal: first frames always attended to
-    memory: str = "both"  # Matten-Causal global memory: "ssm", "delta", "both" or "none"
-    num_actions: int = 0  # Matten-Causal: discrete per-frame actions (0: none)
-    ssm_block_size: int | list = 2  # Matten-Causal SSM blocks in tokens: n, [b_h, b_w] or per layer
-
-
-@dataclass
-class DataConfig:
-    name: str = "synthetic"  # ucf101, sky_timelapse, faceforensics, taichi_hd, folder, synthetic
-    root: str | None = None  # dataset folder (not used by "synthetic")
-    resolution: int = 32
-    num_frames: int = 16
-    frame_stride: int = 3
-    split: str | None = None  # e.g. "train" for the benchmark layouts
-    num_videos: int = 512  # synthetic set only
-    num_classes: int = 4  # synthetic set only: number of motion classes (0 = unlabelled)
-    hflip: float = 0.5  # horizontal flip probability (video datasets)
-    num_workers: int = 0  # DataLoader workers
-    options: dict = field(default_factory=dict)  # extra keyword arguments of the dataset
-
-
-@dataclass
-class AutoencoderConfig:
-    kind: str = "pixel"  # "pixel" (identity) or "sd-vae" (Stable Diffusion v1-4 VAE)
-    path: str | None = None  # sd-vae: local folder or .safetensors file (never downloaded)
-    frame_batch_size: int = 16  # frames per VAE call
-
-
-@dataclass
-class DiffusionConfig:
-    steps: int = 1000  # diffusion steps of the training chain
-    timestep_respacing: str = ""  # training respacing ("" keeps all steps)
-    prediction: str = "eps"  # what the model predicts: "eps" (the paper) or "velocity"
-    forcing: bool = False  # diffusion forcing: an independent noise level per frame
-    history_prob: float = 0.0  # forcing: chance a clip's first frames are clean history (no loss)
-
-
-@dataclass
-class TrainConfig:
-    output: str | None = None  # run folder (the --output option)
-    batch_size: int = 8  # global batch, split over the processes
-    max_steps: int = 1000
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float | None = 1.0  # max gradient norm; null disables clipping
-    ema_decay: float = 0.9999
-    ema_early_decay: float | None = None  # decay used for the first ema_early_steps steps
-    ema_early_steps: int = 0
-    mixed_precision: str = "auto"  # "no", "bf16", "fp16"; "auto": bf16 on CUDA if supported
-    seed: int = 0
-    log_every: int = 10  # steps between loss records
-    checkpoint_every: int = 1000
-    keep_last: int = 3  # checkpoints kept (older ones are deleted); 0 keeps all
-    sample_every: int = 0  # steps between sample videos (0: only at the end)
-    cpu: bool = False  # train on the CPU even if a GPU is present
-    deterministic: bool = False  # deterministic GPU kernels (exact resume on CUDA; slower)
-
-
-@dataclass
-class SampleConfig:
-    num_samples: int = 8
-    sampler: str = "ddim"  # "ddpm" or "ddim"
-    steps: int | None = None  # respaced steps; None: 250 (ddpm) / 50 (ddim)
-    eta: float = 0.0
-    cfg_scale: float = 1.0  # classifier-free guidance scale (1 = none)
-    seed: int = 0
-    fps: int = 8
-
-
-@dataclass
-class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-
-    def validate(self) -> RunConfig:
-        """Check values that a type alone does not; returns self."""
-        problems = []
-        if self.model.conditioning not in ("adan", "tokens"):
-            problems.append(f"model.conditioning must be 'adan' or 'tokens', got "
-                            f"{self.model.conditioning!r}")
-        if self.model.variant not in (1, 2, 3, 4):
-            problems.append(f"model.variant must be 1, 2, 3 or 4, got {self.model.variant}")
-        if self.model.num_classes is not None and self.model.num_classes < 0:
-            problems.append("model.num_classes must be >= 0 (or null for the dataset's count)")
-        if not 0.0 <= self.model.class_dropout_prob < 1.0:
-            problems.append("model.class_dropout_prob must be in [0, 1)")
-        for key in ("resolution", "num_frames", "frame_stride", "num_videos"):
-            if getattr(self.data, key) < 1:
-                problems.append(f"data.{key} must be >= 1")
-        if not 0.0 <= self.data.hflip <= 1.0:
-            problems.append("data.hflip must be in [0, 1]")
-        if self.data.num_workers < 0:
-            problems.append("data.num_workers must be >= 0")
-        if self.autoencoder.frame_batch_size < 1:
-            problems.append("autoencoder.frame_batch_size must be >= 1")
-        t = self.train
-        for key in ("batch_size", "max_steps", "log_every", "checkpoint_every"):
-            if getattr(t, key) < 1:
-                problems.append(f"train.{key} must be >= 1")
-        if t.keep_last < 0 or t.sample_every < 0 or t.ema_early_steps < 0:
-            problems.append("train.keep_last, train.sample_every and train.ema_early_steps must "
-                            "be >= 0")
-        if t.lr <= 0:
-            problems.append("train.lr must be > 0")
-        for key in ("ema_decay", "ema_early_decay"):
-            value = getattr(t, key)
-            if value is not None and not 0.0 <= value <= 1.0:
-                problems.append(f"train.{key} must be in [0, 1]")
-        if t.grad_clip is not None and t.grad_clip <= 0:
-            problems.append("train.grad_clip must be > 0 (or null to disable clipping)")
-        if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            problems.append(f"train.mixed_precision must be auto, no, bf16 or fp16, got "
-                            f"{t.mixed_precision!r}")
-        if self.model.memory not in ("ssm", "delta", "both", "none"):
-            problems.append(f"model.memory must be ssm, delta, both or none, got "
-                            f"{self.model.memory!r}")
-        if self.model.window < 1 or self.model.sink < 0 or self.model.num_actions < 0:
-            problems.append("model.window must be >= 1, model.sink and model.num_actions >= 0")
-        block = self.model.ssm_block_size
-        if not (isinstance(block, int) and block >= 1 or isinstance(block, list) and block):
-            problems.append(f"model.ssm_block_size must be a positive int, [b_h, b_w] or a list "
-                            f"of per-layer sizes, got {block!r}")
-        if self.diffusion.prediction not in ("eps", "velocity"):
-            problems.append(f"diffusion.prediction must be 'eps' or 'velocity', got "
-                            f"{self.diffusion.prediction!r}")
-        if not 0.0 <= self.diffusion.history_prob <= 1.0:
-            problems.append("diffusion.history_prob must be in [0, 1]")
-        if self.diffusion.history_prob > 0 and not self.diffusion.forcing:
-            problems.append("diffusion.history_prob needs diffusion.forcing: true")
-        s = self.sample
-        if s.sampler not in ("ddpm", "ddim"):
-            problems.append(f"sample.sampler must be 'ddpm' or 'ddim', got {s.sampler!r}")
-        if s.num_samples < 1 or (s.steps is not None and s.steps < 1) or s.fps < 1:
-            problems.append("sample.num_samples, sample.steps and sample.fps must be >= 1")
-        if not 0.0 <= s.eta <= 1.0:
-            problems.append("sample.eta must be in [0, 1]")
-        if s.cfg_scale < 0:
-            problems.append("sample.cfg_scale must be >= 0")
-        if problems:
-            raise ConfigError("invalid config: " + "; ".join(problems))
-        return self
-
-
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 
 
 class _Loader(yaml.SafeLoader):

@@ -1,0 +1,85 @@
+"""The checks a field's type cannot make, done once, when a config is loaded: ranges, and names
+that must be among the ones the code that reads them knows (imported from there, not spelled
+again here)."""
+
+from __future__ import annotations
+
+from ..diffusion import PREDICTIONS, SAMPLERS, check_cfg_scale, check_eta
+from ..models import CONDITIONING_MODES, LAYOUTS, MEMORY_KINDS
+
+__all__ = ["ConfigError", "validate", "MIXED_PRECISIONS"]
+
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")  # "auto": bf16 on a CUDA GPU that has it
+VARIANTS = tuple(k for k in LAYOUTS if isinstance(k, int))
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value."""
+
+
+def _one_of(key: str, value, allowed) -> list[str]:
+    if value in allowed:
+        return []
+    return [f"{key} must be one of {', '.join(map(str, allowed))}, got {value!r}"]
+
+
+def _passes(key: str, check, value) -> list[str]:
+    try:
+        check(value)
+    except ValueError as exc:
+        return [f"{key}: {exc}"]
+    return []
+
+
+def validate(cfg) -> None:
+    """Raise :class:`ConfigError` listing every problem of the run config ``cfg``."""
+    m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
+    problems = _one_of("model.conditioning", m.conditioning, CONDITIONING_MODES)
+    problems += _one_of("model.variant", m.variant, VARIANTS)
+    problems += _one_of("model.memory", m.memory, MEMORY_KINDS)
+    if m.num_classes is not None and m.num_classes < 0:
+        problems.append("model.num_classes must be >= 0 (or null for the dataset's count)")
+    if not 0.0 <= m.class_dropout_prob < 1.0:
+        problems.append("model.class_dropout_prob must be in [0, 1)")
+    if m.window < 1 or m.sink < 0 or m.num_actions < 0:
+        problems.append("model.window must be >= 1, model.sink and model.num_actions >= 0")
+    block = m.ssm_block_size
+    if not (isinstance(block, int) and block >= 1 or isinstance(block, list) and block):
+        problems.append(f"model.ssm_block_size must be a positive int, [b_h, b_w] or a list "
+                        f"of per-layer sizes, got {block!r}")
+    for key in ("resolution", "num_frames", "frame_stride", "num_videos"):
+        if getattr(d, key) < 1:
+            problems.append(f"data.{key} must be >= 1")
+    if not 0.0 <= d.hflip <= 1.0:
+        problems.append("data.hflip must be in [0, 1]")
+    if d.num_workers < 0:
+        problems.append("data.num_workers must be >= 0")
+    if cfg.autoencoder.frame_batch_size < 1:
+        problems.append("autoencoder.frame_batch_size must be >= 1")
+    problems += _one_of("diffusion.prediction", cfg.diffusion.prediction, PREDICTIONS)
+    if not 0.0 <= cfg.diffusion.history_prob <= 1.0:
+        problems.append("diffusion.history_prob must be in [0, 1]")
+    if cfg.diffusion.history_prob > 0 and not cfg.diffusion.forcing:
+        problems.append("diffusion.history_prob needs diffusion.forcing: true")
+    for key in ("batch_size", "max_steps", "log_every", "checkpoint_every"):
+        if getattr(t, key) < 1:
+            problems.append(f"train.{key} must be >= 1")
+    if t.keep_last < 0 or t.sample_every < 0 or t.ema_early_steps < 0:
+        problems.append("train.keep_last, train.sample_every and train.ema_early_steps must "
+                        "be >= 0")
+    if t.lr <= 0:
+        problems.append("train.lr must be > 0")
+    for key in ("ema_decay", "ema_early_decay"):
+        value = getattr(t, key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            problems.append(f"train.{key} must be in [0, 1]")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        problems.append("train.grad_clip must be > 0 (or null to disable clipping)")
+    problems += _one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISIONS)
+    problems += _one_of("sample.sampler", s.sampler, SAMPLERS)
+    if s.num_samples < 1 or (s.steps is not None and s.steps < 1) or s.fps < 1:
+        problems.append("sample.num_samples, sample.steps and sample.fps must be >= 1")
+    problems += _passes("sample.eta", check_eta, s.eta)
+    problems += _passes("sample.cfg_scale", check_cfg_scale, s.cfg_scale)
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
