@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from matten.data import read_video
-from matten.data.video_write import remove_stale_temp_files
+from matten.data import remove_stale_temp_files
 from matten.diffusion import create_diffusion
 from matten.interrupts import Terminated, sigterm_as_interrupt
 from matten.data import StreamingVideoWriter

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from .transforms import video_to_uint8
-from .video_write import as_uint8_frames, atomic_write_path, check_video_path, write_video
+from .atomic import atomic_write_path
+from .video_write import as_uint8_frames, check_video_path, write_video
 
 
 def make_grid(videos, padding: int = 2, pad_value: int = 0, max_frames: int | None = None

@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import (FaceForensicsDataset, FolderDataset, SkyTimelapseDataset, TaichiHDDataset,
-                       UCF101Dataset)
+from .benchmarks import (FaceForensicsDataset, FolderDataset, SkyTimelapseDataset,
+                         TaichiHDDataset, UCF101Dataset)
 from .long_memory import ACTION_NAMES, PanningMapDataset
 from .moving_digits import build_moving_digits
 from .synthetic import SyntheticVideoDataset

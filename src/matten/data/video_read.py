@@ -6,14 +6,10 @@ Frames are always ``uint8`` arrays of shape ``(T, H, W, 3)`` (RGB). Writing is
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
-import time
-from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import dataset_from_config, tile_videos, upscale_frames, video_to_uint8, write_video
-from ..data.video_write import atomic_write_path
+from ..data import atomic_write_path
 from ..devices import resolve_device
 from ..checkpoint import (CHECKPOINTS_DIR, EMA_FILE, META_FILE, MODEL_FILE,
                           config_from_checkpoint, load_for_sampling, step_dirname)

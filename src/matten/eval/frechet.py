@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..data.video_write import atomic_write_path
+from ..data import atomic_write_path
 
 __all__ = ["FeatureStats", "FeatureStatsAccumulator", "cached_stats", "feature_stats_from_batches",
            "frechet_distance", "stats_cache_path"]

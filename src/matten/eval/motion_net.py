@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..data.synthetic import MOTION_TYPES, SyntheticVideoDataset
 from ..data.transforms import as_size
-from ..data.video_write import atomic_write_path
+from ..data import atomic_write_path
 
 __all__ = ["DEFAULT_VERSION", "DEGRADATIONS", "MOTION_NET_NAME", "MOTION_NET_NAMES",
            "MotionFeatureExtractor", "MotionFeatureNet", "MotionFeatureNetV2", "add_noise",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.video_write import atomic_write_path
+from ..data import atomic_write_path
 
 __all__ = ["plot_loss_curve", "moving_average"]
 
