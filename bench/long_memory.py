@@ -116,7 +116,7 @@ def evaluate(run: str, clips: int, frames: int | None, steps: int, chunk_size: i
     for mode in ("teacher-forced", "free-running"):
         generated = generate_long(
             model, diffusion, frames, chunk_size, (3, height, width), batch=clips,
-            actions=actions if model.action_embedder is not None else None,
+            actions=actions if model.takes_actions else None,
             context=video[:, :, :half], teacher=video if mode == "teacher-forced" else None,
             clip_denoised=True, generator=torch.Generator().manual_seed(seed))
         generated = generated.clamp(-1, 1)
