@@ -1,10 +1,16 @@
-"""Does the offline Fréchet distance rank what it should? On the synthetic set, against the
-training clips (the reference statistics `matten eval` uses), it should order
+"""Does the offline evaluation rank what it should? On the run's own data (the synthetic set or
+moving digits), against the training clips (the reference `matten eval` uses), it should order
 
     (a) held-out real clips  <  (b) samples of the trained model  <  (c) samples of the same
     model untrained (fresh weights)  <  (d) uniform noise videos
 
+in FD, FD_inf and KID (lower is better), with precision and recall (higher is better) beside
+them. With --ladder it also scores every checkpoint kept in the run (and step 0, the untrained
+model), which should improve with the step. The last line reads
+``ranking: real A < trained B < untrained C < noise D`` (FD; a ">=" where the order breaks).
+
     python bench/fd_ranking.py --checkpoint runs/demo [--num-clips 256]
+    python bench/fd_ranking.py --checkpoint runs/digits --data moving_digits --ladder
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ import json
 import numpy as np
 import torch
 
-from matten.data import video_to_uint8
+from matten.checkpoint import config_from_checkpoint, list_checkpoints, load_for_sampling
+from matten.data import dataset_from_config, video_to_uint8
 from matten.eval.evaluate import build_extractor, clip_features, real_clips
-from matten.eval.frechet import FeatureStats
+from matten.eval.metrics import quality_metrics
 from matten.models import build_model
-from matten.checkpoint import config_from_checkpoint, load_for_sampling
 from matten.pipelines import sample_videos
-from matten.data import dataset_from_config as build_train_dataset
+
+DATA = ("synthetic", "moving_digits")
 
 
 def sampled_clips(model, loaded, n, batch, seed) -> np.ndarray:
@@ -41,52 +48,109 @@ def sampled_clips(model, loaded, n, batch, seed) -> np.ndarray:
     return np.concatenate(out)
 
 
+def held_out_data(data):
+    """The same distribution, other clips: another seed of the synthetic set, or the moving
+    digits' test split (other scans and other trajectories)."""
+    if data.name == "moving_digits":
+        return dataclasses.replace(data, split="test")
+    return dataclasses.replace(data, options={**data.options, "seed": 12345})
+
+
+def summary(m: dict) -> str:
+    kid = m["kid"]
+    fd_inf = "-" if m["fd_inf"] is None else f"{m['fd_inf']:.3f}"
+    kid_text = "-" if kid is None else f"{kid['mean']:.4f} ± {kid['std_err']:.4f}"
+    pr = ("-" if m["precision"] is None
+          else f"{m['precision']:.2f} / {m['recall']:.2f}")
+    return f"{m['fd']:10.3f} {fd_inf:>10s} {kid_text:>20s} {pr:>12s}"
+
+
+HEADER = f"{'FD':>10s} {'FD_inf':>10s} {'KID ± err':>20s} {'prec / rec':>12s}"
+
+
+def ladder(args, loaded, extractor, reference, n) -> list[tuple[int, dict]]:
+    """Every checkpoint kept in the run, and step 0 (fresh weights), scored the same way."""
+    run_dir = loaded.folder.parent.parent
+    torch.manual_seed(0)
+    rows = [(0, build_model(**loaded.meta["model_config"]).eval())]
+    rows += [(step, load_for_sampling(folder).model) for step, folder in list_checkpoints(run_dir)]
+    return [(step, quality_metrics(reference, clip_features(
+        extractor, sampled_clips(model, loaded, n, args.batch_size, 10_000))))
+        for step, model in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", choices=DATA, default=None,
+                        help="the dataset the run was trained on (default: the run's)")
     parser.add_argument("--num-clips", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--motion-net-version", type=int, choices=(1, 2), default=None,
+                        help="the offline feature net (default: the current one, v2)")
+    parser.add_argument("--ladder", action="store_true",
+                        help="also score every checkpoint kept in the run, and step 0")
     args = parser.parse_args()
 
     loaded = load_for_sampling(args.checkpoint)
     data = config_from_checkpoint(loaded.folder).data
-    if data.name != "synthetic":
-        raise SystemExit("this check is for runs on the synthetic set")
+    if data.name not in DATA:
+        raise SystemExit(f"this check is for runs on {' or '.join(DATA)}; this run was trained "
+                         f"on {data.name}")
+    if args.data is not None and args.data != data.name:
+        raise SystemExit(f"--data {args.data}: the checkpoint was trained on {data.name}; pass "
+                         f"a run trained on {args.data}")
     extractor = build_extractor(None, args.cache_dir or loaded.folder.parent.parent / "eval" /
-                                "cache", data.resolution, data.num_frames)
+                                "cache", data.resolution, data.num_frames,
+                                motion_net_version=args.motion_net_version)
     n = args.num_clips
 
-    def stats(clips_or_batches) -> FeatureStats:
+    def features(clips_or_batches) -> np.ndarray:
         batches = clips_or_batches if isinstance(clips_or_batches, list) else [clips_or_batches]
-        return FeatureStats.from_features(np.concatenate(
-            [clip_features(extractor, c) for c in batches]))
+        return np.concatenate([clip_features(extractor, c) for c in batches])
 
     data.num_videos = max(data.num_videos, n)
-    reference = stats(list(real_clips(build_train_dataset(data, seed=0), n)))
-    # the same distribution, other clips: another seed of the synthetic set
-    held_out_data = build_train_dataset(
-        dataclasses.replace(data, options={**data.options, "seed": 12345}), seed=0)
+    reference = features(list(real_clips(dataset_from_config(data, seed=0), n)))
     torch.manual_seed(0)
     untrained = build_model(**loaded.meta["model_config"]).eval()
     noise = np.random.default_rng(0).integers(
         0, 256, (n, data.num_frames, data.resolution, data.resolution, 3), dtype=np.uint8)
     sets = {
-        "(a) held-out real clips": stats(list(real_clips(held_out_data, n))),
-        "(b) trained model samples": stats(sampled_clips(loaded.model, loaded, n,
-                                                         args.batch_size, 10_000)),
-        "(c) untrained model samples": stats(sampled_clips(untrained, loaded, n,
-                                                           args.batch_size, 10_000)),
-        "(d) uniform noise": stats(noise),
+        "(a) held-out real clips": features(list(real_clips(
+            dataset_from_config(held_out_data(data), seed=0), n))),
+        "(b) trained model samples": features(sampled_clips(loaded.model, loaded, n,
+                                                            args.batch_size, 10_000)),
+        "(c) untrained model samples": features(sampled_clips(untrained, loaded, n,
+                                                              args.batch_size, 10_000)),
+        "(d) uniform noise": features(noise),
     }
-    results = {name: s.frechet_distance(reference) for name, s in sets.items()}
-    print(f"offline Fréchet distance ({extractor.cache_name}, not comparable with published FVD) "
-          f"to {n} training clips, {n} clips each; checkpoint step {loaded.step}")
-    for name, value in results.items():
-        print(f"  {name:30s} {value:10.3f}")
-    values = list(results.values())
-    print("ordered as expected:", all(a < b for a, b in zip(values, values[1:])))
-    print(json.dumps(results))
+    results = {name: quality_metrics(reference, f) for name, f in sets.items()}
+    print(f"{data.name}: offline metrics in {extractor.cache_name} features (not comparable "
+          f"with published FVD) against {n} training clips, {n} clips each; checkpoint step "
+          f"{loaded.step}")
+    warning = results["(b) trained model samples"]["warning"]
+    if warning:
+        print(f"  warning: {warning}")
+    print(f"  {'':30s} {HEADER}")
+    for name, m in results.items():
+        print(f"  {name:30s} {summary(m)}")
+    if args.ladder:
+        print("checkpoint ladder (step 0: fresh weights)")
+        scored = ladder(args, loaded, extractor, reference, n)
+        for step, m in scored:
+            print(f"  step {step:<25d} {summary(m)}")
+        fds = [m["fd"] for _, m in scored]
+        print("ladder improves with every step:", all(a > b for a, b in zip(fds, fds[1:])))
+    fds = [m["fd"] for m in results.values()]
+    print("ordered as expected:", all(a < b for a, b in zip(fds, fds[1:])))
+    print(json.dumps({name: {k: m[k] for k in ("fd", "fd_inf", "kid", "precision", "recall")}
+                      for name, m in results.items()}))
+    names = ("real", "trained", "untrained", "noise")
+    parts = [f"{names[0]} {fds[0]:.3f}"]
+    for i in range(1, 4):
+        parts.append(f"{'<' if fds[i - 1] < fds[i] else '>='} {names[i]} {fds[i]:.3f}")
+    print("ranking: " + " ".join(parts))
 
 
 if __name__ == "__main__":
