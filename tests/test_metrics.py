@@ -149,10 +149,11 @@ def test_fd_infinity_removes_the_small_sample_bias():
     assert abs(inf_bias) < 0.35 * plain_bias  # ... the extrapolation much less
 
 
-def test_fd_infinity_refuses_subsets_smaller_than_twice_the_dimension():
-    x = np.random.default_rng(8).standard_normal((100, 16))
-    with pytest.raises(ValueError, match="twice the feature dimension"):
+def test_fd_infinity_refuses_subsets_no_larger_than_the_dimension():
+    x = np.random.default_rng(8).standard_normal((128, 32))  # smallest subset: 32
+    with pytest.raises(ValueError, match="larger than the feature dimension"):
         fd_infinity(x, x)
+    assert np.isfinite(fd_infinity(x[:, :31], x[:, :31] + 1).value)
 
 
 # ----------------------------------------------------------------------------------------------
