@@ -42,7 +42,9 @@ from ..checkpoint import (CHECKPOINTS_DIR, EMA_FILE, META_FILE, MODEL_FILE,
                           config_from_checkpoint, load_for_sampling, step_dirname)
 from ..pipelines import sample_videos
 from .frechet import FeatureStats, FeatureStatsAccumulator, cached_stats, frechet_distance
+from .i3d import load_i3d
 from .metrics import quality_metrics
+from .motion_net import MotionFeatureExtractor
 
 __all__ = ["EvalSettings", "evaluate", "build_extractor", "real_clips", "uint8_to_model_input",
            "clip_features", "GeneratedClips", "SamplesMismatchError", "sample_key",
@@ -83,11 +85,7 @@ def build_extractor(i3d_path=None, cache_dir=None, resolution=16, num_frames: in
     net for this clip size (trained on the synthetic set on first use, then cached), of
     ``motion_net_version`` (default :data:`matten.eval.motion_net.DEFAULT_VERSION`)."""
     if i3d_path is not None:
-        from .i3d import load_i3d
-
         return load_i3d(i3d_path, device=device)
-    from .motion_net import MotionFeatureExtractor
-
     version = {} if motion_net_version is None else {"version": motion_net_version}
     return MotionFeatureExtractor.load_or_train(cache_dir, resolution, num_frames, device=device,
                                                 **version)
