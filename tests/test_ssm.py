@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matten.ssm import (BiMamba, Mamba, TokenGrid, backend, global_to_grid, global_to_spatial,
+from matten.ssm import (BiMamba, Mamba, MambaState, TokenGrid, backend, global_to_grid, global_to_spatial,
                         global_to_temporal, grid_to_global, selective_scan, spatial_to_global,
                         temporal_to_global)
 from matten.ssm.chunked_scan import chunked_scan
@@ -356,6 +356,69 @@ def test_mamba_trains_backward():
     for name, p in bi.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def run_in_pieces(mamba, hidden, sizes, state=None):
+    """Run ``hidden`` through ``mamba`` in pieces of ``sizes`` tokens, carrying the state."""
+    outs = []
+    for part in hidden.split(sizes, dim=1):
+        y, state = mamba(part, state, return_state=True)
+        outs.append(y)
+    return torch.cat(outs, dim=1), state
+
+
+# Pieces shorter than the conv's reach (d_conv - 1 = 3 tokens) make the carried conv inputs span
+# several pieces.
+@pytest.mark.parametrize("scan", ["cpu", "chunked"])
+@pytest.mark.parametrize("sizes", [[1] * 13, [2] * 6 + [1], [4, 4, 4, 1], [1, 7, 2, 3], [13]])
+def test_mamba_in_pieces_equals_one_run(scan, sizes, monkeypatch):
+    monkeypatch.setenv("MATTEN_SCAN_BACKEND", scan)
+    torch.manual_seed(0)
+    mamba = Mamba(8, d_state=4)
+    hidden = torch.randn(2, 13, 8)
+    with torch.no_grad():
+        whole, whole_state = mamba(hidden, return_state=True)
+        pieces, state = run_in_pieces(mamba, hidden, sizes)
+        # a fresh state is the same as no state
+        from_init, _ = run_in_pieces(mamba, hidden, sizes, mamba.init_state(2))
+    torch.testing.assert_close(pieces, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(from_init, pieces, atol=1e-6, rtol=1e-5)
+    assert isinstance(state, MambaState)
+    assert state.conv.shape == (2, 16, 3) and state.ssm.shape == (2, 16, 4)
+    torch.testing.assert_close(state.conv, whole_state.conv, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(state.ssm, whole_state.ssm, atol=1e-6, rtol=1e-5)
+    # the carried conv inputs are the last three inputs to the conv, i.e. in_proj's x
+    torch.testing.assert_close(state.conv, mamba.project_in(hidden)[0][..., -3:])
+
+
+def test_selective_ssm_in_pieces_equals_one_run():
+    torch.manual_seed(0)
+    mamba = Mamba(8, d_state=4)
+    ssm = mamba.ssms[0]
+    x, z = torch.randn(2, 2, 16, 9).unbind(0)
+    with torch.no_grad():
+        whole, whole_state = ssm(x, z, return_state=True)
+        y1, state = ssm(x[..., :2], z[..., :2], return_state=True)
+        y2, state = ssm(x[..., 2:], z[..., 2:], state, return_state=True)
+    torch.testing.assert_close(torch.cat([y1, y2], -1), whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(state.ssm, whole_state.ssm, atol=1e-6, rtol=1e-5)
+    assert torch.equal(state.conv, x[..., -3:])
+
+
+def test_mamba_streaming_path_matches_the_clip_path():
+    """With and without return_state Mamba makes different conv calls; the outputs agree."""
+    torch.manual_seed(0)
+    mamba = Mamba(8, d_state=4)
+    x = torch.randn(2, 10, 8)
+    with torch.no_grad():
+        streamed, _ = mamba(x, return_state=True)
+        torch.testing.assert_close(streamed, mamba(x), atol=1e-6, rtol=1e-5)
+
+
+def test_mamba_state_must_match_the_batch():
+    mamba = Mamba(8, d_state=4)
+    with pytest.raises(ValueError, match="state is for batch 3"):
+        mamba(torch.randn(2, 5, 8), mamba.init_state(3))
 
 
 def test_scan_orders_round_trip_and_group_the_right_tokens():

@@ -7,9 +7,9 @@ A sliding attention window keeps recent tokens exactly; what falls out of it is 
 * :class:`PositionRouter` — how much of that memory to add, as a function of how far into the
   video we are (little at the start, when the memory is still empty of useful content);
 * :class:`BlockwiseTemporalSSM` — a causal scan over time, one state per spatial block of tokens
-  (the block-wise SSM of the long-context world model), built on :class:`StreamingMamba`, a
-  :class:`~matten.ssm.mamba.Mamba` that carries its conv and scan state from one chunk of frames
-  to the next.
+  (the block-wise SSM of the long-context world model), a causal :class:`~matten.ssm.mamba.Mamba`
+  that carries its conv and scan state (:class:`~matten.ssm.mamba.MambaState`) from one chunk of
+  frames to the next.
 
 Every state is a plain tensor (or a named tuple of them), so it can be carried across generation
 steps, detached, moved or saved with ``torch.save``.
@@ -18,16 +18,14 @@ steps, detached, moved or saved with ``torch.save``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..ssm.mamba import Mamba
+from ..ssm.mamba import Mamba, MambaState
 from ..ssm.scan_order import TokenGrid
-from ..ssm.selective_scan import selective_scan
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,52 +245,6 @@ class PositionRouter(nn.Module):
 # Block-wise temporal SSM
 # --------------------------------------------------------------------------------------------
 
-class MambaState(NamedTuple):
-    """What a causal Mamba needs to continue a sequence: the conv1d's last (d_conv - 1) inputs
-    (batch, d_inner, d_conv - 1) and the scan's hidden state (batch, d_inner, d_state)."""
-    conv: Tensor
-    ssm: Tensor
-
-
-class StreamingMamba(Mamba):
-    """A causal :class:`~matten.ssm.mamba.Mamba` (same parameters) that can stop and resume.
-
-    Running a sequence in pieces, each starting from the state the previous one returned, gives
-    the same output as running it whole: the conv is fed its carried inputs instead of zero
-    padding, and the scan starts from the carried hidden state.
-    """
-
-    def init_state(self, batch: int, device=None, dtype=torch.float32) -> MambaState:
-        ssm = self.ssms[0]
-        width = ssm.conv1d.kernel_size[0] - 1
-        return MambaState(torch.zeros(batch, self.d_inner, width, device=device, dtype=dtype),
-                          torch.zeros(batch, self.d_inner, ssm.d_state, device=device, dtype=dtype))
-
-    def forward(self, hidden: Tensor, state: MambaState | None = None,
-                return_state: bool = False):
-        """(batch, L, d_model) -> (batch, L, d_model) [, new MambaState]."""
-        ssm = self.ssms[0]
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
-        if state is None:
-            conv_in = F.pad(x, (ssm.conv1d.kernel_size[0] - 1, 0))
-            h0 = None
-        else:
-            if state.ssm.shape[0] != x.shape[0]:
-                raise ValueError(f"state is for batch {state.ssm.shape[0]}, input has {x.shape[0]}")
-            conv_in = torch.cat([state.conv.to(x.dtype), x], dim=-1)
-            h0 = state.ssm
-        new_conv = conv_in[..., conv_in.shape[-1] - (ssm.conv1d.kernel_size[0] - 1):]
-        x = F.silu(F.conv1d(conv_in, ssm.conv1d.weight, ssm.conv1d.bias, groups=self.d_inner))
-        dt, B, C = ssm.x_proj(x.transpose(1, 2)).split([ssm.dt_rank, ssm.d_state, ssm.d_state], -1)
-        delta = (dt @ ssm.dt_proj.weight.t()).transpose(1, 2)
-        y, h_last = selective_scan(x, delta, -torch.exp(ssm.A_log.float()), B.transpose(1, 2),
-                                   C.transpose(1, 2), ssm.D.float(), z,
-                                   delta_bias=ssm.dt_proj.bias.float(), delta_softplus=True,
-                                   return_last_state=True, initial_state=h0)
-        out = self.out_proj(y.transpose(1, 2))
-        return (out, MambaState(new_conv, h_last)) if return_state else out
-
-
 class BlockwiseTemporalSSM(nn.Module):
     """Causal scan over time, one sequence per spatial block of b_h x b_w tokens.
 
@@ -309,8 +261,7 @@ class BlockwiseTemporalSSM(nn.Module):
                  expand: int = 2, d_conv: int = 4, dt_rank: int | None = None):
         super().__init__()
         self.block_size = tuple(block_size)
-        self.mamba = StreamingMamba(dim, d_state=d_state, d_conv=d_conv, expand=expand,
-                                    dt_rank=dt_rank)
+        self.mamba = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
 
     def _block_counts(self, grid: TokenGrid) -> tuple[int, int]:
         bh, bw = self.block_size
@@ -337,6 +288,7 @@ class BlockwiseTemporalSSM(nn.Module):
     def forward(self, x: Tensor, grid: TokenGrid, state: MambaState | None = None,
                 return_state: bool = False):
         """x (B, F*h*w, D) for the next F frames -> (B, F*h*w, D) [, state after them]."""
+        # Always the streaming path, even for a whole clip, so every call runs the same conv.
         y, new_state = self.mamba(self.to_blocks(x, grid), state, return_state=True)
         y = self.from_blocks(y, grid)
         return (y, new_state) if return_state else y

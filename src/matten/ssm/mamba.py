@@ -10,17 +10,29 @@ A Mamba mixer maps (batch, L, d_model) -> (batch, L, d_model):
 
 :class:`SelectiveSSM` is the part between in_proj and out_proj (conv1d, x_proj, dt_proj, A_log, D);
 :class:`Mamba` wraps one of them, :class:`BiMamba` two, one per scan direction.
+
+A causal scan can also be streamed: given a :class:`MambaState` (the conv's last inputs and the
+scan's hidden state), :class:`SelectiveSSM` and :class:`Mamba` continue a sequence where the
+previous piece stopped, so a sequence run in pieces gives the output of one run over all of it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .selective_scan import selective_scan
+
+
+class MambaState(NamedTuple):
+    """What a causal scan needs to continue a sequence: the conv1d's last (d_conv - 1) inputs
+    (batch, d_inner, d_conv - 1) and the scan's hidden state (batch, d_inner, d_state)."""
+    conv: torch.Tensor
+    ssm: torch.Tensor
 
 
 class SelectiveSSM(nn.Module):
@@ -53,20 +65,57 @@ class SelectiveSSM(nn.Module):
                        + math.log(dt_min)).clamp(min=floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """x, z: (batch, d_inner, L) -> gated scan output (batch, d_inner, L)."""
-        length = x.shape[-1]
-        x = F.silu(self.conv1d(x)[..., :length])
+    @property
+    def conv_width(self) -> int:
+        """How many past inputs the causal conv sees besides the current one (d_conv - 1)."""
+        return self.conv1d.kernel_size[0] - 1
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> MambaState:
+        """The state before the first input: no past conv inputs, a zero hidden state."""
+        d_inner = self.conv1d.in_channels
+        return MambaState(torch.zeros(batch, d_inner, self.conv_width, device=device, dtype=dtype),
+                          torch.zeros(batch, d_inner, self.d_state, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, state: MambaState | None = None,
+                return_state: bool = False):
+        """x, z: (batch, d_inner, L) -> gated scan output (batch, d_inner, L) [, new MambaState].
+
+        Without ``state`` the sequence starts from nothing (zero conv padding, zero hidden
+        state); with one it continues the sequence that state ended.
+        """
+        if state is None and not return_state:
+            # A whole sequence, as Mamba has always run it: the conv's own zero padding (at both
+            # ends), cut back to L. The streaming path below pads the left only; the two agree to
+            # rounding, not bit for bit, so each keeps the call its past outputs were made with.
+            return self._scan(F.silu(self.conv1d(x)[..., :x.shape[-1]]), z)
+        # The carried inputs take the place of the zero padding on the left. A fresh start
+        # passes no initial state, so that backends which take none (mamba_ssm) still run it.
+        if state is None:
+            conv_in, h0 = F.pad(x, (self.conv_width, 0)), None
+        else:
+            if state.ssm.shape[0] != x.shape[0]:
+                raise ValueError(f"state is for batch {state.ssm.shape[0]}, input has {x.shape[0]}")
+            conv_in, h0 = torch.cat([state.conv.to(x.dtype), x], dim=-1), state.ssm
+        conv_out = F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias,
+                            groups=self.conv1d.groups)
+        y, h_last = self._scan(F.silu(conv_out), z, return_last_state=True, initial_state=h0)
+        if not return_state:
+            return y
+        return y, MambaState(conv_in[..., conv_in.shape[-1] - self.conv_width:], h_last)
+
+    def _scan(self, x: torch.Tensor, z: torch.Tensor, **scan_kwargs):
+        """The conv's activated output x -> (dt, B, C) -> selective_scan gated by silu(z)."""
         dt, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)
         return selective_scan(x, delta, -torch.exp(self.A_log.float()), B.transpose(1, 2),
                               C.transpose(1, 2), self.D.float(), z,
-                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                              **scan_kwargs)
 
 
 class _MambaMixer(nn.Module):
-    """in_proj -> the scan directions -> mean -> out_proj."""
+    """in_proj -> the scan directions -> (their mean) -> out_proj; subclasses run the scans."""
 
     def __init__(self, d_model: int, directions: int, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, dt_rank: int | None = None, bias: bool = False, **ssm_kwargs):
@@ -79,25 +128,34 @@ class _MambaMixer(nn.Module):
             for _ in range(directions))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
-    def scan_directions(self, x: torch.Tensor, z: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(batch, L, d_model) -> (batch, L, d_model)."""
+    def project_in(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, L, d_model) -> the scan input x and the gate z, each (batch, d_inner, L)."""
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
-        outputs = self.scan_directions(x, z)
-        y = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
+        return x, z
+
+    def project_out(self, y: torch.Tensor) -> torch.Tensor:
+        """(batch, d_inner, L) -> (batch, L, d_model)."""
         return self.out_proj(y.transpose(1, 2))
 
 
 class Mamba(_MambaMixer):
-    """The original, causal Mamba mixer (one forward scan)."""
+    """The original, causal Mamba mixer (one forward scan), which can also stream."""
 
     def __init__(self, d_model: int, **kwargs):
         super().__init__(d_model, directions=1, **kwargs)
 
-    def scan_directions(self, x, z):
-        return [self.ssms[0](x, z)]
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> MambaState:
+        return self.ssms[0].init_state(batch, device, dtype)
+
+    def forward(self, hidden: torch.Tensor, state: MambaState | None = None,
+                return_state: bool = False):
+        """(batch, L, d_model) -> (batch, L, d_model) [, new MambaState]; ``state`` continues
+        the sequence it ended (see :meth:`SelectiveSSM.forward`)."""
+        x, z = self.project_in(hidden)
+        if not return_state:
+            return self.project_out(self.ssms[0](x, z, state))
+        y, new_state = self.ssms[0](x, z, state, return_state=True)
+        return self.project_out(y), new_state
 
 
 class BiMamba(_MambaMixer):
@@ -120,6 +178,8 @@ class BiMamba(_MambaMixer):
     def backward_ssm(self) -> SelectiveSSM:
         return self.ssms[1]
 
-    def scan_directions(self, x, z):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(batch, L, d_model) -> (batch, L, d_model)."""
+        x, z = self.project_in(hidden)
         backward = self.backward_ssm(x.flip(-1), z.flip(-1)).flip(-1)
-        return [self.forward_ssm(x, z), backward]
+        return self.project_out(torch.stack([self.forward_ssm(x, z), backward]).mean(0))
