@@ -14,10 +14,11 @@ from matten import cli
 from matten.config import load_config
 from matten.data import SyntheticVideoDataset, read_video
 from matten.eval import evaluate as evaluate_module
-from matten.eval.evaluate import (EvalSettings, SamplesMismatchError, clip_features,
-                                  default_output, evaluate, real_clips)
+from matten.eval.evaluate import EvalSettings, clip_features, evaluate, real_clips
+from matten.eval.samples import SamplesMismatchError, default_output, sample_key
 from matten.eval.frechet import FeatureStats
-from matten.eval.motion_net import MotionFeatureExtractor, MotionFeatureNet
+from matten.eval.motion_features import MotionFeatureExtractor
+from matten.eval.motion_net import MotionFeatureNet
 from matten.training import train
 
 TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.resolution=8",
@@ -194,7 +195,7 @@ def test_other_settings_never_reuse_samples(run, extractor, tmp_path):
         evaluate(run / "checkpoints" / "step_0000001", out, settings=settings(),
                  extractor=extractor, progress=False)
     # the default folders differ whenever the key does
-    base = evaluate_module.sample_key(run / "checkpoints" / "step_0000002", "ema", 2, "ddim",
+    base = sample_key(run / "checkpoints" / "step_0000002", "ema", 2, "ddim",
                                       2.0, settings(), 4, 8)
     seeded = dict(base, seed=1)
     assert default_output(run / "checkpoints" / "step_0000002", base) != \
@@ -239,7 +240,7 @@ def test_the_report_gives_kid_precision_recall_and_warns_about_few_clips(run, ex
 
 
 def test_the_default_extractor_is_the_motion_net_v2(tmp_path, monkeypatch):
-    from matten.eval import motion_net
+    from matten.eval import motion_features, motion_net
 
     asked = []
 
@@ -247,7 +248,7 @@ def test_the_default_extractor_is_the_motion_net_v2(tmp_path, monkeypatch):
         asked.append(kwargs.get("version", motion_net.DEFAULT_VERSION))
         return motion_net.MotionFeatureNetV2(feature_dim=16, width=4), {}
 
-    monkeypatch.setattr(motion_net, "load_or_train_motion_net", fake_load_or_train)
+    monkeypatch.setattr(motion_features, "load_or_train_motion_net", fake_load_or_train)
     extractor = evaluate_module.build_extractor(None, tmp_path, 8, 4)
     assert asked == [2] and extractor.name == "matten-motion-net-v2"
     old = evaluate_module.build_extractor(None, tmp_path, 8, 4, motion_net_version=1)

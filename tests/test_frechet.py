@@ -9,13 +9,14 @@ import torch
 from scipy import linalg
 
 from matten.data import SyntheticVideoDataset
-from matten.eval import motion_net as mn
+from matten.eval import motion_features as mn
 from matten.eval.frechet import (FeatureStats, cached_stats, feature_stats_from_batches,
                                  frechet_distance, stats_cache_path)
-from matten.eval.motion_net import (DEGRADATIONS, MotionFeatureExtractor, MotionFeatureNet,
-                                    MotionFeatureNetV2, add_noise, degrade, gaussian_blur,
-                                    load_or_train_motion_net, motion_net_cache_paths,
-                                    occlude, shuffle_frames, train_motion_net)
+from matten.eval.degradations import (DEGRADATIONS, add_noise, degrade, gaussian_blur, occlude,
+                                      shuffle_frames)
+from matten.eval.motion_features import (MotionFeatureExtractor, load_or_train_motion_net,
+                                         motion_net_cache_paths)
+from matten.eval.motion_net import MotionFeatureNet, MotionFeatureNetV2
 
 
 def random_spd(rng, d, rank=None):

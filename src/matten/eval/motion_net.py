@@ -25,13 +25,9 @@ measured on yet another seed range.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
-import json
 import math
 import time
-import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,12 +36,10 @@ import torch.nn.functional as F
 
 from ..data.synthetic import MOTION_TYPES, SyntheticVideoDataset
 from ..data.transforms import as_size
-from ..data import atomic_write_path
+from .degradations import DEGRADATIONS, degrade
 
-__all__ = ["DEFAULT_VERSION", "DEGRADATIONS", "MOTION_NET_NAME", "MOTION_NET_NAMES",
-           "MotionFeatureExtractor", "MotionFeatureNet", "MotionFeatureNetV2", "add_noise",
-           "colour_flicker", "degrade", "gaussian_blur", "load_or_train_motion_net",
-           "motion_net_cache_paths", "occlude", "shuffle_frames", "train_motion_net"]
+__all__ = ["DEFAULT_VERSION", "MOTION_NET_NAME", "MOTION_NET_NAMES", "MotionFeatureNet",
+           "MotionFeatureNetV2", "NETS", "check_version", "net_settings", "train_motion_net"]
 
 MOTION_NET_NAME = "matten-motion-net-v1"  # the first version's name (kept for its caches)
 MOTION_NET_NAMES = {1: MOTION_NET_NAME, 2: "matten-motion-net-v2"}
@@ -152,95 +146,7 @@ class MotionFeatureNetV2(MotionFeatureNet):
         return out[:, :-1], out[:, -1]
 
 
-_NETS = {1: MotionFeatureNet, 2: MotionFeatureNetV2}
-
-
-# ----------------------------------------------------------------------------------------------
-# degradations (v2's training task; also what a feature space for samples should register)
-
-DEGRADATIONS = ("clean", "blur", "noise", "flicker", "shuffle", "occlusion")
-
-
-def gaussian_blur(videos: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur every frame of ``(B, C, F, H, W)`` videos with a Gaussian of ``sigma`` pixels
-    (separable, edges replicated)."""
-    if sigma <= 0:
-        return videos
-    radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=videos.dtype)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    b, c, t, h, w = videos.shape
-    y = videos.reshape(b * c * t, 1, h, w)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return y.reshape(b, c, t, h, w)
-
-
-def add_noise(videos: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
-    """Gaussian pixel noise of ``std`` (in the [-1, 1] range of the videos), clipped."""
-    return (videos + std * torch.randn(videos.shape, generator=gen)).clamp(-1.0, 1.0)
-
-
-def colour_flicker(videos: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor:
-    """A random gain and offset per frame and channel, of relative size ``amount``: colour that
-    drifts within a clip (a constant colour change is what v1's colour augmentation ignores)."""
-    b, c, t = videos.shape[:3]
-    gain = 1.0 + amount * torch.randn(b, c, t, 1, 1, generator=gen)
-    shift = amount * torch.randn(b, c, t, 1, 1, generator=gen)
-    return ((videos + 1.0) * gain - 1.0 + shift).clamp(-1.0, 1.0)
-
-
-def shuffle_frames(videos: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
-    """Move ``fraction`` of each clip's frames (chosen at random) one place along a cycle among
-    themselves, so every chosen frame leaves its slot: motion that jumps."""
-    t = videos.shape[2]
-    k = int(round(fraction * t))
-    out = videos.clone()
-    if k < 2:
-        return out
-    for i in range(videos.shape[0]):
-        slots = torch.randperm(t, generator=gen)[:k]
-        out[i][:, slots] = videos[i][:, slots.roll(1)]
-    return out
-
-
-def occlude(videos: torch.Tensor, area: float, gen: torch.Generator) -> torch.Tensor:
-    """Cover ``area`` (a fraction) of each clip with a still rectangle of one random colour."""
-    b, _, _, h, w = videos.shape
-    out = videos.clone()
-    if area <= 0:
-        return out
-    for i in range(b):
-        aspect = 0.5 + 1.5 * float(torch.rand(1, generator=gen))
-        ph = max(1, min(h, round(math.sqrt(area * h * w * aspect))))
-        pw = max(1, min(w, round(area * h * w / ph)))
-        y0 = int(torch.randint(0, h - ph + 1, (1,), generator=gen))
-        x0 = int(torch.randint(0, w - pw + 1, (1,), generator=gen))
-        colour = torch.rand(3, generator=gen) * 2.0 - 1.0
-        out[i, :, :, y0:y0 + ph, x0:x0 + pw] = colour[:, None, None, None]
-    return out
-
-
-def degrade(videos: torch.Tensor, kind: str, strength: float, gen: torch.Generator
-            ) -> torch.Tensor:
-    """Apply one of :data:`DEGRADATIONS` at ``strength`` in [0, 1]. Strength 1 is: a blur of
-    sigma 1.5 px per 16 px of frame, noise of std 0.4, a flicker of 0.25, every frame shuffled,
-    or 30% of the frame occluded."""
-    if kind not in DEGRADATIONS:
-        raise ValueError(f"unknown degradation {kind!r}; choose one of {DEGRADATIONS}")
-    if kind == "clean" or strength <= 0:
-        return videos
-    side = min(videos.shape[-2:])
-    if kind == "blur":
-        return gaussian_blur(videos, 1.5 * strength * side / 16)
-    if kind == "noise":
-        return add_noise(videos, 0.4 * strength, gen)
-    if kind == "flicker":
-        return colour_flicker(videos, 0.25 * strength, gen)
-    if kind == "shuffle":
-        return shuffle_frames(videos, strength, gen)
-    return occlude(videos, 0.3 * strength, gen)
+NETS = {1: MotionFeatureNet, 2: MotionFeatureNetV2}
 
 
 V2_CLEAN_SHARE = 0.5  # share of v2's training clips left undegraded
@@ -343,7 +249,7 @@ def train_motion_net(resolution=16, num_frames: int = 8, num_classes: int = len(
     shared with other work, extra threads mostly spin waiting on each other (several times
     slower on a busy 2-core machine). It also keeps the result reproducible across machines.
     """
-    version = _check_version(version)
+    version = check_version(version)
     steps = DEFAULT_STEPS[version] if steps is None else steps
     with _torch_threads(num_threads):
         return _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr,
@@ -351,10 +257,10 @@ def train_motion_net(resolution=16, num_frames: int = 8, num_classes: int = len(
                       version)
 
 
-def _check_version(version) -> int:
-    if version not in _NETS:
+def check_version(version) -> int:
+    if version not in NETS:
         raise ValueError(f"unknown motion net version {version!r}; choose one of "
-                         f"{sorted(_NETS)}")
+                         f"{sorted(NETS)}")
     return int(version)
 
 
@@ -380,7 +286,7 @@ def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, fea
     h, w = as_size(resolution)
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, caller's RNG untouched
         torch.manual_seed(seed)
-        net = _NETS[version](feature_dim=feature_dim, num_classes=num_classes, width=width)
+        net = NETS[version](feature_dim=feature_dim, num_classes=num_classes, width=width)
     gen = torch.Generator().manual_seed(seed)  # augmentation (and v2's degradations)
     common = dict(resolution=(h, w), num_frames=num_frames, num_classes=num_classes,
                   max_objects=max_objects, speed=tuple(speed))
@@ -413,7 +319,7 @@ def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, fea
     accuracy = _accuracy(net, val_set, 2 * batch_size)
     net.eval()
     info = {"name": net.name, "version": version, "arch_version": _ARCH_VERSION[version],
-            "settings": _settings(h, w, num_frames, num_classes, steps, seed, batch_size, lr,
+            "settings": net_settings(h, w, num_frames, num_classes, steps, seed, batch_size, lr,
                                   feature_dim, width, max_objects, speed, num_val, augment,
                                   version),
             "heldout_accuracy": accuracy, "train_seconds": round(train_seconds, 2),
@@ -421,10 +327,10 @@ def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, fea
     return net, info
 
 
-_TRAIN_PARAMS = inspect.signature(train_motion_net).parameters
+TRAIN_PARAMS = inspect.signature(train_motion_net).parameters
 
 
-def _settings(h, w, num_frames, num_classes, steps, seed, batch_size, lr, feature_dim, width,
+def net_settings(h, w, num_frames, num_classes, steps, seed, batch_size, lr, feature_dim, width,
               max_objects, speed, num_val, augment, version) -> dict:
     settings = {"resolution": [int(h), int(w)], "num_frames": int(num_frames),
                 "num_classes": int(num_classes), "steps": int(steps), "seed": int(seed),
@@ -435,132 +341,3 @@ def _settings(h, w, num_frames, num_classes, steps, seed, batch_size, lr, featur
     if version != 1:  # v1's settings (and so its cache file names) stay as they always were
         settings["version"] = version
     return settings
-
-
-# ----------------------------------------------------------------------------------------------
-# cache
-
-def motion_net_cache_paths(cache_dir, settings: dict) -> tuple[Path, Path]:
-    """``(weights .safetensors, info .json)`` for a settings dict, named by the net's name
-    (its version), resolution, frames, classes and a hash of all the settings."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    h, w = settings["resolution"]
-    name = MOTION_NET_NAMES[settings.get("version", 1)]
-    stem = (f"{name}-r{h}x{w}-f{settings['num_frames']}-c{settings['num_classes']}"
-            f"-{digest}")
-    cache_dir = Path(cache_dir)
-    return cache_dir / f"{stem}.safetensors", cache_dir / f"{stem}.json"
-
-
-def _load_cached(weights: Path, info_file: Path, settings: dict) -> tuple[MotionFeatureNet, dict]:
-    from safetensors.torch import load_file
-
-    info = json.loads(info_file.read_text())
-    if info.get("settings") != settings:
-        raise ValueError("its settings differ from the ones asked for")
-    net = _NETS[settings.get("version", 1)](**info["model"])
-    net.load_state_dict(load_file(str(weights)))
-    net.eval()
-    return net, info
-
-
-def load_or_train_motion_net(cache_dir, resolution=16, num_frames: int = 8,
-                             num_classes: int = len(MOTION_TYPES), steps: int | None = None,
-                             seed: int = 0, batch_size: int = 32, version: int = DEFAULT_VERSION,
-                             **train_kwargs) -> tuple[MotionFeatureNet, dict]:
-    """Reuse the net cached in ``cache_dir`` for these settings, or train and cache it.
-
-    The weights go to a ``.safetensors`` file and the settings, held-out accuracy and training
-    time to a JSON file beside it, both written atomically (JSON last, so a JSON file always
-    describes complete weights). A cache entry that cannot be read is retrained with a warning.
-    """
-    h, w = as_size(resolution)
-    version = _check_version(version)
-    steps = DEFAULT_STEPS[version] if steps is None else steps
-    params = _TRAIN_PARAMS
-    unknown = set(train_kwargs) - set(params)
-    if unknown:
-        raise TypeError(f"unknown motion net training options: {sorted(unknown)}")
-    # The settings that change the weights (not num_threads/log_every) identify a cache entry.
-    opts = {k: train_kwargs.get(k, params[k].default)
-            for k in ("lr", "feature_dim", "width", "max_objects", "speed", "num_val", "augment")}
-    settings = _settings(h, w, num_frames, num_classes, steps, seed, batch_size, **opts,
-                         version=version)
-    weights, info_file = motion_net_cache_paths(cache_dir, settings)
-    if weights.exists() and info_file.exists():
-        try:
-            return _load_cached(weights, info_file, settings)
-        except Exception as exc:  # any damage to a cache entry just means training again
-            warnings.warn(f"cached motion net '{weights}' cannot be used ({exc}); retraining",
-                          RuntimeWarning, stacklevel=2)
-
-    net, info = train_motion_net((h, w), num_frames, num_classes, steps=steps, seed=seed,
-                                 batch_size=batch_size, version=version, **train_kwargs)
-    from safetensors.torch import save_file
-
-    info = dict(info, model=net.config())
-    saved = {k: v for k, v in info.items() if k != "losses"}
-    with atomic_write_path(weights) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp),
-                  metadata={"name": net.name})
-    with atomic_write_path(info_file) as tmp:
-        tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    return net, info
-
-
-# ----------------------------------------------------------------------------------------------
-# extractor
-
-class MotionFeatureExtractor:
-    """Videos ``(B, 3, F, H, W)`` in [-1, 1] -> ``(B, feature_dim)`` float64 features.
-
-    ``name`` identifies the network and its version (``matten-motion-net-v1`` or ``-v2``);
-    ``weights_id`` (a hash of the weights) tells apart
-    nets trained with different settings, so use :attr:`cache_name` in feature-stats cache keys.
-    """
-
-    comparable_to_published = False
-
-    def __init__(self, net: MotionFeatureNet, info: dict | None = None, device=None,
-                 batch_size: int = 64):
-        self.device = torch.device(device) if device is not None else next(net.parameters()).device
-        self.net = net.to(self.device).eval()
-        self.info = dict(info or {})
-        self.batch_size = int(batch_size)
-        self.name = net.name
-        self.feature_dim = net.feature_dim
-        digest = hashlib.sha256()
-        for k, v in sorted(net.state_dict().items()):
-            digest.update(k.encode())
-            digest.update(v.detach().cpu().float().numpy().tobytes())
-        self.weights_id = digest.hexdigest()[:12]
-
-    @property
-    def cache_name(self) -> str:
-        return f"{self.name}-{self.weights_id}"
-
-    @classmethod
-    def load_or_train(cls, cache_dir, resolution=16, num_frames: int = 8, device=None,
-                      **kwargs) -> "MotionFeatureExtractor":
-        """The cached (or newly trained) net for this clip size; ``version=1`` for the first
-        version, other keywords as :func:`load_or_train_motion_net`."""
-        net, info = load_or_train_motion_net(cache_dir, resolution, num_frames, **kwargs)
-        return cls(net, info, device=device)
-
-    @torch.no_grad()
-    def __call__(self, videos) -> np.ndarray:
-        if not torch.is_tensor(videos):
-            videos = torch.as_tensor(np.asarray(videos))
-        if videos.ndim != 5 or videos.shape[1] != 3:
-            raise ValueError(f"videos must have shape (B, 3, F, H, W), got {tuple(videos.shape)}")
-        out = []
-        for start in range(0, videos.shape[0], self.batch_size):
-            chunk = videos[start:start + self.batch_size].to(self.device, torch.float32)
-            out.append(self.net.features(chunk).double().cpu().numpy())
-        if not out:
-            return np.zeros((0, self.feature_dim), np.float64)
-        return np.concatenate(out, axis=0)
-
-    def __repr__(self):
-        return (f"MotionFeatureExtractor({self.cache_name}, feature_dim={self.feature_dim}, "
-                f"comparable_to_published=False)")
