@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from matten.eval.i3d import (STYLEGAN_V_I3D_URL, InceptionI3d, I3DFeatureExtractor, load_i3d,
-                             preprocess_for_i3d)
+from matten.eval.i3d import STYLEGAN_V_I3D_URL, InceptionI3d, preprocess_for_i3d
+from matten.eval.i3d_loading import I3DFeatureExtractor, load_i3d
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

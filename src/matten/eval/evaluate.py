@@ -39,7 +39,7 @@ from ..devices import resolve_device
 from ..checkpoint import (config_from_checkpoint, load_for_sampling)
 from ..pipelines import sample_videos
 from .frechet import FeatureStats, FeatureStatsAccumulator, cached_stats, frechet_distance
-from .i3d import load_i3d
+from .i3d_loading import load_i3d
 from .metrics import quality_metrics
 from .samples import GeneratedClips, default_output, key_digest, sample_key
 from .motion_features import MotionFeatureExtractor
@@ -78,7 +78,7 @@ def clip_features(extractor, clips: np.ndarray, batch_size: int = 64) -> np.ndar
 
 def build_extractor(i3d_path=None, cache_dir=None, resolution=16, num_frames: int = 8,
                     device="cpu", motion_net_version: int | None = None):
-    """I3D from ``i3d_path`` (see :func:`matten.eval.i3d.load_i3d`), else the offline motion
+    """I3D from ``i3d_path`` (see :func:`matten.eval.i3d_loading.load_i3d`), else the offline motion
     net for this clip size (trained on the synthetic set on first use, then cached), of
     ``motion_net_version`` (default :data:`matten.eval.motion_net.DEFAULT_VERSION`)."""
     if i3d_path is not None:
