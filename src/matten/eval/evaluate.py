@@ -158,6 +158,51 @@ def _quality_fields(quality: dict) -> dict:
     return out
 
 
+def _real_statistics(dataset, data, settings: EvalSettings, extractor, cache_dir, progress
+                     ) -> tuple[FeatureStats, list[np.ndarray]]:
+    """Features and statistics of the real clips, computed once per (data, clip size, clip count,
+    extractor) and cached; with a few of the clips for the comparison video (none when cached)."""
+    key = {"data": data.name, "root": str(data.root), "split": str(data.split),
+           "options": data.options, "num_videos": data.num_videos, "resolution": data.resolution,
+           "frames": data.num_frames, "stride": data.frame_stride, "clips": settings.num_clips,
+           "extractor": extractor.cache_name}
+    preview: list[np.ndarray] = []
+
+    def compute() -> FeatureStats:
+        acc, features = FeatureStatsAccumulator(), []
+        for clips in real_clips(dataset, settings.num_clips, progress):
+            if len(preview) < settings.grid_clips:
+                preview.append(clips[:settings.grid_clips])
+            features.append(clip_features(extractor, clips))
+            acc.update(features[-1])
+        stats = acc.stats()
+        stats.features = np.concatenate(features)  # for KID and precision/recall
+        return stats
+
+    return cached_stats(cache_dir, key, compute, need_features=True), preview
+
+
+def _generated_statistics(store: GeneratedClips, loaded, settings: EvalSettings, sampler: str,
+                          cfg_scale: float, device, extractor, progress):
+    """Sample the missing shards (the others are read back), then the generated clips'
+    statistics and features; returns (stats, features, a few clips, shards resumed)."""
+    acc, preview, resumed, features = FeatureStatsAccumulator(), [], 0, []
+    for shard in tqdm(range(store.num_shards), desc="sampling", disable=not progress,
+                      unit="batch"):
+        clips = store.load(shard)
+        if clips is None:
+            clips, labels = _sample_shard(loaded, shard, store.shard_size(shard), settings,
+                                          sampler, cfg_scale, device)
+            store.save(shard, clips, labels)
+        else:
+            resumed += 1
+        if sum(map(len, preview)) < settings.grid_clips:
+            preview.append(clips)
+        features.append(clip_features(extractor, clips))
+        acc.update(features[-1])
+    return acc.stats(), np.concatenate(features), preview, resumed
+
+
 def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None = None,
              i3d=None, cache_dir=None, device=None, progress: bool = True, extractor=None,
              overwrite: bool = False) -> dict:
@@ -213,46 +258,11 @@ def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None =
         extractor = build_extractor(i3d, cache_dir, data.resolution, data.num_frames, device)
     metric = "fvd" if extractor.comparable_to_published else f"fd-{extractor.name}"
 
-    # Real statistics: computed once per (data, clip size, clip count, extractor).
     dataset = dataset_from_config(data, seed=0)
-    real_key = {"data": data.name, "root": str(data.root), "split": str(data.split),
-                "options": data.options, "num_videos": data.num_videos,
-                "resolution": data.resolution, "frames": data.num_frames,
-                "stride": data.frame_stride, "clips": settings.num_clips,
-                "extractor": extractor.cache_name}
-    preview_real: list[np.ndarray] = []
-
-    def compute_real() -> FeatureStats:
-        acc, features = FeatureStatsAccumulator(), []
-        for clips in real_clips(dataset, settings.num_clips, progress):
-            if len(preview_real) < settings.grid_clips:
-                preview_real.append(clips[:settings.grid_clips])
-            features.append(clip_features(extractor, clips))
-            acc.update(features[-1])
-        stats = acc.stats()
-        stats.features = np.concatenate(features)  # for KID and precision/recall
-        return stats
-
-    real = cached_stats(cache_dir, real_key, compute_real, need_features=True)
-
-    # Generated clips: resumable shards, then their statistics.
-    acc, preview_fake, resumed, fake_features = FeatureStatsAccumulator(), [], 0, []
-    for shard in tqdm(range(store.num_shards), desc="sampling", disable=not progress,
-                      unit="batch"):
-        clips = store.load(shard)
-        if clips is None:
-            clips, labels = _sample_shard(loaded, shard, store.shard_size(shard), settings,
-                                          sampler, cfg_scale, device)
-            store.save(shard, clips, labels)
-        else:
-            resumed += 1
-        if sum(map(len, preview_fake)) < settings.grid_clips:
-            preview_fake.append(clips)
-        fake_features.append(clip_features(extractor, clips))
-        acc.update(fake_features[-1])
-    fake = acc.stats()
+    real, preview_real = _real_statistics(dataset, data, settings, extractor, cache_dir, progress)
+    fake, fake_features, preview_fake, resumed = _generated_statistics(
+        store, loaded, settings, sampler, cfg_scale, device, extractor, progress)
     distance = frechet_distance(real.mean, real.cov, fake.mean, fake.cov)
-    fake_features = np.concatenate(fake_features)
     _save_features(output / "generated_features.npz", fake_features, extractor.cache_name)
     quality = quality_metrics(real.features, fake_features, fd=distance,
                               i3d=bool(extractor.comparable_to_published))
