@@ -130,6 +130,8 @@ def test_eval_command(run, tmp_path, capsys, monkeypatch):
     assert code == 0
     printed = capsys.readouterr().out
     assert '"metric": "fd-matten-motion-net-v1"' in printed and "report.json" in printed
+    assert "kid" in printed and "precision" in printed  # the summary line of the other metrics
+    assert "warning: " in printed  # 4 clips are far too few for a Fréchet distance
     # other settings into the same folder: refused, naming them, unless --overwrite
     with pytest.raises(SystemExit):
         cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "e"),
@@ -266,3 +268,17 @@ def test_evaluating_a_moving_digits_run(extractor, tmp_path):
     # num_videos (4) grown to one distinct clip each, as for the synthetic set
     assert real.key["num_videos"] == 6 and len(np.unique(real.features, axis=0)) == 6
     assert report["kid"] is not None and report["precision"] is not None
+
+
+def test_eval_command_passes_the_motion_net_version(run, tmp_path, monkeypatch):
+    asked = []
+
+    def fake_build(*args, **kwargs):
+        asked.append(kwargs.get("motion_net_version"))
+        return MotionFeatureExtractor(MotionFeatureNet(16, width=4))
+
+    monkeypatch.setattr(evaluate_module, "build_extractor", fake_build)
+    assert cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "e"),
+                     "--num-clips", "4", "--batch-size", "2", "--steps", "2", "--no-progress",
+                     "--motion-net-version", "1"]) == 0
+    assert asked == [1]

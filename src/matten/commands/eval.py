@@ -53,6 +53,9 @@ def add_parser(subparsers):
     parser.add_argument("--cfg-scale", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument("--motion-net-version", type=int, choices=(1, 2), default=None,
+                        help="without --i3d: the offline motion net's version (default 2, "
+                             "which registers partial quality; 1 for older reports)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda when there is one)")
     parser.add_argument("--set", dest="set_overrides", action="append", default=[],
@@ -79,11 +82,23 @@ def run(args, parser) -> int:
         output = Path(args.output) if args.output else None  # None: the default per key
         report = evaluate(folder, output, data=data, settings=settings, i3d=args.i3d,
                           cache_dir=args.cache_dir, device=device,
-                          progress=not args.no_progress, overwrite=args.overwrite)
+                          progress=not args.no_progress, overwrite=args.overwrite,
+                          motion_net_version=args.motion_net_version)
     except (ConfigError, CheckpointError, DeviceError, SamplingError, FileNotFoundError,
             ValueError) as exc:
         parser.error(str(exc))
     print(json.dumps({k: report[k] for k in ("metric", "value", "num_clips", "step")}))
+    kid = report.get("kid") or {}
+    print(f"fd_inf {_shown(report.get('fd_inf'))}, kid {_shown(kid.get('mean'))} "
+          f"+- {_shown(kid.get('std_err'))}, precision {_shown(report.get('precision'))}, "
+          f"recall {_shown(report.get('recall'))}")
+    if report.get("warning"):
+        print(f"warning: {report['warning']}")
     print(f"report: {Path(report['output']) / 'report.json'}")
     print(f"comparison: {report['comparison']}")
     return 0
+
+
+def _shown(value) -> str:
+    """A metric for the one-line summary: 4 significant digits, or n/a when not computed."""
+    return "n/a" if value is None else f"{value:.4g}"

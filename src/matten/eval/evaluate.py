@@ -205,7 +205,7 @@ def _generated_statistics(store: GeneratedClips, loaded, settings: EvalSettings,
 
 def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None = None,
              i3d=None, cache_dir=None, device=None, progress: bool = True, extractor=None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, motion_net_version: int | None = None) -> dict:
     """Evaluate ``checkpoint`` into the folder ``output``; returns the report (also written to
     ``output/report.json``).
 
@@ -218,7 +218,8 @@ def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None =
     ``cache_dir`` holds feature statistics and the motion net (default ``output/cache``, or
     ``<run>/eval/cache`` with the default ``output``, shared by the run's evaluations).
     ``extractor`` replaces the feature network (any callable with ``name``, ``cache_name``,
-    ``feature_dim`` and ``comparable_to_published``).
+    ``feature_dim`` and ``comparable_to_published``); ``motion_net_version`` picks the offline
+    motion net's version (default the newest).
     """
     settings = settings or EvalSettings()
     if settings.num_clips < 2:
@@ -255,7 +256,8 @@ def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None =
     store.claim(overwrite)
 
     if extractor is None:
-        extractor = build_extractor(i3d, cache_dir, data.resolution, data.num_frames, device)
+        extractor = build_extractor(i3d, cache_dir, data.resolution, data.num_frames, device,
+                                    motion_net_version=motion_net_version)
     metric = "fvd" if extractor.comparable_to_published else f"fd-{extractor.name}"
 
     dataset = dataset_from_config(data, seed=0)
