@@ -15,17 +15,15 @@ eps so it trains only the variance.
 
 from __future__ import annotations
 
-import collections
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .gaussian_math import discretized_gaussian_log_likelihood, normal_kl
+from .sampling_loops import Model, SamplingLoops, check_eta
 
-Model = Callable[..., torch.Tensor]
 
 
 PREDICTIONS = ("eps", "velocity")
@@ -69,7 +67,7 @@ def timestep_view(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
                      f"got {tuple(t.shape)}")
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(SamplingLoops):
     """Forward process, reverse-process parameters, training losses and samplers.
 
     Args:
@@ -320,91 +318,3 @@ class GaussianDiffusion:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             sample = sample + sigma * noise  # sigma is 0 at t = 0
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    # ------------------------------------------------------------------ sampling loops
-
-    def p_sample_loop_progressive(self, model: Model, shape: Sequence[int],
-                                  noise: torch.Tensor | None = None, *,
-                                  model_kwargs: dict | None = None, progress: bool = False,
-                                  generator: torch.Generator | None = None,
-                                  clip_denoised: bool = False, device=None
-                                  ) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield each ancestral step's output, from t = T - 1 down to 0."""
-        def step(x, t):
-            return self.p_sample(model, x, t, clip_denoised, model_kwargs, generator)
-        yield from self._loop(step, model, shape, noise, generator, progress, device, "DDPM")
-
-    def p_sample_loop(self, model: Model, shape: Sequence[int], noise: torch.Tensor | None = None,
-                      *, model_kwargs: dict | None = None, progress: bool = False,
-                      generator: torch.Generator | None = None, clip_denoised: bool = False,
-                      device=None) -> torch.Tensor:
-        """Sample with ancestral DDPM steps and the model's variance.
-
-        All random draws use ``generator`` when given. The device is that of ``noise``, else
-        ``device``, else the generator's, else the model's parameters', else the CPU.
-        """
-        return _last(self.p_sample_loop_progressive(
-            model, shape, noise, model_kwargs=model_kwargs, progress=progress,
-            generator=generator, clip_denoised=clip_denoised, device=device))["sample"]
-
-    def ddim_sample_loop_progressive(self, model: Model, shape: Sequence[int], eta: float = 0.0, *,
-                                     noise: torch.Tensor | None = None,
-                                     model_kwargs: dict | None = None, progress: bool = False,
-                                     generator: torch.Generator | None = None,
-                                     clip_denoised: bool = False, device=None
-                                     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield each DDIM step's output, from t = T - 1 down to 0."""
-        check_eta(eta)
-
-        def step(x, t):
-            return self.ddim_sample(model, x, t, clip_denoised, model_kwargs, eta, generator)
-        yield from self._loop(step, model, shape, noise, generator, progress, device, "DDIM")
-
-    def ddim_sample_loop(self, model: Model, shape: Sequence[int], eta: float = 0.0, *,
-                         noise: torch.Tensor | None = None, model_kwargs: dict | None = None,
-                         progress: bool = False, generator: torch.Generator | None = None,
-                         clip_denoised: bool = False, device=None) -> torch.Tensor:
-        """Sample with DDIM steps; with eta = 0 the result is a function of the initial noise.
-        Arguments as for :meth:`p_sample_loop`."""
-        return _last(self.ddim_sample_loop_progressive(
-            model, shape, eta, noise=noise, model_kwargs=model_kwargs, progress=progress,
-            generator=generator, clip_denoised=clip_denoised, device=device))["sample"]
-
-    def _loop(self, step, model, shape, noise, generator, progress, device, name):
-        x = _initial_noise(model, shape, noise, generator, device)
-        indices = range(self.num_timesteps - 1, -1, -1)
-        if progress:
-            indices = tqdm(indices, desc=f"{name} sampling", unit="step")
-        for i in indices:
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            with torch.no_grad():
-                out = step(x, t)
-            yield out
-            x = out["sample"]
-
-
-def _last(iterator):
-    """The last item of an iterator, keeping none of the others alive."""
-    return collections.deque(iterator, maxlen=1)[0]
-
-
-def check_eta(eta) -> None:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-
-
-def _initial_noise(model, shape, noise, generator, device) -> torch.Tensor:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 2 or min(shape) < 1:
-        raise ValueError(f"shape must be (B, C, ...) with positive sizes, got {shape}")
-    if noise is not None:
-        if tuple(noise.shape) != shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
-        return noise
-    if device is None and generator is not None:
-        device = generator.device
-    if device is None and isinstance(model, torch.nn.Module):
-        device = next(model.parameters(), torch.empty(0)).device
-    if device is None:
-        device = "cpu"
-    return torch.randn(shape, generator=generator, device=device)
