@@ -12,6 +12,12 @@ time-major, as (batch or 1, G, L or 1, N), so that the inner loop over the N sta
 contiguous memory. A size-1 batch or time axis is read at index 0 (its step is 0), and channel d
 reads group d // (dim // G): one kernel serves the variable, grouped and constant layouts.
 
+The kernels also apply delta's bias and softplus, the skip term D * u and the gate silu(z), and can
+scan from the last time step to the first (``reverse``, the backward direction of a bidirectional
+Mamba): none of these becomes a tensor op or a flipped copy around the scan. u, delta, z and the
+output gradient are read with their strides, one value per step. Threads: as many as torch uses
+(:mod:`matten.ssm.threads`).
+
 Most of the time goes into exp(delta * A): L x dim x N of them. In float32 they use
 :func:`decay`, an exp that LLVM can vectorise over the N states (libm's expf cannot be); float64
 keeps math.exp.
@@ -27,7 +33,7 @@ import torch
 from numba import types
 from numba.extending import overload
 
-from . import layouts
+from . import layouts, threads
 
 # Reassociation and contraction (FMA) help vectorise the loops over N; no-NaN/no-inf
 # assumptions are left out so that bad values still propagate.
@@ -59,98 +65,174 @@ def _decay_impl(x):
     return exp_float32
 
 
+@numba.njit(inline="always", cache=True, fastmath=_JIT["fastmath"])
+def _delta(raw, bias, softplus):
+    """The step size from delta's input: softplus(raw + bias), as F.softplus (threshold 20)."""
+    v = raw + bias
+    if softplus and v <= 20.0:
+        return math.log1p(math.exp(v))
+    return v
+
+
 @numba.jit(**_JIT)
-def _scan_forward(u, delta, A, Bt, Ct, h0, y, h_last):
+def _scan_forward(u, delta, A, Bt, Ct, h0, D, z, bias, softplus, reverse, groups, y, h_last):
+    # u, delta, z and y may be strided views (e.g. delta is a transposed matmul output): they
+    # are read one value per step, so strides cost nothing there and copies are not needed.
     batch, dim, length = u.shape
     nstate = A.shape[1]
+    has_z = z.shape[2] == length  # a (1, 1, 1) placeholder when there is no gate
+    one = u.dtype.type(1.0)  # a typed literal: a bare 1.0 would turn float32 arithmetic float64
     # Index steps that are 0 along a broadcast (size-1) batch or time axis of B and C.
     bB, tB, bC, tC = Bt.shape[0] > 1, Bt.shape[2] > 1, Ct.shape[0] > 1, Ct.shape[2] > 1
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
-    for bd in numba.prange(batch * dim):
-        b = bd // dim
-        d = bd % dim
-        B_bd = Bt[b * bB, d // per_gB]  # (L or 1, N): this channel's B
-        C_bd = Ct[b * bC, d // per_gC]
-        h = h0[b, d].copy()
+    per_group = (batch * dim + groups - 1) // groups
+    for g in numba.prange(groups):
+        h = np.empty(nstate, dtype=u.dtype)
         decays = np.empty(nstate, dtype=u.dtype)
-        a = A[d]
-        for t in range(length):
-            dt = delta[b, d, t]
-            dtu = dt * u[b, d, t]
-            for n in range(nstate):
-                decays[n] = decay(dt * a[n])
-            acc = u.dtype.type(0.0)
-            for n in range(nstate):
-                h[n] = decays[n] * h[n] + dtu * B_bd[t * tB, n]
-                acc += h[n] * C_bd[t * tC, n]
-            y[b, d, t] = acc
-        h_last[b, d] = h
+        for bd in range(g * per_group, min(batch * dim, (g + 1) * per_group)):
+            b = bd // dim
+            d = bd % dim
+            B_bd = Bt[b * bB, d // per_gB]  # (L or 1, N): this channel's B
+            C_bd = Ct[b * bC, d // per_gC]
+            h[:] = h0[b, d]
+            a = A[d]
+            for s in range(length):
+                t = length - 1 - s if reverse else s  # reverse: scan from the last step back
+                dt = _delta(delta[b, d, t], bias[d], softplus)
+                ut = u[b, d, t]
+                dtu = dt * ut
+                for n in range(nstate):
+                    decays[n] = decay(dt * a[n])
+                acc = u.dtype.type(0.0)
+                for n in range(nstate):
+                    h[n] = decays[n] * h[n] + dtu * B_bd[t * tB, n]
+                    acc += h[n] * C_bd[t * tC, n]
+                out = acc + D[d] * ut
+                if has_z:
+                    zt = z[b, d, t]
+                    out = out * (zt / (one + math.exp(-zt)))  # silu(z)
+                y[b, d, t] = out
+            h_last[b, d] = h
 
 
 @numba.jit(**_JIT)
-def _scan_backward(u, delta, A, Bt, Ct, h0, dy, dh_last, du, ddelta, dA_part, dB_part, dC_part, dh0):
+def _scan_backward(u, delta, A, Bt, Ct, h0, D, z, bias, softplus, reverse, dy, dh_last,
+                   du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, dh0):
     batch, dim, length = u.shape
     nstate = A.shape[1]
+    has_z = z.shape[2] == length
+    one = u.dtype.type(1.0)
     bB, tB, bC, tC = Bt.shape[0] > 1, Bt.shape[2] > 1, Ct.shape[0] > 1, Ct.shape[2] > 1
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     groups = dB_part.shape[0]
     total = batch * dim
     per_group = (total + groups - 1) // groups
     for g in numba.prange(groups):
-        # states[t + 1] is h_t; states[0] is the initial state.
+        # Indexed by scan step s (time t = s, or L - 1 - s in reverse): states[s + 1] is the
+        # state after step s, states[0] the initial state; dts[s] the step's delta.
         states = np.empty((length + 1, nstate), dtype=u.dtype)
         decays = np.empty((length, nstate), dtype=u.dtype)
+        dts = np.empty(length, dtype=u.dtype)
         gh = np.empty(nstate, dtype=u.dtype)
+        gA = np.empty(nstate, dtype=u.dtype)
         for bd in range(g * per_group, min(total, (g + 1) * per_group)):
             b = bd // dim
             d = bd % dim
             B_bd, dB_bd = Bt[b * bB, d // per_gB], dB_part[g, b * bB, d // per_gB]
             C_bd, dC_bd = Ct[b * bC, d // per_gC], dC_part[g, b * bC, d // per_gC]
             a = A[d]
+            Dd = D[d]
             states[0] = h0[b, d]
-            for t in range(length):
-                dt = delta[b, d, t]
+            for s in range(length):
+                t = length - 1 - s if reverse else s
+                dt = _delta(delta[b, d, t], bias[d], softplus)
+                dts[s] = dt
                 dtu = dt * u[b, d, t]
                 for n in range(nstate):
-                    decays[t, n] = decay(dt * a[n])
+                    decays[s, n] = decay(dt * a[n])
                 for n in range(nstate):
-                    states[t + 1, n] = decays[t, n] * states[t, n] + dtu * B_bd[t * tB, n]
-            # Backward through time; gh holds dLoss/dh_t.
+                    states[s + 1, n] = decays[s, n] * states[s, n] + dtu * B_bd[t * tB, n]
+            # Backward through the scan; gh holds dLoss/dh after step s, gA this channel's dA.
             gh[:] = dh_last[b, d]
-            for t in range(length - 1, -1, -1):
-                dt = delta[b, d, t]
+            gA[:] = 0.0
+            gD = u.dtype.type(0.0)
+            gbias = u.dtype.type(0.0)
+            for s in range(length - 1, -1, -1):
+                t = length - 1 - s if reverse else s
+                dt = dts[s]
                 ut = u[b, d, t]
-                g_y = dy[b, d, t]
+                g_out = dy[b, d, t]
+                g_y = g_out
+                if has_z:
+                    zt = z[b, d, t]
+                    sig = one / (one + math.exp(-zt))
+                    g_y = g_out * (zt * sig)  # through the gate silu(z)
+                dtu = dt * ut
                 gu = u.dtype.type(0.0)
                 gdt = u.dtype.type(0.0)
+                acc = u.dtype.type(0.0)  # <C_t, h_t>, for the gate's gradient
                 for n in range(nstate):
-                    dC_bd[t * tC, n] += g_y * states[t + 1, n]
-                    gh[n] += g_y * C_bd[t * tC, n]
+                    h_n = states[s + 1, n]
+                    c_n = C_bd[t * tC, n]
+                    acc += h_n * c_n
+                    dC_bd[t * tC, n] += g_y * h_n
+                    gh[n] += g_y * c_n
                     gu += gh[n] * B_bd[t * tB, n]
-                    dB_bd[t * tB, n] += gh[n] * dt * ut
-                    g_decay = gh[n] * states[t, n] * decays[t, n]
+                    dB_bd[t * tB, n] += gh[n] * dtu
+                    g_decay = gh[n] * states[s, n] * decays[s, n]
                     gdt += g_decay * a[n]
-                    dA_part[b, d, n] += g_decay * dt
-                    gh[n] *= decays[t, n]
-                du[b, d, t] = gu * dt
-                ddelta[b, d, t] = gdt + gu * ut
+                    gA[n] += g_decay * dt
+                    gh[n] *= decays[s, n]
+                if has_z:
+                    # d silu(z)/dz = sig * (1 + z * (1 - sig))
+                    dz[b, d, t] = g_out * (acc + Dd * ut) * (sig * (one + zt * (one - sig)))
+                gD += g_y * ut
+                du[b, d, t] = gu * dt + g_y * Dd
+                gdelta = gdt + gu * ut
+                if softplus:
+                    v = delta[b, d, t] + bias[d]
+                    if v <= 20.0:  # softplus' derivative, sigmoid(v), as F.softplus computes it
+                        e = math.exp(v)
+                        gdelta = gdelta * (e / (e + one))
+                ddelta[b, d, t] = gdelta
+                gbias += gdelta
             dh0[b, d] = gh
+            dA_part[b, d] = gA
+            dD_part[b, d] = gD
+            dbias_part[b, d] = gbias
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+    """A numpy view of ``t`` with its strides (a copy only when numpy cannot view it)."""
+    t = t.detach()
+    return t.numpy() if all(st >= 0 for st in t.stride()) else t.contiguous().numpy()
 
 
 def _time_major(X: torch.Tensor) -> np.ndarray:
-    """B or C in any layout -> contiguous (batch or 1, G, L or 1, N)."""
-    return _np(layouts.as_grouped(X).transpose(2, 3))
+    """B or C in any layout -> contiguous (batch or 1, G, L or 1, N), small next to u: the loops
+    over the N states read it, and they vectorise only over contiguous memory."""
+    return layouts.as_grouped(X).transpose(2, 3).contiguous().numpy()
 
 
-def scan_forward(u, delta, A, B, C, h0):
-    """y (batch, dim, L) and the last state (batch, dim, N) of the bare recurrence (no D, no z)."""
-    y = torch.empty_like(u)
+def _or_placeholder(X: torch.Tensor | None, like: torch.Tensor, shape) -> np.ndarray:
+    """``X``, or zeros of ``shape`` standing in for a missing D / delta_bias / z (z's (1, 1, 1)
+    placeholder tells the kernels there is no gate)."""
+    return _np(X) if X is not None else np.zeros(shape, dtype=_np(like).dtype)
+
+
+def scan_forward(u, delta, A, B, C, h0, D=None, z=None, delta_bias=None, softplus=False,
+                 reverse=False):
+    """The gated output ``(<C_t, h_t> + D u_t) * silu(z_t)`` (batch, dim, L) and the last state
+    (batch, dim, N), with delta = softplus(delta + delta_bias) when ``softplus``. ``reverse`` scans
+    from the last time step to the first (the last state is then the one at t = 0). Inputs are
+    read with their strides; every tensor has the dtype of u (float32 or float64)."""
+    batch, dim, _ = u.shape
+    groups = max(1, min(threads.follow_torch(), batch * dim))  # one channel range per thread
+    y = torch.empty(u.shape, dtype=u.dtype)
     h_last = torch.empty_like(h0)
     _scan_forward(_np(u), _np(delta), _np(A), _time_major(B), _time_major(C), _np(h0),
+                  _or_placeholder(D, u, dim), _or_placeholder(z, u, (1, 1, 1)),
+                  _or_placeholder(delta_bias, u, dim), bool(softplus), bool(reverse), groups,
                   y.numpy(), h_last.numpy())
     return y, h_last
 
@@ -166,16 +248,27 @@ def _summed(part, like):
     return part.sum(0).transpose(2, 3).reshape(like.shape)
 
 
-def scan_backward(u, delta, A, B, C, h0, dy, dh_last):
-    """Gradients of the bare recurrence with respect to u, delta, A, B, C and the initial state."""
+def scan_backward(u, delta, A, B, C, h0, dy, dh_last, D=None, z=None, delta_bias=None,
+                  softplus=False, reverse=False):
+    """Gradients of :func:`scan_forward`'s outputs with respect to u, delta, A, B, C, the initial
+    state, D, z and delta_bias (None for those not given)."""
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    groups = max(1, min(numba.get_num_threads(), batch * dim))
-    du, ddelta = torch.empty_like(u), torch.empty_like(u)
-    dA_part = torch.zeros(batch, dim, nstate, dtype=u.dtype)
+    groups = max(1, min(threads.follow_torch(), batch * dim))
+    du = torch.empty(u.shape, dtype=u.dtype)
+    ddelta = torch.empty(u.shape, dtype=u.dtype)
+    dz = torch.empty(u.shape, dtype=u.dtype) if z is not None else None
+    dA_part = torch.empty(batch, dim, nstate, dtype=u.dtype)
+    dD_part, dbias_part = torch.empty(batch, dim, dtype=u.dtype), torch.empty(batch, dim, dtype=u.dtype)
     dB_part, dC_part = _partials(B, groups, u.dtype), _partials(C, groups, u.dtype)
     dh0 = torch.empty_like(h0)
-    _scan_backward(_np(u), _np(delta), _np(A), _time_major(B), _time_major(C), _np(h0), _np(dy),
-                   _np(dh_last), du.numpy(), ddelta.numpy(), dA_part.numpy(), dB_part.numpy(),
-                   dC_part.numpy(), dh0.numpy())
-    return du, ddelta, dA_part.sum(0), _summed(dB_part, B), _summed(dC_part, C), dh0
+    _scan_backward(_np(u), _np(delta), _np(A), _time_major(B), _time_major(C), _np(h0),
+                   _or_placeholder(D, u, dim), _or_placeholder(z, u, (1, 1, 1)),
+                   _or_placeholder(delta_bias, u, dim), bool(softplus), bool(reverse), _np(dy),
+                   _np(dh_last), du.numpy(), ddelta.numpy(),
+                   dz.numpy() if dz is not None else np.zeros((1, 1, 1), dtype=_np(u).dtype),
+                   dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy(),
+                   dbias_part.numpy(), dh0.numpy())
+    return (du, ddelta, dA_part.sum(0), _summed(dB_part, B), _summed(dC_part, C), dh0,
+            dD_part.sum(0) if D is not None else None, dz,
+            dbias_part.sum(0) if delta_bias is not None else None)

@@ -77,12 +77,22 @@ class SelectiveSSM(nn.Module):
                           torch.zeros(batch, d_inner, self.d_state, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, state: MambaState | None = None,
-                return_state: bool = False):
+                return_state: bool = False, reverse: bool = False):
         """x, z: (batch, d_inner, L) -> gated scan output (batch, d_inner, L) [, new MambaState].
 
         Without ``state`` the sequence starts from nothing (zero conv padding, zero hidden
-        state); with one it continues the sequence that state ended.
+        state); with one it continues the sequence that state ended. ``reverse`` runs the whole
+        sequence from its end to its start (conv and scan), as this module applied to the flipped
+        sequence and flipped back, without the flips; it does not stream.
         """
+        if reverse:
+            if state is not None or return_state:
+                raise ValueError("a reverse scan runs whole sequences only (no state)")
+            # The causal conv of the flipped sequence, flipped back, is the anti-causal conv with
+            # the kernel reversed: output t sees inputs t .. t + d_conv - 1.
+            conv = F.conv1d(x, self.conv1d.weight.flip(-1), self.conv1d.bias,
+                            padding=self.conv_width, groups=self.conv1d.groups)
+            return self._scan(F.silu(conv[..., self.conv_width:]), z, reverse=True)
         if state is None and not return_state:
             # A whole sequence, as Mamba has always run it: the conv's own zero padding (at both
             # ends), cut back to L. The streaming path below pads the left only; the two agree to
@@ -161,8 +171,9 @@ class Mamba(_MambaMixer):
 class BiMamba(_MambaMixer):
     """Bidirectional Mamba (Vision Mamba "v2"), the mixer every Matten Mamba layer uses.
 
-    The forward direction scans the sequence as given; the backward direction scans it reversed
-    and its output is flipped back; the two are averaged before out_proj. Shared by the two
+    The forward direction scans the sequence as given; the backward direction scans it from the
+    end (the same as scanning the flipped sequence and flipping the output back, but without the
+    copies: see ``SelectiveSSM.forward(reverse=True)``); the two are averaged before out_proj. Shared by the two
     directions: in_proj (so x and z) and out_proj. Separate per direction: conv1d, x_proj,
     dt_proj, A_log and D.
     """
@@ -181,5 +192,5 @@ class BiMamba(_MambaMixer):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(batch, L, d_model) -> (batch, L, d_model)."""
         x, z = self.project_in(hidden)
-        backward = self.backward_ssm(x.flip(-1), z.flip(-1)).flip(-1)
-        return self.project_out(torch.stack([self.forward_ssm(x, z), backward]).mean(0))
+        backward = self.backward_ssm(x, z, reverse=True)
+        return self.project_out((self.forward_ssm(x, z) + backward) * 0.5)  # their mean

@@ -115,38 +115,50 @@ _choose = backend  # selective_scan's ``backend`` argument shadows the function'
 
 
 # The CPU kernels are registered as PyTorch operators so that autograd, the meta device (shape
-# inference, parameter and FLOP counting without memory) and FlopCounterMode all see them.
+# inference, parameter and FLOP counting without memory) and FlopCounterMode all see them. They
+# take delta's bias and softplus, D, the gate z and the scan direction themselves, so that none
+# of those becomes a separate tensor op (and a saved tensor) of the autograd graph.
 @torch.library.custom_op("matten::scan_fwd", mutates_args=(), device_types="cpu")
-def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-              h0: Tensor) -> tuple[Tensor, Tensor]:
-    return cpu_kernel.scan_forward(u, delta, A, B, C, h0)
+def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor,
+              D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, softplus: bool,
+              reverse: bool) -> tuple[Tensor, Tensor]:
+    return cpu_kernel.scan_forward(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse)
 
 
 @_scan_fwd.register_fake
-def _(u, delta, A, B, C, h0):
-    return torch.empty_like(u), torch.empty_like(h0)
+def _(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse):
+    return u.new_empty(u.shape), torch.empty_like(h0)
 
 
 @torch.library.custom_op("matten::scan_bwd", mutates_args=(), device_types="cpu")
-def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor, dy: Tensor,
-              dh_last: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return cpu_kernel.scan_backward(u, delta, A, B, C, h0, dy, dh_last)
+def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor,
+              D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, softplus: bool,
+              reverse: bool, dy: Tensor, dh_last: Tensor) -> list[Tensor]:
+    # An operator returns tensors only: the gradients of absent D / z / delta_bias are empty.
+    grads = cpu_kernel.scan_backward(u, delta, A, B, C, h0, dy, dh_last, D, z, delta_bias,
+                                     softplus, reverse)
+    return [u.new_empty(0) if g is None else g for g in grads]
 
 
 @_scan_bwd.register_fake
-def _(u, delta, A, B, C, h0, dy, dh_last):
-    return tuple(torch.empty_like(t) for t in (u, delta, A, B, C, h0))
+def _(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse, dy, dh_last):
+    return [u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in (u, delta, A, B, C, h0, D, z, delta_bias)]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    *tensors, softplus, reverse = inputs
+    ctx.flags = (softplus, reverse)
+    ctx.present = [t is not None for t in tensors]
+    ctx.save_for_backward(*tensors)
 
 
 def _backward(ctx, dy, dh_last):
-    u, delta, A, B, C, h0 = ctx.saved_tensors
-    dy = torch.zeros_like(u) if dy is None else dy.contiguous()
+    u, delta, A, B, C, h0, D, z, delta_bias = ctx.saved_tensors
+    dy = torch.zeros_like(u) if dy is None else dy
     dh_last = torch.zeros_like(h0) if dh_last is None else dh_last.contiguous()
-    return _scan_bwd(u, delta, A, B, C, h0, dy, dh_last)
+    grads = _scan_bwd(u, delta, A, B, C, h0, D, z, delta_bias, *ctx.flags, dy, dh_last)
+    return (*(g if present else None for g, present in zip(grads, ctx.present)), None, None)
 
 
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -211,7 +223,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, *, backend=None):
+                   return_last_state=False, initial_state=None, *, backend=None, reverse=False):
     """Selective scan ``y_t = <C_t, h_t> + D u_t`` with ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``.
 
     Layouts as in ``mamba_ssm``: u, delta, z: (batch, dim, L); A: (dim, N), real; D, delta_bias:
@@ -221,10 +233,17 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``silu(z)``. ``initial_state`` (batch, dim, N) starts the recurrence from a carried state (used
     for streaming); ``return_last_state`` also returns the final state. ``backend`` names the
     implementation (see :func:`backend`; default: ``MATTEN_SCAN_BACKEND``, else automatic).
+    ``reverse`` (not in mamba_ssm) scans from the last time step to the first, as a scan of the
+    flipped sequence flipped back would, but without the flips on the CPU backend; the last
+    state is then the state after t = 0, and ``initial_state`` the state before t = L - 1.
     The output has u's dtype; arithmetic is float32 (float64 for float64 u).
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     name = _choose(u.device, override=backend, initial_state=initial_state is not None)
+    if reverse and name != "cpu":  # the others scan forwards: run the reversed sequence
+        y = selective_scan(*(_flip_time(t) for t in (u, delta, A, B, C, D, z)), delta_bias,
+                           delta_softplus, return_last_state, initial_state, backend=name)
+        return (y[0].flip(-1), y[1]) if return_last_state else y.flip(-1)
     if name == "mamba_ssm":  # its own function, arguments unchanged
         return mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                 return_last_state)
@@ -236,6 +255,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
         return (y, h_last.to(u.dtype)) if return_last_state else y
 
+    if name == "cpu":  # fused: delta_bias, softplus, D, z and the direction in the kernels
+        compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+        cast = (lambda t: None if t is None else t.to(compute))  # no copy when already compute
+        h0 = (u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=compute)
+              if initial_state is None else cast(initial_state))
+        y, h_last = _scan_fwd(cast(u), cast(delta), cast(A), cast(B), cast(C), h0, cast(D),
+                              cast(z), cast(delta_bias), bool(delta_softplus), reverse)
+        y = y.to(u.dtype)
+        return (y, h_last.to(u.dtype)) if return_last_state else y
+
     out_dtype = u.dtype
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     u32, delta, A32, B32, C32 = (t.to(compute).contiguous() for t in (u, delta, A, B, C))
@@ -245,13 +274,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta = F.softplus(delta)
     h0 = (u32.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None
           else initial_state.to(compute))
-    if name == "cpu":
-        y, h_last = _scan_fwd(u32, delta.contiguous(), A32, B32, C32, h0.contiguous())
-    else:
-        y, h_last = chunked_scan(u32, delta, A32, B32, C32, h0)
+    y, h_last = chunked_scan(u32, delta, A32, B32, C32, h0)
     if D is not None:
         y = y + u32 * D.to(compute)[:, None]
     if z is not None:
         y = y * F.silu(z.to(compute))
     y = y.to(out_dtype)
     return (y, h_last.to(out_dtype)) if return_last_state else y
+
+
+def _flip_time(t: Tensor | None) -> Tensor | None:
+    """``t`` reversed along time: the last axis of (batch, dim, L), (batch, N, L) and
+    (batch, G, N, L) tensors; A (dim, N), D and constant B/C (dim, N) have none."""
+    return t.flip(-1) if t is not None and t.dim() >= 3 else t
