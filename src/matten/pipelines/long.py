@@ -27,8 +27,8 @@ from ..latent import PixelAutoencoder
 from .clip import MattenPipeline
 from .settings import SamplingError, check_sampling, run_sampler, sampling_diffusion
 
-__all__ = ["LongVideoChunk", "iter_long", "generate_long", "write_long_video",
-           "LongVideoInterrupted", "LongVideoPipeline"]
+__all__ = ["LongVideoChunk", "iter_long", "sample_chunk", "commit_frames", "generate_long",
+           "write_long_video", "LongVideoInterrupted", "LongVideoPipeline"]
 
 Labels = Tensor | int | Callable[[int], "Tensor | int"] | None
 Actions = Tensor | Callable[[int], Tensor] | None
@@ -114,17 +114,9 @@ def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, 
     if device is None:
         device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    null = getattr(model, "null_class", None)
-    if guided and null is None:
+    if guided and getattr(model, "null_class", None) is None:
         raise ValueError("classifier-free guidance needs a class-conditional model")
     copies = 2 if guided else 1  # the unconditional branch: the second half of the state
-
-    def both(labels, acts):
-        """Labels and actions for the whole state: the null label for the second half."""
-        if not guided:
-            return labels, acts
-        return (torch.cat([labels, torch.full_like(labels, null)]),
-                None if acts is None else torch.cat([acts, acts]))
 
     state = model.init_state(batch * copies)
     first = 0
@@ -133,41 +125,72 @@ def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, 
         if context.shape[0] != batch or first >= num_frames:
             raise ValueError(f"context must have shape (batch={batch}, C, n, h, w) with n < "
                              f"num_frames={num_frames}, got {tuple(context.shape)}")
-        context = context.to(device, dtype).repeat(copies, 1, 1, 1, 1)
-        labels, acts = both(_labels(y, 0, batch, device), _actions(actions, 0, first, device))
-        clean_t = torch.zeros(batch * copies, first, device=device, dtype=torch.long)
-        state = model.commit(context, clean_t, state, y=labels, actions=acts)
+        state = commit_frames(model, context.to(device, dtype), state,
+                              _labels(y, 0, batch, device), _actions(actions, 0, first, device),
+                              guided)
     starts = range(first, num_frames, chunk_size)
     if progress:
         starts = tqdm(starts, desc="long video", unit="chunk")
     for start in starts:
         stop = min(start + chunk_size, num_frames)
-        k = stop - start
         labels = _labels(y, start, batch, device)
         acts = _actions(actions, start, stop, device)
-        if guided and labels is None:
-            raise ValueError("classifier-free guidance needs labels y")
-
-        def chunk_model(x, t, y=None, actions=None, _state=state):
-            # t arrives as original (un-respaced) timesteps (B,); one level for the whole chunk.
-            t = t[:, None].expand(-1, x.shape[2]) if t.dim() == 1 else t
-            return model.step(x, t, _state, y=y, actions=actions, commit=False)[0]
-
-        net = classifier_free_guidance(chunk_model, float(cfg_scale), int(null)) if guided \
-            else chunk_model
-        shape = (batch, int(latent_shape[0]), k, *(int(n) for n in latent_shape[1:]))
-        # Drawn on the generator's device so a CPU generator gives the same video anywhere.
-        noise = torch.randn(shape, generator=generator, dtype=dtype,
-                            device=generator.device if generator is not None else device)
-        x = run_sampler(diffusion, net, noise.to(device), sampler=sampler, eta=eta,
-                        model_kwargs={"y": labels, "actions": acts}, generator=generator,
-                        clip_denoised=clip_denoised)
-        clean_t = torch.zeros(batch * copies, k, device=device, dtype=torch.long)
-        past = x if teacher is None else teacher[:, :, start:stop].to(device, dtype)
-        all_labels, all_acts = both(labels, acts)
-        state = model.commit(past.repeat(copies, 1, 1, 1, 1), clean_t, state, y=all_labels,
-                             actions=all_acts)
+        past = None if teacher is None else teacher[:, :, start:stop].to(device, dtype)
+        x, state = sample_chunk(model, diffusion, state, stop - start, latent_shape,
+                                labels=labels, actions=acts, sampler=sampler, eta=eta,
+                                cfg_scale=cfg_scale, clip_denoised=clip_denoised,
+                                generator=generator, device=device, committed=past)
         yield LongVideoChunk(start, x, state)
+
+
+def commit_frames(model, frames: Tensor, state, labels: Tensor | None, actions: Tensor | None,
+                  guided: bool):
+    """Write clean ``frames`` (B, C, k, h, w) into ``state``; with guidance (a state of twice
+    the batch) the second half gets them too, under the null label."""
+    clean_t = torch.zeros(state.batch, frames.shape[2], device=frames.device, dtype=torch.long)
+    if guided:
+        labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
+        actions = None if actions is None else torch.cat([actions, actions])
+        frames = frames.repeat(2, 1, 1, 1, 1)
+    return model.commit(frames, clean_t, state, y=labels, actions=actions)
+
+
+@torch.no_grad()
+def sample_chunk(model, diffusion, state, k: int, latent_shape, *, labels: Tensor | None = None,
+                 actions: Tensor | None = None, sampler: str = "ddim", eta: float = 0.0,
+                 cfg_scale: float = 1.0, clip_denoised: bool = False,
+                 generator: torch.Generator | None = None, device=None,
+                 committed: Tensor | None = None) -> tuple[Tensor, object]:
+    """The ``k`` frames after those in ``state``: denoised from noise (drawn from ``generator``)
+    with the sampler's own loop, then committed -> (frames (B, C, k, h, w), the advanced state).
+
+    ``labels`` (B,) and ``actions`` (B, k[, dim]) are the chunk's; with guidance
+    (``cfg_scale`` != 1) ``state`` is of twice the batch. ``committed``: frames to commit in
+    place of the generated ones (teacher forcing)."""
+    guided = cfg_scale != 1.0
+    if guided and labels is None:
+        raise ValueError("classifier-free guidance needs labels y")
+    if device is None:
+        device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch = state.batch // (2 if guided else 1)
+
+    def chunk_model(x, t, y=None, actions=None):
+        # t arrives as original (un-respaced) timesteps (B,); one level for the whole chunk.
+        t = t[:, None].expand(-1, x.shape[2]) if t.dim() == 1 else t
+        return model.step(x, t, state, y=y, actions=actions, commit=False)[0]
+
+    net = classifier_free_guidance(chunk_model, float(cfg_scale), int(model.null_class)) \
+        if guided else chunk_model
+    shape = (batch, int(latent_shape[0]), k, *(int(n) for n in latent_shape[1:]))
+    # Drawn on the generator's device so a CPU generator gives the same video anywhere.
+    noise = torch.randn(shape, generator=generator, dtype=dtype,
+                        device=generator.device if generator is not None else device)
+    x = run_sampler(diffusion, net, noise.to(device), sampler=sampler, eta=eta,
+                    model_kwargs={"y": labels, "actions": actions}, generator=generator,
+                    clip_denoised=clip_denoised)
+    past = x if committed is None else committed
+    return x, commit_frames(model, past, state, labels, actions, guided)
 
 
 def generate_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, *,
