@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 
+import matten  # noqa: F401, I001  (before torch, as the matten command: its thread defaults)
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
