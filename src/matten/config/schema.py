@@ -31,9 +31,13 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     window: int = 8  # Matten-Causal: frames of the sliding attention window
     sink: int = 1  # Matten-Causal: first frames always attended to
-    memory: str = "both"  # Matten-Causal global memory: "ssm", "delta", "both" or "none"
+    memory: str = "both"  # Matten-Causal global memory: "ssm", "delta", "both" or "none", each
+    # optionally with MALT's segment memory: "malt", "malt+ssm", "malt+delta", "malt+both"
     num_actions: int = 0  # Matten-Causal: discrete per-frame actions (0: none)
     ssm_block_size: int | list = 2  # Matten-Causal SSM blocks in tokens: n, [b_h, b_w] or per layer
+    window_kind: str = "same_position"  # Matten-Causal window: "same_position" or "frame_local"
+    malt_slots: int = 16  # Matten-Causal "malt": memory vectors per layer (fixed, never grows)
+    malt_segment: int = 4  # Matten-Causal "malt": frames per memory write
 
 
 @dataclass

@@ -5,7 +5,7 @@ again here)."""
 from __future__ import annotations
 
 from ..diffusion import PREDICTIONS, SAMPLERS, check_cfg_scale, check_eta
-from ..models import CONDITIONING_MODES, LAYOUTS, MEMORY_KINDS
+from ..models import CONDITIONING_MODES, LAYOUTS, MEMORY_KINDS, WINDOW_KINDS
 
 __all__ = ["ConfigError", "validate", "MIXED_PRECISIONS"]
 
@@ -37,6 +37,9 @@ def validate(cfg) -> None:
     problems = _one_of("model.conditioning", m.conditioning, CONDITIONING_MODES)
     problems += _one_of("model.variant", m.variant, VARIANTS)
     problems += _one_of("model.memory", m.memory, MEMORY_KINDS)
+    problems += _one_of("model.window_kind", m.window_kind, WINDOW_KINDS)
+    if m.malt_slots < 1 or m.malt_segment < 1:
+        problems.append("model.malt_slots and model.malt_segment must be >= 1")
     if m.num_classes is not None and m.num_classes < 0:
         problems.append("model.num_classes must be >= 0 (or null for the dataset's count)")
     if not 0.0 <= m.class_dropout_prob < 1.0:

@@ -9,23 +9,27 @@ frame. Each block is
     -> hybrid memory layer: local  = sliding-window temporal attention (exact recent motion)
                             global = block-wise temporal SSM ("ssm") and/or a gated delta-rule
                                      memory written by the tokens evicted from the window ("delta")
-                            fused  = local + ssm + gamma_t * delta       (gamma_t: PositionRouter)
+                                     and/or MALT's M memory vectors, written once per segment of
+                                     frames and read by cross-attention ("malt")
+                            fused  = local + ssm + gamma_t * delta + malt (gamma_t: PositionRouter)
     -> MLP                                       (the layer: :mod:`matten.models.hybrid`)
 
-all adaLN-Zero modulated per frame. The local window is *same-position*: a token attends to the
-tokens at its own spatial position in its frame and the ``window - 1`` previous frames (plus the
-first ``sink`` frames, always visible). That keeps the KV cache at (window - 1 + sink) tokens per
-position; spatial mixing happens in the spatial attention. The delta memory is routed by gamma_t
+all adaLN-Zero modulated per frame. By default the local window is *same-position*: a token
+attends to the tokens at its own spatial position in its frame and the ``window - 1`` previous
+frames (plus the first ``sink`` frames, always visible); spatial mixing happens in the spatial
+attention. ``window_kind="frame_local"`` lets it attend to every token of those frames instead.
+Either way the KV cache holds (window - 1 + sink) frames. The delta memory is routed by gamma_t
 (VideoSSM: the memory holds little early on); the SSM, a separate scan over time as in the
 block-wise SSM world model, is added as is. There is no absolute temporal position embedding:
 time enters only through causality and the router's rho_t = (t + 1) / T_ref (T_ref, the training
 context length).
 
 Training runs a whole clip at once (block-causal masks); generation calls :meth:`step` on each
-chunk of frames with a :class:`CausalState` holding the KV cache of the window, the SSM states and
-the delta memory. ``step(..., commit=False)`` denoises without touching the state (a sampler calls
-it at every denoising step); ``commit`` then writes the final clean chunk. The training pass is the
-same computation as streaming the clip from an empty state, so both give the same outputs.
+chunk of frames with a :class:`CausalState` holding the KV cache of the window, the SSM states,
+the delta memory and MALT's memory. ``step(..., commit=False)`` denoises without touching the
+state (a sampler calls it at every denoising step); ``commit`` then writes the final clean chunk.
+The training pass is the same computation as streaming the clip from an empty state, so both give
+the same outputs.
 """
 
 from __future__ import annotations
@@ -37,12 +41,12 @@ from torch import Tensor, nn
 from ..ssm import TokenGrid
 from .denoiser import Denoiser
 from .embeddings import spatial_pos_embed
-from .hybrid import MEMORY_KINDS, HybridMemoryLayer, LayerState, window_mask
+from .hybrid import MEMORY_KINDS, WINDOW_KINDS, HybridMemoryLayer, LayerState, window_mask
 from .layers import AttentionLayer, Condition
 
-__all__ = ["CAUSAL_NAME", "MEMORY_KINDS", "CausalBlock", "CausalState", "CausalVideoBackbone",
-           "HybridMemoryLayer", "LayerState", "create_causal_model", "layer_block_sizes",
-           "window_mask"]
+__all__ = ["CAUSAL_NAME", "MEMORY_KINDS", "WINDOW_KINDS", "CausalBlock", "CausalState",
+           "CausalVideoBackbone", "HybridMemoryLayer", "LayerState", "create_causal_model",
+           "layer_block_sizes", "window_mask"]
 
 CAUSAL_NAME = "Matten-Causal"  # the model name (model.config["name"]) of this backbone
 
@@ -99,14 +103,16 @@ class CausalVideoBackbone(Denoiser):
                  class_dropout_prob: float = 0.1, num_actions: int = 0, action_dim: int = 0,
                  window: int = 8, sink: int = 1, memory: str = "both",
                  context_length: int = 16, mlp_ratio: float = 4.0, d_state: int = 16,
-                 expand: int = 2, ssm_block_size=(2, 2)):
+                 expand: int = 2, ssm_block_size=(2, 2), window_kind: str = "same_position",
+                 malt_slots: int = 16, malt_segment: int = 4):
         if window < 1 or sink < 0:
             raise ValueError(f"need window >= 1 and sink >= 0, got window={window}, sink={sink}")
 
         def make_blocks():
             return (CausalBlock(hidden_size, num_heads, mlp_ratio, window=window, sink=sink,
                                 memory=memory, context_length=context_length, d_state=d_state,
-                                expand=expand, ssm_block_size=block)
+                                expand=expand, ssm_block_size=block, window_kind=window_kind,
+                                malt_slots=malt_slots, malt_segment=malt_segment)
                     for block in layer_block_sizes(ssm_block_size, depth))
 
         super().__init__(make_blocks, hidden_size, patch_size=patch_size, in_channels=in_channels,
@@ -114,6 +120,7 @@ class CausalVideoBackbone(Denoiser):
                          class_dropout_prob=class_dropout_prob, conditioning="adan",
                          num_actions=num_actions, action_dim=action_dim)
         self.window, self.sink, self.memory = window, sink, memory
+        self.window_kind = window_kind
 
     def positions(self, grid: TokenGrid, device, dtype) -> Tensor:
         # Spatial only, the same for every frame: time enters through causality and the router.
@@ -162,14 +169,19 @@ def create_causal_model(name: str = CAUSAL_NAME, input_size: int | tuple[int, in
                         num_classes: int = 0, class_dropout_prob: float = 0.1,
                         num_actions: int = 0, action_dim: int = 0, window: int = 8, sink: int = 1,
                         memory: str = "both", context_length: int = 16, mlp_ratio: float = 4.0,
-                        d_state: int = 16, expand: int = 2,
-                        ssm_block_size=(2, 2)) -> CausalVideoBackbone:
+                        d_state: int = 16, expand: int = 2, ssm_block_size=(2, 2),
+                        window_kind: str = "same_position", malt_slots: int = 16,
+                        malt_segment: int = 4) -> CausalVideoBackbone:
     """Build a causal backbone; ``model.config`` holds these arguments, enough to rebuild it.
 
     ``context_length`` is the training clip length (the router's T_ref); ``input_size`` (latent
     H, W) is recorded for samplers, the network accepts any size divisible by the patch (and,
     with SSM memory, by every layer's block of tokens). ``ssm_block_size``: one size for every
-    layer (an int or (b_h, b_w)) or a list with one per layer."""
+    layer (an int or (b_h, b_w)) or a list with one per layer. ``window_kind``: "same_position"
+    or "frame_local" (see the module docstring). ``malt_slots`` / ``malt_segment``: with a
+    "malt" memory, the memory vectors per layer and the frames written into them at a time
+    (generation may use any chunk size: a segment is written when its last frame is committed).
+    Checkpoints saved before these options existed rebuild with their defaults, as they ran."""
     if name != CAUSAL_NAME:
         raise ValueError(f"the causal backbone is called {CAUSAL_NAME!r}, not {name!r}")
     config = dict(locals())
@@ -181,6 +193,7 @@ def create_causal_model(name: str = CAUSAL_NAME, input_size: int | tuple[int, in
         learn_sigma=learn_sigma, num_classes=num_classes, class_dropout_prob=class_dropout_prob,
         num_actions=num_actions, action_dim=action_dim, window=window, sink=sink, memory=memory,
         context_length=context_length, mlp_ratio=mlp_ratio, d_state=d_state, expand=expand,
-        ssm_block_size=ssm_block_size)
+        ssm_block_size=ssm_block_size, window_kind=window_kind, malt_slots=malt_slots,
+        malt_segment=malt_segment)
     model.config = config
     return model

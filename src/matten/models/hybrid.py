@@ -3,25 +3,46 @@
 Sliding-window temporal attention keeps the recent frames exactly; optional global memories carry
 what left the window: a block-wise temporal SSM ("ssm") and/or a gated delta-rule memory written
 by the evicted tokens ("delta"), fused as local + ssm + gamma_t * delta (gamma_t from a
-:class:`~matten.models.memory.PositionRouter`), then an MLP; adaLN-Zero per frame. The window is
-*same-position*: a token attends to the tokens at its own spatial position in its frame and the
-``window - 1`` previous frames, plus the first ``sink`` frames (always visible).
+:class:`~matten.models.memory.PositionRouter`), and/or MALT's segment-recurrent memory of M
+vectors ("malt", :mod:`matten.models.malt`, added as is), then an MLP; adaLN-Zero per frame.
+
+The window covers a frame, the ``window - 1`` previous frames and the first ``sink`` frames
+(always visible). Within them a token attends to
+
+* ``same_position`` (the default): the tokens at its own spatial position;
+* ``frame_local``: every token of those frames, its own frame included (dense within the window,
+  causal across frames), so content that moves across the frame reaches it directly.
+
+Both cache the same keys and values (the window's frames, every position), only the mask differs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..ssm import TokenGrid
 from ..ssm import scan_order as order
 from .attention import Attention, Mlp
 from .layers import Condition, ConditionedLayer, gated, modulate, zero_modulation
+from .malt import MaltState, SegmentMemory
 from .memory import BlockwiseTemporalSSM, GatedDeltaMemory, MambaState, PositionRouter
 
-MEMORY_KINDS = ("none", "ssm", "delta", "both")
+_GLOBAL = {"none": (), "ssm": ("ssm",), "delta": ("delta",), "both": ("ssm", "delta")}
+# each global memory alone, or with MALT's segment memory: "malt", "malt+ssm", ...
+MEMORY_KINDS = tuple(_GLOBAL) + tuple("malt" if k == "none" else f"malt+{k}" for k in _GLOBAL)
+WINDOW_KINDS = ("same_position", "frame_local")
+
+
+def memory_parts(memory: str) -> set[str]:
+    """A memory kind -> the memories it combines, e.g. "malt+both" -> {"malt", "ssm", "delta"}."""
+    if memory not in MEMORY_KINDS:
+        raise ValueError(f"unknown memory {memory!r}; expected one of {MEMORY_KINDS}")
+    base = memory.removeprefix("malt").removeprefix("+") or "none"
+    return set(_GLOBAL[base]) | ({"malt"} if memory.startswith("malt") else set())
 
 
 def window_mask(query_frames: Tensor, key_frames: Tensor, window: int, sink: int) -> Tensor:
@@ -37,43 +58,53 @@ class LayerState:
 
     k, v: (B*h*w, heads, cached frames, head_dim) for the sink frames then the recent ones;
     pending: (B, recent frames, h*w, D) the recent frames' inputs, written into ``memory`` when
-    they leave the window; ssm: the block-wise SSM's state; memory: the delta-rule state.
+    they leave the window; ssm: the block-wise SSM's state; memory: the delta-rule state;
+    malt: MALT's memory and its write in progress.
     """
     k: Tensor | None = None
     v: Tensor | None = None
     pending: Tensor | None = None
     ssm: MambaState | None = None
     memory: Tensor | None = None
+    malt: MaltState | None = None
 
     def tensors(self) -> list[Tensor]:
         out = [self.k, self.v, self.pending, self.memory]
         out += list(self.ssm) if self.ssm is not None else []
+        out += list(self.malt) if self.malt is not None else []
         return [t for t in out if t is not None]
 
 
 class HybridMemoryLayer(ConditionedLayer):
-    """Sliding-window temporal attention fused with optional SSM / delta-rule global memory,
+    """Sliding-window temporal attention fused with optional SSM / delta-rule / MALT memory,
     then an MLP; adaLN-Zero per frame (6 modulation vectors, as a DiT layer)."""
 
     num_modulations = 6
 
     def __init__(self, dim: int, num_heads: int, window: int, sink: int, memory: str,
                  context_length: int, mlp_ratio: float = 4.0, d_state: int = 16, expand: int = 2,
-                 ssm_block_size: tuple[int, int] = (2, 2)):
+                 ssm_block_size: tuple[int, int] = (2, 2), window_kind: str = "same_position",
+                 malt_slots: int = 16, malt_segment: int = 4):
         super().__init__(dim, "temporal", "adan", build_modulation=False)
-        if memory not in MEMORY_KINDS:
-            raise ValueError(f"unknown memory {memory!r}; expected one of {MEMORY_KINDS}")
+        parts = memory_parts(memory)
+        if window_kind not in WINDOW_KINDS:
+            raise ValueError(f"unknown window kind {window_kind!r}; expected one of "
+                             f"{WINDOW_KINDS}")
         self.window, self.sink, self.context_length = window, sink, context_length
+        self.window_kind = window_kind
         self.norm1 = nn.LayerNorm(dim, **self.norm_kwargs)
         self.attn = Attention(dim, num_heads)
         self.ssm = (BlockwiseTemporalSSM(dim, ssm_block_size, d_state=d_state, expand=expand)
-                    if memory in ("ssm", "both") else None)
-        self.delta = GatedDeltaMemory(dim, num_heads) if memory in ("delta", "both") else None
+                    if "ssm" in parts else None)
+        self.delta = GatedDeltaMemory(dim, num_heads) if "delta" in parts else None
         self.router = PositionRouter() if self.delta is not None else None
         self.norm2 = nn.LayerNorm(dim, **self.norm_kwargs)
         self.mlp = Mlp(dim, mlp_ratio)
         # built last, as it always was, so that a seed draws the same weights
         self.modulation = zero_modulation(dim, self.num_modulations)
+        # after everything else, so "malt+delta" draws the same other weights as "delta"
+        self.malt = (SegmentMemory(dim, num_heads, malt_slots, malt_segment)
+                     if "malt" in parts else None)
 
     # Frames held by the KV cache after ``n`` committed frames: the sinks, then the recent ones.
     def _sink_frames(self, n: int) -> list[int]:
@@ -90,7 +121,7 @@ class HybridMemoryLayer(ConditionedLayer):
         frames = torch.arange(start, start + grid.frames, device=x.device)
         local, kv = self._local(h, grid, frames, start, state)
         mixed = local
-        new_ssm = new_memory = rows = None
+        new_ssm = new_memory = rows = new_malt = None
         if self.ssm is not None:
             ssm_out, new_ssm = self.ssm(h, grid, state.ssm, return_state=True)
             mixed = mixed + ssm_out
@@ -99,14 +130,19 @@ class HybridMemoryLayer(ConditionedLayer):
             per_frame = (x.shape[0], grid.frames, -1)   # the router's gamma is one per frame
             mixed = self.router.fuse(mixed.reshape(per_frame), delta_out.reshape(per_frame),
                                      frames[None], self.context_length).view_as(x)
+        if self.malt is not None:
+            per_frame = h.view(x.shape[0], grid.frames, grid.tokens_per_frame, -1)
+            malt_out, new_malt = self.malt(per_frame, start, state.malt)
+            mixed = mixed + malt_out
         x = x + gated(mixed, gate_a, grid)
         x = self.mlp_residual(x, shift_m, scale_m, gate_m, grid)
         if not commit:
             return x, None
-        return x, self._next_state(grid, start, kv, new_ssm, new_memory, rows)
+        state = self._next_state(grid, start, kv, new_ssm, new_memory, rows)
+        return x, replace(state, malt=new_malt)
 
     def _local(self, h: Tensor, grid: TokenGrid, frames: Tensor, start: int, state: LayerState):
-        """Same-position windowed attention of the chunk against the cache and itself."""
+        """Windowed attention of the chunk against the cache and itself."""
         q, k, v = self.attn.project(order.global_to_temporal(h, grid))  # (B*hw, heads, n, d)
         key_frames = frames
         if state.k is not None:
@@ -115,8 +151,15 @@ class HybridMemoryLayer(ConditionedLayer):
                                     frames])
             k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
         mask = window_mask(frames, key_frames, self.window, self.sink)
-        out = self.attn.attend(q, k, v, attn_mask=mask)
-        return order.temporal_to_global(out, grid), (k, v, key_frames)
+        if self.window_kind == "same_position":
+            out = self.attn.attend(q, k, v, attn_mask=mask)
+            return order.temporal_to_global(out, grid), (k, v, key_frames)
+        # frame_local: one sequence per sample, frame-major (the global token order), and each
+        # frame's entry of the mask widened to all of its h*w tokens
+        p = grid.tokens_per_frame
+        dense = [rearrange(a, "(b p) heads f d -> b heads (f p) d", p=p) for a in (q, k, v)]
+        mask = mask.repeat_interleave(p, dim=0).repeat_interleave(p, dim=1)
+        return self.attn.attend(*dense, attn_mask=mask), (k, v, key_frames)
 
     def _delta(self, h: Tensor, grid: TokenGrid, start: int, state: LayerState, commit: bool):
         """Frame f reads the memory after every non-sink frame <= f - window has been written.

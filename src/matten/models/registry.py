@@ -110,6 +110,11 @@ def _clip_kwargs(options: dict, in_channels: int, latent_hw, num_classes: int,
                 **_size_overrides(options))
 
 
+# Causal options added later: read when the options have them (a run config always does), else
+# the model's defaults, which are how models ran before the options existed.
+_LATER_CAUSAL_OPTIONS = ("window_kind", "malt_slots", "malt_segment")
+
+
 def _causal_kwargs(options: dict, in_channels: int, latent_hw, num_classes: int,
                    num_frames: int) -> dict:
     # the training clip length is only the router's reference length: any video length runs
@@ -119,6 +124,7 @@ def _causal_kwargs(options: dict, in_channels: int, latent_hw, num_classes: int,
                 num_actions=options["num_actions"], window=options["window"],
                 sink=options["sink"], memory=options["memory"],
                 ssm_block_size=options["ssm_block_size"], context_length=num_frames,
+                **{key: options[key] for key in _LATER_CAUSAL_OPTIONS if key in options},
                 **_size_overrides(options))
 
 
@@ -160,7 +166,8 @@ def model_kwargs_for_run(options: dict, *, in_channels: int, latent_hw, num_clas
     """The arguments of :func:`build_model` for a new run: ``options`` is the run config's
     ``model`` section as a dict (name, variant, conditioning, learn_sigma, class_dropout_prob,
     depth / hidden_size / num_heads (None: the size's), gradient_checkpointing, window, sink,
-    memory, num_actions, ssm_block_size; each family reads its own); the rest is the data's:
-    latent channels, latent (H, W), class count and training clip length."""
+    memory, num_actions, ssm_block_size, window_kind, malt_slots, malt_segment; each family reads
+    its own); the rest is the data's: latent channels, latent (H, W), class count and training
+    clip length."""
     return family_of(options["name"]).kwargs_for_run(options, in_channels, latent_hw,
                                                      num_classes, num_frames)
