@@ -94,6 +94,35 @@ def test_a_segment_reads_only_the_memory_of_earlier_segments():
     assert not torch.allclose(out[:, :, -1], ref[:, :, -1])
 
 
+def test_generation_matches_recomputing_the_whole_history():
+    # chunks of 3 frames across segments of 2: every denoising step (uncommitted) reads the
+    # memory that the chunk's own earlier segment writes, as the whole-clip pass does
+    from matten.diffusion import create_diffusion
+    from matten.pipelines import generate_long
+
+    model = tiny("malt+delta", "frame_local", malt_segment=2)
+    diffusion = create_diffusion("3", prediction="eps")
+    got = generate_long(model, diffusion, 7, 3, (4, 4, 4), batch=1,
+                        generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    history = torch.zeros(1, 4, 0, 4, 4, dtype=torch.float64)
+    for start in range(0, 7, 3):
+        k = min(3, 7 - start)
+
+        def full(x, t):   # the chunk denoised by the whole-clip pass over [clean past; chunk]
+            levels = torch.cat([torch.zeros(1, start, dtype=torch.long), t[:, None].expand(-1, k)],
+                               dim=1)
+            return model(torch.cat([history, x], dim=2), levels)[:, :, start:]
+
+        x = torch.randn(1, 4, k, 4, 4, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            for i in range(diffusion.num_timesteps - 1, -1, -1):
+                t = torch.full((1,), i, dtype=torch.long)
+                x = diffusion.ddim_sample(full, x, t, eta=0.0, generator=g)["sample"]
+        history = torch.cat([history, x], dim=2)
+    torch.testing.assert_close(got, history, atol=1e-10, rtol=0)
+
+
 def test_memory_state_has_a_constant_size():
     model = tiny("malt", window=3, sink=1, malt_slots=5, malt_segment=4)
     x, t = clip(batch=1, frames=40)
