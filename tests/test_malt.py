@@ -109,7 +109,8 @@ def test_generation_matches_recomputing_the_whole_history():
     for start in range(0, 7, 3):
         k = min(3, 7 - start)
 
-        def full(x, t):   # the chunk denoised by the whole-clip pass over [clean past; chunk]
+        def full(x, t, start=start, k=k, history=history):
+            # the chunk denoised by the whole-clip pass over [clean past; chunk]
             levels = torch.cat([torch.zeros(1, start, dtype=torch.long), t[:, None].expand(-1, k)],
                                dim=1)
             return model(torch.cat([history, x], dim=2), levels)[:, :, start:]
