@@ -297,3 +297,13 @@ def test_ctrl_c_in_any_command_is_a_message_and_status_130(monkeypatch, capsys):
     monkeypatch.setattr(flops, "run", interrupted)
     assert cli.main(["flops"]) == 130
     assert "matten flops: interrupted" in capsys.readouterr().err
+
+
+def test_resume_reads_options_an_older_checkpoint_lacked_as_their_defaults():
+    from matten.training.resume import check_same_model
+
+    old = {"name": "Matten-Causal", "depth": 1, "window": 2, "memory": "both"}
+    now = {**old, "window_kind": "same_position", "malt_slots": 16, "malt_segment": 4}
+    check_same_model(old, now, Path("ckpt"))
+    with pytest.raises(SetupError, match="window_kind"):
+        check_same_model(old, {**now, "window_kind": "frame_local"}, Path("ckpt"))

@@ -17,7 +17,10 @@ logger = logging.getLogger(__name__)
 # The model's constructor arguments a resumed run must keep (its weights have their shapes).
 MODEL_KEYS = ("name", "variant", "conditioning", "num_frames", "input_size", "in_channels",
               "num_classes", "learn_sigma", "depth", "hidden_size", "num_heads", "window", "sink",
-              "memory", "num_actions", "ssm_block_size")
+              "memory", "num_actions", "ssm_block_size", "window_kind", "malt_slots",
+              "malt_segment")
+# Model options added after checkpoints were written: an older checkpoint had their default.
+ADDED_LATER = {"window_kind": "same_position", "malt_slots": 16, "malt_segment": 4}
 # Settings whose change on resume would change what the trained weights mean (the model's output
 # is read as another quantity, or its inputs live in another space): refused.
 MEANING_KEYS = ("diffusion.prediction", "diffusion.steps", "model.learn_sigma",
@@ -91,6 +94,9 @@ def check_same_model(saved: dict, built: dict, where: Path) -> None:
         # older checkpoints hold one (b_h, b_w) for all layers; compare per layer
         saved["ssm_block_size"] = [list(b) for b in layer_block_sizes(saved["ssm_block_size"],
                                                                       saved["depth"])]
+    for key, default in ADDED_LATER.items():  # checkpoints from before an option existed
+        if key in built and key not in saved:
+            saved[key] = default
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {built.get(k)!r}" for k in MODEL_KEYS
              if _as_list(saved.get(k)) != _as_list(built.get(k))]
     if diffs:
