@@ -10,7 +10,7 @@ import sys
 from . import __version__
 from .interrupts import exit_status
 
-COMMANDS = ["train", "sample", "eval", "flops"]
+COMMANDS = ["train", "sample", "eval", "flops", "play"]
 
 
 def build_parser() -> argparse.ArgumentParser:

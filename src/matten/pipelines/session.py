@@ -126,9 +126,9 @@ class StreamingSession:
         self.eta = float(pipe.default("eta", None, 0.0))
         self.cfg_scale = float(pipe.default("cfg_scale", None, 1.0)) if self.num_classes else 1.0
         self.guided = self.cfg_scale != 1.0
-        self.steps = self._check_steps(pipe.default("steps", steps, None))
+        self.steps = self.check_steps(pipe.default("steps", steps, None))
         self.class_label = None
-        self.class_label = self._label(class_label) if self.num_classes else None
+        self.class_label = self.class_index(class_label) if self.num_classes else None
         self.generator = torch.Generator().manual_seed(self.seed)
         self.state = self.model.init_state(2 if self.guided else 1)
         self._diffusions: dict[int, object] = {}
@@ -155,11 +155,12 @@ class StreamingSession:
     def num_actions(self) -> int:
         return self.model.num_actions
 
-    def _check_steps(self, steps) -> int:
+    def check_steps(self, steps) -> int:
         return check_sampling(self.sampler, steps, self.eta, 1.0, self.pipe.loaded.diffusion_steps,
                               conditional=False)
 
-    def _label(self, class_label) -> int:
+    def class_index(self, class_label) -> int:
+        """A class (index or name) -> its index; None keeps the session's."""
         if class_label is None:
             return 0 if self.class_label is None else self.class_label
         return int(self.pipe.labels(class_label, 1, option="class")[0])
@@ -186,7 +187,7 @@ class StreamingSession:
             raise SamplingError("this model is unconditional: it takes no class")
         if not self.model.takes_actions and action is not None:
             raise SamplingError("this model takes no actions")
-        label = self._label(class_label) if self.num_classes else None
+        label = self.class_index(class_label) if self.num_classes else None
         index = self.action_index(action) if self.model.takes_actions else None
         device = self.pipe.device
         labels = None if label is None else torch.tensor([label], device=device)
@@ -212,7 +213,7 @@ class StreamingSession:
         began = time.perf_counter()
         labels, acts, index, label = self._conditions(action, class_label, 1)
         if steps is not None:
-            self.steps = self._check_steps(steps)
+            self.steps = self.check_steps(steps)
         if label is not None:
             self.class_label = label
         if self.steps not in self._diffusions:

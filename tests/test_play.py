@@ -1,0 +1,169 @@
+"""`matten play`'s server in-process (starlette's TestClient): the page, the websocket protocol,
+bad input answered on the socket while the stream goes on, the bound on live streams, and the
+command's refusals and warning."""
+
+import contextlib
+import re
+import time
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from matten.cli import main
+from matten.commands import play as play_command
+from matten.pipelines import LongVideoPipeline
+from matten.play import MAX_MESSAGE_BYTES, PlayError, create_app, load_playable
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return LongVideoPipeline.from_pretrained(FIXTURES / "causal_run", device="cpu")
+
+
+@pytest.fixture
+def client(pipe, tmp_path):
+    app = create_app(pipe, tmp_path / "out", max_streams=2)
+    with TestClient(app) as client:
+        yield client
+
+
+def receive(ws, kind, limit=200):
+    """The next message of type ``kind``, skipping frames (the stream keeps streaming)."""
+    for _ in range(limit):
+        message = ws.receive_json()
+        if message["type"] == kind:
+            return message
+        assert message["type"] == "frame", message
+    raise AssertionError(f"no {kind!r} message in {limit}")
+
+
+@contextlib.contextmanager
+def connect(client):
+    """An open stream at 1 DDIM step (fast frames) and its hello."""
+    with client.websocket_connect("/ws") as ws:
+        hello = ws.receive_json()
+        ws.send_json({"type": "steps", "steps": 1})
+        assert receive(ws, "steps")["steps"] == 1
+        yield ws, hello
+
+
+def test_the_page_is_self_contained(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text)  # no CDN
+    assert "<link" not in page.text and "<script src" not in page.text
+
+
+def test_hello_then_frames_with_their_metadata(client):
+    with connect(client) as (ws, hello):
+        assert hello["type"] == "hello" and hello["actions"][:3] == ["stay", "left", "right"]
+        assert hello["classes"] == [] and hello["snapshots"] == []
+        first, second = receive(ws, "frame"), receive(ws, "frame")
+        assert second["frame"] > first["frame"] and first["width"] == first["height"] == 8
+        assert first["png"] and first["ms"] > 0 and first["action_name"] == "stay"
+
+
+def test_actions_change_the_applied_action(client):
+    with connect(client) as (ws, _):
+        for name in ("right", "left"):
+            ws.send_json({"type": "action", "action": name})
+            for _ in range(50):
+                frame = receive(ws, "frame")
+                if frame["action_name"] == name:
+                    break
+            assert frame["action_name"] == name
+
+
+BAD = [("{not json", "malformed JSON"), ("[1, 2]", "JSON object"),
+       ('{"type": "fly"}', "unknown message type"),
+       ('{"type": "action", "action": "jump"}', "unknown action"),
+       ('{"type": "action", "action": 99}', "unknown action"),
+       ('{"type": "class", "class": 0}', "unconditional"),
+       ('{"type": "steps", "steps": 0}', "steps"), ('{"type": "steps", "steps": "x"}', "steps"),
+       ('{"type": "action", "action": "' + "x" * MAX_MESSAGE_BYTES + '"}', "too long"),
+       ('{"type": "snapshot", "name": "../escape"}', "snapshot name"),
+       ('{"type": "snapshot", "name": "a/b"}', "snapshot name"),
+       ('{"type": "snapshot", "name": "a\\\\b"}', "snapshot name"),
+       ('{"type": "snapshot", "name": "' + "n" * 65 + '"}', "snapshot name"),
+       ('{"type": "restore", "name": "/etc/passwd"}', "snapshot name"),
+       ('{"type": "restore", "name": "missing"}', "no snapshot named")]
+
+
+def test_bad_input_gets_an_error_and_the_stream_goes_on(client, tmp_path):
+    with connect(client) as (ws, _):
+        ws.send_json({"type": "pause"})
+        receive(ws, "paused")
+        for text, message in BAD:
+            ws.send_text(text)
+            reply = receive(ws, "error")
+            assert message in reply["message"], (text, reply)
+        ws.send_bytes(b"\x00\x01")
+        assert "binary" in receive(ws, "error")["message"]
+        assert not (tmp_path / "escape.safetensors").exists()
+        assert not (tmp_path / "out" / "escape.safetensors").exists()
+        ws.send_json({"type": "resume"})
+        before = receive(ws, "resumed")["frame"]
+        assert receive(ws, "frame")["frame"] == before  # the same stream, going on
+
+
+def test_snapshot_and_restore_replay_the_same_frames(client, tmp_path):
+    with connect(client) as (ws, _):
+        ws.send_json({"type": "action", "action": "right"})
+        receive(ws, "frame")
+        ws.send_json({"type": "snapshot", "name": "start"})
+        snap = receive(ws, "snapshot")
+        assert (tmp_path / "out" / "snapshots" / "start.safetensors").is_file()
+        after = [receive(ws, "frame") for _ in range(2)]
+        assert after[0]["frame"] == snap["frame"]
+        ws.send_json({"type": "restore", "name": "start"})
+        assert receive(ws, "restored")["frame"] == snap["frame"]
+        replay = receive(ws, "frame")
+        assert replay["frame"] == snap["frame"] and replay["png"] == after[0]["png"]
+        ws.send_json({"type": "list"})
+        assert receive(ws, "snapshots")["names"] == ["start"]
+
+
+def test_save_video_offers_an_mp4(client):
+    with connect(client) as (ws, _):
+        receive(ws, "frame")
+        ws.send_json({"type": "save_video"})
+        video = receive(ws, "video")
+        assert video["frames"] >= 1 and video["url"].endswith(".mp4")
+        download = client.get(video["url"])
+        assert download.status_code == 200 and len(download.content) > 0
+        assert client.get("/videos/..%2F..%2Fsecret.mp4").status_code == 404
+
+
+def test_live_streams_are_bounded_and_a_closed_tab_frees_its_stream(client):
+    with connect(client):
+        with connect(client), client.websocket_connect("/ws") as third:
+            busy = third.receive_json()
+            assert busy["type"] == "busy" and "busy" in busy["message"]
+        # One tab closed: a new one gets a stream (once the server has seen the close).
+        for _ in range(1000):
+            with client.websocket_connect("/ws") as again:
+                if again.receive_json()["type"] == "hello":
+                    break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the closed tab's stream was never freed")
+
+
+def test_a_clip_checkpoint_is_refused(capsys):
+    with pytest.raises(PlayError, match="only long-video models can play"):
+        load_playable(FIXTURES / "clip_run", device="cpu")
+    assert main(["play", "--checkpoint", str(FIXTURES / "clip_run")]) == 2
+    assert "Matten-Causal" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host, warns", [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_another_host_than_localhost_is_warned_about(monkeypatch, capsys, tmp_path, host, warns):
+    served = {}
+    monkeypatch.setattr(play_command.uvicorn, "run", lambda app, **kw: served.update(kw))
+    assert main(["play", "--checkpoint", str(FIXTURES / "causal_run"), "--host", host,
+                 "--output", str(tmp_path), "--device", "cpu"]) == 0
+    assert served["host"] == host and served["port"] == 8765
+    assert ("no authentication" in capsys.readouterr().err) == warns
