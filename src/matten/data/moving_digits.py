@@ -19,9 +19,8 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from .synthetic import _bounce
+from .synthetic import RenderedVideoDataset, _bounce
 from .transforms import as_size
 
 __all__ = ["DIGIT_CLASSES", "MovingDigitsDataset", "build_moving_digits", "digit_images"]
@@ -66,7 +65,7 @@ def split_indices(split: str | None) -> np.ndarray:
     return every[(every % 5 == 4) == (split == "test")]
 
 
-class MovingDigitsDataset(Dataset):
+class MovingDigitsDataset(RenderedVideoDataset):
     """``num_videos`` clips of ``num_digits`` (1 or 2) handwritten digits bouncing in a frame.
 
     Items are ``{"video": float (3, num_frames, H, W) in [-1, 1], "label": int64}``; the label of
@@ -114,9 +113,6 @@ class MovingDigitsDataset(Dataset):
         self.by_class = [pool[targets[pool] == c] for c in range(10)]
         self.num_classes, self.class_names = 10, list(DIGIT_CLASSES)
 
-    def __len__(self) -> int:
-        return self.num_videos
-
     def label_of(self, index: int) -> int:
         return index % 10
 
@@ -163,13 +159,6 @@ class MovingDigitsDataset(Dataset):
             # Ink over what is below, as a pen would: alpha is the scan's darkness.
             video = video * (1.0 - alpha) + alpha * digit["colour"].astype(np.float32)
         return video, label
-
-    def __getitem__(self, index: int) -> dict:
-        if index < 0:
-            index += self.num_videos
-        frames, label = self.render(index)
-        video = torch.from_numpy(frames).permute(3, 0, 1, 2).mul(2.0).sub(1.0).clamp(-1.0, 1.0)
-        return {"video": video.contiguous(), "label": torch.tensor(label, dtype=torch.int64)}
 
     def __repr__(self):
         return (f"MovingDigitsDataset(num_videos={self.num_videos}, resolution={self.resolution}, "

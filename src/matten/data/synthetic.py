@@ -29,7 +29,25 @@ def _bounce(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return lo + np.where(q <= length, q, 2 * length - q)
 
 
-class SyntheticVideoDataset(Dataset):
+class RenderedVideoDataset(Dataset):
+    """A set of ``num_videos`` clips drawn on demand: a subclass's ``render(index)`` gives the
+    frames, float (F, H, W, 3) in [0, 1], and the label; items are
+    ``{"video": float (3, F, H, W) in [-1, 1], "label": int64}``."""
+
+    num_videos: int
+
+    def __len__(self) -> int:
+        return self.num_videos
+
+    def __getitem__(self, index: int) -> dict:
+        if index < 0:
+            index += self.num_videos
+        frames, label = self.render(index)
+        video = torch.from_numpy(frames).permute(3, 0, 1, 2).mul(2.0).sub(1.0).clamp(-1.0, 1.0)
+        return {"video": video.contiguous(), "label": torch.tensor(label, dtype=torch.int64)}
+
+
+class SyntheticVideoDataset(RenderedVideoDataset):
     """``num_videos`` procedurally drawn clips of 1-2 squares/discs in motion.
 
     Items are ``{"video": float (3, num_frames, H, W) in [-1, 1], "label": int64}``; with
@@ -58,9 +76,6 @@ class SyntheticVideoDataset(Dataset):
             raise ValueError(f"size must be (low, high) with 0 < low <= high < 0.5, got {size}")
         self.class_names = list(MOTION_TYPES[:self.num_classes])
         self.skipped: dict[str, list[str]] = {}
-
-    def __len__(self) -> int:
-        return self.num_videos
 
     def label_of(self, index: int) -> int:
         return index % self.num_classes if self.num_classes else 0
@@ -128,13 +143,6 @@ class SyntheticVideoDataset(Dataset):
             alpha = alpha[..., None]
             video = video * (1.0 - alpha) + alpha * colour
         return video.astype(np.float32), label
-
-    def __getitem__(self, index: int) -> dict:
-        if index < 0:
-            index += self.num_videos
-        frames, label = self.render(index)
-        video = torch.from_numpy(frames).permute(3, 0, 1, 2).mul(2.0).sub(1.0).clamp(-1.0, 1.0)
-        return {"video": video.contiguous(), "label": torch.tensor(label, dtype=torch.int64)}
 
     def __repr__(self):
         return (f"SyntheticVideoDataset(num_videos={self.num_videos}, "
