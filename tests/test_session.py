@@ -10,8 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from matten.config import load_config
 from matten.pipelines import LongVideoPipeline, SamplingError
 from matten.pipelines.session import StateMismatchError, StreamingSession
+from matten.training import train
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CAUSAL = FIXTURES / "causal_run"
@@ -70,6 +72,7 @@ def test_save_load_continue_equals_the_uninterrupted_stream(pipe, tmp_path):
     other.load_state(path)
     assert other.frame == 2 and other.steps == 2
     continued = frames(other, after)
+    assert len(continued) == len(whole[2:]) == 3
     assert all(torch.equal(a, b) for a, b in zip(whole[2:], continued))
     assert not torch.equal(whole[2], frames(StreamingSession.start(pipe, seed=99, steps=2),
                                             before + after[:1])[2])  # the seed matters
@@ -136,3 +139,33 @@ def test_context_frames_start_the_stream(pipe):
     session = StreamingSession.start(pipe, steps=1, context=context)
     assert session.frame == 2
     assert session.step(action="stay")[1]["frame"] == 2
+
+
+@pytest.fixture(scope="module")
+def malt_run(tmp_path_factory):
+    """A 1-step tiny run with MALT's memory besides the SSM and delta memories: a memory kind
+    the state file must carry without being told about it."""
+    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.window=2",
+                 "model.memory=malt+both", "model.malt_slots=4", "model.malt_segment=2",
+                 "data.num_frames=4", "data.num_videos=2", "data.resolution=8",
+                 "data.options.map_size=16", "data.options.blackout=0", "train.batch_size=2",
+                 "train.max_steps=1", "train.cpu=true", "train.sample_every=0"]
+    run = tmp_path_factory.mktemp("malt") / "run"
+    train(load_config("long", overrides), output=run, progress=False)
+    return run
+
+
+def test_every_memory_kind_is_saved_and_continues_exactly(malt_run, tmp_path):
+    actions = ["right", "right", "left", "stay", "up"]  # across two MALT segments
+    whole = frames(StreamingSession.start(malt_run, seed=2, steps=1), actions)
+    session = StreamingSession.start(malt_run, seed=2, steps=1)
+    frames(session, actions[:3])
+    session.save_state(tmp_path / "malt.safetensors")
+    stored = load_file(tmp_path / "malt.safetensors")
+    assert {"state.layers.0.malt.memory", "state.layers.0.ssm.ssm",
+            "state.layers.0.memory"} <= set(stored)
+    other = StreamingSession.start(malt_run, seed=0, steps=1)
+    other.load_state(tmp_path / "malt.safetensors")
+    continued = frames(other, actions[3:])
+    assert len(continued) == len(whole[3:]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(whole[3:], continued))
