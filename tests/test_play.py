@@ -3,11 +3,16 @@ bad input answered on the socket while the stream goes on, the bound on live str
 command's refusals and warning."""
 
 import contextlib
+import os
 import re
+import shutil
+import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import uvicorn
 from starlette.testclient import TestClient
 
 from matten.cli import main
@@ -167,3 +172,72 @@ def test_another_host_than_localhost_is_warned_about(monkeypatch, capsys, tmp_pa
                  "--output", str(tmp_path), "--device", "cpu"]) == 0
     assert served["host"] == host and served["port"] == 8765
     assert ("no authentication" in capsys.readouterr().err) == warns
+
+
+# The real-browser test: headless Chromium (Debian's chromium and chromium-driver, which .ci/run
+# installs and then requires with MATTEN_BROWSER_TEST=1) driven by selenium against a server.
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+BROWSER_REQUIRED = os.environ.get("MATTEN_BROWSER_TEST") == "1"
+
+
+@pytest.fixture
+def served(pipe, tmp_path):
+    """A real server (uvicorn, in a thread) on a free local port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(pipe, tmp_path / "out"), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.mark.skipif(not BROWSER_REQUIRED and not (CHROMIUM and CHROMEDRIVER),
+                    reason="needs chromium and chromium-driver (.ci/run installs them)")
+def test_the_page_plays_in_a_real_browser(served, tmp_path):
+    assert CHROMIUM and CHROMEDRIVER, "MATTEN_BROWSER_TEST=1: chromium or chromedriver missing"
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options,
+                              service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    wait = WebDriverWait(driver, 120)
+    text = lambda id_: driver.find_element(By.ID, id_).text  # noqa: E731
+    try:
+        driver.get(served)
+        wait.until(lambda _: text("status").startswith("live"))
+        steps = driver.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("2", Keys.ENTER)  # quicker frames
+        wait.until(lambda _: int(text("frames")) >= 3)
+        wait.until(lambda _: int(text("fps")) > 0 and text("p50") != "-")
+        seen = int(text("frames"))
+        wait.until(lambda _: int(text("frames")) > seen)  # frames keep arriving
+        body = driver.find_element(By.TAG_NAME, "body")
+        for key, name in ((Keys.ARROW_RIGHT, "right"), (Keys.ARROW_LEFT, "left")):
+            webdriver.ActionChains(driver).key_down(key, body).perform()
+            wait.until(lambda _, name=name: text("applied") == name)
+            webdriver.ActionChains(driver).key_up(key, body).perform()
+        driver.find_element(By.ID, "snapshot-name").send_keys("browser")
+        driver.find_element(By.ID, "snapshot").click()
+        wait.until(lambda _: text("status").startswith("snapshot browser"))
+        wait.until(lambda _: "browser" in text("snapshots"))
+        Select(driver.find_element(By.ID, "snapshots")).select_by_value("browser")
+        driver.find_element(By.ID, "restore").click()
+        wait.until(lambda _: text("status").startswith("restored browser"))
+        assert (tmp_path / "out" / "snapshots" / "browser.safetensors").is_file()
+    finally:
+        driver.quit()
