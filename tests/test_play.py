@@ -16,9 +16,11 @@ import uvicorn
 from starlette.testclient import TestClient
 
 from matten.cli import main
+from matten.config import load_config
 from matten.commands import play as play_command
 from matten.pipelines import LongVideoPipeline
 from matten.play import MAX_MESSAGE_BYTES, PlayError, create_app, load_playable
+from matten.training import train
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -155,6 +157,34 @@ def test_live_streams_are_bounded_and_a_closed_tab_frees_its_stream(client):
             time.sleep(0.01)
         else:
             raise AssertionError("the closed tab's stream was never freed")
+
+
+@pytest.fixture(scope="module")
+def class_pipe(tmp_path_factory):
+    """A 1-step tiny class-conditional long-video model without actions."""
+    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.window=2",
+                 "model.num_actions=0", "data.name=synthetic", "data.num_classes=4",
+                 "model.num_classes=4", "data.num_frames=4", "data.num_videos=4",
+                 "data.resolution=8", "train.batch_size=2", "train.max_steps=1",
+                 "train.cpu=true", "train.sample_every=0"]
+    run = tmp_path_factory.mktemp("classes") / "run"
+    train(load_config("long", overrides), output=run, progress=False)
+    return LongVideoPipeline.from_pretrained(run, device="cpu")
+
+
+def test_a_model_without_actions_plays_with_its_classes(class_pipe, tmp_path):
+    with TestClient(create_app(class_pipe, tmp_path)) as client, connect(client) as (ws, hello):
+        assert hello["actions"] == [] and hello["classes"][3] == "orbit"
+        ws.send_json({"type": "action", "action": "left"})
+        assert "no actions" in receive(ws, "error")["message"]
+        ws.send_json({"type": "class", "class": "nope"})
+        assert "not a class" in receive(ws, "error")["message"]
+        ws.send_json({"type": "class", "class": "orbit"})
+        for _ in range(50):
+            frame = receive(ws, "frame")
+            if frame["class_name"] == "orbit":
+                break
+        assert frame["class_name"] == "orbit" and frame["action"] is None
 
 
 def test_a_clip_checkpoint_is_refused(capsys):

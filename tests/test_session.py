@@ -169,3 +169,35 @@ def test_every_memory_kind_is_saved_and_continues_exactly(malt_run, tmp_path):
     continued = frames(other, actions[3:])
     assert len(continued) == len(whole[3:]) == 2
     assert all(torch.equal(a, b) for a, b in zip(whole[3:], continued))
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory):
+    """A 1-step tiny class-conditional long-video run without actions, sampled with guidance."""
+    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.window=2",
+                 "model.num_actions=0", "data.name=synthetic", "data.num_classes=4",
+                 "model.num_classes=4", "data.num_frames=4", "data.num_videos=4",
+                 "data.resolution=8", "train.batch_size=2", "train.max_steps=1",
+                 "train.cpu=true", "train.sample_every=0", "sample.cfg_scale=2.0"]
+    run = tmp_path_factory.mktemp("classes") / "run"
+    train(load_config("long", overrides), output=run, progress=False)
+    return run
+
+
+def test_a_class_conditional_model_switches_class_and_continues_exactly(class_run, tmp_path):
+    session = StreamingSession.start(class_run, steps=1, class_label="orbit")
+    assert session.guided and session.state.batch == 2  # the unconditional branch
+    assert session.step()[1]["class_name"] == "orbit"
+    _, meta = session.step(class_label=1)
+    assert (meta["class"], meta["class_name"], meta["action"]) == (1, "up_down", None)
+    with pytest.raises(SamplingError, match="no actions"):
+        session.step(action="left")
+    with pytest.raises(SamplingError, match="not a class"):
+        session.step(class_label="nope")
+    session.save_state(tmp_path / "c.safetensors")
+    whole = [session.step(output_type="pt")[0] for _ in range(2)]
+    other = StreamingSession.start(class_run, steps=1)  # class 0 until the state is loaded
+    other.load_state(tmp_path / "c.safetensors")
+    assert other.class_label == 1
+    continued = [other.step(output_type="pt")[0] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(whole, continued))
