@@ -204,6 +204,19 @@ def test_another_host_than_localhost_is_warned_about(monkeypatch, capsys, tmp_pa
     assert ("no authentication" in capsys.readouterr().err) == warns
 
 
+def test_bad_steps_are_refused_at_start(capsys):
+    assert main(["play", "--checkpoint", str(FIXTURES / "causal_run"), "--steps", "0",
+                 "--device", "cpu"]) == 2
+    assert "--steps must be in [1, 1000]" in capsys.readouterr().err
+
+
+def test_the_streams_start_at_the_steps_given(pipe, tmp_path):
+    with TestClient(create_app(pipe, tmp_path, steps=3)) as client, \
+            client.websocket_connect("/ws") as ws:
+        assert ws.receive_json()["steps"] == 3
+        assert receive(ws, "frame")["steps"] == 3
+
+
 # The real-browser test: headless Chromium (Debian's chromium and chromium-driver, which .ci/run
 # installs and then requires with MATTEN_BROWSER_TEST=1) driven by selenium against a server.
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -8,6 +8,7 @@ import uvicorn
 
 from ..checkpoint import CheckpointError
 from ..devices import DeviceError
+from ..pipelines import SamplingError
 from ..play import PlayError, create_app, load_playable
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -29,6 +30,8 @@ def add_parser(subparsers):
                         help="folder for snapshots and saved videos (default ./play)")
     parser.add_argument("--max-streams", type=int, default=2,
                         help="live streams at once; more tabs are told the server is busy")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="DDIM steps per frame to start with (default 4; the page changes it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if any)")
     parser.set_defaults(run=run)
@@ -38,8 +41,9 @@ def add_parser(subparsers):
 def run(args) -> int:
     try:
         pipe = load_playable(args.checkpoint, device=args.device)
-        app = create_app(pipe, args.output, max_streams=args.max_streams, seed=args.seed)
-    except (PlayError, CheckpointError, DeviceError, FileNotFoundError) as exc:
+        app = create_app(pipe, args.output, max_streams=args.max_streams, seed=args.seed,
+                         steps=args.steps)
+    except (PlayError, SamplingError, CheckpointError, DeviceError, FileNotFoundError) as exc:
         print(f"matten play: {exc}", file=sys.stderr)
         return 2
     if args.host not in LOCAL_HOSTS:

@@ -72,7 +72,8 @@ class Stream:
 
     def __init__(self, server: "PlayServer", ws: WebSocket, number: int):
         self.server, self.ws, self.number = server, ws, number
-        self.session = StreamingSession.start(server.pipe, seed=server.seed + number)
+        self.session = StreamingSession.start(server.pipe, seed=server.seed + number,
+                                               steps=server.steps)
         self.action = self.class_label = None
         self.paused = False
         self.recorded: deque = deque(maxlen=MAX_RECORDED)
@@ -206,10 +207,13 @@ class Stream:
 class PlayServer:
     """What all streams share: the pipeline, the output folder, the bound on live streams."""
 
-    def __init__(self, pipe: LongVideoPipeline, output, max_streams: int = 2, seed: int = 0):
+    def __init__(self, pipe: LongVideoPipeline, output, max_streams: int = 2, seed: int = 0,
+                 steps: int | None = None):
         if max_streams < 1:
             raise PlayError(f"max_streams must be >= 1, got {max_streams}")
         self.pipe, self.max_streams, self.seed = pipe, int(max_streams), int(seed)
+        self.steps = steps  # the streams' DDIM steps to start with (None: the run's)
+        StreamingSession.start(pipe, steps=steps)  # refuses bad steps now, not in every tab
         self.output = Path(output)
         self.snapshots, self.videos = self.output / "snapshots", self.output / "videos"
         self.live = self.opened = 0
@@ -254,9 +258,10 @@ class PlayServer:
             self.live -= 1  # closing a tab frees its stream (its state goes with it)
 
 
-def create_app(pipe: LongVideoPipeline, output, *, max_streams: int = 2, seed: int = 0):
+def create_app(pipe: LongVideoPipeline, output, *, max_streams: int = 2, seed: int = 0,
+               steps: int | None = None):
     """The starlette app: ``/`` the page, ``/ws`` a stream, ``/videos/NAME`` a saved video."""
-    server = PlayServer(pipe, output, max_streams=max_streams, seed=seed)
+    server = PlayServer(pipe, output, max_streams=max_streams, seed=seed, steps=steps)
     app = Starlette(routes=[Route("/", server.page), Route("/videos/{name}", server.video),
                             WebSocketRoute("/ws", server.websocket)])
     app.state.server = server
