@@ -252,8 +252,8 @@ class PlayServer:
         self.opened += 1
         try:
             await Stream(self, ws, self.opened).run()
-        except WebSocketDisconnect:
-            pass
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the tab went away mid-frame (a send on a closed socket)
         finally:
             self.live -= 1  # closing a tab frees its stream (its state goes with it)
 
