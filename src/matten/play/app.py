@@ -41,7 +41,8 @@ from ..pipelines import LongVideoPipeline, SamplingError, StateMismatchError, St
 __all__ = ["PlayError", "load_playable", "create_app", "MAX_MESSAGE_BYTES", "MAX_RECORDED"]
 
 MAX_MESSAGE_BYTES = 4096   # a command is a few dozen bytes; anything this long is refused
-MAX_RECORDED = 9000        # frames kept for "save video" (10 minutes at 15 fps)
+MAX_RECORDED = 9000        # frames kept for "save video" (10 minutes at 15 fps) ...
+MAX_RECORDED_BYTES = 256 << 20  # ... or fewer, for large frames: memory per tab stays bounded
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 VIDEO_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\.mp4")
 CLOSED = object()          # what the reader queues when the socket has gone
@@ -76,7 +77,7 @@ class Stream:
                                                steps=server.steps)
         self.action = self.class_label = None
         self.paused = False
-        self.recorded: deque = deque(maxlen=MAX_RECORDED)
+        self.recorded: deque | None = None  # the last frames; sized by the first frame
         self.inbox: asyncio.Queue = asyncio.Queue()
 
     async def read(self) -> None:
@@ -121,6 +122,9 @@ class Stream:
     async def send_frame(self) -> None:
         frame, meta = await run_in_threadpool(self.session.step, action=self.action,
                                               class_label=self.class_label)
+        if self.recorded is None:
+            self.recorded = deque(maxlen=max(1, min(MAX_RECORDED,
+                                                    MAX_RECORDED_BYTES // frame.nbytes)))
         self.recorded.append(frame)
         await self.ws.send_json({"type": "frame", **meta, "height": frame.shape[0],
                                  "width": frame.shape[1], "png": _png(frame)})
