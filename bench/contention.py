@@ -7,9 +7,10 @@ allocator), then waits for the go signal, so that side-by-side processes overlap
 measurement. The fair-share goal: each of two processes keeps at least 0.4x of its solo speed.
 
 Settings run in the same invocation:
-  * "defaults": the library's thread defaults (``OMP_WAIT_POLICY=PASSIVE`` unless set, see
-    ``matten/__init__.py``; numba's threads follow torch's count, see :mod:`matten.ssm.threads`);
-  * "defaults off": ``MATTEN_THREAD_DEFAULTS=0`` (the environment as the user left it);
+  * "defaults": the environment as it is (numba's threads follow torch's count, see
+    :mod:`matten.ssm.threads`; OpenMP's threads spin a while when they wait);
+  * "MATTEN_SHARED_CPU=1": waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``, see
+    ``matten/__init__.py``), for processes that share the cores;
   * with ``--old-src DIR``: the code of another source tree (e.g. ``git archive <commit> src |
     tar -x -C DIR``), to compare with the code before these changes.
 
@@ -99,10 +100,10 @@ def main() -> None:
         return child(args.seconds)
 
     import torch  # only for the header
-    base = {k: v for k, v in os.environ.items() if k != "MATTEN_THREAD_DEFAULTS"}
-    off = {**base, "MATTEN_THREAD_DEFAULTS": "0"}
-    old = {**off, "PYTHONPATH": os.path.join(os.path.abspath(args.old_src or "."), "src")}
-    settings = [("defaults", base), ("defaults off (MATTEN_THREAD_DEFAULTS=0)", off)]
+    base = {k: v for k, v in os.environ.items() if k != "MATTEN_SHARED_CPU"}
+    shared = {**base, "MATTEN_SHARED_CPU": "1"}
+    old = {**base, "PYTHONPATH": os.path.join(os.path.abspath(args.old_src or "."), "src")}
+    settings = [("defaults", base), ("MATTEN_SHARED_CPU=1", shared)]
     if args.old_src:
         settings.append((f"old code ({args.old_src}), its defaults", old))
     print(f"demo training step (Matten-S/2 v3, 2 blocks, hidden 64, batch 16 x 3 x 8 x 16 x 16), "
@@ -121,6 +122,9 @@ def main() -> None:
     (new_name, new), *others = solo_rates.items()
     for name, rate in others:
         print(f"solo speed, defaults vs {name}: {new / rate:.2f}x")
+    shared_pair = [float(r) for r in rows[1][2].split(" / ")]
+    print("each of two with MATTEN_SHARED_CPU=1, of the default solo speed: "
+          + " / ".join(f"{r / new:.2f}x" for r in shared_pair))
 
 
 if __name__ == "__main__":

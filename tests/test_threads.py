@@ -43,14 +43,14 @@ def test_kernel_threads_stay_within_numbas_limit():
 def wait_policy_after_import(**env) -> str | None:
     """OMP_WAIT_POLICY as a fresh ``import matten`` leaves it, under ``env``."""
     base = {k: v for k, v in os.environ.items()
-            if k not in ("OMP_WAIT_POLICY", "MATTEN_THREAD_DEFAULTS")}
+            if k not in ("OMP_WAIT_POLICY", "MATTEN_SHARED_CPU")}
     code = "import os, matten; print(os.environ.get('OMP_WAIT_POLICY'))"
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, check=True,
                          capture_output=True, text=True).stdout.strip()
     return None if out == "None" else out
 
 
-def test_import_makes_waiting_threads_passive_unless_told_otherwise():
-    assert wait_policy_after_import() == "PASSIVE"
-    assert wait_policy_after_import(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"  # the user's choice
-    assert wait_policy_after_import(MATTEN_THREAD_DEFAULTS="0") is None
+def test_shared_cpu_makes_waiting_threads_passive_and_keeps_the_user_s_choice():
+    assert wait_policy_after_import() is None  # alone, spinning briefly is twice as fast
+    assert wait_policy_after_import(MATTEN_SHARED_CPU="1") == "PASSIVE"
+    assert wait_policy_after_import(MATTEN_SHARED_CPU="1", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
