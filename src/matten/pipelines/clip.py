@@ -116,6 +116,13 @@ class MattenPipeline:
         stored = self.loaded.sample_settings.get(name)
         return fallback if stored is None else stored
 
+    def guidance_scale(self, cfg_scale, labels) -> float:
+        """``cfg_scale``, else the run's for a class-conditional call; 1 (no guidance) when the
+        call has no labels and none was asked for."""
+        if labels is not None:
+            return float(self.default("cfg_scale", cfg_scale, 1.0))
+        return 1.0 if cfg_scale is None else cfg_scale
+
     def labels(self, class_labels, num_samples: int, option: str = "--class"):
         return resolve_labels(class_labels, num_samples, self.loaded.num_classes,
                               self.loaded.class_names, option=option)
@@ -134,8 +141,7 @@ class MattenPipeline:
         if num_samples < 1:
             raise SamplingError(f"--num-samples must be >= 1, got {num_samples}")
         labels = self.labels(class_labels, num_samples)
-        cfg_scale = float(self.default("cfg_scale", cfg_scale, 1.0)) if labels is not None \
-            else (1.0 if cfg_scale is None else cfg_scale)
+        cfg_scale = self.guidance_scale(cfg_scale, labels)
         if actions is None and self.model.takes_actions:
             actions = loaded.training_actions(num_samples)
         videos = sample_videos(

@@ -275,8 +275,7 @@ class LongVideoPipeline(MattenPipeline):
         sampler = self.default("sampler", sampler, "ddim")
         steps = check_sampling(sampler, self.default("steps", steps, None), 0.0, 1.0,
                                loaded.diffusion_steps, conditional=False)
-        cfg_scale = float(self.default("cfg_scale", cfg_scale, 1.0)) if labels is not None \
-            else (1.0 if cfg_scale is None else cfg_scale)
+        cfg_scale = self.guidance_scale(cfg_scale, labels)
         if actions is None and self.model.takes_actions:
             clips = loaded.training_actions(num_videos)  # the training clips' moves, cycled
             actions = lambda frame: clips[:, frame % clips.shape[1]]  # noqa: E731
