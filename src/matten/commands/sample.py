@@ -97,7 +97,7 @@ def run(args, parser) -> int:
             actions = torch.stack([actions(f) for f in range(pipe.loaded.num_frames)], dim=1)
         sampler = pipe.default("sampler", args.sampler, "ddim")
         start = time.time()
-        videos = pipe(args.num_samples, args.classes, sampler=sampler, steps=args.steps,
+        videos = pipe(args.num_samples, labels, sampler=sampler, steps=args.steps,
                       eta=args.eta, cfg_scale=args.cfg_scale, seed=args.seed, actions=actions,
                       batch_size=args.batch_size, progress=not args.no_progress)
         fps = int(pipe.default("fps", args.fps, 8))
