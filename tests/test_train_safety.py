@@ -23,16 +23,7 @@ from matten.checkpoint import latest_checkpoint, load_checkpoint_files
 from matten.training import SetupError, train
 from matten.training import callbacks, step as step_module
 from matten.interrupts import GracefulStop
-
-TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-        "data.resolution=8", "data.num_frames=4", "data.num_videos=32",
-        "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=1000",
-        "sample.num_samples=2", "sample.steps=2", "train.cpu=true"]
-
-
-def tiny_config(*overrides):
-    return load_config("demo", TINY + list(overrides))
-
+from test_train import TINY, tiny_config  # the tiny run the training tests share
 
 def loss_steps(run: Path) -> list[int]:
     with open(run / "loss.csv", newline="") as f:
