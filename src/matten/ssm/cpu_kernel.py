@@ -12,10 +12,12 @@ time-major, as (batch or 1, G, L or 1, N), so that the inner loop over the N sta
 contiguous memory. A size-1 batch or time axis is read at index 0 (its step is 0), and channel d
 reads group d // (dim // G): one kernel serves the variable, grouped and constant layouts.
 
-The kernels also apply delta's bias and softplus, the skip term D * u and the gate silu(z), and can
-scan from the last time step to the first (``reverse``, the backward direction of a bidirectional
-Mamba): none of these becomes a tensor op or a flipped copy around the scan. u, delta, z and the
-output gradient are read with their strides, one value per step. Threads: as many as torch uses
+The kernels also apply the skip term D * u and the gate, and can scan from the last time step to
+the first (``reverse``, the backward direction of a bidirectional Mamba), so that neither becomes a
+flipped copy around the scan. delta's bias and softplus and the gate's silu(z) are computed first
+by torch, once per element and vectorised: inside the loop over time each was a scalar libm call
+per step, and together they doubled the scan's time. u, delta, the gate and the output gradient
+are read with their strides, one value per step. Threads: as many as torch uses
 (:mod:`matten.ssm.threads`).
 
 Most of the time goes into exp(delta * A): L x dim x N of them. In float32 they use
@@ -30,6 +32,7 @@ import math
 import numba
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numba import types
 from numba.extending import overload
 
@@ -65,23 +68,14 @@ def _decay_impl(x):
     return exp_float32
 
 
-@numba.njit(inline="always", cache=True, fastmath=_JIT["fastmath"])
-def _delta(raw, bias, softplus):
-    """The step size from delta's input: softplus(raw + bias), as F.softplus (threshold 20)."""
-    v = raw + bias
-    if softplus and v <= 20.0:
-        return math.log1p(math.exp(v))
-    return v
-
-
 @numba.jit(**_JIT)
-def _scan_forward(u, delta, A, Bt, Ct, h0, D, z, bias, softplus, reverse, groups, y, h_last):
-    # u, delta, z and y may be strided views (e.g. delta is a transposed matmul output): they
+def _scan_forward(u, delta, A, Bt, Ct, h0, D, gate, reverse, groups, y, h_last):
+    # u, delta, gate and y may be strided views (e.g. delta is a transposed matmul output): they
     # are read one value per step, so strides cost nothing there and copies are not needed.
+    # delta is the step size itself (bias and softplus already applied), gate is silu(z).
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    has_z = z.shape[2] == length  # a (1, 1, 1) placeholder when there is no gate
-    one = u.dtype.type(1.0)  # a typed literal: a bare 1.0 would turn float32 arithmetic float64
+    has_gate = gate.shape[2] == length  # a (1, 1, 1) placeholder when there is no gate
     # Index steps that are 0 along a broadcast (size-1) batch or time axis of B and C.
     bB, tB, bC, tC = Bt.shape[0] > 1, Bt.shape[2] > 1, Ct.shape[0] > 1, Ct.shape[2] > 1
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
@@ -98,7 +92,7 @@ def _scan_forward(u, delta, A, Bt, Ct, h0, D, z, bias, softplus, reverse, groups
             a = A[d]
             for s in range(length):
                 t = length - 1 - s if reverse else s  # reverse: scan from the last step back
-                dt = _delta(delta[b, d, t], bias[d], softplus)
+                dt = delta[b, d, t]
                 ut = u[b, d, t]
                 dtu = dt * ut
                 for n in range(nstate):
@@ -108,20 +102,19 @@ def _scan_forward(u, delta, A, Bt, Ct, h0, D, z, bias, softplus, reverse, groups
                     h[n] = decays[n] * h[n] + dtu * B_bd[t * tB, n]
                     acc += h[n] * C_bd[t * tC, n]
                 out = acc + D[d] * ut
-                if has_z:
-                    zt = z[b, d, t]
-                    out = out * (zt / (one + math.exp(-zt)))  # silu(z)
+                if has_gate:
+                    out = out * gate[b, d, t]
                 y[b, d, t] = out
             h_last[b, d] = h
 
 
 @numba.jit(**_JIT)
-def _scan_backward(u, delta, A, Bt, Ct, h0, D, z, bias, softplus, reverse, dy, dh_last,
-                   du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, dh0):
+def _scan_backward(u, delta, A, Bt, Ct, h0, D, gate, dgate, reverse, dy, dh_last,
+                   du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dh0):
+    # dgate is silu'(z); dz receives the gradient of z, ddelta that of the step size.
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    has_z = z.shape[2] == length
-    one = u.dtype.type(1.0)
+    has_gate = gate.shape[2] == length
     bB, tB, bC, tC = Bt.shape[0] > 1, Bt.shape[2] > 1, Ct.shape[0] > 1, Ct.shape[2] > 1
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     groups = dB_part.shape[0]
@@ -129,10 +122,9 @@ def _scan_backward(u, delta, A, Bt, Ct, h0, D, z, bias, softplus, reverse, dy, d
     per_group = (total + groups - 1) // groups
     for g in numba.prange(groups):
         # Indexed by scan step s (time t = s, or L - 1 - s in reverse): states[s + 1] is the
-        # state after step s, states[0] the initial state; dts[s] the step's delta.
+        # state after step s, states[0] the initial state.
         states = np.empty((length + 1, nstate), dtype=u.dtype)
         decays = np.empty((length, nstate), dtype=u.dtype)
-        dts = np.empty(length, dtype=u.dtype)
         gh = np.empty(nstate, dtype=u.dtype)
         gA = np.empty(nstate, dtype=u.dtype)
         for bd in range(g * per_group, min(total, (g + 1) * per_group)):
@@ -145,8 +137,7 @@ def _scan_backward(u, delta, A, Bt, Ct, h0, D, z, bias, softplus, reverse, dy, d
             states[0] = h0[b, d]
             for s in range(length):
                 t = length - 1 - s if reverse else s
-                dt = _delta(delta[b, d, t], bias[d], softplus)
-                dts[s] = dt
+                dt = delta[b, d, t]
                 dtu = dt * u[b, d, t]
                 for n in range(nstate):
                     decays[s, n] = decay(dt * a[n])
@@ -156,17 +147,12 @@ def _scan_backward(u, delta, A, Bt, Ct, h0, D, z, bias, softplus, reverse, dy, d
             gh[:] = dh_last[b, d]
             gA[:] = 0.0
             gD = u.dtype.type(0.0)
-            gbias = u.dtype.type(0.0)
             for s in range(length - 1, -1, -1):
                 t = length - 1 - s if reverse else s
-                dt = dts[s]
+                dt = delta[b, d, t]
                 ut = u[b, d, t]
                 g_out = dy[b, d, t]
-                g_y = g_out
-                if has_z:
-                    zt = z[b, d, t]
-                    sig = one / (one + math.exp(-zt))
-                    g_y = g_out * (zt * sig)  # through the gate silu(z)
+                g_y = g_out * gate[b, d, t] if has_gate else g_out
                 dtu = dt * ut
                 gu = u.dtype.type(0.0)
                 gdt = u.dtype.type(0.0)
@@ -183,23 +169,14 @@ def _scan_backward(u, delta, A, Bt, Ct, h0, D, z, bias, softplus, reverse, dy, d
                     gdt += g_decay * a[n]
                     gA[n] += g_decay * dt
                     gh[n] *= decays[s, n]
-                if has_z:
-                    # d silu(z)/dz = sig * (1 + z * (1 - sig))
-                    dz[b, d, t] = g_out * (acc + Dd * ut) * (sig * (one + zt * (one - sig)))
+                if has_gate:
+                    dz[b, d, t] = g_out * (acc + Dd * ut) * dgate[b, d, t]
                 gD += g_y * ut
                 du[b, d, t] = gu * dt + g_y * Dd
-                gdelta = gdt + gu * ut
-                if softplus:
-                    v = delta[b, d, t] + bias[d]
-                    if v <= 20.0:  # softplus' derivative, sigmoid(v), as F.softplus computes it
-                        e = math.exp(v)
-                        gdelta = gdelta * (e / (e + one))
-                ddelta[b, d, t] = gdelta
-                gbias += gdelta
+                ddelta[b, d, t] = gdt + gu * ut
             dh0[b, d] = gh
             dA_part[b, d] = gA
             dD_part[b, d] = gD
-            dbias_part[b, d] = gbias
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -214,10 +191,17 @@ def _time_major(X: torch.Tensor) -> np.ndarray:
     return layouts.as_grouped(X).transpose(2, 3).contiguous().numpy()
 
 
-def _or_placeholder(X: torch.Tensor | None, like: torch.Tensor, shape) -> np.ndarray:
-    """``X``, or zeros of ``shape`` standing in for a missing D / delta_bias / z (z's (1, 1, 1)
-    placeholder tells the kernels there is no gate)."""
-    return _np(X) if X is not None else np.zeros(shape, dtype=_np(like).dtype)
+def _no_gate(like: torch.Tensor) -> np.ndarray:
+    """The (1, 1, 1) placeholder that tells the kernels there is no gate."""
+    return np.zeros((1, 1, 1), dtype=_np(like).dtype)
+
+
+def _step_size(delta, delta_bias, softplus):
+    """delta + delta_bias, through softplus when asked: vectorised by torch, once per element, on
+    a contiguous copy (torch's vectorised and scalar paths may differ in the last bit, and which
+    elements take which path depends on the strides; the kernels also read it faster)."""
+    v = delta.contiguous() if delta_bias is None else delta + delta_bias[:, None]
+    return F.softplus(v.contiguous()) if softplus else v
 
 
 def scan_forward(u, delta, A, B, C, h0, D=None, z=None, delta_bias=None, softplus=False,
@@ -230,10 +214,11 @@ def scan_forward(u, delta, A, B, C, h0, D=None, z=None, delta_bias=None, softplu
     groups = max(1, min(threads.follow_torch(), batch * dim))  # one channel range per thread
     y = torch.empty(u.shape, dtype=u.dtype)
     h_last = torch.empty_like(h0)
-    _scan_forward(_np(u), _np(delta), _np(A), _time_major(B), _time_major(C), _np(h0),
-                  _or_placeholder(D, u, dim), _or_placeholder(z, u, (1, 1, 1)),
-                  _or_placeholder(delta_bias, u, dim), bool(softplus), bool(reverse), groups,
-                  y.numpy(), h_last.numpy())
+    dt = _step_size(delta, delta_bias, softplus)
+    gate = _np(F.silu(z.contiguous())) if z is not None else _no_gate(u)  # as for delta
+    _scan_forward(_np(u), _np(dt), _np(A), _time_major(B), _time_major(C), _np(h0),
+                  _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype), gate,
+                  bool(reverse), groups, y.numpy(), h_last.numpy())
     return y, h_last
 
 
@@ -248,6 +233,13 @@ def _summed(part, like):
     return part.sum(0).transpose(2, 3).reshape(like.shape)
 
 
+def _softplus_grad(delta, delta_bias):
+    """d softplus(v) / dv at v = delta + delta_bias: sigmoid(v), and 1 above F.softplus's
+    threshold of 20, where softplus is the identity."""
+    v = (delta if delta_bias is None else delta + delta_bias[:, None]).contiguous()
+    return torch.where(v > 20.0, torch.ones_like(v), torch.sigmoid(v))
+
+
 def scan_backward(u, delta, A, B, C, h0, dy, dh_last, D=None, z=None, delta_bias=None,
                   softplus=False, reverse=False):
     """Gradients of :func:`scan_forward`'s outputs with respect to u, delta, A, B, C, the initial
@@ -259,16 +251,24 @@ def scan_backward(u, delta, A, B, C, h0, dy, dh_last, D=None, z=None, delta_bias
     ddelta = torch.empty(u.shape, dtype=u.dtype)
     dz = torch.empty(u.shape, dtype=u.dtype) if z is not None else None
     dA_part = torch.empty(batch, dim, nstate, dtype=u.dtype)
-    dD_part, dbias_part = torch.empty(batch, dim, dtype=u.dtype), torch.empty(batch, dim, dtype=u.dtype)
+    dD_part = torch.empty(batch, dim, dtype=u.dtype)
     dB_part, dC_part = _partials(B, groups, u.dtype), _partials(C, groups, u.dtype)
     dh0 = torch.empty_like(h0)
-    _scan_backward(_np(u), _np(delta), _np(A), _time_major(B), _time_major(C), _np(h0),
-                   _or_placeholder(D, u, dim), _or_placeholder(z, u, (1, 1, 1)),
-                   _or_placeholder(delta_bias, u, dim), bool(softplus), bool(reverse), _np(dy),
-                   _np(dh_last), du.numpy(), ddelta.numpy(),
-                   dz.numpy() if dz is not None else np.zeros((1, 1, 1), dtype=_np(u).dtype),
+    dt = _step_size(delta, delta_bias, softplus)
+    if z is not None:
+        z = z.contiguous()
+        sig = torch.sigmoid(z)
+        gate, dgate = _np(z * sig), _np(sig * (1 + z * (1 - sig)))  # silu(z) and its derivative
+    else:
+        gate = dgate = _no_gate(u)
+    _scan_backward(_np(u), _np(dt), _np(A), _time_major(B), _time_major(C), _np(h0),
+                   _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype), gate, dgate,
+                   bool(reverse), _np(dy), _np(dh_last), du.numpy(), ddelta.numpy(),
+                   dz.numpy() if dz is not None else _no_gate(u),
                    dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy(),
-                   dbias_part.numpy(), dh0.numpy())
+                   dh0.numpy())
+    if softplus:
+        ddelta = ddelta * _softplus_grad(delta, delta_bias)
     return (du, ddelta, dA_part.sum(0), _summed(dB_part, B), _summed(dC_part, C), dh0,
             dD_part.sum(0) if D is not None else None, dz,
-            dbias_part.sum(0) if delta_bias is not None else None)
+            ddelta.sum((0, 2)) if delta_bias is not None else None)
