@@ -48,13 +48,13 @@ TEST_SEED = 987_654  # maps the training set (seed 0, items 0 .. num_videos - 1)
 
 def train_ablation(folder: str, config: str, memory: str, steps: int,
                    overrides: list[str]) -> list[str]:
-    """Train ``model.memory=none`` and ``model.memory=<memory>``; returns the two run folders."""
+    """Train ``model.causal.memory=none`` and ``model.causal.memory=<memory>``; returns the two run folders."""
     from matten.training import train
 
     runs = []
     for kind in ("none", memory):
         run = os.path.join(folder, f"memory-{kind}")
-        cfg = load_config(config, overrides + [f"model.memory={kind}",
+        cfg = load_config(config, overrides + [f"model.causal.memory={kind}",
                                                f"train.max_steps={steps}"])
         print(f"training {run} ({steps} steps)", flush=True)
         train(cfg, output=run, resume="auto", progress=sys.stderr.isatty())

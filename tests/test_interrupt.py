@@ -30,10 +30,10 @@ LAUNCHER = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int
 def causal_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("interrupt") / "run"
     train(load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-                               "model.window=2", "data.num_frames=4", "data.num_videos=4",
+                               "model.causal.window=2", "data.num_frames=4", "data.num_videos=4",
                                "data.options.blackout=0", "train.batch_size=2",
                                "train.max_steps=1", "sample.num_samples=1", "sample.steps=1",
-                               "model.memory=none", "train.cpu=true"]),  # no scan: quick to start
+                               "model.causal.memory=none", "train.cpu=true"]),  # no scan: quick to start
           output=run, progress=False)
     return run
 

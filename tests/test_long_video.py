@@ -274,7 +274,7 @@ def test_sample_command_streams_a_long_video_from_a_trained_causal_model(tmp_pat
 
     run = tmp_path / "run"
     train(load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-                               "model.window=2", "data.num_frames=4", "data.num_videos=4",
+                               "model.causal.window=2", "data.num_frames=4", "data.num_videos=4",
                                "data.options.blackout=0", "train.batch_size=2",
                                "train.max_steps=1", "sample.steps=2", "sample.num_samples=1",
                                "train.cpu=true"]),
@@ -373,14 +373,14 @@ def test_action_schedules_and_class_switches_from_the_command_line(tmp_path, cap
     def tiny_run(name, *overrides):
         run = tmp_path / name
         train(load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-                                   "model.window=2", "data.num_frames=4", "data.num_videos=4",
+                                   "model.causal.window=2", "data.num_frames=4", "data.num_videos=4",
                                    "train.batch_size=2", "train.max_steps=1", "sample.steps=2",
                                    "sample.num_samples=1", "train.cpu=true", *overrides]),
               output=run, progress=False)
         return str(run)
 
     classes = tiny_run("classes", "data.name=synthetic", "data.num_classes=2",
-                       "model.num_classes=2", "model.num_actions=0", "data.options={}")
+                       "model.num_classes=2", "model.causal.num_actions=0", "data.options={}")
     actions = tiny_run("actions", "data.options.blackout=0")
     out = str(tmp_path / "switch.mp4")
     with mock.patch.object(long_video, "iter_long", spy):

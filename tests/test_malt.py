@@ -209,8 +209,8 @@ def test_options_reach_the_model_and_are_checked():
     from matten.config import ConfigError, config_to_dict, load_config
     from matten.models import model_kwargs_for_run
 
-    cfg = load_config("long", ["model.memory=malt+delta", "model.window_kind=frame_local",
-                               "model.malt_slots=3", "model.malt_segment=2"])
+    cfg = load_config("long", ["model.causal.memory=malt+delta", "model.causal.window_kind=frame_local",
+                               "model.causal.malt_slots=3", "model.causal.malt_segment=2"])
     kwargs = model_kwargs_for_run(config_to_dict(cfg)["model"], in_channels=3, latent_hw=(8, 8),
                                   num_classes=0, num_frames=8)
     model = create_causal_model(**kwargs)
@@ -218,13 +218,13 @@ def test_options_reach_the_model_and_are_checked():
     assert layer.window_kind == "frame_local" and layer.delta is not None
     assert layer.malt.slots == 3 and layer.malt.segment == 2
     assert create_causal_model(**model.config).config == model.config
-    for bad in ("model.memory=malt+malt", "model.window_kind=dense", "model.malt_slots=0",
-                "model.malt_segment=0"):
+    for bad in ("model.causal.memory=malt+malt", "model.causal.window_kind=dense", "model.causal.malt_slots=0",
+                "model.causal.malt_segment=0"):
         with pytest.raises(ConfigError):
             load_config("long", [bad])
 
 
-@pytest.mark.parametrize("override", ["model.memory=malt", "model.window_kind=frame_local"])
+@pytest.mark.parametrize("override", ["model.causal.memory=malt", "model.causal.window_kind=frame_local"])
 def test_a_long_run_trains_and_samples(tmp_path, override):
     from matten import cli
     from matten.config import load_config
@@ -233,8 +233,8 @@ def test_a_long_run_trains_and_samples(tmp_path, override):
 
     run = tmp_path / "run"
     result = train(load_config("long", [
-        "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.window=2",
-        "model.malt_segment=2", "data.num_frames=4", "data.num_videos=4", "train.batch_size=2",
+        "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.causal.window=2",
+        "model.causal.malt_segment=2", "data.num_frames=4", "data.num_videos=4", "train.batch_size=2",
         "data.options.blackout=0", "train.max_steps=2", "sample.steps=2", "sample.num_samples=1",
         "train.cpu=true", override]), output=run, progress=False)
     assert result.step == 2 and len(result.losses) == 2

@@ -153,8 +153,8 @@ def test_build_model_rebuilds_either_family_and_callers_need_not_ask_which():
 
 RUN_OPTIONS = dict(name="Matten-S/2", variant=3, conditioning="adan", num_classes=None,
                    class_dropout_prob=0.1, learn_sigma=True, depth=2, hidden_size=None,
-                   num_heads=None, gradient_checkpointing=False, window=8, sink=1,
-                   memory="both", num_actions=0, ssm_block_size=2)
+                   num_heads=None, gradient_checkpointing=False,
+                   causal=dict(window=8, sink=1, memory="both", num_actions=0, ssm_block_size=2))
 
 
 def test_model_kwargs_for_run_reads_each_familys_options():

@@ -162,8 +162,8 @@ def test_live_streams_are_bounded_and_a_closed_tab_frees_its_stream(client):
 @pytest.fixture(scope="module")
 def class_pipe(tmp_path_factory):
     """A 1-step tiny class-conditional long-video model without actions."""
-    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.window=2",
-                 "model.num_actions=0", "data.name=synthetic", "data.num_classes=4",
+    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.causal.window=2",
+                 "model.causal.num_actions=0", "data.name=synthetic", "data.num_classes=4",
                  "model.num_classes=4", "data.num_frames=4", "data.num_videos=4",
                  "data.resolution=8", "train.batch_size=2", "train.max_steps=1",
                  "train.cpu=true", "train.sample_every=0"]

@@ -145,8 +145,8 @@ def test_context_frames_start_the_stream(pipe):
 def malt_run(tmp_path_factory):
     """A 1-step tiny run with MALT's memory besides the SSM and delta memories: a memory kind
     the state file must carry without being told about it."""
-    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.window=2",
-                 "model.memory=malt+both", "model.malt_slots=4", "model.malt_segment=2",
+    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.causal.window=2",
+                 "model.causal.memory=malt+both", "model.causal.malt_slots=4", "model.causal.malt_segment=2",
                  "data.num_frames=4", "data.num_videos=2", "data.resolution=8",
                  "data.options.map_size=16", "data.options.blackout=0", "train.batch_size=2",
                  "train.max_steps=1", "train.cpu=true", "train.sample_every=0"]
@@ -174,8 +174,8 @@ def test_every_memory_kind_is_saved_and_continues_exactly(malt_run, tmp_path):
 @pytest.fixture(scope="module")
 def class_run(tmp_path_factory):
     """A 1-step tiny class-conditional long-video run without actions, sampled with guidance."""
-    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.window=2",
-                 "model.num_actions=0", "data.name=synthetic", "data.num_classes=4",
+    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.causal.window=2",
+                 "model.causal.num_actions=0", "data.name=synthetic", "data.num_classes=4",
                  "model.num_classes=4", "data.num_frames=4", "data.num_videos=4",
                  "data.resolution=8", "train.batch_size=2", "train.max_steps=1",
                  "train.cpu=true", "train.sample_every=0", "sample.cfg_scale=2.0"]

@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from matten import cli
-from matten.config import (ConfigError, RunConfig, apply_overrides, config_from_dict,
+from matten.config import loader as config_loader
+from matten.config import (ConfigError, RunConfig, apply_overrides, config_differences, config_from_dict,
                            config_to_dict, load_config, packaged_configs,
                            resolve_mixed_precision)
 from matten.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint_files
@@ -85,10 +86,10 @@ def test_config_overrides_types_and_bad_keys(tmp_path):
     assert options["step"] == 3 and options["new"] == "x" and options["map_size"] == 48
     with pytest.raises(ConfigError, match="section.key"):
         load_config("long", ["train.lr.x=1"])
-    assert load_config("long", ["model.ssm_block_size=[[2, 2], 4]"]).model.ssm_block_size == \
-        [[2, 2], 4]
+    blocks = load_config("long", ["model.causal.ssm_block_size=[[2, 2], 4]"]).model.causal
+    assert blocks.ssm_block_size == [[2, 2], 4]
     with pytest.raises(ConfigError, match="ssm_block_size"):
-        load_config("long", ["model.ssm_block_size=x"])
+        load_config("long", ["model.causal.ssm_block_size=x"])
     with pytest.raises(ConfigError, match="history_prob needs diffusion.forcing"):
         load_config("demo", ["diffusion.history_prob=0.5"])
     with pytest.raises(ConfigError, match=r"history_prob must be in \[0, 1\]"):
@@ -108,6 +109,34 @@ def test_config_overrides_types_and_bad_keys(tmp_path):
     assert apply_overrides(RunConfig(), {"sample.steps": 7}).sample.steps == 7
     assert resolve_mixed_precision("auto", "cpu") == "no"
     assert resolve_mixed_precision("bf16", "cpu") == "bf16"
+
+
+def test_the_long_video_options_live_in_model_causal_and_old_spellings_still_read(
+        tmp_path, caplog, monkeypatch):
+    """``model.causal.*`` in YAML and overrides; the flat spelling of run folders and
+    checkpoints written before the options moved reads as the new one, with a note."""
+    cfg = load_config("long", ["model.causal.window=3", "model.causal.memory=malt"])
+    assert (cfg.model.causal.window, cfg.model.causal.memory) == (3, "malt")
+    assert cfg.model.causal.num_actions == 6  # the rest of long.yaml's group is kept
+    assert RunConfig().model.causal.window == 8
+    with pytest.raises(ConfigError, match="'model.causal.windwo'"):
+        load_config("long", ["model.causal.windwo=3"])
+    with pytest.raises(ConfigError, match="model.causal.memory must be one of"):
+        load_config("long", ["model.causal.memory=lstm"])
+    old = tmp_path / "old.yaml"  # a run folder's config.yaml from before the move
+    old.write_text("model:\n  name: Matten-Causal\n  window: 2\n  memory: none\n"
+                   "  causal:\n    sink: 0\n")
+    monkeypatch.setattr(config_loader, "_noted_moves", set())  # the note is once per process
+    with caplog.at_level("WARNING"):
+        flat = load_config(str(old), ["model.num_actions=3"])
+    assert (flat.model.causal.window, flat.model.causal.memory) == (2, "none")
+    assert (flat.model.causal.sink, flat.model.causal.num_actions) == (0, 3)
+    assert "'model.window' is now 'model.causal.window'" in caplog.text
+    assert config_from_dict({"model": {"window": 5, "causal": {"window": 6}}}).model.causal \
+        .window == 6  # both spellings: the new one wins
+    changed = config_differences(cfg, load_config("long", ["model.causal.window=5"]))
+    assert changed == {"model.causal.window": (3, 5), "model.causal.memory": ("malt", "both")}
+    assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +410,7 @@ def test_causal_model_trains_with_a_noise_level_per_frame(tmp_path, monkeypatch)
 
     monkeypatch.setattr(GaussianDiffusion, "training_losses", spy)
     cfg = load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-                               "model.window=2", "data.num_frames=5", "data.num_videos=8",
+                               "model.causal.window=2", "data.num_frames=5", "data.num_videos=8",
                                "train.batch_size=2", "train.max_steps=3", "train.log_every=1",
                                "sample.num_samples=2", "sample.steps=2", "train.cpu=true",
                                "diffusion.history_prob=1.0", "data.options.blackout=1.0",

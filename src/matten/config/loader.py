@@ -8,6 +8,7 @@ an error that names the key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any, Union
 import yaml
 
 from ..data import dataset_key
-from .schema import SECTIONS, RunConfig
+from .schema import SECTIONS, CausalConfig, RunConfig
 from .validation import ConfigError
 
 __all__ = ["load_config", "packaged_configs", "apply_overrides", "config_from_dict",
@@ -126,28 +127,65 @@ def _unknown_key(key: str, known) -> ConfigError:
 
 def config_from_dict(data: dict | None, base: RunConfig | None = None) -> RunConfig:
     """A :class:`RunConfig` from nested dicts (missing keys keep ``base``'s or the defaults)."""
-    cfg = dataclasses.replace(base) if base is not None else RunConfig()
-    cfg = config_from_dict_into(cfg, data or {})
-    return cfg
+    return config_from_dict_into(copy.deepcopy(base) if base is not None else RunConfig(),
+                                 data or {})
+
+
+# Keys that moved into a nested group, old spelling -> new: old run folders, checkpoints and
+# habits keep working, and a note (once per key) gives the new spelling.
+MOVED_KEYS = {f"model.{f.name}": f"model.causal.{f.name}" for f in dataclasses.fields(CausalConfig)}
+_noted_moves: set[str] = set()
+
+
+def _with_moved_keys(prefix: str, values: dict) -> dict:
+    """``values`` of the group ``prefix`` with old spellings put where the keys live now (a key
+    given in both spellings keeps the new one)."""
+    moved = {key: MOVED_KEYS[f"{prefix}.{key}"] for key in values if f"{prefix}.{key}" in MOVED_KEYS}
+    if not moved:
+        return values
+    kept = {key: value for key, value in values.items() if key not in moved}
+    for key, new in moved.items():
+        old = f"{prefix}.{key}"
+        if old not in _noted_moves:
+            _noted_moves.add(old)
+            logger.warning("config key '%s' is now '%s'; read as that", old, new)
+        group, leaf = new[len(prefix) + 1:].split(".")
+        target = kept.get(group)
+        target = dict(target) if isinstance(target, dict) else {}
+        target.setdefault(leaf, values[key])
+        kept[group] = target
+    return kept
+
+
+def _fill(obj, values, prefix: str):
+    """A copy of the dataclass ``obj`` with ``values`` set, each checked against its field's type;
+    a nested dataclass field takes a mapping of its own fields."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix}' must be a mapping, got {values!r}")
+    hints = _field_hints(type(obj))
+    obj = dataclasses.replace(obj)
+    for key, value in _with_moved_keys(prefix, values).items():
+        name = f"{prefix}.{key}"
+        if key not in hints:
+            raise _unknown_key(name, [f"{prefix}.{k}" for k in hints])
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            setattr(obj, key, current if value is None else _fill(current, value, name))
+        else:
+            setattr(obj, key, _coerce(value, hints[key], name))
+    return obj
 
 
 def config_from_dict_into(cfg: RunConfig, data: dict) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
     classes = _section_classes()
-    sections = {name: dataclasses.replace(getattr(cfg, name)) for name in classes}
+    sections = {name: getattr(cfg, name) for name in classes}
     for name, values in data.items():
         if name not in classes:
             raise _unknown_key(str(name), classes)
-        if values is None:
-            continue
-        if not isinstance(values, dict):
-            raise ConfigError(f"config section '{name}' must be a mapping, got {values!r}")
-        hints = _field_hints(classes[name])
-        for key, value in values.items():
-            if key not in hints:
-                raise _unknown_key(f"{name}.{key}", [f"{name}.{k}" for k in hints])
-            setattr(sections[name], key, _coerce(value, hints[key], f"{name}.{key}"))
+        if values is not None:
+            sections[name] = _fill(sections[name], values, name)
     return RunConfig(**sections)
 
 
@@ -160,6 +198,18 @@ def config_to_dict(cfg: RunConfig) -> dict:
             return {k: plain(x) for k, x in v.items()}
         return v
     return {name: plain(dataclasses.asdict(getattr(cfg, name))) for name in SECTIONS}
+
+
+def _flat_fields(obj, prefix: str) -> dict[str, Any]:
+    """``{"model.causal.window": 8, ...}``: every leaf field of a dataclass, nested ones opened."""
+    flat = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(_flat_fields(value, f"{prefix}.{f.name}"))
+        else:
+            flat[f"{prefix}.{f.name}"] = value
+    return flat
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -187,15 +237,20 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict | None) -> RunCo
     entries: dict[tuple[str, str], dict] = {}  # one-entry overrides of dict fields
     for key, value in items:
         parts = key.split(".")
-        if len(parts) == 3 and isinstance(getattr(getattr(cfg, parts[0], None), parts[1], None),
-                                          dict):
+        group = getattr(getattr(cfg, parts[0], None), parts[1], None) if len(parts) == 3 else None
+        if dataclasses.is_dataclass(group):  # a field of a nested group: model.causal.window=4
+            section, name, leaf = parts
+            nested.setdefault(section, {}).setdefault(name, {})[leaf] = value
+            continue
+        if isinstance(group, dict):
             # one entry of a dict field: data.options.step=2
             section, name, entry = parts
             entries.setdefault((section, name), {})[entry] = value
             continue
         if len(parts) != 2:
             raise ConfigError(f"override key '{key}' must be section.key, e.g. train.batch_size "
-                              f"(or section.key.entry for a dict such as data.options)")
+                              f"(or section.group.key, e.g. model.causal.window, or "
+                              f"section.key.entry for a dict such as data.options)")
         section, name = parts
         nested.setdefault(section, {})[name] = value
         entries.pop((section, name), None)  # a whole dict given later replaces earlier entries
@@ -223,11 +278,11 @@ def _drop_other_datasets_options(cfg: RunConfig, data_overrides: dict | None) ->
 
 
 def config_differences(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
-    """``{"section.key": (old value, new value)}`` for every value that differs."""
-    a, b = config_to_dict(old), config_to_dict(new)
-    return {f"{section}.{key}": (a[section].get(key), value)
-            for section in b for key, value in b[section].items()
-            if a[section].get(key) != value}
+    """``{"section.key": (old value, new value)}`` for every value that differs (nested groups
+    by their full key, e.g. ``model.causal.window``)."""
+    a = {k: v for name in SECTIONS for k, v in _flat_fields(getattr(old, name), name).items()}
+    b = {k: v for name in SECTIONS for k, v in _flat_fields(getattr(new, name), name).items()}
+    return {key: (a.get(key), value) for key, value in b.items() if a.get(key) != value}
 
 
 def packaged_configs() -> list[str]:

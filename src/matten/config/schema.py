@@ -1,7 +1,7 @@
 """The run configuration's schema: six sections of typed fields with their defaults.
 
 A run config has six sections: ``model``, ``data``, ``autoencoder``, ``diffusion``, ``train`` and
-``sample``. Reading YAML and ``key=value`` overrides is :mod:`.loader`; the checks a type alone
+``sample``; ``model`` nests the long-video backbone's options in ``model.causal``. Reading YAML and ``key=value`` overrides is :mod:`.loader`; the checks a type alone
 cannot make are :mod:`.validation`.
 """
 
@@ -12,14 +12,32 @@ from dataclasses import dataclass, field
 
 from .validation import ConfigError, validate
 
-__all__ = ["ModelConfig", "DataConfig", "AutoencoderConfig", "DiffusionConfig", "TrainConfig",
+__all__ = ["ModelConfig", "CausalConfig", "DataConfig", "AutoencoderConfig", "DiffusionConfig", "TrainConfig",
            "SampleConfig", "RunConfig", "ConfigError", "SECTIONS"]
 
 
 @dataclass
+class CausalConfig:
+    """Options of the long-video backbone, Matten-Causal (``model.causal.*``; the clip models
+    ignore them)."""
+    window: int = 8  # frames of the sliding attention window
+    sink: int = 1  # first frames always attended to
+    memory: str = "both"  # global memory: "ssm", "delta", "both" or "none", each optionally
+    # with MALT's segment memory: "malt", "malt+ssm", "malt+delta", "malt+both"
+    num_actions: int = 0  # discrete per-frame actions (0: none)
+    ssm_block_size: int | list = 2  # SSM blocks in tokens: n, [b_h, b_w] or one per layer
+    window_kind: str = "same_position"  # the window: "same_position" or "frame_local"
+    malt_slots: int = 16  # "malt": memory vectors per layer (fixed, never grows)
+    malt_segment: int = 4  # "malt": frames per memory write
+
+
+@dataclass
 class ModelConfig:
+    """The backbone. Options every family reads, the clip models' own (``variant``,
+    ``conditioning``, ``gradient_checkpointing``, the paper's model, so they stay at the top),
+    and the long-video backbone's in ``causal``."""
     name: str = "Matten-S/2"  # Matten-S/B/L/XL/2, Latte-S/B/L/XL/2 (the attention baseline) or
-    # Matten-Causal (the long-video backbone: window / sink / memory / num_actions below)
+    # Matten-Causal (the long-video backbone, options in `causal` below)
     variant: int = 3  # Matten variants 1-4 (paper Sec. 3.2); ignored by Latte
     conditioning: str = "adan"  # "adan" (M-AdaN / adaLN-Zero) or "tokens" (conditional tokens)
     num_classes: int | None = None  # None: the dataset's class count (0 = unconditional)
@@ -29,15 +47,7 @@ class ModelConfig:
     hidden_size: int | None = None
     num_heads: int | None = None
     gradient_checkpointing: bool = False
-    window: int = 8  # Matten-Causal: frames of the sliding attention window
-    sink: int = 1  # Matten-Causal: first frames always attended to
-    memory: str = "both"  # Matten-Causal global memory: "ssm", "delta", "both" or "none", each
-    # optionally with MALT's segment memory: "malt", "malt+ssm", "malt+delta", "malt+both"
-    num_actions: int = 0  # Matten-Causal: discrete per-frame actions (0: none)
-    ssm_block_size: int | list = 2  # Matten-Causal SSM blocks in tokens: n, [b_h, b_w] or per layer
-    window_kind: str = "same_position"  # Matten-Causal window: "same_position" or "frame_local"
-    malt_slots: int = 16  # Matten-Causal "malt": memory vectors per layer (fixed, never grows)
-    malt_segment: int = 4  # Matten-Causal "malt": frames per memory write
+    causal: CausalConfig = field(default_factory=CausalConfig)
 
 
 @dataclass

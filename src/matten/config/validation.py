@@ -31,25 +31,32 @@ def _passes(key: str, check, value) -> list[str]:
     return []
 
 
+def _causal_problems(c) -> list[str]:
+    """The long-video backbone's options, ``model.causal``."""
+    problems = _one_of("model.causal.memory", c.memory, MEMORY_KINDS)
+    problems += _one_of("model.causal.window_kind", c.window_kind, WINDOW_KINDS)
+    if c.malt_slots < 1 or c.malt_segment < 1:
+        problems.append("model.causal.malt_slots and model.causal.malt_segment must be >= 1")
+    if c.window < 1 or c.sink < 0 or c.num_actions < 0:
+        problems.append("model.causal.window must be >= 1, model.causal.sink and "
+                        "model.causal.num_actions >= 0")
+    block = c.ssm_block_size
+    if not (isinstance(block, int) and block >= 1 or isinstance(block, list) and block):
+        problems.append(f"model.causal.ssm_block_size must be a positive int, [b_h, b_w] or a "
+                        f"list of per-layer sizes, got {block!r}")
+    return problems
+
+
 def validate(cfg) -> None:
     """Raise :class:`ConfigError` listing every problem of the run config ``cfg``."""
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
     problems = _one_of("model.conditioning", m.conditioning, CONDITIONING_MODES)
     problems += _one_of("model.variant", m.variant, VARIANTS)
-    problems += _one_of("model.memory", m.memory, MEMORY_KINDS)
-    problems += _one_of("model.window_kind", m.window_kind, WINDOW_KINDS)
-    if m.malt_slots < 1 or m.malt_segment < 1:
-        problems.append("model.malt_slots and model.malt_segment must be >= 1")
+    problems += _causal_problems(m.causal)
     if m.num_classes is not None and m.num_classes < 0:
         problems.append("model.num_classes must be >= 0 (or null for the dataset's count)")
     if not 0.0 <= m.class_dropout_prob < 1.0:
         problems.append("model.class_dropout_prob must be in [0, 1)")
-    if m.window < 1 or m.sink < 0 or m.num_actions < 0:
-        problems.append("model.window must be >= 1, model.sink and model.num_actions >= 0")
-    block = m.ssm_block_size
-    if not (isinstance(block, int) and block >= 1 or isinstance(block, list) and block):
-        problems.append(f"model.ssm_block_size must be a positive int, [b_h, b_w] or a list "
-                        f"of per-layer sizes, got {block!r}")
     for key in ("resolution", "num_frames", "frame_stride", "num_videos"):
         if getattr(d, key) < 1:
             problems.append(f"data.{key} must be >= 1")

@@ -117,14 +117,15 @@ _LATER_CAUSAL_OPTIONS = ("window_kind", "malt_slots", "malt_segment")
 
 def _causal_kwargs(options: dict, in_channels: int, latent_hw, num_classes: int,
                    num_frames: int) -> dict:
+    causal = options["causal"]
     # the training clip length is only the router's reference length: any video length runs
     return dict(name=options["name"], input_size=list(latent_hw), in_channels=in_channels,
                 num_classes=num_classes, learn_sigma=options["learn_sigma"],
                 class_dropout_prob=options["class_dropout_prob"],
-                num_actions=options["num_actions"], window=options["window"],
-                sink=options["sink"], memory=options["memory"],
-                ssm_block_size=options["ssm_block_size"], context_length=num_frames,
-                **{key: options[key] for key in _LATER_CAUSAL_OPTIONS if key in options},
+                num_actions=causal["num_actions"], window=causal["window"],
+                sink=causal["sink"], memory=causal["memory"],
+                ssm_block_size=causal["ssm_block_size"], context_length=num_frames,
+                **{key: causal[key] for key in _LATER_CAUSAL_OPTIONS if key in causal},
                 **_size_overrides(options))
 
 
@@ -165,9 +166,9 @@ def model_kwargs_for_run(options: dict, *, in_channels: int, latent_hw, num_clas
                          num_frames: int) -> dict:
     """The arguments of :func:`build_model` for a new run: ``options`` is the run config's
     ``model`` section as a dict (name, variant, conditioning, learn_sigma, class_dropout_prob,
-    depth / hidden_size / num_heads (None: the size's), gradient_checkpointing, window, sink,
-    memory, num_actions, ssm_block_size, window_kind, malt_slots, malt_segment; each family reads
-    its own); the rest is the data's: latent channels, latent (H, W), class count and training
+    depth / hidden_size / num_heads (None: the size's), gradient_checkpointing, and ``causal``:
+    window, sink, memory, num_actions, ssm_block_size, window_kind, malt_slots, malt_segment;
+    each family reads its own); the rest is the data's: latent channels, latent (H, W), class count and training
     clip length."""
     return family_of(options["name"]).kwargs_for_run(options, in_channels, latent_hw,
                                                      num_classes, num_frames)

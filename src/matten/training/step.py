@@ -33,7 +33,7 @@ def train_step(run: Run, batch: dict, step: int) -> torch.Tensor:
     kwargs = {"y": batch["label"].to(device)} if run.num_classes > 0 else {}
     if run.raw_model.takes_actions:
         if "actions" not in batch:
-            raise SetupError(f"model.num_actions is set but the '{cfg.data.name}' data have no "
+            raise SetupError(f"model.causal.num_actions is set but the '{cfg.data.name}' data have no "
                              "per-frame actions")
         kwargs["actions"] = batch["actions"].to(device)
     with run.accelerator.autocast():
