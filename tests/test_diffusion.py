@@ -304,6 +304,26 @@ def test_forcing_timesteps_draw_a_level_per_frame_and_clean_history():
         forcing_timesteps(2, 4, 1000, history_prob=1.5)
 
 
+def test_context_noise_gives_history_frames_a_small_level_and_is_off_at_zero():
+    def draw(**kw):
+        torch.manual_seed(3)
+        return forcing_timesteps(500, 6, 1000, history_prob=0.5, **kw)
+    t_off, w_off = draw()
+    t_zero, w_zero = draw(context_noise=0.0)
+    assert torch.equal(t_off, t_zero) and torch.equal(w_off, w_zero)  # off: the same draws
+    t_on, w_on = draw(context_noise=0.05)
+    history = w_on == 0
+    assert torch.equal(w_on, w_off) and history.any()  # the same history, still out of the loss
+    assert (t_on[history] > 0).all() and (t_on[history] <= 50).all()
+    assert t_on[history].max() > 40  # uniform up to the bound, not a constant
+    assert torch.equal(t_on[~history], t_off[~history])  # the other frames are untouched
+    assert (t_off[history] == 0).all()
+    t_tiny, _ = draw(context_noise=1e-4)  # a bound under one step is one step
+    assert (t_tiny[history] == 1).all()
+    with pytest.raises(ValueError, match="context_noise"):
+        forcing_timesteps(2, 4, 1000, history_prob=0.5, context_noise=1.0)
+
+
 def test_wrong_model_output_channels_raise():
     d = GaussianDiffusion()
     x0 = torch.zeros(2, 4, 3, 4, 4)

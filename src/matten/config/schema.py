@@ -79,6 +79,8 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the model predicts: "eps" (the paper) or "velocity"
     forcing: bool = False  # diffusion forcing: an independent noise level per frame
     history_prob: float = 0.0  # forcing: chance a clip's first frames are clean history (no loss)
+    context_noise: float = 0.0  # forcing: history frames get a level up to this fraction of
+    # the steps instead of 0, so generation tolerates its own errors (0: clean history)
 
 
 @dataclass

@@ -71,6 +71,11 @@ def validate(cfg) -> None:
         problems.append("diffusion.history_prob must be in [0, 1]")
     if cfg.diffusion.history_prob > 0 and not cfg.diffusion.forcing:
         problems.append("diffusion.history_prob needs diffusion.forcing: true")
+    if not 0.0 <= cfg.diffusion.context_noise < 1.0:
+        problems.append("diffusion.context_noise must be in [0, 1)")
+    if cfg.diffusion.context_noise > 0 and cfg.diffusion.history_prob == 0:
+        problems.append("diffusion.context_noise noises the history frames: it needs "
+                        "diffusion.history_prob > 0 (and diffusion.forcing: true)")
     for key in ("batch_size", "max_steps", "log_every", "checkpoint_every"):
         if getattr(t, key) < 1:
             problems.append(f"train.{key} must be >= 1")

@@ -27,7 +27,7 @@ def train_step(run: Run, batch: dict, step: int) -> torch.Tensor:
     if cfg.diffusion.forcing:
         t, frame_weight = forcing_timesteps(latents.shape[0], latents.shape[2],
                                             diffusion.num_timesteps, cfg.diffusion.history_prob,
-                                            device)
+                                            device, context_noise=cfg.diffusion.context_noise)
     else:
         t = torch.randint(0, diffusion.num_timesteps, latents.shape[:1], device=device)
     kwargs = {"y": batch["label"].to(device)} if run.num_classes > 0 else {}
