@@ -244,3 +244,74 @@ def test_a_long_run_trains_and_samples(tmp_path, override):
                      "--steps", "2", "--frames", "8", "--chunk-size", "3",
                      "--no-progress"]) == 0
     assert read_video(out).shape[0] == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# the memory regulariser (train.memory_reg_weight)
+
+def test_the_memory_regulariser_equals_a_hand_computation():
+    from matten.models.malt import (DIVERSITY_WEIGHT, memory_diversity, memory_redundancy,
+                                    memory_regularizer)
+
+    memory = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]], dtype=torch.float64)
+    # cosines: slots 1,2 -> 0; 1,3 and 2,3 -> 1/sqrt(2); squared over the 6 ordered pairs
+    assert memory_redundancy(memory).item() == pytest.approx((0 + 0.5 + 0.5) * 2 / 6)
+    # per-slot std over 2 channels (unbiased): |a - b| / sqrt(2)
+    assert memory_diversity(memory).item() == pytest.approx((2 + 1 + 0) / 2 ** 0.5 / 3)
+    expected = 1 / 3 - DIVERSITY_WEIGHT * 3 / 2 ** 0.5 / 3
+    assert memory_regularizer(memory).item() == pytest.approx(expected)
+    assert memory_redundancy(memory[:, :1]).item() == 0.0  # one slot: nothing to compare
+    # orthogonal slots of equal spread: no redundancy
+    assert memory_redundancy(torch.eye(4)[None] * 3).item() == pytest.approx(0.0)
+
+
+def test_the_penalty_averages_the_memory_after_every_write():
+    from matten.models.malt import memory_penalty, memory_regularizer, recording_writes
+
+    torch.manual_seed(0)
+    layer = perturb(SegmentMemory(8, 2, slots=3, segment=2)).double()
+    frames = torch.randn(2, 5, 4, 8, dtype=torch.float64)   # 5 frames: writes after 2 and 4
+    state, written = None, []
+    for f in range(5):                                       # by hand: the state after writes
+        _, state = layer(frames[:, f:f + 1], f, state)
+        if (f + 1) % 2 == 0:
+            written.append(state.memory)
+    with recording_writes(torch.nn.Sequential(layer)) as layers:
+        layer(frames, 0, None)
+        penalty = memory_penalty(layers)
+        assert len(layer.recorded) == 2
+    expected = (memory_regularizer(written[0]) + memory_regularizer(written[1])) / 2
+    torch.testing.assert_close(penalty, expected)
+    assert layer.recorded is None                            # recording ends with the block
+    with recording_writes(torch.nn.Sequential(layer)) as layers:
+        layer(frames[:, :1], 0, None)                        # no segment ended: no penalty
+        assert memory_penalty(layers) is None
+    assert memory_penalty([]) is None
+
+
+def test_memory_reg_weight_trains_and_is_untouched_at_zero(tmp_path, monkeypatch):
+    from matten.config import ConfigError, load_config
+    from matten.training import step as step_module
+    from matten.training import train
+
+    def run(name, *extra):
+        return train(load_config("long", [
+            "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.causal.window=2",
+            "model.causal.memory=malt", "model.causal.malt_segment=2", "data.num_frames=4",
+            "data.num_videos=4", "train.batch_size=2", "data.options.blackout=0",
+            "train.max_steps=2", "sample.steps=2", "sample.num_samples=1", "train.cpu=true",
+            *extra]), output=tmp_path / name, progress=False).losses
+
+    def never(model):
+        raise AssertionError("the regulariser ran at weight 0")
+
+    with monkeypatch.context() as patch:  # at weight 0 the regulariser's code is not entered
+        patch.setattr(step_module, "recording_writes", never)
+        off = run("off")
+    on = run("on", "train.memory_reg_weight=0.5")
+    assert all(torch.isfinite(torch.tensor(on)))
+    assert on[0] != off[0]  # same weights and batch at step 1: the penalty is in the loss
+    with pytest.raises(ConfigError, match="memory_reg_weight must be >= 0"):
+        load_config("long", ["model.causal.memory=malt", "train.memory_reg_weight=-1"])
+    with pytest.raises(ConfigError, match="regularises the MALT memory"):
+        load_config("long", ["train.memory_reg_weight=0.1"])  # memory: both has no MALT

@@ -104,6 +104,8 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample videos (0: only at the end)
     cpu: bool = False  # train on the CPU even if a GPU is present
     deterministic: bool = False  # deterministic GPU kernels (exact resume on CUDA; slower)
+    memory_reg_weight: float = 0.0  # MALT memory: weight of the slots' redundancy penalty
+    # minus diversity reward, added to the loss (0: off; needs model.causal.memory malt...)
 
 
 @dataclass

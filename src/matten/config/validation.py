@@ -5,7 +5,7 @@ again here)."""
 from __future__ import annotations
 
 from ..diffusion import PREDICTIONS, SAMPLERS, check_cfg_scale, check_eta
-from ..models import CONDITIONING_MODES, LAYOUTS, MEMORY_KINDS, WINDOW_KINDS
+from ..models import CAUSAL_NAME, CONDITIONING_MODES, LAYOUTS, MEMORY_KINDS, WINDOW_KINDS
 
 __all__ = ["ConfigError", "validate", "MIXED_PRECISIONS"]
 
@@ -45,6 +45,17 @@ def _causal_problems(c) -> list[str]:
         problems.append(f"model.causal.ssm_block_size must be a positive int, [b_h, b_w] or a "
                         f"list of per-layer sizes, got {block!r}")
     return problems
+
+
+def _memory_reg_problems(m, weight: float) -> list[str]:
+    """``train.memory_reg_weight`` regularises MALT's memory: a model without one has none."""
+    if weight < 0:
+        return ["train.memory_reg_weight must be >= 0"]
+    if weight > 0 and not (m.name == CAUSAL_NAME and m.causal.memory.startswith("malt")):
+        return [f"train.memory_reg_weight regularises the MALT memory: it needs model.name "
+                f"{CAUSAL_NAME} with model.causal.memory malt, malt+ssm, malt+delta or "
+                f"malt+both (got {m.name}, memory {m.causal.memory})"]
+    return []
 
 
 def validate(cfg) -> None:
@@ -91,6 +102,7 @@ def validate(cfg) -> None:
     if t.grad_clip is not None and t.grad_clip <= 0:
         problems.append("train.grad_clip must be > 0 (or null to disable clipping)")
     problems += _one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISIONS)
+    problems += _memory_reg_problems(m, t.memory_reg_weight)
     problems += _one_of("sample.sampler", s.sampler, SAMPLERS)
     if s.num_samples < 1 or (s.steps is not None and s.steps < 1) or s.fps < 1:
         problems.append("sample.num_samples, sample.steps and sample.fps must be >= 1")

@@ -17,15 +17,27 @@ of any size, not aligned to segments): the write's attention over the segment's 
 accumulated piece by piece with an online softmax (running max, sum of exponentials and weighted
 values, as flash attention does), so the state is the same size after every frame and a segment
 written a frame at a time equals one written at once.
+
+Training may regularise the memory (the review's "memory regularisation",
+:func:`memory_regularizer`): inside :func:`recording_writes` every layer keeps the memory after
+each write, and :func:`memory_penalty` turns them into one number to add to the loss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+__all__ = ["MaltState", "SegmentMemory", "memory_redundancy", "memory_diversity",
+           "memory_regularizer", "recording_writes", "memory_penalty", "DIVERSITY_WEIGHT"]
+
+# The review's weight of the diversity reward against the redundancy penalty.
+DIVERSITY_WEIGHT = 0.1
 
 
 class MaltState(NamedTuple):
@@ -62,6 +74,7 @@ class SegmentMemory(nn.Module):
         self.gate = nn.Linear(2 * dim, dim)
         nn.init.zeros_(self.read_out.weight)
         nn.init.zeros_(self.read_out.bias)
+        self.recorded: list[Tensor] | None = None  # the memory after each write, when recording
 
     def _heads(self, x: Tensor) -> Tensor:
         """(B, L, D) -> (B, H, L, D / H)."""
@@ -104,6 +117,8 @@ class SegmentMemory(nn.Module):
         update = self.write_out(read).to(memory.dtype)
         z = torch.sigmoid(self.gate(torch.cat([self.norm(memory), update], dim=-1)))
         memory = (1 - z) * memory + z * update
+        if self.recorded is not None:
+            self.recorded.append(memory)
         return MaltState(memory, torch.full_like(state.top, -torch.inf),
                          torch.zeros_like(state.total), torch.zeros_like(state.weighted))
 
@@ -125,3 +140,54 @@ class SegmentMemory(nn.Module):
                 state = self.write(state)
             f = end
         return torch.cat(outs, dim=1), state
+
+
+# --------------------------------------------------------------------------------------------
+# The memory regulariser (training only)
+# --------------------------------------------------------------------------------------------
+
+def memory_redundancy(memory: Tensor) -> Tensor:
+    """Mean squared cosine similarity between distinct slots of memory (B, M, D): 0 when the
+    slots are orthogonal, 1 when they all point the same way (M = 1: 0)."""
+    unit = F.normalize(memory, dim=-1)
+    cos = unit @ unit.transpose(-1, -2)                                       # (B, M, M)
+    slots = memory.shape[-2]
+    if slots < 2:
+        return memory.new_zeros(())
+    off_diagonal = ~torch.eye(slots, dtype=torch.bool, device=memory.device)
+    return cos[:, off_diagonal].square().mean()
+
+
+def memory_diversity(memory: Tensor) -> Tensor:
+    """The review's diversity: each slot's spread over its channels (std), averaged; a slot
+    that has collapsed to a constant vector carries no information."""
+    return memory.std(dim=-1).mean()
+
+
+def memory_regularizer(memory: Tensor) -> Tensor:
+    """Redundancy penalty minus the diversity reward (the review's memory_regularization_loss,
+    with cosine similarity so the penalty does not depend on the slots' scale)."""
+    return memory_redundancy(memory) - DIVERSITY_WEIGHT * memory_diversity(memory)
+
+
+@contextmanager
+def recording_writes(model: nn.Module) -> Iterator[list[SegmentMemory]]:
+    """While inside, every :class:`SegmentMemory` of ``model`` keeps its memory after each
+    write (with the graph, for the loss); yields those layers (none: the model has no MALT)."""
+    layers = [m for m in model.modules() if isinstance(m, SegmentMemory)]
+    for layer in layers:
+        layer.recorded = []
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            layer.recorded = None
+
+
+def memory_penalty(layers: list[SegmentMemory]) -> Tensor | None:
+    """The regulariser averaged over every write of every layer recorded (None: no write, e.g.
+    clips shorter than a segment)."""
+    writes = [memory for layer in layers for memory in (layer.recorded or [])]
+    if not writes:
+        return None
+    return torch.stack([memory_regularizer(memory) for memory in writes]).mean()

@@ -2,14 +2,18 @@
 backward pass, the optimizer and the EMA update.
 
     video batch -> autoencoder.encode (frozen) -> latents -> diffusion.training_losses(model)
-    -> AdamW step (gradients clipped, averaged over processes) -> EMA update
+    (+ train.memory_reg_weight x MALT's memory regulariser) -> AdamW step (gradients clipped,
+    averaged over processes) -> EMA update
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..diffusion import forcing_timesteps
+from ..models.malt import memory_penalty, recording_writes
 from .ema import ema_decay_at, update_ema
 from .resume import SetupError
 from .setup import Run
@@ -36,9 +40,15 @@ def train_step(run: Run, batch: dict, step: int) -> torch.Tensor:
             raise SetupError(f"model.causal.num_actions is set but the '{cfg.data.name}' data have no "
                              "per-frame actions")
         kwargs["actions"] = batch["actions"].to(device)
-    with run.accelerator.autocast():
+    weight = cfg.train.memory_reg_weight
+    recording = recording_writes(run.raw_model) if weight else contextlib.nullcontext([])
+    with run.accelerator.autocast(), recording as malt_layers:
         loss = diffusion.training_losses(run.model, latents, t, model_kwargs=kwargs or None,
                                          frame_weight=frame_weight)["loss"].mean()
+        # MALT's memory regulariser: slots kept apart and diverse (off at weight 0)
+        penalty = memory_penalty(malt_layers)
+        if penalty is not None:
+            loss = loss + weight * penalty
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; lower train.lr "
                                  "or enable train.grad_clip")
