@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from matten.ssm import (BiMamba, Mamba, MambaState, TokenGrid, backend, global_to_grid, global_to_spatial,
                         global_to_temporal, grid_to_global, selective_scan, spatial_to_global,
                         temporal_to_global)
+from matten.ssm.depthwise_conv import depthwise_conv1d
 from matten.ssm.chunked_scan import chunked_scan
 from matten.ssm.reference import selective_scan_ref
 
@@ -551,3 +552,24 @@ def test_scan_runs_on_meta_device_and_is_counted_as_flops():
         y = selective_scan(**x)
     assert y.shape == (2, 8, 50) and y.is_meta
     assert counter.get_total_flops() >= 2 * 3 * 2 * 8 * 50 * 16
+
+
+@pytest.mark.parametrize("padding", [(3, 3), (0, 0), (3, 0)])
+def test_depthwise_conv_equals_torch_conv_and_its_gradients(padding):
+    """The Mamba conv's hand-written backward gives torch's conv1d gradients; the forward is
+    torch's own call, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 11, dtype=torch.float64, generator=g)
+    w = torch.randn(6, 1, 4, dtype=torch.float64, generator=g)
+    b = torch.randn(6, dtype=torch.float64, generator=g)
+    ours, theirs = [[t.clone().requires_grad_() for t in (x, w, b)] for _ in range(2)]
+    y = depthwise_conv1d(*ours, padding=padding)
+    expected = F.conv1d(F.pad(theirs[0], padding), theirs[1], theirs[2], groups=6)
+    assert torch.equal(y, expected)
+    grad = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    y.backward(grad)
+    expected.backward(grad)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        depthwise_conv1d(x, w[:4])

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .depthwise_conv import depthwise_conv1d
 from .selective_scan import selective_scan
 
 
@@ -90,14 +91,16 @@ class SelectiveSSM(nn.Module):
                 raise ValueError("a reverse scan runs whole sequences only (no state)")
             # The causal conv of the flipped sequence, flipped back, is the anti-causal conv with
             # the kernel reversed: output t sees inputs t .. t + d_conv - 1.
-            conv = F.conv1d(x, self.conv1d.weight.flip(-1), self.conv1d.bias,
-                            padding=self.conv_width, groups=self.conv1d.groups)
+            conv = depthwise_conv1d(x, self.conv1d.weight.flip(-1), self.conv1d.bias,
+                                    padding=(self.conv_width, self.conv_width))
             return self._scan(F.silu(conv[..., self.conv_width:]), z, reverse=True)
         if state is None and not return_state:
             # A whole sequence, as Mamba has always run it: the conv's own zero padding (at both
             # ends), cut back to L. The streaming path below pads the left only; the two agree to
             # rounding, not bit for bit, so each keeps the call its past outputs were made with.
-            return self._scan(F.silu(self.conv1d(x)[..., :x.shape[-1]]), z)
+            conv = depthwise_conv1d(x, self.conv1d.weight, self.conv1d.bias,
+                                    padding=(self.conv_width, self.conv_width))
+            return self._scan(F.silu(conv[..., :x.shape[-1]]), z)
         # The carried inputs take the place of the zero padding on the left. A fresh start
         # passes no initial state, so that backends which take none (mamba_ssm) still run it.
         if state is None:
@@ -106,8 +109,7 @@ class SelectiveSSM(nn.Module):
             if state.ssm.shape[0] != x.shape[0]:
                 raise ValueError(f"state is for batch {state.ssm.shape[0]}, input has {x.shape[0]}")
             conv_in, h0 = torch.cat([state.conv.to(x.dtype), x], dim=-1), state.ssm
-        conv_out = F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias,
-                            groups=self.conv1d.groups)
+        conv_out = depthwise_conv1d(conv_in, self.conv1d.weight, self.conv1d.bias)
         y, h_last = self._scan(F.silu(conv_out), z, return_last_state=True, initial_state=h0)
         if not return_state:
             return y
