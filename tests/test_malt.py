@@ -250,19 +250,18 @@ def test_a_long_run_trains_and_samples(tmp_path, override):
 # the memory regulariser (train.memory_reg_weight)
 
 def test_the_memory_regulariser_equals_a_hand_computation():
-    from matten.models.malt import (DIVERSITY_WEIGHT, memory_diversity, memory_redundancy,
-                                    memory_regularizer)
+    from matten.models import malt
 
     memory = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]], dtype=torch.float64)
     # cosines: slots 1,2 -> 0; 1,3 and 2,3 -> 1/sqrt(2); squared over the 6 ordered pairs
-    assert memory_redundancy(memory).item() == pytest.approx((0 + 0.5 + 0.5) * 2 / 6)
+    assert malt.memory_redundancy(memory).item() == pytest.approx((0 + 0.5 + 0.5) * 2 / 6)
     # per-slot std over 2 channels (unbiased): |a - b| / sqrt(2)
-    assert memory_diversity(memory).item() == pytest.approx((2 + 1 + 0) / 2 ** 0.5 / 3)
-    expected = 1 / 3 - DIVERSITY_WEIGHT * 3 / 2 ** 0.5 / 3
-    assert memory_regularizer(memory).item() == pytest.approx(expected)
-    assert memory_redundancy(memory[:, :1]).item() == 0.0  # one slot: nothing to compare
+    assert malt.memory_diversity(memory).item() == pytest.approx((2 + 1 + 0) / 2 ** 0.5 / 3)
+    expected = 1 / 3 - malt.DIVERSITY_WEIGHT * 3 / 2 ** 0.5 / 3
+    assert malt.memory_regularizer(memory).item() == pytest.approx(expected)
+    assert malt.memory_redundancy(memory[:, :1]).item() == 0.0  # one slot: nothing to compare
     # orthogonal slots of equal spread: no redundancy
-    assert memory_redundancy(torch.eye(4)[None] * 3).item() == pytest.approx(0.0)
+    assert malt.memory_redundancy(torch.eye(4)[None] * 3).item() == pytest.approx(0.0)
 
 
 def test_the_penalty_averages_the_memory_after_every_write():

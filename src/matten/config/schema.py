@@ -88,6 +88,9 @@ class TrainConfig:
     output: str | None = None  # run folder (the --output option)
     batch_size: int = 8  # global batch, split over the processes
     max_steps: int = 1000
+    # short to long clips: stages [steps, num_frames] or [steps, num_frames, batch_size]; the
+    # last runs on to max_steps; no batch size: frames x batch kept (empty: off)
+    curriculum: list = field(default_factory=list)
     lr: float = 1e-4
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)

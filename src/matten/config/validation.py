@@ -58,6 +58,23 @@ def _memory_reg_problems(m, weight: float) -> list[str]:
     return []
 
 
+def _curriculum_problems(curriculum) -> list[str]:
+    """``train.curriculum``: a list of [steps, num_frames] or [steps, num_frames, batch_size]."""
+    if not isinstance(curriculum, (list, tuple)):
+        return [f"train.curriculum must be a list of stages [steps, num_frames] or [steps, "
+                f"num_frames, batch_size], got {curriculum!r}"]
+    problems = []
+    for i, stage in enumerate(curriculum):
+        if not (isinstance(stage, (list, tuple)) and len(stage) in (2, 3)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in stage)):
+            problems.append(f"train.curriculum[{i}] must be [steps, num_frames] or [steps, "
+                            f"num_frames, batch_size] (integers), got {stage!r}")
+        elif stage[0] < 1 or stage[1] < 2 or (len(stage) == 3 and stage[2] < 1):
+            problems.append(f"train.curriculum[{i}] = {list(stage)}: steps and batch_size must "
+                            "be >= 1 and num_frames >= 2")
+    return problems
+
+
 def validate(cfg) -> None:
     """Raise :class:`ConfigError` listing every problem of the run config ``cfg``."""
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
@@ -103,6 +120,7 @@ def validate(cfg) -> None:
         problems.append("train.grad_clip must be > 0 (or null to disable clipping)")
     problems += _one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISIONS)
     problems += _memory_reg_problems(m, t.memory_reg_weight)
+    problems += _curriculum_problems(t.curriculum)
     problems += _one_of("sample.sampler", s.sampler, SAMPLERS)
     if s.num_samples < 1 or (s.steps is not None and s.steps < 1) or s.fps < 1:
         problems.append("sample.num_samples, sample.steps and sample.fps must be >= 1")

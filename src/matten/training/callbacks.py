@@ -112,8 +112,10 @@ class Checkpointer:
     main process that has stopped, and the main process raises the error that says what is
     kept."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, position=None):
         self.run = run
+        # where the data stand after a step (the curriculum's stage, else the run's sampler)
+        self.position = position or run.sampler.position
         self.saved_step = run.start_step  # the step of the newest checkpoint on disk (0: none)
         self.last: Path | None = None
 
@@ -123,7 +125,7 @@ class Checkpointer:
         self.saved_step, failed = step, None
         if run.main:
             state = {"step": step, "optimizer": run.optimizer.state_dict(), "rng": states,
-                     "data": run.sampler.position(step), "config": config_to_dict(run.cfg),
+                     "data": self.position(step), "config": config_to_dict(run.cfg),
                      "world_size": run.world}
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()

@@ -4,8 +4,9 @@ The run folder gets ``config.yaml``, ``loss.csv`` and ``loss.png``, ``samples/st
 (+ its grid, from the EMA weights) and ``checkpoints/`` (see :mod:`matten.checkpoint`). Launch on
 several GPUs with ``accelerate launch -m matten.cli train ...`` or
 ``torchrun --nproc_per_node N -m matten.cli train ...``. The pieces: :mod:`.resume` (what to
-continue from), :mod:`.setup` (the run), :mod:`.step` (one step), :mod:`.callbacks` (what is
-written along the way).
+continue from), :mod:`.setup` (the run), :mod:`.curriculum` (the batches, short to long clips
+with ``train.curriculum``), :mod:`.step` (one step), :mod:`.callbacks` (what is written along
+the way).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..config import RunConfig
 from ..interrupts import GracefulStop
 from ..ssm import backend as scan_backend
 from .callbacks import Checkpointer, LossRecord, Previews, RunFiles
+from .curriculum import RunBatches
 from .resume import NothingToTrain, SetupError, checkpoint_to_resume
 from .setup import any_process, barrier, build_run
 from .step import train_step
@@ -68,8 +70,9 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
         return TrainResult(done.checkpoint.step, [], output, None, None,
                            checkpoint=done.checkpoint.folder, nothing_to_do=True)
     run = build_run(cfg, output, checkpoint)
+    batches = RunBatches(run, run.start_step)  # the data, stage by stage with a curriculum
     files, losses = RunFiles(run), LossRecord(run)
-    checkpoints, previews = Checkpointer(run), Previews(run)
+    checkpoints, previews = Checkpointer(run, batches.position), Previews(run)
     if run.main:
         output.mkdir(parents=True, exist_ok=True)
         files.write_config()
@@ -84,7 +87,6 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not (run.main and progress),
                unit="step", dynamic_ncols=True, desc="train", smoothing=0.05)
     step, last_curve = run.start_step, time.monotonic()
-    data = iter(run.loader) if step < t.max_steps else None
     run.model.train()
     with GracefulStop() as stop:
         while step < t.max_steps:
@@ -94,7 +96,7 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
                     losses.write()
                     checkpoints.save(step)
                 break
-            losses.add(step + 1, train_step(run, next(data), step))
+            losses.add(step + 1, train_step(run, batches.next(step), step))
             step += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
