@@ -1,6 +1,6 @@
 """Training: the accelerate-driven loop and its pieces (resume checks, the run builder, the
-step, the callbacks that write), EMA and the resumable data order. Checkpoints are
-:mod:`matten.checkpoint`."""
+step, the callbacks that write), EMA, the resumable data order and the curriculum from short to
+long clips. Checkpoints are :mod:`matten.checkpoint`."""
 
 from .ema import create_ema, ema_decay_at, update_ema
 from .loop import TrainResult, train

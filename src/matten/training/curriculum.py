@@ -133,6 +133,10 @@ class RunBatches:
                     built[stage.num_frames] = build_dataset(dataclasses.replace(cfg, data=data))
         finally:
             restore_rng(state)
+        for stage in self.stages:
+            if len(built[stage.num_frames]) == 0:
+                raise SetupError(f"train.curriculum[{stage.index}]: the '{cfg.data.name}' data "
+                                 f"have no clips of {stage.num_frames} frames")
         return [built[stage.num_frames] for stage in self.stages]
 
     def _until(self, stage: Stage) -> str:
