@@ -26,6 +26,10 @@ class SamplingLoops:
     """``p_sample_loop`` / ``ddim_sample_loop`` (and their step-by-step ``_progressive`` forms)
     for a diffusion that defines ``p_sample``, ``ddim_sample`` and ``num_timesteps``."""
 
+    num_timesteps: int
+    p_sample: Callable[..., dict[str, torch.Tensor]]
+    ddim_sample: Callable[..., dict[str, torch.Tensor]]
+
     def p_sample_loop_progressive(self, model: Model, shape: Sequence[int],
                                   noise: torch.Tensor | None = None, *,
                                   model_kwargs: dict | None = None, progress: bool = False,

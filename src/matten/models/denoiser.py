@@ -10,7 +10,7 @@ and :meth:`Denoiser.run_blocks` (what the blocks take besides the tokens).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,7 @@ class Denoiser(nn.Module):
     was built with ``num_classes`` / ``num_actions`` or ``action_dim``.
     """
 
+    config: dict[str, Any]  # the constructor's arguments, enough to rebuild the model
     streams = False  # True for a backbone that generates chunk by chunk (init_state/step/commit)
 
     def __init__(self, make_blocks: Callable[[], Iterable[nn.Module]], hidden_size: int,
@@ -108,17 +109,18 @@ class Denoiser(nn.Module):
             raise ValueError(f"expected timesteps of shape ({batch},) or ({batch}, {frames}), "
                              f"got {tuple(t.shape)}")
         vector = self.t_embedder(t)  # (B, F, D)
-        if (actions is None) != (self.action_embedder is None):
+        action_embedder, y_embedder = self.action_embedder, self.y_embedder
+        if (actions is None) != (action_embedder is None):
             raise ValueError("actions are required by an action-conditioned model and refused "
                              "by one without actions")
-        if actions is not None:
-            vector = vector + self.action_embedder(actions, batch, frames)
-        if (y is None) != (self.y_embedder is None):
+        if actions is not None and action_embedder is not None:
+            vector = vector + action_embedder(actions, batch, frames)
+        if (y is None) != (y_embedder is None):
             raise ValueError("class labels y are required by a class-conditional model and "
                              "refused by an unconditional one")
         if y is not None and y.shape != (batch,):
             raise ValueError(f"expected labels of shape ({batch},), got {tuple(y.shape)}")
-        y_emb = self.y_embedder(y) if y is not None else None
+        y_emb = y_embedder(y) if y is not None and y_embedder is not None else None
         if self.conditioning == "adan":
             return Condition(vector=vector if y_emb is None else vector + y_emb[:, None])
         if not t.is_meta and not torch.equal(t, t[:, :1].expand_as(t)):

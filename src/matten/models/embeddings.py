@@ -91,7 +91,7 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
         args = t.float()[..., None] * freqs
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # type: ignore[arg-type]
 
 
 class LabelEmbedder(nn.Module):
@@ -127,6 +127,7 @@ class ActionEmbedder(nn.Module):
         if (num_actions > 0) == (action_dim > 0):
             raise ValueError("give either num_actions (discrete) or action_dim (continuous)")
         self.num_actions, self.action_dim = num_actions, action_dim
+        self.embed: nn.Module
         if num_actions:
             self.embed = nn.Embedding(num_actions, hidden_size)
         else:
@@ -144,4 +145,4 @@ class ActionEmbedder(nn.Module):
         if actions.shape != (batch, frames, self.action_dim):
             raise ValueError(f"expected actions of shape ({batch}, {frames}, {self.action_dim}), "
                              f"got {tuple(actions.shape)}")
-        return self.embed(actions.to(self.embed[0].weight.dtype))
+        return self.embed(actions.to(next(self.embed.parameters()).dtype))

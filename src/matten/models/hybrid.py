@@ -125,14 +125,14 @@ class HybridMemoryLayer(ConditionedLayer):
         if self.ssm is not None:
             ssm_out, new_ssm = self.ssm(h, grid, state.ssm, return_state=True)
             mixed = mixed + ssm_out
-        if self.delta is not None:
-            delta_out, new_memory, rows = self._delta(h, grid, start, state, commit)
+        if self.delta is not None and self.router is not None:  # built together
+            delta_out, new_memory, rows = self._delta(self.delta, h, grid, start, state, commit)
             per_frame = (x.shape[0], grid.frames, -1)   # the router's gamma is one per frame
             mixed = self.router.fuse(mixed.reshape(per_frame), delta_out.reshape(per_frame),
                                      frames[None], self.context_length).view_as(x)
         if self.malt is not None:
-            per_frame = h.view(x.shape[0], grid.frames, grid.tokens_per_frame, -1)
-            malt_out, new_malt = self.malt(per_frame, start, state.malt)
+            frame_tokens = h.view(x.shape[0], grid.frames, grid.tokens_per_frame, -1)
+            malt_out, new_malt = self.malt(frame_tokens, start, state.malt)
             mixed = mixed + malt_out
         x = x + gated(mixed, gate_a, grid)
         x = self.mlp_residual(x, shift_m, scale_m, gate_m, grid)
@@ -145,7 +145,7 @@ class HybridMemoryLayer(ConditionedLayer):
         """Windowed attention of the chunk against the cache and itself."""
         q, k, v = self.attn.project(order.global_to_temporal(h, grid))  # (B*hw, heads, n, d)
         key_frames = frames
-        if state.k is not None:
+        if state.k is not None and state.v is not None:
             cached = self._sink_frames(start) + self._recent_frames(start)
             key_frames = torch.cat([torch.tensor(cached, device=h.device, dtype=frames.dtype),
                                     frames])
@@ -157,11 +157,12 @@ class HybridMemoryLayer(ConditionedLayer):
         # frame_local: one sequence per sample, frame-major (the global token order), and each
         # frame's entry of the mask widened to all of its h*w tokens
         p = grid.tokens_per_frame
-        dense = [rearrange(a, "(b p) heads f d -> b heads (f p) d", p=p) for a in (q, k, v)]
+        dq, dk, dv = (rearrange(a, "(b p) heads f d -> b heads (f p) d", p=p) for a in (q, k, v))
         mask = mask.repeat_interleave(p, dim=0).repeat_interleave(p, dim=1)
-        return self.attn.attend(*dense, attn_mask=mask), (k, v, key_frames)
+        return self.attn.attend(dq, dk, dv, attn_mask=mask), (k, v, key_frames)
 
-    def _delta(self, h: Tensor, grid: TokenGrid, start: int, state: LayerState, commit: bool):
+    def _delta(self, delta: GatedDeltaMemory, h: Tensor, grid: TokenGrid, start: int,
+               state: LayerState, commit: bool):
         """Frame f reads the memory after every non-sink frame <= f - window has been written.
 
         The frames are written oldest first, one delta-rule chunk each, from the pending recent
@@ -173,19 +174,18 @@ class HybridMemoryLayer(ConditionedLayer):
         pending = chunk if state.pending is None else torch.cat([state.pending.to(h.dtype),
                                                                  chunk], dim=1)
         first = start - (0 if state.pending is None else state.pending.shape[1])
-        memory = state.memory if state.memory is not None else self.delta.init_state(
-            batch, h.device)
+        memory = state.memory if state.memory is not None else delta.init_state(batch, h.device)
         written = max(self.sink, start - self.window + 1)   # frames below are already in memory
         # frames below `stop` are written: what the chunk's last frame reads, and when committing
         # one more, so the memory is ready for the next chunk's first frame
         stop = start + n - self.window + (1 if commit else 0)
-        after = [memory] + self.delta.write_frames(
+        after = [memory] + delta.write_frames(
             memory, pending[:, written - first:max(written, stop) - first])
         # frame f reads the state after frames < f - window + 1: after[f - window + 1 - written]
         index = [min(max(f - self.window + 1 - written, 0), len(after) - 1)
                  for f in range(start, start + n)]
         states = torch.stack([after[i] for i in index], dim=1)      # (B, n, H, dk, dv)
-        reads = self.delta.read(states.flatten(0, 1), chunk.flatten(0, 1))
+        reads = delta.read(states.flatten(0, 1), chunk.flatten(0, 1))
         return reads.view(batch, n * grid.tokens_per_frame, -1), after[-1], pending
 
     def _next_state(self, grid: TokenGrid, start: int, kv, ssm, memory,

@@ -26,6 +26,7 @@ c may differ per frame (a (B, F, D) tensor, for per-frame noise levels); "tokens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from einops import repeat
@@ -80,10 +81,10 @@ def gated(x: torch.Tensor, gate: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
 
 def zero_modulation(dim: int, count: int) -> nn.Sequential:
     """c -> ``count`` modulation vectors, zero-initialised so that a fresh layer is the identity."""
-    modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, count * dim))
-    nn.init.zeros_(modulation[1].weight)
-    nn.init.zeros_(modulation[1].bias)
-    return modulation
+    linear = nn.Linear(dim, count * dim)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.SiLU(), linear)
 
 
 class ConditionedLayer(nn.Module):
@@ -92,6 +93,8 @@ class ConditionedLayer(nn.Module):
 
     num_modulations = 0
     cond_at_both_ends = False
+    mlp: nn.Module  # set by the layers that have an MLP, with its norm
+    norm2: nn.Module
 
     def __init__(self, dim: int, view: str, conditioning: str, build_modulation: bool = True):
         super().__init__()
@@ -101,11 +104,15 @@ class ConditionedLayer(nn.Module):
             raise ValueError(f"unknown conditioning {conditioning!r}; expected {CONDITIONING_MODES}")
         self.view, self.conditioning = view, conditioning
         adaptive = conditioning == "adan"
-        self.norm_kwargs = dict(elementwise_affine=not adaptive, eps=1e-6)
+        self.norm_kwargs: dict[str, Any] = dict(elementwise_affine=not adaptive, eps=1e-6)
+        self.modulation: nn.Module | None = None
         if adaptive and build_modulation:
             self.modulation = zero_modulation(dim, self.num_modulations)
 
     def modulations(self, cond: Condition) -> tuple[torch.Tensor, ...]:
+        if self.modulation is None:
+            raise RuntimeError("this layer has no adaptive-norm modulation (conditioning "
+                               f"{self.conditioning!r})")
         return self.modulation(cond.vector).chunk(self.num_modulations, dim=-1)
 
     def mlp_residual(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -116,6 +123,8 @@ class ConditionedLayer(nn.Module):
     def mix(self, mixer: nn.Module, x: torch.Tensor, cond: Condition, grid: TokenGrid):
         seqs = to_sequences(x, self.view, grid)
         if self.conditioning == "tokens":
+            if cond.tokens is None:
+                raise ValueError("conditional-token layers need the condition's tokens")
             extra = per_sequence(cond.tokens, self.view, grid).to(seqs.dtype)
             k = extra.shape[1]
             parts = [extra, seqs, extra] if self.cond_at_both_ends else [extra, seqs]

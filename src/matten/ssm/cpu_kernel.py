@@ -28,6 +28,7 @@ keeps math.exp.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba
 import numpy as np
@@ -40,7 +41,7 @@ from . import layouts, threads
 
 # Reassociation and contraction (FMA) help vectorise the loops over N; no-NaN/no-inf
 # assumptions are left out so that bad values still propagate.
-_JIT = dict(nopython=True, nogil=True, cache=True, parallel=True,
+_JIT: dict[str, Any] = dict(nopython=True, nogil=True, cache=True, parallel=True,
             fastmath={"nsz", "arcp", "contract", "reassoc"})
 
 
@@ -49,7 +50,7 @@ def decay(x):
     return math.exp(x)
 
 
-@overload(decay, inline="always", fastmath=_JIT["fastmath"])
+@overload(decay, inline="always", fastmath=_JIT["fastmath"])  # type: ignore[call-arg]  # stubs lack jit options
 def _decay_impl(x):
     if not (isinstance(x, types.Float) and x.bitwidth == 32):
         return lambda x: math.exp(x)

@@ -19,7 +19,7 @@ previous piece stopped, so a sequence run in pieces gives the output of one run 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,10 @@ class _MambaMixer(nn.Module):
             for _ in range(directions))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
+    def direction(self, index: int) -> SelectiveSSM:
+        """The scan of direction ``index`` (0: forward; 1: backward, in BiMamba)."""
+        return cast(SelectiveSSM, self.ssms[index])
+
     def project_in(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, L, d_model) -> the scan input x and the gate z, each (batch, d_inner, L)."""
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
@@ -157,7 +161,7 @@ class Mamba(_MambaMixer):
         super().__init__(d_model, directions=1, **kwargs)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> MambaState:
-        return self.ssms[0].init_state(batch, device, dtype)
+        return self.direction(0).init_state(batch, device, dtype)
 
     def forward(self, hidden: torch.Tensor, state: MambaState | None = None,
                 return_state: bool = False):
@@ -165,8 +169,8 @@ class Mamba(_MambaMixer):
         the sequence it ended (see :meth:`SelectiveSSM.forward`)."""
         x, z = self.project_in(hidden)
         if not return_state:
-            return self.project_out(self.ssms[0](x, z, state))
-        y, new_state = self.ssms[0](x, z, state, return_state=True)
+            return self.project_out(self.direction(0)(x, z, state))
+        y, new_state = self.direction(0)(x, z, state, return_state=True)
         return self.project_out(y), new_state
 
 
@@ -185,11 +189,11 @@ class BiMamba(_MambaMixer):
 
     @property
     def forward_ssm(self) -> SelectiveSSM:
-        return self.ssms[0]
+        return self.direction(0)
 
     @property
     def backward_ssm(self) -> SelectiveSSM:
-        return self.ssms[1]
+        return self.direction(1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(batch, L, d_model) -> (batch, L, d_model)."""

@@ -241,8 +241,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     name = _choose(u.device, override=backend, initial_state=initial_state is not None)
     if reverse and name != "cpu":  # the others scan forwards: run the reversed sequence
-        y = selective_scan(*(_flip_time(t) for t in (u, delta, A, B, C, D, z)), delta_bias,
-                           delta_softplus, return_last_state, initial_state, backend=name)
+        fu, fdelta, fA, fB, fC, fD, fz = (_flip_time(t) for t in (u, delta, A, B, C, D, z))
+        y = selective_scan(fu, fdelta, fA, fB, fC, fD, fz, delta_bias, delta_softplus,
+                           return_last_state, initial_state, backend=name)
         return (y[0].flip(-1), y[1]) if return_last_state else y.flip(-1)
     if name == "mamba_ssm":  # its own function, arguments unchanged
         return mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus,

@@ -47,7 +47,8 @@ def _start_pool() -> None:
 
 def kernel_threads() -> int:
     """How many threads the compiled kernels may use now: torch's count, within numba's limit."""
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    limit = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set at import time
+    return max(1, min(torch.get_num_threads(), limit))
 
 
 def follow_torch() -> int:
