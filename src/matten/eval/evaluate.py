@@ -28,6 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -86,6 +87,14 @@ def build_extractor(i3d_path=None, cache_dir=None, resolution=16, num_frames: in
     version = {} if motion_net_version is None else {"version": motion_net_version}
     return MotionFeatureExtractor.load_or_train(cache_dir, resolution, num_frames, device=device,
                                                 **version)
+
+
+class SizedDataset(Protocol):
+    """A map-style dataset with a length: what :func:`dataset_from_config` builds."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 
 def real_clips(dataset, num_clips: int, progress: bool = False):
@@ -186,7 +195,8 @@ def _generated_statistics(store: GeneratedClips, loaded, settings: EvalSettings,
                           cfg_scale: float, device, extractor, progress):
     """Sample the missing shards (the others are read back), then the generated clips'
     statistics and features; returns (stats, features, a few clips, shards resumed)."""
-    acc, preview, resumed, features = FeatureStatsAccumulator(), [], 0, []
+    acc, resumed, features = FeatureStatsAccumulator(), 0, []
+    preview: list[np.ndarray] = []
     for shard in tqdm(range(store.num_shards), desc="sampling", disable=not progress,
                       unit="batch"):
         clips = store.load(shard)
@@ -260,7 +270,7 @@ def evaluate(checkpoint, output=None, data=None, settings: EvalSettings | None =
                                     motion_net_version=motion_net_version)
     metric = "fvd" if extractor.comparable_to_published else f"fd-{extractor.name}"
 
-    dataset = dataset_from_config(data, seed=0)
+    dataset = cast(SizedDataset, dataset_from_config(data, seed=0))  # every one has a length
     real, preview_real = _real_statistics(dataset, data, settings, extractor, cache_dir, progress)
     fake, fake_features, preview_fake, resumed = _generated_statistics(
         store, loaded, settings, sampler, cfg_scale, device, extractor, progress)

@@ -20,8 +20,9 @@ from ..models import LAYOUTS, DEPTHS, SIZES, create_model, parse_name
 from ..models.layers import AttentionLayer, MambaLayer
 
 # The paper's Table 2 (XL, 16x256x256) and Table 3; Latte-XL's FLOPs as quoted in its Table 1.
-PAPER_PARAMS_M = {("S", 3): 35, ("B", 3): 164, ("L", 3): 579, ("XL", 3): 853, ("XL", 1): 814,
-                  ("XL", 2): 814, ("XL", 4): 846}
+PAPER_PARAMS_M: dict[tuple[str, int | str], int] = {
+    ("S", 3): 35, ("B", 3): 164, ("L", 3): 579, ("XL", 3): 853, ("XL", 1): 814,
+    ("XL", 2): 814, ("XL", 4): 846}
 PAPER_FLOPS_G = {1: 1590, 2: 1660, 3: 4008, 4: 3660, "latte": 5572}
 
 

@@ -173,7 +173,7 @@ class FeatureStats:
         in too when present: an extra array, which readers without it ignore."""
         path = Path(path)
         key_json = json.dumps(self.key, sort_keys=True) if self.key is not None else ""
-        extra = {} if self.features is None else {"features": self.features}
+        extra: dict[str, Any] = {} if self.features is None else {"features": self.features}
         with atomic_write_path(path) as tmp:
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
                 np.savez(f, mean=self.mean, cov=self.cov, count=np.int64(self.count),
@@ -238,6 +238,7 @@ class FeatureStatsAccumulator:
     def stats(self) -> FeatureStats:
         if self.count < 2:
             raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
+        assert self.mean is not None and self._m2 is not None  # set by the first update
         return FeatureStats(self.mean.copy(), self._m2 / (self.count - 1), self.count)
 
 

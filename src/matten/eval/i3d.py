@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _triple
 
 __all__ = ["I3D_INPUT_SIZE", "InceptionI3d", "InceptionModule",
            "MaxPool3dSamePadding", "PYTORCH_I3D_URL", "STYLEGAN_V_I3D_URL", "TORCHSCRIPT_KWARGS",
@@ -75,7 +76,7 @@ class MaxPool3dSamePadding(nn.MaxPool3d):
     """Max pooling with TF "SAME" zero padding (inputs are post-ReLU, so zeros never win)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(_pad_same(x, self.kernel_size, self.stride))
+        return super().forward(_pad_same(x, _triple(self.kernel_size), _triple(self.stride)))
 
 
 class Unit3D(nn.Module):
@@ -88,7 +89,8 @@ class Unit3D(nn.Module):
                  stride: Sequence[int] = (1, 1, 1), activation: bool = True,
                  batch_norm: bool = True, bias: bool = False):
         super().__init__()
-        self.kernel, self.stride = tuple(kernel), tuple(stride)
+        self.kernel: tuple[int, int, int] = _triple(kernel)
+        self.stride: tuple[int, int, int] = _triple(stride)
         self.activation = activation
         self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel, self.stride, padding=0,
                                 bias=bias)

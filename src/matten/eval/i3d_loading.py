@@ -63,11 +63,11 @@ class I3DFeatureExtractor:
             out.append(feats.reshape(feats.shape[0], -1).double().cpu().numpy())
         if not out:
             return np.zeros((0, self.feature_dim), np.float64)
-        feats = np.concatenate(out, axis=0)
-        if feats.shape[1] != self.feature_dim:
-            raise RuntimeError(f"{self.name} returned {feats.shape[1]}-d features, expected "
+        result = np.concatenate(out, axis=0)
+        if result.shape[1] != self.feature_dim:
+            raise RuntimeError(f"{self.name} returned {result.shape[1]}-d features, expected "
                                f"{self.feature_dim}")
-        return feats
+        return result
 
     def __repr__(self):
         return (f"I3DFeatureExtractor({self.cache_name}, feature_dim={self.feature_dim}, "

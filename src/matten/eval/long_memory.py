@@ -36,7 +36,7 @@ def revisit_pairs(camera, min_gap: int, max_overlap_shift: float = 0.5,
         raise ValueError(f"camera must be (num_frames, 2), got shape {tuple(cam.shape)}")
     if min_gap < 1:
         raise ValueError(f"min_gap must be >= 1, got {min_gap}")
-    pairs = []
+    pairs: list[tuple[int, int, int]] = []
     for i in range(len(cam) - min_gap):
         later = cam[i + min_gap:]
         dist = np.abs(later - cam[i]).max(axis=1)

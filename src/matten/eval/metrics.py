@@ -19,6 +19,7 @@ Everything is float64 numpy; features are ``(N, D)`` arrays (torch tensors are a
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -264,6 +265,7 @@ def quality_metrics(real, fake, fd: float | None = None, i3d: bool = False, k: i
     real, fake = _pair(real, fake)
     if fd is None:
         fd = FeatureStats.from_features(real).frechet_distance(FeatureStats.from_features(fake))
+    report: dict[str, Any]
     report = {"fd": float(fd), "fd_inf": None, "fd_inf_fit": None, "kid": None,
               "precision": None, "recall": None, "pr_k": int(k),
               "num_real_clips": len(real), "num_generated_clips": len(fake),

@@ -305,6 +305,7 @@ def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, fea
         if augment:
             videos = _augment(videos, gen)
         if version == 2:
+            assert isinstance(net, MotionFeatureNetV2)  # NETS[2]
             loss = _v2_loss(net, videos, labels, gen)
         else:
             loss = F.cross_entropy(net(videos)[1], labels)

@@ -101,7 +101,7 @@ class GeneratedClips:
             if old == self.key:
                 return
             if isinstance(old, dict):
-                differences = ", ".join(_key_differences(old, self.key))
+                differences = ", ".join(_key_differences(old, self.key or {}))
                 problem = f"samples made with other settings ({differences})"
             else:
                 problem = f"samples with an unreadable {self.KEY_FILE}"

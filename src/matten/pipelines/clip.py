@@ -10,7 +10,9 @@ here steps through timesteps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +26,8 @@ from .settings import (SamplingError, check_sampling, resolve_labels, run_sample
                        sampling_diffusion)
 
 __all__ = ["sample_latents", "sample_videos", "MattenPipeline"]
+
+_Pipeline = TypeVar("_Pipeline", bound="MattenPipeline")
 
 
 @torch.no_grad()
@@ -55,8 +59,9 @@ def sample_latents(model: nn.Module, shape, *, labels: torch.Tensor | None = Non
         noise = torch.randn(tuple(shape), generator=generator, device=device)
     diffusion = sampling_diffusion(steps, diffusion_steps=diffusion_steps,
                                    learn_sigma=learn_sigma, prediction=prediction)
-    net = model
+    net: Callable[..., torch.Tensor] = model
     if labels is not None and cfg_scale != 1.0:
+        assert null_class is not None  # refused above
         net = classifier_free_guidance(model, float(cfg_scale), int(null_class))
     batch_size = n if batch_size is None else max(1, int(batch_size))
     out = []
@@ -91,8 +96,8 @@ class MattenPipeline:
         self.loaded, self.device = loaded, device
 
     @classmethod
-    def from_pretrained(cls, path, *, weights: str = "ema", device=None, dtype=None,
-                        vae_path=None) -> "MattenPipeline":
+    def from_pretrained(cls: type[_Pipeline], path, *, weights: str = "ema", device=None,
+                        dtype=None, vae_path=None) -> _Pipeline:
         """Load a run folder, its ``checkpoints`` folder or one checkpoint folder (local paths
         only). ``dtype`` (e.g. ``torch.bfloat16``) casts the model for inference."""
         device = resolve_device(device)

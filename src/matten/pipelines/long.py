@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -26,6 +27,9 @@ from ..diffusion import classifier_free_guidance
 from ..latent import PixelAutoencoder
 from .clip import MattenPipeline
 from .settings import SamplingError, check_sampling, run_sampler, sampling_diffusion
+
+if TYPE_CHECKING:
+    from ..models.causal import CausalVideoBackbone
 
 __all__ = ["LongVideoChunk", "iter_long", "sample_chunk", "commit_frames", "generate_long",
            "write_long_video", "LongVideoInterrupted", "LongVideoPipeline"]
@@ -149,6 +153,8 @@ def commit_frames(model, frames: Tensor, state, labels: Tensor | None, actions: 
     the batch) the second half gets them too, under the null label."""
     clean_t = torch.zeros(state.batch, frames.shape[2], device=frames.device, dtype=torch.long)
     if guided:
+        if labels is None:
+            raise ValueError("classifier-free guidance needs labels y")
         labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
         actions = None if actions is None else torch.cat([actions, actions])
         frames = frames.repeat(2, 1, 1, 1, 1)
@@ -160,7 +166,7 @@ def sample_chunk(model, diffusion, state, k: int, latent_shape, *, labels: Tenso
                  actions: Tensor | None = None, sampler: str = "ddim", eta: float = 0.0,
                  cfg_scale: float = 1.0, clip_denoised: bool = False,
                  generator: torch.Generator | None = None, device=None,
-                 committed: Tensor | None = None) -> tuple[Tensor, object]:
+                 committed: Tensor | None = None) -> tuple[Tensor, Any]:
     """The ``k`` frames after those in ``state``: denoised from noise (drawn from ``generator``)
     with the sampler's own loop, then committed -> (frames (B, C, k, h, w), the advanced state).
 
@@ -264,6 +270,11 @@ class LongVideoPipeline(MattenPipeline):
                                 "long-video model (model.name: Matten-Causal)")
         return pipe
 
+    @property
+    def model(self) -> CausalVideoBackbone:
+        # from_pretrained refuses a model that does not stream: these are CausalVideoBackbones.
+        return cast("CausalVideoBackbone", self.loaded.model)
+
     def generation_settings(self, *, num_videos: int = 1, class_labels=None, sampler=None,
                             steps=None, eta=None, cfg_scale=None, seed=None, actions=None
                             ) -> dict:
@@ -278,7 +289,8 @@ class LongVideoPipeline(MattenPipeline):
         cfg_scale = self.guidance_scale(cfg_scale, labels)
         if actions is None and self.model.takes_actions:
             clips = loaded.training_actions(num_videos)  # the training clips' moves, cycled
-            actions = lambda frame: clips[:, frame % clips.shape[1]]  # noqa: E731
+            if clips is not None:  # else the model refuses to run without actions
+                actions = lambda frame: clips[:, frame % clips.shape[1]]  # noqa: E731
         seed = int(self.default("seed", seed, 0))
         return dict(diffusion=sampling_diffusion(steps, diffusion_steps=loaded.diffusion_steps,
                                                  learn_sigma=loaded.learn_sigma,
@@ -305,7 +317,9 @@ class LongVideoPipeline(MattenPipeline):
                 pixels = self.autoencoder.decode(chunk.frames).clamp(-1, 1)
             yield LongVideoChunk(chunk.start, pixels, chunk.state)
 
-    def __call__(self, num_frames: int, chunk_size: int = 2, **kwargs) -> Tensor:
+    # A video of num_frames frames rather than num_samples clips: other arguments than the base's.
+    def __call__(self, num_frames: int, chunk_size: int = 2,  # type: ignore[override]
+                 **kwargs) -> Tensor:
         """A whole video (B, 3, num_frames, H, W) in [-1, 1]; for long ones prefer
         :meth:`stream` or :meth:`write`, whose memory does not grow with the video."""
         return torch.cat([c.frames for c in self.stream(num_frames, chunk_size, **kwargs)],

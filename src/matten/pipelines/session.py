@@ -23,6 +23,7 @@ import importlib
 import json
 import time
 import weakref
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -73,7 +74,7 @@ def _state_class(name: str):
     module, _, qualname = name.partition(":")
     if module.split(".")[0] != "matten" or not qualname:
         raise StateMismatchError(f"a stream state cannot hold a {name!r}")
-    cls = importlib.import_module(module)
+    cls: Any = importlib.import_module(module)  # then an attribute of it, of any type
     for part in qualname.split("."):
         cls = getattr(cls, part)
     if not (dataclasses.is_dataclass(cls) or (issubclass(cls, tuple) and hasattr(cls, "_fields"))):
