@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 
-
 # glibc keeps freed blocks mapped once its mmap threshold has grown, so resident memory would stop
 # falling after the first large free and later peaks would read as zero. A fixed threshold makes
 # every large block go back to the system when freed.
@@ -75,8 +74,8 @@ def report_peak(fn) -> None:
 
 
 def print_table(header: list[str], rows: list[list]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     text = "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
                      + [line(r) for r in rows])
     print(text)

@@ -33,9 +33,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def child(seconds: float) -> None:
     """Build the demo model, warm up, say "ready", wait for a line on stdin, then step for
     ``seconds`` of wall time and print the steps/s as JSON."""
-    import matten  # noqa: F401  (first, so that its thread defaults precede torch's start-up)
     import torch
 
+    import matten  # noqa: F401  (first, so that its thread defaults precede torch's start-up)
     from matten.config import config_to_dict, load_config
     from matten.diffusion import create_diffusion
     from matten.models import build_model, model_kwargs_for_run

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -141,9 +142,9 @@ def main() -> None:
         for step, m in scored:
             print(f"  step {step:<25d} {summary(m)}")
         fds = [m["fd"] for _, m in scored]
-        print("ladder improves with every step:", all(a > b for a, b in zip(fds, fds[1:])))
+        print("ladder improves with every step:", all(a > b for a, b in itertools.pairwise(fds)))
     fds = [m["fd"] for m in results.values()]
-    print("ordered as expected:", all(a < b for a, b in zip(fds, fds[1:])))
+    print("ordered as expected:", all(a < b for a, b in itertools.pairwise(fds)))
     print(json.dumps({name: {k: m[k] for k in ("fd", "fd_inf", "kid", "precision", "recall")}
                       for name, m in results.items()}))
     names = ("real", "trained", "untrained", "noise")

@@ -26,7 +26,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import print_table  # noqa: E402
-
 from starlette.testclient import TestClient  # noqa: E402
 
 from matten.config import load_config  # noqa: E402

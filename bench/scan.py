@@ -70,7 +70,7 @@ def plain_loop(u, delta, A, B, C, D):
     deltaA, deltaB_u = _materialised(u, delta, A, B)
     h = u.new_zeros(BATCH, DIM, NSTATE)
     ys = []
-    for a_t, bu_t, c_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), C.unbind(2)):
+    for a_t, bu_t, c_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), C.unbind(2), strict=True):
         h = a_t * h + bu_t
         ys.append((h * c_t[:, None]).sum(-1))
     return torch.stack(ys, -1) + u * D[:, None]

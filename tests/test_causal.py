@@ -144,7 +144,7 @@ def test_uncommitted_steps_leave_the_state_alone():
         assert same is state and state.frames == 4
         assert torch.equal(out1, out2)
         after = [p for layer in state.layers for p in layer.tensors()]
-        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
         # a sampler denoises at other noise levels, then commits the clean chunk
         model.step(chunk, torch.full_like(tc, 999), state, commit=False)
         state = model.commit(chunk, torch.zeros_like(tc), state)

@@ -12,9 +12,15 @@ from safetensors import SafetensorError
 
 from matten import cli
 from matten.checkpoint import files as ckpt_module
-from matten.checkpoint.files import (FILES, CheckpointError, CheckpointWriteError,
-                                     latest_checkpoint, list_checkpoints, resolve_checkpoint,
-                                     save_checkpoint)
+from matten.checkpoint.files import (
+    FILES,
+    CheckpointError,
+    CheckpointWriteError,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 
 def save(run_dir, step, **kw):

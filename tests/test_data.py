@@ -9,12 +9,28 @@ import pytest
 import torch
 from PIL import Image
 
-from matten.data import (MOTION_TYPES, FaceForensicsDataset, SkyTimelapseDataset,
-                         SyntheticVideoDataset, TaichiHDDataset, UCF101Dataset, VideoClipDataset,
-                         VideoDecodeError, VideoTransform, build_dataset, count_frames, make_grid,
-                         read_frame_folder, read_video, resize_center_crop, sample_clip_indices,
-                         save_grid_image, video_to_uint8, write_video)
-from matten.data import video_write
+from matten.data import (
+    MOTION_TYPES,
+    FaceForensicsDataset,
+    SkyTimelapseDataset,
+    SyntheticVideoDataset,
+    TaichiHDDataset,
+    UCF101Dataset,
+    VideoClipDataset,
+    VideoDecodeError,
+    VideoTransform,
+    build_dataset,
+    count_frames,
+    make_grid,
+    read_frame_folder,
+    read_video,
+    resize_center_crop,
+    sample_clip_indices,
+    save_grid_image,
+    video_to_uint8,
+    video_write,
+    write_video,
+)
 from matten.data.transforms import frames_to_tensor, random_hflip
 
 STEP = 10  # brightness step between consecutive source frames

@@ -10,10 +10,19 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from matten.diffusion import (GaussianDiffusion, SpacedDiffusion, classifier_free_guidance,
-                              create_diffusion, forcing_timesteps, space_timesteps)
-from matten.diffusion.gaussian_math import (approx_standard_normal_cdf,
-                                            discretized_gaussian_log_likelihood, normal_kl)
+from matten.diffusion import (
+    GaussianDiffusion,
+    SpacedDiffusion,
+    classifier_free_guidance,
+    create_diffusion,
+    forcing_timesteps,
+    space_timesteps,
+)
+from matten.diffusion.gaussian_math import (
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+)
 
 T = 1000
 

@@ -3,7 +3,6 @@ the report and the comparison."""
 
 import json
 import shutil
-
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,10 @@ from matten.config import load_config
 from matten.data import SyntheticVideoDataset, read_video
 from matten.eval import evaluate as evaluate_module
 from matten.eval.evaluate import EvalSettings, clip_features, evaluate, real_clips
-from matten.eval.samples import SamplesMismatchError, default_output, sample_key
 from matten.eval.frechet import FeatureStats
 from matten.eval.motion_features import MotionFeatureExtractor
 from matten.eval.motion_net import MotionFeatureNet
+from matten.eval.samples import SamplesMismatchError, default_output, sample_key
 from matten.training import train
 
 TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.resolution=8",

@@ -1,5 +1,6 @@
 """Fréchet distance, feature statistics and their cache, and the self-trained motion feature net."""
 
+import itertools
 import json
 import warnings
 
@@ -10,12 +11,26 @@ from scipy import linalg
 
 from matten.data import SyntheticVideoDataset
 from matten.eval import motion_features as mn
-from matten.eval.frechet import (FeatureStats, cached_stats, feature_stats_from_batches,
-                                 frechet_distance, stats_cache_path)
-from matten.eval.degradations import (DEGRADATIONS, add_noise, degrade, gaussian_blur, occlude,
-                                      shuffle_frames)
-from matten.eval.motion_features import (MotionFeatureExtractor, load_or_train_motion_net,
-                                         motion_net_cache_paths)
+from matten.eval.degradations import (
+    DEGRADATIONS,
+    add_noise,
+    degrade,
+    gaussian_blur,
+    occlude,
+    shuffle_frames,
+)
+from matten.eval.frechet import (
+    FeatureStats,
+    cached_stats,
+    feature_stats_from_batches,
+    frechet_distance,
+    stats_cache_path,
+)
+from matten.eval.motion_features import (
+    MotionFeatureExtractor,
+    load_or_train_motion_net,
+    motion_net_cache_paths,
+)
 from matten.eval.motion_net import MotionFeatureNet, MotionFeatureNetV2
 
 
@@ -130,7 +145,7 @@ def test_batched_stats_equal_full_stats():
     feats = rng.standard_normal((1000, 20)) * rng.uniform(0.1, 5, 20) + 100.0  # large offset
     full = FeatureStats.from_features(feats)
     cuts = [0, 1, 8, 100, 101, 500, 999, 1000]  # uneven, including batches of one
-    batches = [feats[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    batches = [feats[a:b] for a, b in itertools.pairwise(cuts)]
     batches[2] = torch.from_numpy(batches[2])  # torch batches work too
     acc = feature_stats_from_batches(iter(batches))
     assert acc.count == full.count == 1000
@@ -293,7 +308,7 @@ def test_trained_net_is_cached_and_reused(trained, monkeypatch):
     monkeypatch.setattr(mn, "train_motion_net", no_training)
     again, info2 = load_or_train_motion_net(cache, **SMALL)
     assert info2["heldout_accuracy"] == info["heldout_accuracy"]
-    for (k, a), (_, b) in zip(net.state_dict().items(), again.state_dict().items()):
+    for (k, a), (_, b) in zip(net.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     assert MotionFeatureExtractor(again).weights_id == MotionFeatureExtractor(net).weights_id
     with pytest.raises(AssertionError, match="reused"):  # different settings: a new net
@@ -426,4 +441,4 @@ def test_v2_distance_grows_with_blur_and_noise(trained_v2):
     blur = [fd(held_out)] + [fd(gaussian_blur(held_out, s)) for s in (0.5, 1.0, 1.5, 2.0)]
     noise = [fd(held_out)] + [fd(add_noise(held_out, s, gen)) for s in (0.1, 0.2, 0.4, 0.8)]
     for series in (blur, noise):
-        assert all(a < b for a, b in zip(series, series[1:])), series
+        assert all(a < b for a, b in itertools.pairwise(series)), series

@@ -14,8 +14,7 @@ import pytest
 import matten
 from matten.config import load_config
 from matten.data import read_video, write_video
-from matten.interrupts import (Terminated, exit_status, interrupts_deferred,
-                               sigterm_as_interrupt)
+from matten.interrupts import Terminated, exit_status, interrupts_deferred, sigterm_as_interrupt
 from matten.training import train
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")

@@ -6,8 +6,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from matten.latent import (SD_VAE_CONFIG, SD_VAE_SCALE_FACTOR, PixelAutoencoder,
-                           StableDiffusionVAE, build_autoencoder, load_vae_state_dict)
+from matten.latent import (
+    SD_VAE_CONFIG,
+    SD_VAE_SCALE_FACTOR,
+    PixelAutoencoder,
+    StableDiffusionVAE,
+    build_autoencoder,
+    load_vae_state_dict,
+)
 
 # The SD VAE's structure (4 down/up blocks -> 8x, 4 latent channels), with few channels for speed.
 TINY = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
@@ -73,7 +79,7 @@ def test_sd_vae_loads_a_diffusers_folder_and_encodes_frame_by_frame(tmp_path):
 
     loaded = build_autoencoder("sd-vae", path=folder, sample_posterior=False, frame_batch_size=2)
     for (k, a), (k2, b) in zip(original.vae.state_dict().items(),
-                               loaded.vae.state_dict().items()):
+                               loaded.vae.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b), k
     video = random_video(b=2, f=3, h=16, w=16)
     z = loaded.encode(video)

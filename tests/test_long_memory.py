@@ -2,8 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from matten.data.long_memory import (ACTION_DELTAS, DARK, TRAJECTORIES, PanningMapDataset,
-                                     actions_from_camera)
+from matten.data.long_memory import (
+    ACTION_DELTAS,
+    DARK,
+    TRAJECTORIES,
+    PanningMapDataset,
+    actions_from_camera,
+)
 from matten.eval.long_memory import pixel_last_seen, retrieval_error, revisit_pairs
 
 
@@ -97,11 +102,11 @@ def test_retrieval_error_is_zero_on_real_videos_and_large_on_forgetful_ones(traj
     for i in range(len(ds)):
         item = ds[i]
         real = retrieval_error(item["video"], item["camera"], min_gap=1, bins=6, max_shift=3)
-        counted = [e for e, n in zip(real["errors"], real["count"]) if n]
+        counted = [e for e, n in zip(real["errors"], real["count"], strict=True) if n]
         assert sum(real["count"]) > 0 and max(counted) == 0.0 and real["mean"] == 0.0
         assert real["gaps"] == sorted(real["gaps"]) and len(real["gaps"]) == 6
         assert len(real["edges"]) == 7 and real["edges"][0] == 1 and real["edges"][-1] == 64
-        for e, n in zip(real["errors"], real["count"]):
+        for e, n in zip(real["errors"], real["count"], strict=True):
             assert (n == 0) == np.isnan(e)
 
         forgetful = item["video"].clone()
@@ -109,7 +114,7 @@ def test_retrieval_error_is_zero_on_real_videos_and_large_on_forgetful_ones(traj
         bad = retrieval_error(forgetful.numpy(), item["camera"].numpy(), min_gap=32,
                               bins=[32, 48, 64])
         assert sum(bad["count"]) > 0 and bad["mean"] > 0.3
-        assert all(e > 0.3 for e, n in zip(bad["errors"], bad["count"]) if n)
+        assert all(e > 0.3 for e, n in zip(bad["errors"], bad["count"], strict=True) if n)
 
 
 def test_retrieval_error_aligns_whole_pixel_offsets():

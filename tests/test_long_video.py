@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from matten.data import read_video
-from matten.data import remove_stale_temp_files
+from matten.data import StreamingVideoWriter, read_video, remove_stale_temp_files
 from matten.diffusion import create_diffusion
 from matten.interrupts import Terminated, sigterm_as_interrupt
-from matten.data import StreamingVideoWriter
-from matten.pipelines import LongVideoInterrupted, generate_long, iter_long, write_long_video
 from matten.models.causal import create_causal_model
+from matten.pipelines import LongVideoInterrupted, generate_long, iter_long, write_long_video
 
 LATENT = (4, 4, 4)
 
@@ -48,11 +46,12 @@ def reference(model, diffusion, num_frames, chunk, y, seed, batch=1, actions=Non
     g = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     history = torch.zeros(batch, LATENT[0], 0, *LATENT[1:], dtype=dtype)
+    chunks = []
     for start in range(0, num_frames, chunk):
         k = min(chunk, num_frames - start)
         acts = None if actions is None else actions[:, :start + k]
 
-        def full(x, t):
+        def full(x, t, start=start, k=k, history=history, acts=acts):  # this chunk's
             t_full = torch.cat([torch.zeros(batch, start, dtype=torch.long),
                                 t[:, None].expand(-1, k)], dim=1)
             out = model(torch.cat([history, x], dim=2), t_full, y=y, actions=acts)
@@ -64,10 +63,10 @@ def reference(model, diffusion, num_frames, chunk, y, seed, batch=1, actions=Non
                 t = torch.full((batch,), i, dtype=torch.long)
                 x = diffusion.ddim_sample(full, x, t, eta=0.0, generator=g)["sample"]
         history = torch.cat([history, x], dim=2)
-        generated = x if start == 0 else torch.cat([generated, x], dim=2)
+        chunks.append(x)
         if teacher is not None:
             history = teacher[:, :, :start + k]
-    return generated
+    return torch.cat(chunks, dim=2)
 
 
 def test_streaming_matches_full_history_recomputation(diffusion):
@@ -392,7 +391,7 @@ def test_action_schedules_and_class_switches_from_the_command_line(tmp_path, cap
         assert cli.main(["sample", "--checkpoint", actions, "--output", out, "-n", "1",
                          "--steps", "2", "--frames", "6", "--chunk-size", "1",
                          "--actions", "right*2,left", "--no-progress"]) == 0
-        assert seen == [(f, None, [a]) for f, a in zip(range(6), [2, 2, 1, 2, 2, 1])]
+        assert seen == [(f, None, [a]) for f, a in zip(range(6), [2, 2, 1, 2, 2, 1], strict=True)]
     assert read_video(out).shape[0] == 6
     for bad, message in ((["--actions", "fly"], "--actions item 'fly'"),
                          (["--class-at", "2:1"], "unconditional (trained without class labels); "

@@ -6,8 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matten.models.memory import (BlockwiseTemporalSSM, GatedDeltaMemory, PositionRouter,
-                                  gated_delta_write)
+from matten.models.memory import (
+    BlockwiseTemporalSSM,
+    GatedDeltaMemory,
+    PositionRouter,
+    gated_delta_write,
+)
 from matten.ssm import TokenGrid
 
 

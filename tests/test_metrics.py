@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from matten.eval.frechet import FeatureStats, frechet_distance
-from matten.eval.metrics import (fd_infinity, kid, mmd2_unbiased, precision_recall,
-                                 quality_metrics, sample_size_warning)
+from matten.eval.metrics import (
+    fd_infinity,
+    kid,
+    mmd2_unbiased,
+    precision_recall,
+    quality_metrics,
+    sample_size_warning,
+)
 
 
 def loop_mmd2(x, y):
@@ -88,7 +94,7 @@ def loop_precision_recall(real, fake, k):
         return [sorted(np.linalg.norm(p - q) for q in points)[k] for p in points]
 
     def share(points, centres, r):
-        return np.mean([any(np.linalg.norm(p - c) <= rc for c, rc in zip(centres, r))
+        return np.mean([any(np.linalg.norm(p - c) <= rc for c, rc in zip(centres, r, strict=True))
                         for p in points])
 
     return share(fake, real, radii(real)), share(real, fake, radii(fake))

@@ -7,8 +7,15 @@ import torch
 
 from matten.cli import main
 from matten.eval.flops import count_parameters, counted_flops, meta_model
-from matten.models import (AttentionLayer, Condition, MambaLayer, build_model, create_causal_model,
-                           create_model, model_kwargs_for_run)
+from matten.models import (
+    AttentionLayer,
+    Condition,
+    MambaLayer,
+    build_model,
+    create_causal_model,
+    create_model,
+    model_kwargs_for_run,
+)
 from matten.ssm import TokenGrid
 
 TINY = dict(depth=2, hidden_size=32, num_heads=2)

@@ -6,9 +6,8 @@ import torch
 from sklearn.datasets import load_digits
 
 from matten.config import load_config
-from matten.data import DATASETS, MovingDigitsDataset, build_dataset
+from matten.data import DATASETS, MovingDigitsDataset, build_dataset, dataset_from_config
 from matten.training import train
-from matten.data import dataset_from_config
 
 TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.resolution=8",
         "data.num_frames=4", "data.num_videos=16", "train.batch_size=4", "train.max_steps=2",

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from matten.diffusion import create_diffusion
 from matten.checkpoint import load_for_sampling
+from matten.diffusion import create_diffusion
 from matten.pipelines import generate_long, sample_videos
 
 FIXTURES = Path(__file__).parent / "fixtures"

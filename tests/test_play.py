@@ -16,8 +16,8 @@ import uvicorn
 from starlette.testclient import TestClient
 
 from matten.cli import main
-from matten.config import load_config
 from matten.commands import play as play_command
+from matten.config import load_config
 from matten.pipelines import LongVideoPipeline
 from matten.play import MAX_MESSAGE_BYTES, PlayError, create_app, load_playable
 from matten.training import train

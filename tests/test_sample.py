@@ -6,11 +6,10 @@ import torch
 from PIL import Image
 
 from matten import cli
-from matten.config import load_config
-from matten.data import read_video
-from matten.diffusion import create_diffusion
 from matten.checkpoint import load_for_sampling
-from matten.data import tile_videos
+from matten.config import load_config
+from matten.data import read_video, tile_videos
+from matten.diffusion import create_diffusion
 from matten.pipelines import SamplingError, resolve_labels, sample_latents
 from matten.training import train
 
@@ -100,7 +99,7 @@ def test_checkpoint_paths_and_weights(conditional_run):
     assert by_run.class_names[3] == "orbit"
     raw = load_for_sampling(conditional_run, weights="model")
     differs = [not torch.equal(p, q) for p, q in zip(by_run.model.parameters(),
-                                                      raw.model.parameters())]
+                                                      raw.model.parameters(), strict=True)]
     assert any(differs)  # EMA weights are not the trained weights
 
 

@@ -73,7 +73,7 @@ def test_save_load_continue_equals_the_uninterrupted_stream(pipe, tmp_path):
     assert other.frame == 2 and other.steps == 2
     continued = frames(other, after)
     assert len(continued) == len(whole[2:]) == 3
-    assert all(torch.equal(a, b) for a, b in zip(whole[2:], continued))
+    assert all(torch.equal(a, b) for a, b in zip(whole[2:], continued, strict=True))
     assert not torch.equal(whole[2], frames(StreamingSession.start(pipe, seed=99, steps=2),
                                             before + after[:1])[2])  # the seed matters
 
@@ -168,7 +168,7 @@ def test_every_memory_kind_is_saved_and_continues_exactly(malt_run, tmp_path):
     other.load_state(tmp_path / "malt.safetensors")
     continued = frames(other, actions[3:])
     assert len(continued) == len(whole[3:]) == 2
-    assert all(torch.equal(a, b) for a, b in zip(whole[3:], continued))
+    assert all(torch.equal(a, b) for a, b in zip(whole[3:], continued, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -200,4 +200,4 @@ def test_a_class_conditional_model_switches_class_and_continues_exactly(class_ru
     other.load_state(tmp_path / "c.safetensors")
     assert other.class_label == 1
     continued = [other.step(output_type="pt")[0] for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(whole, continued))
+    assert all(torch.equal(a, b) for a, b in zip(whole, continued, strict=True))

@@ -6,11 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matten.ssm import (BiMamba, Mamba, MambaState, TokenGrid, backend, global_to_grid, global_to_spatial,
-                        global_to_temporal, grid_to_global, selective_scan, spatial_to_global,
-                        temporal_to_global)
-from matten.ssm.depthwise_conv import depthwise_conv1d
+from matten.ssm import (
+    BiMamba,
+    Mamba,
+    MambaState,
+    TokenGrid,
+    backend,
+    global_to_grid,
+    global_to_spatial,
+    global_to_temporal,
+    grid_to_global,
+    selective_scan,
+    spatial_to_global,
+    temporal_to_global,
+)
 from matten.ssm.chunked_scan import chunked_scan
+from matten.ssm.depthwise_conv import depthwise_conv1d
 from matten.ssm.reference import selective_scan_ref
 
 # The module, not the function of the same name that matten.ssm exports.
@@ -195,7 +206,7 @@ def test_cpu_scan_reads_strided_inputs_as_given():
         grads.append((y.detach(), [leaves[k].grad for k in views]))
     (y0, g0), (y1, g1) = grads
     assert torch.equal(y0, y1)
-    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
 
 
 def test_bad_shapes_are_reported_by_name():
@@ -371,7 +382,7 @@ def test_selective_scan_follows_the_chosen_backend(availability, monkeypatch):
     assert selective_scan(**x, delta_softplus=True, return_last_state=True) == "fused"
     (args,) = calls
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
-    assert all(a is x[k] for a, k in zip(args, names)) and args[8:] == (True, True)
+    assert all(a is x[k] for a, k in zip(args[:8], names, strict=True)) and args[8:] == (True, True)
 
 
 def mixer_by_hand(mixer, ssm, hidden):
@@ -569,7 +580,7 @@ def test_depthwise_conv_equals_torch_conv_and_its_gradients(padding):
     grad = torch.randn(y.shape, dtype=torch.float64, generator=g)
     y.backward(grad)
     expected.backward(grad)
-    for a, e in zip(ours, theirs):
+    for a, e in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a.grad, e.grad, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="weight must have shape"):
         depthwise_conv1d(x, w[:4])

@@ -15,13 +15,21 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from matten import cli
-from matten.config import loader as config_loader
-from matten.config import (ConfigError, RunConfig, apply_overrides, config_differences, config_from_dict,
-                           config_to_dict, load_config, packaged_configs,
-                           resolve_mixed_precision)
-from matten.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint_files
-from matten.training import SetupError, create_ema, ema_decay_at, train, update_ema
 from matten.checkpoint import files as ckpt_module
+from matten.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint_files
+from matten.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_differences,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    packaged_configs,
+    resolve_mixed_precision,
+)
+from matten.config import loader as config_loader
+from matten.training import SetupError, create_ema, ema_decay_at, train, update_ema
 from matten.training.data import StreamSampler
 
 TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
@@ -393,9 +401,9 @@ def test_bf16_training_resumes_exactly_with_deterministic_kernels(tmp_path):
 # long video: the causal backbone with diffusion forcing
 
 def test_causal_model_trains_with_a_noise_level_per_frame(tmp_path, monkeypatch):
+    from matten.checkpoint import load_for_sampling
     from matten.diffusion import GaussianDiffusion
     from matten.models import CausalVideoBackbone
-    from matten.checkpoint import load_for_sampling
 
     seen, weights = [], []
     real_losses = GaussianDiffusion.training_losses
@@ -425,5 +433,5 @@ def test_causal_model_trains_with_a_noise_level_per_frame(tmp_path, monkeypatch)
     loaded = load_for_sampling(tmp_path / "run")
     assert isinstance(loaded.model, CausalVideoBackbone)
     assert loaded.model.config["window"] == 2 and loaded.model.config["memory"] == "both"
-    for a, b in zip(loaded.model.state_dict().values(), result.ema.state_dict().values()):
+    for a, b in zip(loaded.model.state_dict().values(), result.ema.state_dict().values(), strict=True):
         assert torch.equal(a.cpu(), b.cpu())

@@ -15,15 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_train import TINY, tiny_config  # the tiny run the training tests share
 
 from matten import cli
+from matten.checkpoint import latest_checkpoint, load_checkpoint_files
 from matten.config import load_config
 from matten.data import write_video
-from matten.checkpoint import latest_checkpoint, load_checkpoint_files
-from matten.training import SetupError, train
-from matten.training import callbacks, step as step_module
 from matten.interrupts import GracefulStop
-from test_train import TINY, tiny_config  # the tiny run the training tests share
+from matten.training import SetupError, callbacks, train
+from matten.training import step as step_module
+
 
 def loss_steps(run: Path) -> list[int]:
     with open(run / "loss.csv", newline="") as f:

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
+from test_ssm import LAYOUTS, make_inputs, rel_err
 
 from matten.models import create_model
 from matten.ssm import backend, selective_scan
 from matten.ssm.reference import selective_scan_ref
-from test_ssm import LAYOUTS, make_inputs, rel_err
 
 if sys.platform != "linux":  # triton has Linux wheels only (the test extra installs it there)
     pytest.importorskip("triton")

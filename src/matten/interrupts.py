@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
-
-import sys
 
 __all__ = ["Terminated", "sigterm_as_interrupt", "interrupts_deferred", "exit_status",
            "GracefulStop"]
@@ -107,7 +106,7 @@ class GracefulStop:
         self.requested: str | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         if _in_main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -57,9 +57,9 @@ def run(args, parser) -> int:
     rows = [[r["model"], r["variant"] or "-", r["depth"], f"{r['params'] / 1e6:.1f}",
              r["paper_params_m"] or "-", _g(r["flops"]), _g(r["thop_macs"]),
              _g(r["analytic_flops"]), r["paper_flops_g"] or "-"] for r in reports]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for row in [header] + rows:
-        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths, strict=True)))
     if args.table:
         v3, latte = reports[2], reports[4]
         print(f"Matten-V3 / Latte: counted {v3['flops'] / latte['flops']:.2f}, thop-style "

@@ -7,10 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, config_from_checkpoint, latest_checkpoint, \
-    resolve_checkpoint
-from ..config import ConfigError, apply_overrides, config_differences, load_config, \
-    packaged_configs
+from ..checkpoint import (
+    CheckpointError,
+    config_from_checkpoint,
+    latest_checkpoint,
+    resolve_checkpoint,
+)
+from ..config import ConfigError, apply_overrides, config_differences, load_config, packaged_configs
 from ..training import SetupError, train
 
 

@@ -10,8 +10,8 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["temp_file_beside", "remove_stale_temp_files", "atomic_write_path", "commit_temp"]
 

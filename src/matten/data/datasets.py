@@ -12,18 +12,25 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .transforms import CLIP_STARTS, VideoTransform, as_size, clip_span, sample_clip_indices
-from .video_read import (VIDEO_EXTENSIONS, ShortVideoError, VideoDecodeError, count_frames,
-                         is_image_file, natural_key, read_video)
+from .video_read import (
+    VIDEO_EXTENSIONS,
+    ShortVideoError,
+    VideoDecodeError,
+    count_frames,
+    is_image_file,
+    natural_key,
+    read_video,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +174,7 @@ class VideoClipDataset(Dataset):
             class_names = sorted({t[0] for t in top if len(t) > 1}, key=lambda s: (s.lower(), s))
         index = {c: i for i, c in enumerate(class_names)}
         videos = []
-        for p, t in zip(paths, top):
+        for p, t in zip(paths, top, strict=True):
             if len(t) > 1 and t[0] in index:
                 videos.append((p, index[t[0]]))
             else:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .transforms import video_to_uint8
 from .atomic import atomic_write_path
+from .transforms import video_to_uint8
 from .video_write import as_uint8_frames, check_video_path, write_video
 
 

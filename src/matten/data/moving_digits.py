@@ -154,7 +154,7 @@ class MovingDigitsDataset(RenderedVideoDataset):
         for digit in reversed(digits):  # the labelled digit last, on top where they overlap
             alpha = np.zeros((self.num_frames, self.height, self.width, 1), np.float32)
             scan = self.images[digit["image"]][..., None]
-            for f, (y, x) in enumerate(zip(digit["y"], digit["x"])):
+            for f, (y, x) in enumerate(zip(digit["y"], digit["x"], strict=True)):
                 alpha[f, y:y + s, x:x + s] = scan
             # Ink over what is below, as a pen would: alpha is the scan's darkness.
             video = video * (1.0 - alpha) + alpha * digit["colour"].astype(np.float32)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset
 
-from .benchmarks import (FaceForensicsDataset, FolderDataset, SkyTimelapseDataset,
-                         TaichiHDDataset, UCF101Dataset)
+from .benchmarks import (
+    FaceForensicsDataset,
+    FolderDataset,
+    SkyTimelapseDataset,
+    TaichiHDDataset,
+    UCF101Dataset,
+)
 from .long_memory import ACTION_NAMES, PanningMapDataset
 from .moving_digits import build_moving_digits
 from .synthetic import SyntheticVideoDataset

@@ -7,9 +7,9 @@ file and renames it into place when complete (:mod:`.atomic`). H.264 (or MPEG-4)
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -173,7 +173,7 @@ class StreamingVideoWriter:
 
     # ------------------------------------------------------------------ context
 
-    def __enter__(self) -> "StreamingVideoWriter":
+    def __enter__(self) -> StreamingVideoWriter:
         self.open()
         return self
 

@@ -4,10 +4,22 @@ The feature networks live in :mod:`.i3d` and :mod:`.motion_net`, the `matten eva
 :mod:`.evaluate`; they import torch models lazily, so ``import matten.eval`` stays light.
 """
 
-from .flops import (PAPER_FLOPS_G, PAPER_PARAMS_M, analytic_flops, count_parameters,
-                    counted_flops, flops_report, thop_style_macs)
-from .frechet import (FeatureStats, FeatureStatsAccumulator, cached_stats,
-                      feature_stats_from_batches, frechet_distance)
+from .flops import (
+                    PAPER_FLOPS_G,
+                    PAPER_PARAMS_M,
+                    analytic_flops,
+                    count_parameters,
+                    counted_flops,
+                    flops_report,
+                    thop_style_macs,
+)
+from .frechet import (
+                    FeatureStats,
+                    FeatureStatsAccumulator,
+                    cached_stats,
+                    feature_stats_from_batches,
+                    frechet_distance,
+)
 
 __all__ = ["FeatureStats", "FeatureStatsAccumulator", "PAPER_FLOPS_G", "PAPER_PARAMS_M",
            "analytic_flops", "cached_stats", "count_parameters", "counted_flops",

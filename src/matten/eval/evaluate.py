@@ -34,16 +34,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import dataset_from_config, tile_videos, upscale_frames, video_to_uint8, write_video
-from ..data import atomic_write_path
+from ..checkpoint import config_from_checkpoint, load_for_sampling
+from ..data import (
+    atomic_write_path,
+    dataset_from_config,
+    tile_videos,
+    upscale_frames,
+    video_to_uint8,
+    write_video,
+)
 from ..devices import resolve_device
-from ..checkpoint import (config_from_checkpoint, load_for_sampling)
 from ..pipelines import sample_videos
 from .frechet import FeatureStats, FeatureStatsAccumulator, cached_stats, frechet_distance
 from .i3d_loading import load_i3d
 from .metrics import quality_metrics
-from .samples import GeneratedClips, default_output, key_digest, sample_key
 from .motion_features import MotionFeatureExtractor
+from .samples import GeneratedClips, default_output, key_digest, sample_key
 
 __all__ = ["EvalSettings", "evaluate", "build_extractor", "real_clips", "uint8_to_model_input",
            "clip_features"]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..models import LAYOUTS, DEPTHS, SIZES, create_model, parse_name
+from ..models import DEPTHS, LAYOUTS, SIZES, create_model, parse_name
 from ..models.layers import AttentionLayer, MambaLayer
 
 # The paper's Table 2 (XL, 16x256x256) and Table 3; Latte-XL's FLOPs as quoted in its Table 1.

@@ -14,9 +14,10 @@ import json
 import re
 import warnings
 import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -154,7 +155,7 @@ class FeatureStats:
         return int(self.mean.shape[0])
 
     @classmethod
-    def from_features(cls, features) -> "FeatureStats":
+    def from_features(cls, features) -> FeatureStats:
         """Fit a Gaussian to ``features`` of shape (N, D), N >= 2 (kept in ``.features``)."""
         x = _as_float64(features, "features")
         if x.ndim != 2:
@@ -164,7 +165,7 @@ class FeatureStats:
         return cls(x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1]),
                    x.shape[0], features=x)
 
-    def frechet_distance(self, other: "FeatureStats", method: str = "eig") -> float:
+    def frechet_distance(self, other: FeatureStats, method: str = "eig") -> float:
         return frechet_distance(self.mean, self.cov, other.mean, other.cov, method=method)
 
     def save(self, path) -> Path:
@@ -181,7 +182,7 @@ class FeatureStats:
         return path
 
     @classmethod
-    def load(cls, path) -> "FeatureStats":
+    def load(cls, path) -> FeatureStats:
         """Read a file written by :meth:`save`; raises ``ValueError`` if it is damaged."""
         path = Path(path)
         try:
@@ -212,7 +213,7 @@ class FeatureStatsAccumulator:
         self.mean: np.ndarray | None = None
         self._m2: np.ndarray | None = None  # sum of outer products of deviations from the mean
 
-    def update(self, features) -> "FeatureStatsAccumulator":
+    def update(self, features) -> FeatureStatsAccumulator:
         x = _as_float64(features, "features")
         if x.ndim != 2:
             raise ValueError(f"a feature batch must have shape (B, D), got {x.shape}")

@@ -29,7 +29,7 @@ Two kinds of weight file are supported; Matten never downloads either.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 def _pad_same(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
     (tf, tb), (hf, hb), (wf, wb) = (_same_pad(s, k, st)
-                                    for s, k, st in zip(x.shape[2:], kernel, stride))
+                                    for s, k, st in zip(x.shape[2:], kernel, stride, strict=True))
     if tf == tb == hf == hb == wf == wb == 0:
         return x
     return F.pad(x, (wf, wb, hf, hb, tf, tb))  # zeros, as in pytorch-i3d

@@ -13,7 +13,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .i3d import (I3D_INPUT_SIZE, InceptionI3d, PYTORCH_I3D_URL, STYLEGAN_V_I3D_URL, TORCHSCRIPT_KWARGS, preprocess_for_i3d)
+from .i3d import (
+    I3D_INPUT_SIZE,
+    PYTORCH_I3D_URL,
+    STYLEGAN_V_I3D_URL,
+    TORCHSCRIPT_KWARGS,
+    InceptionI3d,
+    preprocess_for_i3d,
+)
 
 __all__ = ["I3DFeatureExtractor", "load_i3d"]
 

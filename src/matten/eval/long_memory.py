@@ -8,7 +8,6 @@ every pixel of every frame, how long its map point had been out of sight.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

@@ -16,7 +16,17 @@ from safetensors.torch import load_file, save_file
 from ..data import atomic_write_path
 from ..data.synthetic import MOTION_TYPES
 from ..data.transforms import as_size
-from .motion_net import (DEFAULT_STEPS, DEFAULT_VERSION, MOTION_NET_NAMES, MotionFeatureNet, NETS, TRAIN_PARAMS, check_version, net_settings, train_motion_net)
+from .motion_net import (
+    DEFAULT_STEPS,
+    DEFAULT_VERSION,
+    MOTION_NET_NAMES,
+    NETS,
+    TRAIN_PARAMS,
+    MotionFeatureNet,
+    check_version,
+    net_settings,
+    train_motion_net,
+)
 
 __all__ = ["MotionFeatureExtractor", "load_or_train_motion_net", "motion_net_cache_paths"]
 
@@ -118,7 +128,7 @@ class MotionFeatureExtractor:
 
     @classmethod
     def load_or_train(cls, cache_dir, resolution=16, num_frames: int = 8, device=None,
-                      **kwargs) -> "MotionFeatureExtractor":
+                      **kwargs) -> MotionFeatureExtractor:
         """The cached (or newly trained) net for this clip size; ``version=1`` for the first
         version, other keywords as :func:`load_or_train_motion_net`."""
         net, info = load_or_train_motion_net(cache_dir, resolution, num_frames, **kwargs)

@@ -190,7 +190,7 @@ def _clips(dataset: SyntheticVideoDataset, start: int, count: int) -> tuple[torc
     Renders with numpy and converts the whole batch at once; per-item tensor conversion is far
     slower on a busy CPU.
     """
-    frames, labels = zip(*(dataset.render(i) for i in range(start, start + count)))
+    frames, labels = zip(*(dataset.render(i) for i in range(start, start + count)), strict=True)
     video = torch.from_numpy(np.stack(frames)).permute(0, 4, 1, 2, 3)
     return (video * 2.0 - 1.0).clamp_(-1.0, 1.0).contiguous(), torch.tensor(labels)
 

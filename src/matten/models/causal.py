@@ -137,7 +137,7 @@ class CausalVideoBackbone(Denoiser):
                              f"got batch {tokens.shape[0]} and a model of {len(self.blocks)} "
                              "blocks")
         layers = []
-        for block, layer_state in zip(self.blocks, state.layers):
+        for block, layer_state in zip(self.blocks, state.layers, strict=True):
             tokens, new_layer = block(tokens, cond, grid, state.frames, layer_state, commit)
             layers.append(new_layer)
         return tokens, layers

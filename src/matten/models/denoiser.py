@@ -10,15 +10,22 @@ and :meth:`Denoiser.run_blocks` (what the blocks take besides the tokens).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ssm import TokenGrid
-from .embeddings import (ActionEmbedder, LabelEmbedder, PatchEmbed, TimestepEmbedder,
-                         spatio_temporal_pos_embed, unpatchify)
+from .embeddings import (
+    ActionEmbedder,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    spatio_temporal_pos_embed,
+    unpatchify,
+)
 from .layers import Condition, modulate, zero_modulation
 
 

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from ..ssm.mamba import Mamba, MambaState
 from ..ssm.scan_order import TokenGrid
 
-
 # --------------------------------------------------------------------------------------------
 # Gated delta rule
 # --------------------------------------------------------------------------------------------

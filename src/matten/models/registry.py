@@ -18,8 +18,8 @@ Latte, the paper's "layers" count spatial and temporal layers separately, so a M
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .backbone import LAYOUTS, VideoBackbone
 from .causal import CAUSAL_NAME, create_causal_model

@@ -22,8 +22,7 @@ from ..data import video_to_uint8
 from ..devices import resolve_device
 from ..diffusion import classifier_free_guidance
 from ..latent import Autoencoder, PixelAutoencoder
-from .settings import (SamplingError, check_sampling, resolve_labels, run_sampler,
-                       sampling_diffusion)
+from .settings import SamplingError, check_sampling, resolve_labels, run_sampler, sampling_diffusion
 
 __all__ = ["sample_latents", "sample_videos", "MattenPipeline"]
 

@@ -262,7 +262,7 @@ class LongVideoPipeline(MattenPipeline):
     file while generating. Settings left as None take the run's ``sample`` section."""
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "LongVideoPipeline":
+    def from_pretrained(cls, path, **kwargs) -> LongVideoPipeline:
         pipe = super().from_pretrained(path, **kwargs)
         if not pipe.model.streams:
             raise SamplingError(f"'{pipe.loaded.folder}' holds a clip model, which generates its "

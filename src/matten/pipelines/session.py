@@ -97,7 +97,7 @@ def unflatten_state(tree, tensors: dict, device=None):
     return {k: unflatten_state(v, tensors, device) for k, v in tree["dict"].items()}
 
 
-_IDENTITIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def checkpoint_identity(pipe: LongVideoPipeline) -> dict:
@@ -136,7 +136,7 @@ class StreamingSession:
 
     @classmethod
     def start(cls, pipe_or_path, *, seed: int = 0, steps: int | None = None, class_label=None,
-              context: torch.Tensor | None = None) -> "StreamingSession":
+              context: torch.Tensor | None = None) -> StreamingSession:
         """A new stream from a :class:`LongVideoPipeline` or a checkpoint path. ``context``:
         frames (3, n, H, W) or (1, 3, n, H, W) in [-1, 1] the stream continues (generated frames
         are numbered from n). ``class_label``: index or name (default: class 0)."""

@@ -71,7 +71,7 @@ class Stream:
     """One tab's stream: commands arrive in a queue (a reader task fills it) and are handled
     between frames, so a frame is never generated while the state is saved or replaced."""
 
-    def __init__(self, server: "PlayServer", ws: WebSocket, number: int):
+    def __init__(self, server: PlayServer, ws: WebSocket, number: int):
         self.server, self.ws, self.number = server, ws, number
         self.session = StreamingSession.start(server.pipe, seed=server.seed + number,
                                                steps=server.steps)

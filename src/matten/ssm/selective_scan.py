@@ -158,7 +158,7 @@ def _backward(ctx, dy, dh_last):
     dy = torch.zeros_like(u) if dy is None else dy
     dh_last = torch.zeros_like(h0) if dh_last is None else dh_last.contiguous()
     grads = _scan_bwd(u, delta, A, B, C, h0, D, z, delta_bias, *ctx.flags, dy, dh_last)
-    return (*(g if present else None for g, present in zip(grads, ctx.present)), None, None)
+    return (*(g if present else None for g, present in zip(grads, ctx.present, strict=True)), None, None)
 
 
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -38,6 +38,7 @@ from triton import knobs
 from . import layouts
 from .triton_kernels import scan_bwd_kernel, scan_fwd_kernel
 
+
 def _interpreted(fn) -> bool:
     return type(fn).__name__ == "InterpretedFunction"
 
