@@ -40,8 +40,13 @@ def current_rss_bytes() -> int:
 
 def peak_extra_memory(script: str, *args: str) -> float:
     """Run ``script --peak-memory args`` in a new process; it prints the peak extra bytes (MB)."""
-    out = subprocess.run([sys.executable, script, "--peak-memory", *args], check=True,
-                         capture_output=True, text=True, env={**os.environ, **MALLOC_ENV}).stdout
+    out = subprocess.run(
+        [sys.executable, script, "--peak-memory", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **MALLOC_ENV},
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
@@ -75,8 +80,12 @@ def report_peak(fn) -> None:
 
 def print_table(header: list[str], rows: list[list]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
-    text = "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line(r) for r in rows])
+    line = lambda r: (
+        "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)) + " |"
+    )  # noqa: E731
+    text = "\n".join(
+        [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        + [line(r) for r in rows]
+    )
     print(text)
     return text

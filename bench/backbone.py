@@ -23,8 +23,13 @@ from _common import print_table, reexec_with_returning_malloc, sampled_peak  # n
 
 from matten.models import create_model  # noqa: E402
 
-MODELS = [("Latte-S/2", 3), ("Matten-S/2", 1), ("Matten-S/2", 2), ("Matten-S/2", 3),
-          ("Matten-S/2", 4)]
+MODELS = [
+    ("Latte-S/2", 3),
+    ("Matten-S/2", 1),
+    ("Matten-S/2", 2),
+    ("Matten-S/2", 3),
+    ("Matten-S/2", 4),
+]
 
 
 def peak_during(fn, device):
@@ -47,6 +52,7 @@ def step(model, frames, device):
     def run():
         model.zero_grad(set_to_none=True)
         model(x, t).square().mean().backward()
+
     return run
 
 
@@ -65,14 +71,22 @@ def main():
         label = "Latte-S/2" if name.startswith("Latte") else f"Matten-S/2 v{variant}"
         step(model, 2, args.device)()  # warm-up: kernels compiled, allocator primed
         for frames in args.frames:
-            runs = [peak_during(step(model, frames, args.device), args.device)
-                    for _ in range(args.repeats)]
+            runs = [
+                peak_during(step(model, frames, args.device), args.device)
+                for _ in range(args.repeats)
+            ]
             results[label, frames] = (min(r[0] for r in runs), max(r[1] for r in runs))
-            print(f"{label:16s} {frames:3d} frames: {results[label, frames][0]:.2f} s, "
-                  f"{results[label, frames][1]:.0f} MB", flush=True)
+            print(
+                f"{label:16s} {frames:3d} frames: {results[label, frames][0]:.2f} s, "
+                f"{results[label, frames][1]:.0f} MB",
+                flush=True,
+            )
         del model
-    where = (torch.cuda.get_device_name() if args.device == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
+    where = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     print(f"\nforward+backward, batch 1, 32x32x4 latents, float32, {where}")
     rows = []
     for label in dict.fromkeys(k[0] for k in results):
@@ -80,11 +94,31 @@ def main():
             sec, mb = results[label, frames]
             base_sec, base_mb = results["Latte-S/2", frames]
             first = results[label, args.frames[0]][0]
-            rows.append([label, frames, frames * 256, f"{sec:.2f}", f"{sec / base_sec:.2f}",
-                         f"{sec / first:.2f} (linear {frames / args.frames[0]:.0f})",
-                         f"{mb:.0f}", f"{mb / base_mb:.2f}"])
-    print_table(["model", "frames", "tokens", "fwd+bwd s", "time vs Latte", "growth vs first",
-                 "peak extra MB", "memory vs Latte"], rows)
+            rows.append(
+                [
+                    label,
+                    frames,
+                    frames * 256,
+                    f"{sec:.2f}",
+                    f"{sec / base_sec:.2f}",
+                    f"{sec / first:.2f} (linear {frames / args.frames[0]:.0f})",
+                    f"{mb:.0f}",
+                    f"{mb / base_mb:.2f}",
+                ]
+            )
+    print_table(
+        [
+            "model",
+            "frames",
+            "tokens",
+            "fwd+bwd s",
+            "time vs Latte",
+            "growth vs first",
+            "peak extra MB",
+            "memory vs Latte",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

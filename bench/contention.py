@@ -42,9 +42,15 @@ def child(seconds: float) -> None:
 
     cfg = load_config("demo")
     torch.manual_seed(0)
-    model = build_model(**model_kwargs_for_run(
-        config_to_dict(cfg)["model"], in_channels=3, latent_hw=(cfg.data.resolution,) * 2,
-        num_classes=cfg.data.num_classes, num_frames=cfg.data.num_frames))
+    model = build_model(
+        **model_kwargs_for_run(
+            config_to_dict(cfg)["model"],
+            in_channels=3,
+            latent_hw=(cfg.data.resolution,) * 2,
+            num_classes=cfg.data.num_classes,
+            num_frames=cfg.data.num_frames,
+        )
+    )
     diffusion = create_diffusion(prediction=cfg.diffusion.prediction)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     g = torch.Generator().manual_seed(0)
@@ -74,8 +80,10 @@ def child(seconds: float) -> None:
 def run_side_by_side(count: int, seconds: float, env: dict) -> list[float]:
     """Start ``count`` children, release them together once all are warm; their steps/s."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--seconds", str(seconds)]
-    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=env) for _ in range(count)]
+    procs = [
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(count)
+    ]
     for p in procs:
         line = p.stdout.readline()
         if line.strip() != "ready":
@@ -100,31 +108,44 @@ def main() -> None:
         return child(args.seconds)
 
     import torch  # only for the header
+
     base = {k: v for k, v in os.environ.items() if k != "MATTEN_SHARED_CPU"}
     shared = {**base, "MATTEN_SHARED_CPU": "1"}
     old = {**base, "PYTHONPATH": os.path.join(os.path.abspath(args.old_src or "."), "src")}
     settings = [("defaults", base), ("MATTEN_SHARED_CPU=1", shared)]
     if args.old_src:
         settings.append((f"old code ({args.old_src}), its defaults", old))
-    print(f"demo training step (Matten-S/2 v3, 2 blocks, hidden 64, batch 16 x 3 x 8 x 16 x 16), "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.seconds:.0f} s per run")
+    print(
+        f"demo training step (Matten-S/2 v3, 2 blocks, hidden 64, batch 16 x 3 x 8 x 16 x 16), "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.seconds:.0f} s per run"
+    )
     rows, solo_rates = [], {}
     for name, env in settings:
         solo = max(run_side_by_side(1, args.seconds, env)[0] for _ in range(args.repeats))
         pair = run_side_by_side(2, args.seconds, env)
         solo_rates[name] = solo
-        rows.append([name, f"{solo:.2f}", " / ".join(f"{r:.2f}" for r in pair),
-                     " / ".join(f"{r / solo:.2f}x" for r in pair)])
+        rows.append(
+            [
+                name,
+                f"{solo:.2f}",
+                " / ".join(f"{r:.2f}" for r in pair),
+                " / ".join(f"{r / solo:.2f}x" for r in pair),
+            ]
+        )
     sys.path.insert(0, HERE)
     from _common import print_table
-    print_table(["settings", "solo steps/s", "two side by side, steps/s each", "of solo speed"],
-                rows)
+
+    print_table(
+        ["settings", "solo steps/s", "two side by side, steps/s each", "of solo speed"], rows
+    )
     (new_name, new), *others = solo_rates.items()
     for name, rate in others:
         print(f"solo speed, defaults vs {name}: {new / rate:.2f}x")
     shared_pair = [float(r) for r in rows[1][2].split(" / ")]
-    print("each of two with MATTEN_SHARED_CPU=1, of the default solo speed: "
-          + " / ".join(f"{r / new:.2f}x" for r in shared_pair))
+    print(
+        "each of two with MATTEN_SHARED_CPU=1, of the default solo speed: "
+        + " / ".join(f"{r / new:.2f}x" for r in shared_pair)
+    )
 
 
 if __name__ == "__main__":

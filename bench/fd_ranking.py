@@ -39,12 +39,21 @@ def sampled_clips(model, loaded, n, batch, seed) -> np.ndarray:
     for lo in range(0, n, batch):
         size = min(batch, n - lo)
         labels = (torch.arange(lo, lo + size) % loaded.num_classes) if loaded.num_classes else None
-        videos = sample_videos(model, loaded.autoencoder, size, loaded.num_frames,
-                               loaded.latent_size, labels=labels, sampler="ddim", steps=50,
-                               cfg_scale=run.sample.cfg_scale if labels is not None else 1.0,
-                               seed=seed + lo, learn_sigma=loaded.learn_sigma,
-                               diffusion_steps=loaded.diffusion_steps,
-                               prediction=loaded.prediction)
+        videos = sample_videos(
+            model,
+            loaded.autoencoder,
+            size,
+            loaded.num_frames,
+            loaded.latent_size,
+            labels=labels,
+            sampler="ddim",
+            steps=50,
+            cfg_scale=run.sample.cfg_scale if labels is not None else 1.0,
+            seed=seed + lo,
+            learn_sigma=loaded.learn_sigma,
+            diffusion_steps=loaded.diffusion_steps,
+            prediction=loaded.prediction,
+        )
         out.append(video_to_uint8(videos))
     return np.concatenate(out)
 
@@ -61,8 +70,7 @@ def summary(m: dict) -> str:
     kid = m["kid"]
     fd_inf = "-" if m["fd_inf"] is None else f"{m['fd_inf']:.3f}"
     kid_text = "-" if kid is None else f"{kid['mean']:.4f} ± {kid['std_err']:.4f}"
-    pr = ("-" if m["precision"] is None
-          else f"{m['precision']:.2f} / {m['recall']:.2f}")
+    pr = "-" if m["precision"] is None else f"{m['precision']:.2f} / {m['recall']:.2f}"
     return f"{m['fd']:10.3f} {fd_inf:>10s} {kid_text:>20s} {pr:>12s}"
 
 
@@ -75,36 +83,62 @@ def ladder(args, loaded, extractor, reference, n) -> list[tuple[int, dict]]:
     torch.manual_seed(0)
     rows = [(0, build_model(**loaded.meta["model_config"]).eval())]
     rows += [(step, load_for_sampling(folder).model) for step, folder in list_checkpoints(run_dir)]
-    return [(step, quality_metrics(reference, clip_features(
-        extractor, sampled_clips(model, loaded, n, args.batch_size, 10_000))))
-        for step, model in rows]
+    return [
+        (
+            step,
+            quality_metrics(
+                reference,
+                clip_features(extractor, sampled_clips(model, loaded, n, args.batch_size, 10_000)),
+            ),
+        )
+        for step, model in rows
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", choices=DATA, default=None,
-                        help="the dataset the run was trained on (default: the run's)")
+    parser.add_argument(
+        "--data",
+        choices=DATA,
+        default=None,
+        help="the dataset the run was trained on (default: the run's)",
+    )
     parser.add_argument("--num-clips", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--motion-net-version", type=int, choices=(1, 2), default=None,
-                        help="the offline feature net (default: the current one, v2)")
-    parser.add_argument("--ladder", action="store_true",
-                        help="also score every checkpoint kept in the run, and step 0")
+    parser.add_argument(
+        "--motion-net-version",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="the offline feature net (default: the current one, v2)",
+    )
+    parser.add_argument(
+        "--ladder",
+        action="store_true",
+        help="also score every checkpoint kept in the run, and step 0",
+    )
     args = parser.parse_args()
 
     loaded = load_for_sampling(args.checkpoint)
     data = config_from_checkpoint(loaded.folder).data
     if data.name not in DATA:
-        raise SystemExit(f"this check is for runs on {' or '.join(DATA)}; this run was trained "
-                         f"on {data.name}")
+        raise SystemExit(
+            f"this check is for runs on {' or '.join(DATA)}; this run was trained on {data.name}"
+        )
     if args.data is not None and args.data != data.name:
-        raise SystemExit(f"--data {args.data}: the checkpoint was trained on {data.name}; pass "
-                         f"a run trained on {args.data}")
-    extractor = build_extractor(None, args.cache_dir or loaded.folder.parent.parent / "eval" /
-                                "cache", data.resolution, data.num_frames,
-                                motion_net_version=args.motion_net_version)
+        raise SystemExit(
+            f"--data {args.data}: the checkpoint was trained on {data.name}; pass "
+            f"a run trained on {args.data}"
+        )
+    extractor = build_extractor(
+        None,
+        args.cache_dir or loaded.folder.parent.parent / "eval" / "cache",
+        data.resolution,
+        data.num_frames,
+        motion_net_version=args.motion_net_version,
+    )
     n = args.num_clips
 
     def features(clips_or_batches) -> np.ndarray:
@@ -116,20 +150,26 @@ def main() -> None:
     torch.manual_seed(0)
     untrained = build_model(**loaded.meta["model_config"]).eval()
     noise = np.random.default_rng(0).integers(
-        0, 256, (n, data.num_frames, data.resolution, data.resolution, 3), dtype=np.uint8)
+        0, 256, (n, data.num_frames, data.resolution, data.resolution, 3), dtype=np.uint8
+    )
     sets = {
-        "(a) held-out real clips": features(list(real_clips(
-            dataset_from_config(held_out_data(data), seed=0), n))),
-        "(b) trained model samples": features(sampled_clips(loaded.model, loaded, n,
-                                                            args.batch_size, 10_000)),
-        "(c) untrained model samples": features(sampled_clips(untrained, loaded, n,
-                                                              args.batch_size, 10_000)),
+        "(a) held-out real clips": features(
+            list(real_clips(dataset_from_config(held_out_data(data), seed=0), n))
+        ),
+        "(b) trained model samples": features(
+            sampled_clips(loaded.model, loaded, n, args.batch_size, 10_000)
+        ),
+        "(c) untrained model samples": features(
+            sampled_clips(untrained, loaded, n, args.batch_size, 10_000)
+        ),
         "(d) uniform noise": features(noise),
     }
     results = {name: quality_metrics(reference, f) for name, f in sets.items()}
-    print(f"{data.name}: offline metrics in {extractor.cache_name} features (not comparable "
-          f"with published FVD) against {n} training clips, {n} clips each; checkpoint step "
-          f"{loaded.step}")
+    print(
+        f"{data.name}: offline metrics in {extractor.cache_name} features (not comparable "
+        f"with published FVD) against {n} training clips, {n} clips each; checkpoint step "
+        f"{loaded.step}"
+    )
     warning = results["(b) trained model samples"]["warning"]
     if warning:
         print(f"  warning: {warning}")
@@ -145,8 +185,14 @@ def main() -> None:
         print("ladder improves with every step:", all(a > b for a, b in itertools.pairwise(fds)))
     fds = [m["fd"] for m in results.values()]
     print("ordered as expected:", all(a < b for a, b in itertools.pairwise(fds)))
-    print(json.dumps({name: {k: m[k] for k in ("fd", "fd_inf", "kid", "precision", "recall")}
-                      for name, m in results.items()}))
+    print(
+        json.dumps(
+            {
+                name: {k: m[k] for k in ("fd", "fd_inf", "kid", "precision", "recall")}
+                for name, m in results.items()
+            }
+        )
+    )
     names = ("real", "trained", "untrained", "noise")
     parts = [f"{names[0]} {fds[0]:.3f}"]
     for i in range(1, 4):

@@ -35,8 +35,7 @@ from matten.training import train  # noqa: E402
 
 
 def untrained_long_run(folder: str) -> str:
-    overrides = ["train.max_steps=1", "train.sample_every=0", "data.num_videos=8",
-                 "train.cpu=true"]
+    overrides = ["train.max_steps=1", "train.sample_every=0", "data.num_videos=8", "train.cpu=true"]
     train(load_config("long", overrides), output=folder, progress=False)
     return folder
 
@@ -68,11 +67,15 @@ def percentile(values, q: float) -> float:
 
 
 def measure(pipe, streams: int, steps: int, frames: int, warmup: int) -> list:
-    with tempfile.TemporaryDirectory() as out, \
-            TestClient(create_app(pipe, out, max_streams=streams, steps=steps)) as client:
+    with (
+        tempfile.TemporaryDirectory() as out,
+        TestClient(create_app(pipe, out, max_streams=streams, steps=steps)) as client,
+    ):
         results = [{} for _ in range(streams)]
-        threads = [threading.Thread(target=stream, args=(client, steps, frames, warmup, r))
-                   for r in results]
+        threads = [
+            threading.Thread(target=stream, args=(client, steps, frames, warmup, r))
+            for r in results
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -80,14 +83,20 @@ def measure(pipe, streams: int, steps: int, frames: int, warmup: int) -> list:
     if any("fps" not in r for r in results):
         raise RuntimeError("a stream did not finish")
     latencies = [ms for r in results for ms in r["ms"]]
-    return [streams, steps, f"{statistics.mean(r['fps'] for r in results):.1f}",
-            f"{percentile(latencies, 0.5):.1f}", f"{percentile(latencies, 0.99):.1f}"]
+    return [
+        streams,
+        steps,
+        f"{statistics.mean(r['fps'] for r in results):.1f}",
+        f"{percentile(latencies, 0.5):.1f}",
+        f"{percentile(latencies, 0.99):.1f}",
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=None,
-                        help="a long-video run (default: the long config, untrained)")
+    parser.add_argument(
+        "--checkpoint", default=None, help="a long-video run (default: the long config, untrained)"
+    )
     parser.add_argument("--steps", type=int, default=4, help="DDIM steps (matten play's default)")
     parser.add_argument("--frames", type=int, default=200, help="timed frames per stream")
     parser.add_argument("--warmup", type=int, default=10)

@@ -41,26 +41,34 @@ LAYOUTS = ["variable", "grouped", "constant"]
 def inputs(length, device="cpu", layout="variable", seed=0):
     """u, delta, A, B, C, D of one benchmark scan; B and C in ``layout`` (G=4 when grouped)."""
     g = torch.Generator().manual_seed(seed)
-    coeff = {"variable": (BATCH, NSTATE, length), "grouped": (BATCH, GROUPS, NSTATE, length),
-             "constant": (DIM, NSTATE)}[layout]
-    x = dict(u=torch.randn(BATCH, DIM, length, generator=g),
-             delta=torch.randn(BATCH, DIM, length, generator=g) * 0.5 - 3,
-             A=-torch.rand(DIM, NSTATE, generator=g) * 16,
-             B=torch.randn(*coeff, generator=g), C=torch.randn(*coeff, generator=g),
-             D=torch.randn(DIM, generator=g))
+    coeff = {
+        "variable": (BATCH, NSTATE, length),
+        "grouped": (BATCH, GROUPS, NSTATE, length),
+        "constant": (DIM, NSTATE),
+    }[layout]
+    x = dict(
+        u=torch.randn(BATCH, DIM, length, generator=g),
+        delta=torch.randn(BATCH, DIM, length, generator=g) * 0.5 - 3,
+        A=-torch.rand(DIM, NSTATE, generator=g) * 16,
+        B=torch.randn(*coeff, generator=g),
+        C=torch.randn(*coeff, generator=g),
+        D=torch.randn(DIM, generator=g),
+    )
     return {k: v.to(device) for k, v in x.items()}
 
 
 def scan_with(name):
     """Our selective_scan on one named backend (softplus on delta, D skip, no z)."""
+
     def scan(u, delta, A, B, C, D):
         return selective_scan(u, delta, A, B, C, D, delta_softplus=True, backend=name)
+
     return scan
 
 
 def _materialised(u, delta, A, B):
     delta = F.softplus(delta)
-    deltaA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])            # (B, ED, L, N)
+    deltaA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (B, ED, L, N)
     deltaB_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2)[:, None]  # (B, ED, L, N)
     return deltaA, deltaB_u
 
@@ -79,18 +87,22 @@ def plain_loop(u, delta, A, B, C, D):
 def mambapy_pscan(u, delta, A, B, C, D):
     """mambapy's Blelloch parallel scan, on the same materialised tensors (its layout: B, L, ED, N)."""
     from mambapy.pscan import pscan
+
     deltaA, deltaB_u = _materialised(u, delta, A, B)
-    hs = pscan(deltaA.transpose(1, 2), deltaB_u.transpose(1, 2))     # (B, L, ED, N)
-    y = (hs @ C.transpose(1, 2).unsqueeze(-1)).squeeze(-1)           # (B, L, ED)
+    hs = pscan(deltaA.transpose(1, 2), deltaB_u.transpose(1, 2))  # (B, L, ED, N)
+    y = (hs @ C.transpose(1, 2).unsqueeze(-1)).squeeze(-1)  # (B, L, ED)
     return y.transpose(1, 2) + u * D[:, None]
 
 
 def methods(device):
     """name -> function; the first is the reference the others must agree with."""
     if device == "cpu":
-        return {"ours (numba kernel)": scan_with("cpu"),
-                "ours (chunked torch)": scan_with("chunked"),
-                "plain loop": plain_loop, "mambapy pscan": mambapy_pscan}
+        return {
+            "ours (numba kernel)": scan_with("cpu"),
+            "ours (chunked torch)": scan_with("chunked"),
+            "plain loop": plain_loop,
+            "mambapy pscan": mambapy_pscan,
+        }
     found = {"ours (triton)": scan_with("triton")}
     try:
         backend("cuda", override="mamba_ssm")
@@ -107,6 +119,7 @@ def synchronised(fn, device):
         if device == "cuda":
             torch.cuda.synchronize()
         return out
+
     return run
 
 
@@ -155,8 +168,11 @@ def check_agreement(all_methods, x):
 
 
 def where(device):
-    return (torch.cuda.get_device_name() if device == "cuda"
-            else f"CPU, {torch.get_num_threads()} threads")
+    return (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
 
 
 def cpu_table(length, repeats):
@@ -168,14 +184,36 @@ def cpu_table(length, repeats):
         fwd, fb = time_method(fn, x, "cpu", 1 if name == "plain loop" else repeats)
         rows.append([name, fwd, fb, peak_extra_memory(__file__, name, "--length", str(length))])
     base_f, base_fb = rows[2][1], rows[2][2]
-    table = [[n, f"{f * 1e3:.0f}", f"{base_f / f:.1f}x", f"{fb * 1e3:.0f}", f"{base_fb / fb:.1f}x",
-              f"{m:.0f}"] for n, f, fb, m in rows]
-    print(f"selective scan, B={BATCH} L={length} ED={DIM} N={NSTATE} float32, {where('cpu')}; "
-          f"one (B, L, ED, N) float32 tensor = {BATCH * length * DIM * NSTATE * 4 / 2**20:.0f} MB")
-    print_table(["method", "fwd ms", "fwd speed-up vs loop", "fwd+bwd ms",
-                 "fwd+bwd speed-up vs loop", "fwd+bwd peak extra MB"], table)
+    table = [
+        [
+            n,
+            f"{f * 1e3:.0f}",
+            f"{base_f / f:.1f}x",
+            f"{fb * 1e3:.0f}",
+            f"{base_fb / fb:.1f}x",
+            f"{m:.0f}",
+        ]
+        for n, f, fb, m in rows
+    ]
+    print(
+        f"selective scan, B={BATCH} L={length} ED={DIM} N={NSTATE} float32, {where('cpu')}; "
+        f"one (B, L, ED, N) float32 tensor = {BATCH * length * DIM * NSTATE * 4 / 2**20:.0f} MB"
+    )
+    print_table(
+        [
+            "method",
+            "fwd ms",
+            "fwd speed-up vs loop",
+            "fwd+bwd ms",
+            "fwd+bwd speed-up vs loop",
+            "fwd+bwd peak extra MB",
+        ],
+        table,
+    )
     ours, mp = rows[0], rows[3]
-    print(f"ours vs mambapy pscan: fwd {mp[1] / ours[1]:.1f}x, fwd+bwd {mp[2] / ours[2]:.1f}x faster")
+    print(
+        f"ours vs mambapy pscan: fwd {mp[1] / ours[1]:.1f}x, fwd+bwd {mp[2] / ours[2]:.1f}x faster"
+    )
 
 
 def cuda_table(length, repeats, hbm_gbps):
@@ -188,18 +226,44 @@ def cuda_table(length, repeats, hbm_gbps):
         fwd, fb = time_method(fn, x, "cuda", repeats)
         rows.append([name, fwd, fb, cuda_peak_mb(fn, x)])
     pscan_f, pscan_fb = rows[-1][1], rows[-1][2]
-    table = [[n, f"{f * 1e3:.2f}", f"{pscan_f / f:.1f}x", f"{floor_f / f:.1%}", f"{fb * 1e3:.2f}",
-              f"{pscan_fb / fb:.1f}x", f"{floor_fb / fb:.1%}", f"{m:.0f}"] for n, f, fb, m in rows]
-    print(f"\nselective scan, B={BATCH} L={length} ED={DIM} N={NSTATE} float32, {where('cuda')}; "
-          f"one (B, L, ED, N) float32 tensor = {BATCH * length * DIM * NSTATE * 4 / 2**20:.0f} MB; "
-          f"bandwidth floor at {hbm_gbps:.0f} GB/s: fwd {floor_f * 1e6:.1f} us, "
-          f"fwd+bwd {floor_fb * 1e6:.1f} us")
-    print_table(["method", "fwd ms", "fwd vs pscan", "fwd % of floor", "fwd+bwd ms",
-                 "fwd+bwd vs pscan", "fwd+bwd % of floor", "fwd+bwd peak extra MB"], table)
+    table = [
+        [
+            n,
+            f"{f * 1e3:.2f}",
+            f"{pscan_f / f:.1f}x",
+            f"{floor_f / f:.1%}",
+            f"{fb * 1e3:.2f}",
+            f"{pscan_fb / fb:.1f}x",
+            f"{floor_fb / fb:.1%}",
+            f"{m:.0f}",
+        ]
+        for n, f, fb, m in rows
+    ]
+    print(
+        f"\nselective scan, B={BATCH} L={length} ED={DIM} N={NSTATE} float32, {where('cuda')}; "
+        f"one (B, L, ED, N) float32 tensor = {BATCH * length * DIM * NSTATE * 4 / 2**20:.0f} MB; "
+        f"bandwidth floor at {hbm_gbps:.0f} GB/s: fwd {floor_f * 1e6:.1f} us, "
+        f"fwd+bwd {floor_fb * 1e6:.1f} us"
+    )
+    print_table(
+        [
+            "method",
+            "fwd ms",
+            "fwd vs pscan",
+            "fwd % of floor",
+            "fwd+bwd ms",
+            "fwd+bwd vs pscan",
+            "fwd+bwd % of floor",
+            "fwd+bwd peak extra MB",
+        ],
+        table,
+    )
     if "mamba_ssm" in all_methods:
         ours, fused = rows[0], rows[1]
-        print(f"triton vs mamba_ssm: fwd {ours[1] / fused[1]:.2f}x, "
-              f"fwd+bwd {ours[2] / fused[2]:.2f}x its time")
+        print(
+            f"triton vs mamba_ssm: fwd {ours[1] / fused[1]:.2f}x, "
+            f"fwd+bwd {ours[2] / fused[2]:.2f}x its time"
+        )
 
 
 def layout_table(device, length, repeats, hbm_gbps):
@@ -212,27 +276,47 @@ def layout_table(device, length, repeats, hbm_gbps):
             x = inputs(length, device, layout)
             fwd, fb = time_method(scan_with(name), x, device, repeats)
             base = base or (fwd, fb)
-            row = [name, layout, f"{fwd * 1e3:.2f}", f"{fwd / base[0]:.2f}x", f"{fb * 1e3:.2f}",
-                   f"{fb / base[1]:.2f}x"]
+            row = [
+                name,
+                layout,
+                f"{fwd * 1e3:.2f}",
+                f"{fwd / base[0]:.2f}x",
+                f"{fb * 1e3:.2f}",
+                f"{fb / base[1]:.2f}x",
+            ]
             if device == "cuda":
                 row.append(f"{floor_bytes(length, layout)[1] / (hbm_gbps * 1e9) / fb:.1%}")
             rows.append(row)
-    header = ["backend", "B, C layout", "fwd ms", "fwd vs variable", "fwd+bwd ms",
-              "fwd+bwd vs variable"] + (["fwd+bwd % of floor"] if device == "cuda" else [])
-    print(f"\nB and C layouts (grouped: G={GROUPS}; constant: (ED, N)), L={length}, "
-          f"{where(device)}")
+    header = [
+        "backend",
+        "B, C layout",
+        "fwd ms",
+        "fwd vs variable",
+        "fwd+bwd ms",
+        "fwd+bwd vs variable",
+    ] + (["fwd+bwd % of floor"] if device == "cuda" else [])
+    print(
+        f"\nB and C layouts (grouped: G={GROUPS}; constant: (ED, N)), L={length}, {where(device)}"
+    )
     print_table(header, rows)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--length", type=int, action="append",
-                        help=f"sequence length (repeatable; default {CPU_LENGTHS} on CPU, "
-                             f"{CUDA_LENGTHS} on CUDA)")
+    parser.add_argument(
+        "--length",
+        type=int,
+        action="append",
+        help=f"sequence length (repeatable; default {CPU_LENGTHS} on CPU, {CUDA_LENGTHS} on CUDA)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method (best kept)")
-    parser.add_argument("--hbm-gbps", type=float, default=4800.0,
-                        help="GPU memory bandwidth for the floor, GB/s (default: H200)")
+    parser.add_argument(
+        "--hbm-gbps",
+        type=float,
+        default=4800.0,
+        help="GPU memory bandwidth for the floor, GB/s (default: H200)",
+    )
     parser.add_argument("--no-layouts", action="store_true", help="skip the layout table")
     parser.add_argument("--peak-memory", metavar="METHOD", help=argparse.SUPPRESS)
     args = parser.parse_args()

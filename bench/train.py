@@ -41,8 +41,7 @@ MODELS = [("Matten-S/2", 3), ("Latte-S/2", None)]
 
 def build(name, variant, frames, resolution, num_classes, device):
     torch.manual_seed(0)
-    kwargs = dict(num_frames=frames, input_size=resolution, in_channels=3,
-                  num_classes=num_classes)
+    kwargs = dict(num_frames=frames, input_size=resolution, in_channels=3, num_classes=num_classes)
     if variant is not None:
         kwargs["variant"] = variant
     return create_model(name, **kwargs).to(device)
@@ -85,7 +84,7 @@ def matmul_flops_per_second(device, n: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return 2 * n ** 3 / best_time(mm, repeats=5, warmup=2)
+    return 2 * n**3 / best_time(mm, repeats=5, warmup=2)
 
 
 def child_peak(args) -> None:
@@ -93,18 +92,31 @@ def child_peak(args) -> None:
     device = torch.device("cpu")
     name, variant = next(m for m in MODELS if m[0] == args.peak_memory)
     model = build(name, variant, args.frames, args.resolution, args.num_classes, device)
-    step, _ = make_step(model, args.batch_size, args.frames, args.resolution, args.num_classes,
-                        device)
+    step, _ = make_step(
+        model, args.batch_size, args.frames, args.resolution, args.num_classes, device
+    )
     step()
     print(json.dumps({"peak_mb": sampled_peak(step)[1]}))
 
 
 def cpu_peak_mb(name: str, args) -> float:
-    cmd = [sys.executable, __file__, "--peak-memory", name, "--frames", str(args.frames),
-           "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
-           "--num-classes", str(args.num_classes)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         env={**os.environ, **MALLOC_ENV}).stdout
+    cmd = [
+        sys.executable,
+        __file__,
+        "--peak-memory",
+        name,
+        "--frames",
+        str(args.frames),
+        "--resolution",
+        str(args.resolution),
+        "--batch-size",
+        str(args.batch_size),
+        "--num-classes",
+        str(args.num_classes),
+    ]
+    out = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV}
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
@@ -124,37 +136,64 @@ def main() -> None:
         return child_peak(args)
 
     device = torch.device(args.device)
-    peak_mm = matmul_flops_per_second(device, args.matmul_size or
-                                      (8192 if device.type == "cuda" else 4096))
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
-    print(f"training step, batch {args.batch_size} x 3 x {args.frames} x {args.resolution} x "
-          f"{args.resolution} (pixel space, patch 2), float32, {where}, torch {torch.__version__}")
+    peak_mm = matmul_flops_per_second(
+        device, args.matmul_size or (8192 if device.type == "cuda" else 4096)
+    )
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"training step, batch {args.batch_size} x 3 x {args.frames} x {args.resolution} x "
+        f"{args.resolution} (pixel space, patch 2), float32, {where}, torch {torch.__version__}"
+    )
     print(f"large float32 matmul: {peak_mm / 1e9:.1f} GFLOP/s")
     rows, results = [], {}
     for name, variant in MODELS:
         model = build(name, variant, args.frames, args.resolution, args.num_classes, device)
         params = sum(p.numel() for p in model.parameters())
-        step, forward = make_step(model, args.batch_size, args.frames, args.resolution,
-                                  args.num_classes, device)
+        step, forward = make_step(
+            model, args.batch_size, args.frames, args.resolution, args.num_classes, device
+        )
         flops = step_flops(forward)
         seconds = best_time(step, repeats=args.repeats, warmup=1)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             step()
-            peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:
             peak = cpu_peak_mb(name, args)
         achieved = flops / seconds
         results[name] = seconds
         label = f"{name} v{variant}" if variant else f"{name} (baseline)"
-        rows.append([label, f"{params / 1e6:.1f}", f"{flops / 1e9:.1f}", f"{1 / seconds:.2f}",
-                     f"{seconds * 1e3:.0f}", f"{peak:.0f}", f"{achieved / 1e9:.1f}",
-                     f"{achieved / peak_mm:.1%}"])
+        rows.append(
+            [
+                label,
+                f"{params / 1e6:.1f}",
+                f"{flops / 1e9:.1f}",
+                f"{1 / seconds:.2f}",
+                f"{seconds * 1e3:.0f}",
+                f"{peak:.0f}",
+                f"{achieved / 1e9:.1f}",
+                f"{achieved / peak_mm:.1%}",
+            ]
+        )
         del model, step, forward
-    print_table(["model", "params M", "GFLOP/step", "steps/s", "ms/step", "peak extra MB",
-                 "achieved GFLOP/s", "of matmul FLOP/s"], rows)
+    print_table(
+        [
+            "model",
+            "params M",
+            "GFLOP/step",
+            "steps/s",
+            "ms/step",
+            "peak extra MB",
+            "achieved GFLOP/s",
+            "of matmul FLOP/s",
+        ],
+        rows,
+    )
     ratio = results["Latte-S/2"] / results["Matten-S/2"]
     print(f"Matten-S/2 step time vs Latte-S/2: {1 / ratio:.2f}x")
 

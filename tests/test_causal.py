@@ -10,9 +10,18 @@ def tiny(memory="both", window=3, sink=1, perturb=True, seed=0, **kwargs):
     """A tiny model; ``perturb`` moves every weight off its (partly zero) init so every path
     counts."""
     torch.manual_seed(seed)
-    model = create_causal_model(input_size=4, in_channels=4, depth=2, hidden_size=32, num_heads=2,
-                                window=window, sink=sink, memory=memory, context_length=FRAMES,
-                                **kwargs).eval()
+    model = create_causal_model(
+        input_size=4,
+        in_channels=4,
+        depth=2,
+        hidden_size=32,
+        num_heads=2,
+        window=window,
+        sink=sink,
+        memory=memory,
+        context_length=FRAMES,
+        **kwargs,
+    ).eval()
     if perturb:
         with torch.no_grad():
             for p in model.parameters():
@@ -22,14 +31,16 @@ def tiny(memory="both", window=3, sink=1, perturb=True, seed=0, **kwargs):
 
 def clip(batch=2, frames=FRAMES, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, frames, 4, 4, generator=g),
-            torch.randint(0, 1000, (batch, frames), generator=g))
+    return (
+        torch.randn(batch, 4, frames, 4, 4, generator=g),
+        torch.randint(0, 1000, (batch, frames), generator=g),
+    )
 
 
 def stream(model, x, t, chunk, **kwargs):
     state, outs = model.init_state(x.shape[0]), []
     for s in range(0, x.shape[2], chunk):
-        out, state = model.step(x[:, :, s:s + chunk], t[:, s:s + chunk], state, **kwargs)
+        out, state = model.step(x[:, :, s : s + chunk], t[:, s : s + chunk], state, **kwargs)
         outs.append(out)
     return torch.cat(outs, dim=2), state
 
@@ -111,8 +122,9 @@ def test_streaming_matches_with_class_and_actions():
         full = model(x, t, y=y, actions=actions)
         state, outs = model.init_state(2), []
         for s in range(0, FRAMES, 2):
-            out, state = model.step(x[:, :, s:s + 2], t[:, s:s + 2], state, y=y,
-                                    actions=actions[:, s:s + 2])
+            out, state = model.step(
+                x[:, :, s : s + 2], t[:, s : s + 2], state, y=y, actions=actions[:, s : s + 2]
+            )
             outs.append(out)
     torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=1e-4, rtol=0)
 
@@ -124,7 +136,7 @@ def test_state_size_is_constant_in_video_length():
     with torch.no_grad():
         state = model.init_state(1)
         for f in range(40):
-            _, state = model.step(x[:, :, f:f + 1], t[:, f:f + 1], state)
+            _, state = model.step(x[:, :, f : f + 1], t[:, f : f + 1], state)
             sizes[f + 1] = state.num_elements()
     assert sizes[4] == sizes[40] > 0
     layer = state.layers[0]
@@ -166,12 +178,15 @@ def test_fresh_model_predicts_zero_and_conditioning_matters_once_trained():
             p.add_(0.1 * torch.randn_like(p))
         ref = model(x, t, y=y, actions=actions)
         assert not torch.allclose(ref, model(x, t.flip(1), y=y, actions=actions))
-        assert not torch.allclose(ref, model(x, t, y=torch.full_like(y, model.null_class),
-                                             actions=actions))
+        assert not torch.allclose(
+            ref, model(x, t, y=torch.full_like(y, model.null_class), actions=actions)
+        )
         assert not torch.allclose(ref, model(x, t, y=y, actions=(actions + 1) % 4))
         # one timestep per clip is the per-frame case with equal levels
-        torch.testing.assert_close(model(x, t[:, 0], y=y, actions=actions),
-                                   model(x, t[:, :1].expand(-1, FRAMES), y=y, actions=actions))
+        torch.testing.assert_close(
+            model(x, t[:, 0], y=y, actions=actions),
+            model(x, t[:, :1].expand(-1, FRAMES), y=y, actions=actions),
+        )
 
 
 def test_continuous_actions_and_gradients():
@@ -198,16 +213,16 @@ def test_bad_inputs_raise_clear_errors():
     x, t = clip()
     y, actions = torch.tensor([0, 1]), torch.zeros(2, FRAMES, dtype=torch.long)
     bad = [
-        lambda: model(x[:, :, 0], t, y=y, actions=actions),                # 4-D input
-        lambda: model(x[:, :3], t, y=y, actions=actions),                  # wrong channels
-        lambda: model(x, t[:, :3], y=y, actions=actions),                  # timesteps per frame
-        lambda: model(x, t, actions=actions),                              # missing label
-        lambda: model(x, t, y=y),                                          # missing actions
-        lambda: model(x, t, y=y, actions=actions[:, :3]),                  # actions per frame
-        lambda: model(x, t, y=y, actions=actions.float()),                 # continuous for discrete
-        lambda: model(x, t, y=torch.tensor([0, 9]), actions=actions),     # label out of range
+        lambda: model(x[:, :, 0], t, y=y, actions=actions),  # 4-D input
+        lambda: model(x[:, :3], t, y=y, actions=actions),  # wrong channels
+        lambda: model(x, t[:, :3], y=y, actions=actions),  # timesteps per frame
+        lambda: model(x, t, actions=actions),  # missing label
+        lambda: model(x, t, y=y),  # missing actions
+        lambda: model(x, t, y=y, actions=actions[:, :3]),  # actions per frame
+        lambda: model(x, t, y=y, actions=actions.float()),  # continuous for discrete
+        lambda: model(x, t, y=torch.tensor([0, 9]), actions=actions),  # label out of range
         lambda: model.step(x, t, model.init_state(3), y=y, actions=actions),  # state batch
-        lambda: model(x[..., :3], t, y=y, actions=actions),                # not divisible by patch
+        lambda: model(x[..., :3], t, y=y, actions=actions),  # not divisible by patch
     ]
     for call in bad:
         with pytest.raises(ValueError):

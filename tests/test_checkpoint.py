@@ -97,12 +97,14 @@ def test_hidden_temporary_folders_are_not_checkpoints(run):
 
 
 @pytest.mark.parametrize("failure", ["safetensors", "torch"])
-def test_a_full_disk_while_checkpointing_says_the_previous_checkpoint_is_kept(run, monkeypatch,
-                                                                              failure):
+def test_a_full_disk_while_checkpointing_says_the_previous_checkpoint_is_kept(
+    run, monkeypatch, failure
+):
     def full_disk(*args, **kwargs):
         if failure == "safetensors":  # how safetensors reports ENOSPC
-            raise SafetensorError("Error while serializing: I/O error: No space left on device "
-                                  "(os error 28)")
+            raise SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if failure == "safetensors":
@@ -114,8 +116,10 @@ def test_a_full_disk_while_checkpointing_says_the_previous_checkpoint_is_kept(ru
     message = str(info.value)
     assert f"cannot write checkpoint step_0000003 of run '{run}'" in message
     assert "No space left on device" in message
-    assert f"the last complete checkpoint, '{run / 'checkpoints' / 'step_0000002'}', is kept" \
+    assert (
+        f"the last complete checkpoint, '{run / 'checkpoints' / 'step_0000002'}', is kept"
         in message
+    )
     assert isinstance(info.value, OSError)  # still an OSError for code that catches those
     root = run / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"]
@@ -128,19 +132,37 @@ def test_a_failed_checkpoint_in_matten_train_is_a_message(tmp_path, monkeypatch,
     def full_on_second_checkpoint(tensors, filename, metadata=None):
         calls.append(filename)
         if len(calls) == 3:  # the model weights of the step-2 checkpoint
-            raise SafetensorError("Error while serializing: I/O error: No space left on device "
-                                  "(os error 28)")
+            raise SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
         return real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(ckpt_module, "save_file", full_on_second_checkpoint)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
-        cli.main(["train", "--config", "demo", "--output", str(out), "--no-progress",
-                  "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-                  "data.resolution=8", "data.num_frames=4", "data.num_videos=8",
-                  "train.batch_size=4", "train.max_steps=2", "train.checkpoint_every=1",
-                  "train.sample_every=0", "sample.num_samples=2", "sample.steps=2",
-                  "train.cpu=true"])
+        cli.main(
+            [
+                "train",
+                "--config",
+                "demo",
+                "--output",
+                str(out),
+                "--no-progress",
+                "model.depth=1",
+                "model.hidden_size=32",
+                "model.num_heads=2",
+                "data.resolution=8",
+                "data.num_frames=4",
+                "data.num_videos=8",
+                "train.batch_size=4",
+                "train.max_steps=2",
+                "train.checkpoint_every=1",
+                "train.sample_every=0",
+                "sample.num_samples=2",
+                "sample.steps=2",
+                "train.cpu=true",
+            ]
+        )
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err

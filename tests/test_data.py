@@ -61,6 +61,7 @@ def list_all(root):
 # ----------------------------------------------------------------------------------------------
 # fixture trees (built once per module)
 
+
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
     base = tmp_path_factory.mktemp("data")
@@ -91,12 +92,13 @@ def trees(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 # video I/O
 
+
 @pytest.mark.parametrize("suffix,tol", [(".mp4", 6), (".avi", 8), (".gif", 12)])
 def test_write_read_round_trip(tmp_path, suffix, tol):
     rng = np.random.default_rng(0)
     frames = np.full((10, 32, 48, 3), 30, np.uint8)
     for t in range(10):  # a coloured square moving right over a textured background
-        frames[t, 8:20, 4 + 2 * t:16 + 2 * t] = (220, 80, 40)
+        frames[t, 8:20, 4 + 2 * t : 16 + 2 * t] = (220, 80, 40)
     frames[:, 24:, :] = rng.integers(60, 70, size=(1, 8, 48, 3), dtype=np.uint8)
     path = write_video(tmp_path / "deep" / "dir" / f"clip{suffix}", frames, fps=8)
     assert path.exists() and list_all(tmp_path / "deep" / "dir") == [f"clip{suffix}"]
@@ -117,8 +119,11 @@ def test_write_video_is_atomic_on_bad_frames(tmp_path):
     target = tmp_path / "keep.mp4"
     write_video(target, index_frames(5))
     before = target.read_bytes()
-    for bad in (np.zeros((5, 32, 32, 3), np.float32), np.zeros((5, 32, 32, 4), np.uint8),
-                np.zeros((0, 32, 32, 3), np.uint8)):
+    for bad in (
+        np.zeros((5, 32, 32, 3), np.float32),
+        np.zeros((5, 32, 32, 4), np.uint8),
+        np.zeros((0, 32, 32, 3), np.uint8),
+    ):
         with pytest.raises(ValueError):
             write_video(target, bad)
     with pytest.raises(ValueError, match="unsupported suffix"):
@@ -152,7 +157,7 @@ def test_save_grid_image(tmp_path):
     grid = np.asarray(Image.open(path))
     assert grid.shape == (1 + 3 * 9, 1 + 4 * 11, 3)
     assert np.array_equal(grid[1:9, 1:11], videos[0, 0])  # row 0, column 0
-    assert np.array_equal(grid[10:18, 1 + 2 * 11:11 + 2 * 11], videos[1, 2])  # row 1, column 2
+    assert np.array_equal(grid[10:18, 1 + 2 * 11 : 11 + 2 * 11], videos[1, 2])  # row 1, column 2
     assert list_all(tmp_path / "grids") == ["g.png"]
     # a list of videos of different lengths: missing cells stay blank
     grid2 = make_grid([videos[0], videos[1][:2]], padding=0)
@@ -179,6 +184,7 @@ def test_read_errors_name_the_file(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # transforms
+
 
 def test_sample_clip_indices():
     unseeded = sample_clip_indices(100)
@@ -230,6 +236,7 @@ def test_transform_range_and_flip():
 # ----------------------------------------------------------------------------------------------
 # datasets
 
+
 def check_item(item, shape):
     assert set(item) == {"video", "label"}
     video, label = item["video"], item["label"]
@@ -257,7 +264,8 @@ def test_ucf101_splits(trees, tmp_path):
     lists = tmp_path / "ucfTrainTestlist"
     lists.mkdir()
     (lists / "trainlist01.txt").write_text(
-        "Basketball/v_Basketball_g09_c01.mp4 2\nBasketball/v_Basketball_g10_c01.mp4 2\n")
+        "Basketball/v_Basketball_g09_c01.mp4 2\nBasketball/v_Basketball_g10_c01.mp4 2\n"
+    )
     ds = UCF101Dataset(trees["ucf"], 16, 4, 3, split="train", split_dir=lists)
     assert [Path(p).name for p in ds.paths] == ["v_Basketball_g09_c01.mp4"]
     assert int(ds[0]["label"]) == 1 and len(ds.skipped["missing"]) == 1
@@ -267,8 +275,14 @@ def test_ucf101_splits(trees, tmp_path):
 def test_clip_frames_follow_the_stride(trees, layout):
     """Source frame i has brightness 10 (i + 1): the decoded clip must step by the stride."""
     stride = 3 if layout != "sky" else 4
-    ds = build_dataset({"ucf": "ucf101", "sky": "sky_timelapse", "taichi": "taichi_hd"}[layout],
-                       trees[layout], 16, num_frames=4, frame_stride=stride, hflip_p=0.0)
+    ds = build_dataset(
+        {"ucf": "ucf101", "sky": "sky_timelapse", "taichi": "taichi_hd"}[layout],
+        trees[layout],
+        16,
+        num_frames=4,
+        frame_stride=stride,
+        hflip_p=0.0,
+    )
     for i in range(len(ds)):
         idx = source_index(ds[i]["video"])
         assert np.allclose(np.diff(idx), stride, atol=0.25), (ds.paths[i], idx)
@@ -288,8 +302,9 @@ def test_random_start_and_seeded_start(trees):
 
 
 def test_sky_timelapse_nested_frame_folders(trees):
-    ds = build_dataset("sky_timelapse", trees["sky"], 16, num_frames=4, frame_stride=3,
-                       split="train")
+    ds = build_dataset(
+        "sky_timelapse", trees["sky"], 16, num_frames=4, frame_stride=3, split="train"
+    )
     assert len(ds) == 4 and ds.num_classes == 0 and ds.class_names == []
     assert all(Path(p).parent.parent.name == "sky_train" for p in ds.paths)
     check_item(ds[3], (3, 4, 16, 16))
@@ -325,8 +340,10 @@ def test_corrupt_and_short_videos_are_skipped(tmp_path, caplog):
         ds = VideoClipDataset(tmp_path, 16, num_frames=4, frame_stride=3)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "skipped 2 of 4" in warnings[0].getMessage()
-    assert ds.skipped == {"corrupt": [str(tmp_path / "corrupt.mp4")],
-                          "too_short": [str(tmp_path / "short.avi")]}
+    assert ds.skipped == {
+        "corrupt": [str(tmp_path / "corrupt.mp4")],
+        "too_short": [str(tmp_path / "short.avi")],
+    }
     assert len(ds) == 2
     for i in range(2):
         check_item(ds[i], (3, 4, 16, 16))
@@ -374,12 +391,13 @@ def test_folder_labels_from_folders(trees):
 # ----------------------------------------------------------------------------------------------
 # synthetic
 
+
 def centre_of_mass(video):
     """(F, 2) x/y centre of the brightness above the background (the darkest value of each row
     over the whole clip: the background is a vertical gradient)."""
     lum = video.mean(dim=0)  # (F, H, W)
     fg = (lum - lum.amin(dim=(0, 2), keepdim=True)).numpy()
-    ys, xs = np.mgrid[0:fg.shape[1], 0:fg.shape[2]]
+    ys, xs = np.mgrid[0 : fg.shape[1], 0 : fg.shape[2]]
     mass = fg.sum(axis=(1, 2))
     return np.stack([(fg * xs).sum((1, 2)) / mass, (fg * ys).sum((1, 2)) / mass], axis=1)
 
@@ -389,8 +407,9 @@ def test_synthetic_is_deterministic_and_labelled():
     assert len(ds) == 24 and ds.num_classes == 4 and ds.class_names == list(MOTION_TYPES[:4])
     again = SyntheticVideoDataset(24, resolution=32, num_frames=16, num_classes=4, seed=0)
     other = SyntheticVideoDataset(24, resolution=32, num_frames=16, num_classes=4, seed=1)
-    assert torch.equal(ds[5]["video"], again[5]["video"]) and torch.equal(ds[5]["video"],
-                                                                          ds[5]["video"])
+    assert torch.equal(ds[5]["video"], again[5]["video"]) and torch.equal(
+        ds[5]["video"], ds[5]["video"]
+    )
     assert not torch.equal(ds[5]["video"], other[5]["video"])
     assert not torch.equal(ds[5]["video"], ds[6]["video"])
     labels = [int(ds[i]["label"]) for i in range(24)]
@@ -404,8 +423,9 @@ def test_synthetic_is_deterministic_and_labelled():
 
 
 def test_synthetic_motion_is_smooth_and_matches_the_class():
-    ds = SyntheticVideoDataset(40, resolution=32, num_frames=16, num_classes=4, seed=0,
-                               max_objects=1)
+    ds = SyntheticVideoDataset(
+        40, resolution=32, num_frames=16, num_classes=4, seed=0, max_objects=1
+    )
     for i in range(len(ds)):
         video, label = ds[i]["video"], int(ds[i]["label"])
         step = (video[:, 1:] - video[:, :-1]).abs().mean()

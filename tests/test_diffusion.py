@@ -35,8 +35,14 @@ def reference_schedule(num_steps=T):
     beta_tilde = (1 - abar_prev) / (1 - abar) * betas
     coef_x0 = np.sqrt(abar_prev) * betas / (1 - abar)
     coef_xt = np.sqrt(1 - betas) * (1 - abar_prev) / (1 - abar)
-    return dict(betas=betas, abar=abar, abar_prev=abar_prev, beta_tilde=beta_tilde,
-                coef_x0=coef_x0, coef_xt=coef_xt)
+    return dict(
+        betas=betas,
+        abar=abar,
+        abar_prev=abar_prev,
+        beta_tilde=beta_tilde,
+        coef_x0=coef_x0,
+        coef_xt=coef_xt,
+    )
 
 
 def zero_variance_model(x, t, **kwargs):
@@ -45,6 +51,7 @@ def zero_variance_model(x, t, **kwargs):
 
 
 # ---------------------------------------------------------------------------- schedule, posterior
+
 
 def test_linear_schedule():
     d = GaussianDiffusion()
@@ -76,30 +83,39 @@ def test_learned_range_variance_interpolates_logs():
     d, ref = GaussianDiffusion(), reference_schedule()
     x = torch.zeros(3, 2, 4, dtype=torch.float64)
     t = torch.tensor([3, 200, 999])
-    for v, expected in [(-1.0, np.log(ref["beta_tilde"][t])), (1.0, np.log(ref["betas"][t])),
-                        (0.0, 0.5 * np.log(ref["beta_tilde"][t] * ref["betas"][t]))]:
+    for v, expected in [
+        (-1.0, np.log(ref["beta_tilde"][t])),
+        (1.0, np.log(ref["betas"][t])),
+        (0.0, 0.5 * np.log(ref["beta_tilde"][t] * ref["betas"][t])),
+    ]:
+
         def model(x, t, v=v):
             return torch.cat([x, torch.full_like(x, v)], 1)
+
         out = d.p_mean_variance(model, x, t)
         np.testing.assert_allclose(out["log_variance"][:, 0, 0].numpy(), expected, rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------- gaussian math
 
+
 def test_normal_kl_matches_torch_distributions():
     g = torch.Generator().manual_seed(1)
     m1, m2, lv1, lv2 = torch.randn(4, 1000, generator=g, dtype=torch.float64) * 2
     ours = normal_kl(m1, lv1, m2, lv2)
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, torch.exp(0.5 * lv1)),
-                                            torch.distributions.Normal(m2, torch.exp(0.5 * lv2)))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m1, torch.exp(0.5 * lv1)),
+        torch.distributions.Normal(m2, torch.exp(0.5 * lv2)),
+    )
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     assert normal_kl(m1, lv1, m1, lv1).abs().max() < 1e-12
 
 
 def test_approx_standard_normal_cdf_close_to_scipy():
     x = torch.linspace(-8, 8, 4001, dtype=torch.float64)
-    np.testing.assert_allclose(approx_standard_normal_cdf(x).numpy(), norm.cdf(x.numpy()),
-                               atol=2e-4)
+    np.testing.assert_allclose(
+        approx_standard_normal_cdf(x).numpy(), norm.cdf(x.numpy()), atol=2e-4
+    )
 
 
 def test_discretized_gaussian_log_likelihood_matches_scipy_bins():
@@ -127,6 +143,7 @@ def test_discretized_gaussian_log_likelihood_matches_scipy_bins():
 
 
 # ---------------------------------------------------------------------------- forward process
+
 
 def test_q_sample_statistics():
     d, ref = GaussianDiffusion(), reference_schedule()
@@ -170,6 +187,7 @@ def test_bad_timesteps_raise():
 
 # ---------------------------------------------------------------------------- training losses
 
+
 def oracle_model(noise, v=-1.0):
     """A model that knows the true noise; v = -1 selects the true posterior variance."""
     return lambda x, t, **kwargs: torch.cat([noise, torch.full_like(noise, v)], dim=1)
@@ -208,8 +226,13 @@ def test_vb_term_matches_closed_form_with_rescaling():
     log_floor = np.log(np.append(ref["beta_tilde"][1], ref["beta_tilde"][1:]))[tn]
     model_logvar = (vn + 1) / 2 * np.log(ref["betas"][tn]) + (1 - vn) / 2 * log_floor
     true_mean = ref["coef_x0"][tn] * a0 + ref["coef_xt"][tn] * xt
-    kl = 0.5 * (-1 + model_logvar - log_floor + np.exp(log_floor - model_logvar)
-                + (true_mean - model_mean) ** 2 * np.exp(-model_logvar))
+    kl = 0.5 * (
+        -1
+        + model_logvar
+        - log_floor
+        + np.exp(log_floor - model_logvar)
+        + (true_mean - model_mean) ** 2 * np.exp(-model_logvar)
+    )
     std = np.exp(0.5 * model_logvar)
     upper = np.where(a0 > 0.999, np.inf, a0 + 1 / 255)
     lower = np.where(a0 < -0.999, -np.inf, a0 - 1 / 255)
@@ -221,13 +244,15 @@ def test_vb_term_matches_closed_form_with_rescaling():
     losses = GaussianDiffusion().training_losses(model, x0, t, noise=noise)
     np.testing.assert_allclose(losses["vb"].numpy()[1:], expected[1:], rtol=1e-8)
     np.testing.assert_allclose(losses["vb"].numpy()[0], expected[0], rtol=2e-2)  # approx. CDF
-    np.testing.assert_allclose(losses["mse"].numpy(), ((e - noise.numpy()) ** 2).reshape(4, -1)
-                               .mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(
+        losses["mse"].numpy(), ((e - noise.numpy()) ** 2).reshape(4, -1).mean(axis=1), rtol=1e-12
+    )
 
     # A 100-step chain weights its vb term by 100 / 1000: compare with the unscaled bound.
     spaced = create_diffusion("100")
-    raw = spaced._vb_terms_bpd(torch.cat([eps, v], 1), x0, spaced.q_sample(x0, t // 10, noise),
-                               t // 10)
+    raw = spaced._vb_terms_bpd(
+        torch.cat([eps, v], 1), x0, spaced.q_sample(x0, t // 10, noise), t // 10
+    )
     scaled = spaced.training_losses(model, x0, t // 10, noise=noise)["vb"]
     torch.testing.assert_close(scaled, raw * 0.1)
 
@@ -260,10 +285,17 @@ def clip_and_frame_losses(seed, t):
     g = torch.Generator().manual_seed(seed)
     x0 = torch.rand(2, 3, 4, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    frames = [GaussianDiffusion().training_losses(elementwise_model, x0[:, :, f], t[:, f],
-                                                  noise=noise[:, :, f]) for f in range(4)]
-    return x0, noise, {key: torch.stack([fr[key] for fr in frames], dim=1)
-                       for key in ("mse", "vb", "loss")}
+    frames = [
+        GaussianDiffusion().training_losses(
+            elementwise_model, x0[:, :, f], t[:, f], noise=noise[:, :, f]
+        )
+        for f in range(4)
+    ]
+    return (
+        x0,
+        noise,
+        {key: torch.stack([fr[key] for fr in frames], dim=1) for key in ("mse", "vb", "loss")},
+    )
 
 
 def test_per_frame_losses_equal_frame_by_frame_losses():
@@ -317,6 +349,7 @@ def test_context_noise_gives_history_frames_a_small_level_and_is_off_at_zero():
     def draw(**kw):
         torch.manual_seed(3)
         return forcing_timesteps(500, 6, 1000, history_prob=0.5, **kw)
+
     t_off, w_off = draw()
     t_zero, w_zero = draw(context_noise=0.0)
     assert torch.equal(t_off, t_zero) and torch.equal(w_off, w_zero)  # off: the same draws
@@ -346,6 +379,7 @@ def test_wrong_model_output_channels_raise():
 
 
 # ---------------------------------------------------------------------------- respacing
+
 
 def test_space_timesteps_values():
     assert space_timesteps(1000, "ddim50") == set(range(0, 1000, 20))
@@ -403,20 +437,33 @@ def test_spaced_model_receives_original_timesteps():
 
 # ---------------------------------------------------------------------------- samplers
 
+
 def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     d = create_diffusion("ddim10")
     noise = torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(9))
-    a = d.ddim_sample_loop(zero_variance_model, noise.shape, noise=noise,
-                           generator=torch.Generator().manual_seed(1))
-    b = d.ddim_sample_loop(zero_variance_model, noise.shape, noise=noise,
-                           generator=torch.Generator().manual_seed(2))
+    a = d.ddim_sample_loop(
+        zero_variance_model, noise.shape, noise=noise, generator=torch.Generator().manual_seed(1)
+    )
+    b = d.ddim_sample_loop(
+        zero_variance_model, noise.shape, noise=noise, generator=torch.Generator().manual_seed(2)
+    )
     assert torch.equal(a, b)
-    c = d.ddim_sample_loop(zero_variance_model, noise.shape, eta=1.0, noise=noise,
-                           generator=torch.Generator().manual_seed(3))
+    c = d.ddim_sample_loop(
+        zero_variance_model,
+        noise.shape,
+        eta=1.0,
+        noise=noise,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert not torch.allclose(a, c)
     # With eta = 1 the generator makes it reproducible.
-    c2 = d.ddim_sample_loop(zero_variance_model, noise.shape, eta=1.0, noise=noise,
-                            generator=torch.Generator().manual_seed(3))
+    c2 = d.ddim_sample_loop(
+        zero_variance_model,
+        noise.shape,
+        eta=1.0,
+        noise=noise,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(c, c2)
     with pytest.raises(ValueError, match="eta"):
         d.ddim_sample_loop(zero_variance_model, noise.shape, eta=1.5)
@@ -427,11 +474,17 @@ def test_ddpm_loop_runs_with_a_tiny_model():
     net = torch.nn.Conv3d(3, 6, 3, padding=1)
     d = create_diffusion("10")
     shape = (2, 3, 4, 6, 6)
-    out = d.p_sample_loop(lambda x, t: net(x), shape, generator=torch.Generator().manual_seed(0),
-                          clip_denoised=True, progress=True)
+    out = d.p_sample_loop(
+        lambda x, t: net(x),
+        shape,
+        generator=torch.Generator().manual_seed(0),
+        clip_denoised=True,
+        progress=True,
+    )
     assert out.shape == shape and torch.isfinite(out).all()
-    again = d.p_sample_loop(lambda x, t: net(x), shape, clip_denoised=True,
-                            generator=torch.Generator().manual_seed(0))
+    again = d.p_sample_loop(
+        lambda x, t: net(x), shape, clip_denoised=True, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(out, again)
     steps = list(d.p_sample_loop_progressive(lambda x, t: net(x), shape))
     assert len(steps) == 10
@@ -445,6 +498,7 @@ def gaussian_data_oracle(mu, s):
         a = abar[t].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
         eps = (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s * s + 1 - a)
         return torch.cat([eps, torch.zeros_like(eps)], 1)
+
     return model
 
 
@@ -463,6 +517,7 @@ def test_samplers_recover_a_gaussian_data_distribution(sampler):
 
 
 # ---------------------------------------------------------------------------- guidance
+
 
 def labelled_model(x, t, y):
     """eps and v channels that depend on the label, so guidance has something to do."""
@@ -489,12 +544,16 @@ def test_classifier_free_guidance():
         classifier_free_guidance(labelled_model, float("nan"), 7)
 
     sample = create_diffusion("ddim5").ddim_sample_loop(
-        classifier_free_guidance(labelled_model, 4.0, 7), x.shape, model_kwargs={"y": y},
-        generator=torch.Generator().manual_seed(0))
+        classifier_free_guidance(labelled_model, 4.0, 7),
+        x.shape,
+        model_kwargs={"y": y},
+        generator=torch.Generator().manual_seed(0),
+    )
     assert sample.shape == x.shape and torch.isfinite(sample).all()
 
 
 # ---------------------------------------------------------------------------- velocity prediction
+
 
 def test_velocity_oracle_recovers_eps_and_x0_and_has_zero_loss():
     """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), computed here from the
@@ -533,6 +592,9 @@ def test_velocity_prediction_survives_respacing():
     t = torch.tensor([0, 9])
     abar = torch.from_numpy(d.alphas_cumprod)[t].view(2, 1, 1, 1, 1)
     velocity = abar.sqrt() * noise - (1 - abar).sqrt() * x0
-    out = d.p_mean_variance(lambda x, t_: torch.cat([velocity, torch.zeros_like(x)], 1),
-                            d.q_sample(x0, t, noise=noise), t)
+    out = d.p_mean_variance(
+        lambda x, t_: torch.cat([velocity, torch.zeros_like(x)], 1),
+        d.q_sample(x0, t, noise=noise),
+        t,
+    )
     torch.testing.assert_close(out["pred_xstart"], x0, rtol=0, atol=1e-9)

@@ -20,9 +20,19 @@ from matten.eval.motion_net import MotionFeatureNet
 from matten.eval.samples import SamplesMismatchError, default_output, sample_key
 from matten.training import train
 
-TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.resolution=8",
-        "data.num_frames=4", "data.num_videos=16", "train.batch_size=4", "train.max_steps=2",
-        "sample.num_samples=2", "sample.steps=2", "train.cpu=true"]
+TINY = [
+    "model.depth=1",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "data.resolution=8",
+    "data.num_frames=4",
+    "data.num_videos=16",
+    "train.batch_size=4",
+    "train.max_steps=2",
+    "sample.num_samples=2",
+    "sample.steps=2",
+    "train.cpu=true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +53,12 @@ def settings(**kw):
     return EvalSettings(**{"num_clips": 6, "batch_size": 2, "steps": 2, **kw})
 
 
-def test_evaluation_resumes_without_resampling_finished_clips(run, extractor, tmp_path,
-                                                              monkeypatch):
-    full = evaluate(run, tmp_path / "full", settings=settings(), extractor=extractor,
-                    progress=False)
+def test_evaluation_resumes_without_resampling_finished_clips(
+    run, extractor, tmp_path, monkeypatch
+):
+    full = evaluate(
+        run, tmp_path / "full", settings=settings(), extractor=extractor, progress=False
+    )
     assert full["shards_total"] == 3 and full["shards_resumed"] == 0
     assert full["metric"] == "fd-matten-motion-net-v1" and full["value"] > 0
     assert not full["comparable_to_published_fvd"] and "not comparable" in full["note"]
@@ -63,13 +75,16 @@ def test_evaluation_resumes_without_resampling_finished_clips(run, extractor, tm
 
     monkeypatch.setattr(evaluate_module, "_sample_shard", crash_on_third)
     with pytest.raises(RuntimeError, match="interrupted"):
-        evaluate(run, tmp_path / "part", settings=settings(), extractor=extractor,
-                 progress=False)
-    assert sorted(p.name for p in (tmp_path / "part" / "generated").iterdir()) == \
-        ["key.json", "shard_00000.npz", "shard_00001.npz"]
+        evaluate(run, tmp_path / "part", settings=settings(), extractor=extractor, progress=False)
+    assert sorted(p.name for p in (tmp_path / "part" / "generated").iterdir()) == [
+        "key.json",
+        "shard_00000.npz",
+        "shard_00001.npz",
+    ]
     calls.clear()
-    resumed = evaluate(run, tmp_path / "part", settings=settings(), extractor=extractor,
-                       progress=False)
+    resumed = evaluate(
+        run, tmp_path / "part", settings=settings(), extractor=extractor, progress=False
+    )
     assert calls == [2]  # only the missing clips were sampled
     assert resumed["shards_resumed"] == 2
     # the clips are a function of (seed, shard), so the result equals the uninterrupted run's
@@ -81,25 +96,42 @@ def test_evaluation_resumes_without_resampling_finished_clips(run, extractor, tm
     # a damaged shard is sampled again
     (tmp_path / "part" / "generated" / "shard_00001.npz").write_bytes(b"torn")
     calls.clear()
-    again = evaluate(run, tmp_path / "part", settings=settings(), extractor=extractor,
-                     progress=False)
+    again = evaluate(
+        run, tmp_path / "part", settings=settings(), extractor=extractor, progress=False
+    )
     assert calls == [1] and again["value"] == pytest.approx(full["value"], rel=1e-9)
 
 
-def test_real_statistics_are_cached_and_the_report_is_written(run, extractor, tmp_path,
-                                                              monkeypatch):
+def test_real_statistics_are_cached_and_the_report_is_written(
+    run, extractor, tmp_path, monkeypatch
+):
     cache = tmp_path / "cache"
-    first = evaluate(run, tmp_path / "a", settings=settings(), extractor=extractor,
-                     cache_dir=cache, progress=False)
+    first = evaluate(
+        run,
+        tmp_path / "a",
+        settings=settings(),
+        extractor=extractor,
+        cache_dir=cache,
+        progress=False,
+    )
     files = list(cache.glob("*.npz"))
     assert len(files) == 1 and FeatureStats.load(files[0]).count == 6
 
     seen = []
     real_features = evaluate_module.clip_features
-    monkeypatch.setattr(evaluate_module, "clip_features",
-                        lambda ex, clips: seen.append(len(clips)) or real_features(ex, clips))
-    second = evaluate(run, tmp_path / "b", settings=settings(), extractor=extractor,
-                      cache_dir=cache, progress=False)
+    monkeypatch.setattr(
+        evaluate_module,
+        "clip_features",
+        lambda ex, clips: seen.append(len(clips)) or real_features(ex, clips),
+    )
+    second = evaluate(
+        run,
+        tmp_path / "b",
+        settings=settings(),
+        extractor=extractor,
+        cache_dir=cache,
+        progress=False,
+    )
     assert second["value"] == pytest.approx(first["value"], rel=1e-9)
     assert sum(seen) == 6  # only the generated clips went through the network
     report = json.loads((tmp_path / "b" / "report.json").read_text())
@@ -112,20 +144,40 @@ def test_real_statistics_are_cached_and_the_report_is_written(run, extractor, tm
 def test_fd_separates_real_clips_from_noise(extractor):
     real = SyntheticVideoDataset(64, resolution=8, num_frames=4, num_classes=4, seed=0)
     held_out = SyntheticVideoDataset(64, resolution=8, num_frames=4, num_classes=4, seed=1)
-    feats = {name: np.concatenate([clip_features(extractor, c) for c in real_clips(ds, 64)])
-             for name, ds in [("real", real), ("held_out", held_out)]}
+    feats = {
+        name: np.concatenate([clip_features(extractor, c) for c in real_clips(ds, 64)])
+        for name, ds in [("real", real), ("held_out", held_out)]
+    }
     noise = np.random.default_rng(0).integers(0, 256, (64, 4, 8, 8, 3), dtype=np.uint8)
     feats["noise"] = clip_features(extractor, noise)
     stats = {k: FeatureStats.from_features(v) for k, v in feats.items()}
-    assert stats["real"].frechet_distance(stats["held_out"]) < \
-        0.2 * stats["real"].frechet_distance(stats["noise"])
+    assert stats["real"].frechet_distance(stats["held_out"]) < 0.2 * stats["real"].frechet_distance(
+        stats["noise"]
+    )
 
 
 def test_eval_command(run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate_module, "build_extractor",
-                        lambda *a, **k: MotionFeatureExtractor(MotionFeatureNet(16, width=4)))
-    code = cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "e"),
-                     "--num-clips", "4", "--batch-size", "2", "--steps", "2", "--no-progress"])
+    monkeypatch.setattr(
+        evaluate_module,
+        "build_extractor",
+        lambda *a, **k: MotionFeatureExtractor(MotionFeatureNet(16, width=4)),
+    )
+    code = cli.main(
+        [
+            "eval",
+            "--checkpoint",
+            str(run),
+            "--output",
+            str(tmp_path / "e"),
+            "--num-clips",
+            "4",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert '"metric": "fd-matten-motion-net-v1"' in printed and "report.json" in printed
@@ -133,8 +185,23 @@ def test_eval_command(run, tmp_path, capsys, monkeypatch):
     assert "warning: " in printed  # 4 clips are far too few for a Fréchet distance
     # other settings into the same folder: refused, naming them, unless --overwrite
     with pytest.raises(SystemExit):
-        cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "e"),
-                  "--num-clips", "4", "--batch-size", "2", "--steps", "2", "--seed", "5"])
+        cli.main(
+            [
+                "eval",
+                "--checkpoint",
+                str(run),
+                "--output",
+                str(tmp_path / "e"),
+                "--num-clips",
+                "4",
+                "--batch-size",
+                "2",
+                "--steps",
+                "2",
+                "--seed",
+                "5",
+            ]
+        )
     err = capsys.readouterr().err
     assert "holds samples made with other settings (seed 0 -> 5)" in err and "--overwrite" in err
     with pytest.raises(SystemExit):
@@ -149,15 +216,31 @@ def shard_clips(folder) -> np.ndarray:
     return np.concatenate([np.load(p)["clips"] for p in sorted(folder.glob("shard_*.npz"))])
 
 
-def test_two_checkpoints_of_a_run_get_their_own_samples_and_score(run, extractor, tmp_path,
-                                                                  capsys, monkeypatch):
+def test_two_checkpoints_of_a_run_get_their_own_samples_and_score(
+    run, extractor, tmp_path, capsys, monkeypatch
+):
     copy = tmp_path / "run"  # a copy: the shared run stays clean, and the keys survive copying
     shutil.copytree(run, copy)
     monkeypatch.setattr(evaluate_module, "build_extractor", lambda *a, **k: extractor)
 
     def eval_cli(checkpoint) -> dict:
-        assert cli.main(["eval", "--checkpoint", str(checkpoint), "--num-clips", "4",
-                         "--batch-size", "2", "--steps", "2", "--no-progress"]) == 0
+        assert (
+            cli.main(
+                [
+                    "eval",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--num-clips",
+                    "4",
+                    "--batch-size",
+                    "2",
+                    "--steps",
+                    "2",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         report_path = capsys.readouterr().out.split("report: ")[1].split()[0]
         return json.loads(open(report_path).read())
 
@@ -169,8 +252,10 @@ def test_two_checkpoints_of_a_run_get_their_own_samples_and_score(run, extractor
     folders = sorted(p.name for p in (copy / "eval").iterdir() if p.name != "cache")
     assert [name.split("-")[0] for name in folders] == ["step_0000001", "step_0000002"]
     assert (copy / "eval" / "cache").is_dir()  # real statistics shared by the run's evaluations
-    assert not np.array_equal(shard_clips(copy / "eval" / folders[0] / "generated"),
-                              shard_clips(copy / "eval" / folders[1] / "generated"))
+    assert not np.array_equal(
+        shard_clips(copy / "eval" / folders[0] / "generated"),
+        shard_clips(copy / "eval" / folders[1] / "generated"),
+    )
     assert older["value"] != newer["value"]
     for report in (older, newer):  # the report and the folder record the key
         key = json.loads((Path(report["output"]) / "generated" / "key.json").read_text())
@@ -185,25 +270,40 @@ def test_two_checkpoints_of_a_run_get_their_own_samples_and_score(run, extractor
 def test_other_settings_never_reuse_samples(run, extractor, tmp_path):
     out = tmp_path / "e"
     first = evaluate(run, out, settings=settings(), extractor=extractor, progress=False)
-    changes = {"cfg_scale": 3.0, "seed": 1, "steps": 3, "eta": 0.5, "batch_size": 3,
-               "num_clips": 4, "sampler": "ddpm", "weights": "model"}
+    changes = {
+        "cfg_scale": 3.0,
+        "seed": 1,
+        "steps": 3,
+        "eta": 0.5,
+        "batch_size": 3,
+        "num_clips": 4,
+        "sampler": "ddpm",
+        "weights": "model",
+    }
     for name, value in changes.items():
         with pytest.raises(SamplesMismatchError, match=rf"other settings \(.*{name} "):
-            evaluate(run, out, settings=settings(**{name: value}), extractor=extractor,
-                     progress=False)
+            evaluate(
+                run, out, settings=settings(**{name: value}), extractor=extractor, progress=False
+            )
     # another checkpoint into the same folder
     with pytest.raises(SamplesMismatchError, match=r"step 2 -> 1.*weights_sha256"):
-        evaluate(run / "checkpoints" / "step_0000001", out, settings=settings(),
-                 extractor=extractor, progress=False)
+        evaluate(
+            run / "checkpoints" / "step_0000001",
+            out,
+            settings=settings(),
+            extractor=extractor,
+            progress=False,
+        )
     # the default folders differ whenever the key does
-    base = sample_key(run / "checkpoints" / "step_0000002", "ema", 2, "ddim",
-                                      2.0, settings(), 4, 8)
+    base = sample_key(run / "checkpoints" / "step_0000002", "ema", 2, "ddim", 2.0, settings(), 4, 8)
     seeded = dict(base, seed=1)
-    assert default_output(run / "checkpoints" / "step_0000002", base) != \
-        default_output(run / "checkpoints" / "step_0000002", seeded)
+    assert default_output(run / "checkpoints" / "step_0000002", base) != default_output(
+        run / "checkpoints" / "step_0000002", seeded
+    )
     # --overwrite: sampled again with the new settings
-    redone = evaluate(run, out, settings=settings(seed=1), extractor=extractor, progress=False,
-                      overwrite=True)
+    redone = evaluate(
+        run, out, settings=settings(seed=1), extractor=extractor, progress=False, overwrite=True
+    )
     assert redone["shards_resumed"] == 0 and redone["samples_key"]["seed"] == 1
     assert redone["value"] != first["value"]
     # shards of an older layout, without key.json, are not trusted either
@@ -221,10 +321,10 @@ def test_eval_on_a_missing_gpu_is_a_message(run, capsys, monkeypatch):
     assert "--device cuda: no CUDA GPU is usable" in err and "Traceback" not in err
 
 
-def test_the_report_gives_kid_precision_recall_and_warns_about_few_clips(run, extractor,
-                                                                         tmp_path):
-    report = evaluate(run, tmp_path / "e", settings=settings(num_clips=8), extractor=extractor,
-                      progress=False)
+def test_the_report_gives_kid_precision_recall_and_warns_about_few_clips(run, extractor, tmp_path):
+    report = evaluate(
+        run, tmp_path / "e", settings=settings(num_clips=8), extractor=extractor, progress=False
+    )
     saved = json.loads((tmp_path / "e" / "report.json").read_text())
     assert saved["value"] == saved["fd"] == pytest.approx(report["value"])
     assert saved["num_real_clips"] == saved["num_generated_clips"] == 8
@@ -259,8 +359,7 @@ def test_the_default_extractor_is_the_motion_net_v2(tmp_path, monkeypatch):
 def test_evaluating_a_moving_digits_run(extractor, tmp_path):
     out = tmp_path / "digits"
     train(load_config("digits", TINY + ["data.num_videos=4"]), output=out, progress=False)
-    report = evaluate(out, tmp_path / "e", settings=settings(), extractor=extractor,
-                      progress=False)
+    report = evaluate(out, tmp_path / "e", settings=settings(), extractor=extractor, progress=False)
     assert report["data"]["name"] == "moving_digits" and np.isfinite(report["value"])
     (cached,) = (tmp_path / "e" / "cache").glob("*.npz")
     real = FeatureStats.load(cached)
@@ -277,7 +376,25 @@ def test_eval_command_passes_the_motion_net_version(run, tmp_path, monkeypatch):
         return MotionFeatureExtractor(MotionFeatureNet(16, width=4))
 
     monkeypatch.setattr(evaluate_module, "build_extractor", fake_build)
-    assert cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "e"),
-                     "--num-clips", "4", "--batch-size", "2", "--steps", "2", "--no-progress",
-                     "--motion-net-version", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--checkpoint",
+                str(run),
+                "--output",
+                str(tmp_path / "e"),
+                "--num-clips",
+                "4",
+                "--batch-size",
+                "2",
+                "--steps",
+                "2",
+                "--no-progress",
+                "--motion-net-version",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert asked == [1]

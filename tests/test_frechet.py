@@ -49,6 +49,7 @@ def reference_fd(mu1, s1, mu2, s2):
 # ----------------------------------------------------------------------------------------------
 # frechet_distance
 
+
 @pytest.mark.parametrize("d", [1, 4, 32])
 def test_matches_scipy_reference_and_methods_agree(d):
     rng = np.random.default_rng(d)
@@ -90,14 +91,13 @@ def test_equal_covariances_give_squared_mean_distance():
     for shift in (0.0, 0.5, 1.0, 2.0, 3.0):
         for method in ("eig", "sqrtm"):
             fd = frechet_distance(mu, cov, mu + shift * direction, cov, method=method)
-            assert fd == pytest.approx(shift ** 2, abs=1e-8)
+            assert fd == pytest.approx(shift**2, abs=1e-8)
 
 
 def test_symmetric():
     rng = np.random.default_rng(2)
     d = 24
-    args = (rng.standard_normal(d), random_spd(rng, d), rng.standard_normal(d),
-            random_spd(rng, d))
+    args = (rng.standard_normal(d), random_spd(rng, d), rng.standard_normal(d), random_spd(rng, d))
     fwd = frechet_distance(*args)
     back = frechet_distance(args[2], args[3], args[0], args[1])
     assert fwd == pytest.approx(back, rel=1e-10)
@@ -140,6 +140,7 @@ def test_bad_shapes_raise():
 # ----------------------------------------------------------------------------------------------
 # statistics and cache
 
+
 def test_batched_stats_equal_full_stats():
     rng = np.random.default_rng(4)
     feats = rng.standard_normal((1000, 20)) * rng.uniform(0.1, 5, 20) + 100.0  # large offset
@@ -169,8 +170,13 @@ def test_stats_save_load_round_trip(tmp_path):
         FeatureStats.load(path)
 
 
-KEY = {"dataset": "synthetic", "resolution": (16, 16), "num_frames": 8, "num_clips": 64,
-       "extractor": "matten-motion-net-v1-abc"}
+KEY = {
+    "dataset": "synthetic",
+    "resolution": (16, 16),
+    "num_frames": 8,
+    "num_clips": 64,
+    "extractor": "matten-motion-net-v1-abc",
+}
 
 
 def test_cached_stats_computes_once(tmp_path):
@@ -261,6 +267,7 @@ def test_cached_stats_keep_the_features_and_recompute_older_files_without_them(t
 # ----------------------------------------------------------------------------------------------
 # motion feature net
 
+
 @pytest.mark.parametrize("shape", [(2, 3, 8, 16, 16), (3, 3, 16, 32, 32), (1, 3, 5, 20, 12)])
 def test_motion_net_forward_shapes(shape):
     torch.manual_seed(0)
@@ -275,8 +282,9 @@ def test_motion_net_forward_shapes(shape):
 # A small net, trained once for the module in a few seconds: 150 steps of 16 clips reach about
 # 85-100% held-out accuracy on 4 classes, enough for features that separate real clips from noise.
 # (The defaults, 300 steps of 32 clips, reach > 98% on 6 classes in about 30 s on one CPU core.)
-SMALL = dict(resolution=16, num_frames=8, num_classes=4, steps=150, batch_size=16, num_val=48,
-             version=1)
+SMALL = dict(
+    resolution=16, num_frames=8, num_classes=4, steps=150, batch_size=16, num_val=48, version=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -356,11 +364,25 @@ def test_features_separate_real_clips_from_noise(trained):
 # ----------------------------------------------------------------------------------------------
 # version 2: trained to register degradations
 
+
 def test_a_v1_net_cached_before_v2_keeps_its_file_name():
     """v1's settings, and so the cache files written before v2 existed, are unchanged."""
-    defaults = dict(resolution=[16, 16], num_frames=8, num_classes=6, steps=300, seed=0,
-                    batch_size=32, lr=2e-3, feature_dim=128, width=16, max_objects=2,
-                    speed=[0.03, 0.1], num_val=240, augment=True, arch_version=1)
+    defaults = dict(
+        resolution=[16, 16],
+        num_frames=8,
+        num_classes=6,
+        steps=300,
+        seed=0,
+        batch_size=32,
+        lr=2e-3,
+        feature_dim=128,
+        width=16,
+        max_objects=2,
+        speed=[0.03, 0.1],
+        num_val=240,
+        augment=True,
+        arch_version=1,
+    )
     weights, _ = motion_net_cache_paths("cache", defaults)
     assert weights.name == "matten-motion-net-v1-r16x16-f8-c6-9e1d73d90e.safetensors"
     weights2, _ = motion_net_cache_paths("cache", dict(defaults, steps=400, version=2))
@@ -404,8 +426,10 @@ def trained_v2(trained):
 def test_v2_is_cached_under_its_own_name_beside_v1(trained, trained_v2, monkeypatch):
     cache, net, info = trained_v2
     assert isinstance(net, MotionFeatureNetV2) and info["name"] == "matten-motion-net-v2"
-    assert sorted(p.name.split("-r16")[0] for p in cache.glob("*.safetensors")) == \
-        ["matten-motion-net-v1", "matten-motion-net-v2"]
+    assert sorted(p.name.split("-r16")[0] for p in cache.glob("*.safetensors")) == [
+        "matten-motion-net-v1",
+        "matten-motion-net-v2",
+    ]
     v1, v2 = MotionFeatureExtractor(trained[1]), MotionFeatureExtractor(net)
     assert v2.name == "matten-motion-net-v2" and v2.cache_name.startswith("matten-motion-net-v2-")
     assert v1.cache_name != v2.cache_name and v2.feature_dim == 128

@@ -54,6 +54,7 @@ def uint8_videos(b=2, t=8, h=20, w=24, seed=0):
 # ----------------------------------------------------------------------------------------------
 # network
 
+
 def test_full_size_input_gives_400_logits_and_1024_features(model):
     # One pass through the trunk at the nominal size; logits follow from the pooled features
     # (forward == logits(features) is checked at a small size below).
@@ -123,6 +124,7 @@ def test_tf_same_padding_sizes():
 # ----------------------------------------------------------------------------------------------
 # pre-processing
 
+
 def test_preprocess_constant_frames_map_to_range_ends():
     white = np.full((1, 4, 10, 12, 3), 255, np.uint8)
     black = torch.zeros(1, 4, 10, 12, 3, dtype=torch.uint8)
@@ -167,8 +169,9 @@ def test_preprocess_matches_bilinear_per_frame():
     x = torch.rand(2, 3, 5, 30, 50) * 2 - 1
     out = preprocess_for_i3d(x, size=64)
     frames = x.permute(0, 2, 1, 3, 4).reshape(10, 3, 30, 50)
-    ref = torch.nn.functional.interpolate(frames, size=(64, 64), mode="bilinear",
-                                          align_corners=False)
+    ref = torch.nn.functional.interpolate(
+        frames, size=(64, 64), mode="bilinear", align_corners=False
+    )
     torch.testing.assert_close(out, ref.reshape(2, 5, 3, 64, 64).permute(0, 2, 1, 3, 4))
 
 
@@ -183,6 +186,7 @@ def test_preprocess_rejects_bad_input():
 
 # ----------------------------------------------------------------------------------------------
 # pytorch-i3d state dicts
+
 
 def test_state_dict_round_trip_gives_same_outputs(model, saved_pt):
     ex = load_i3d(saved_pt)
@@ -217,8 +221,13 @@ def test_other_state_dict_forms_load(model, tmp_path):
     old = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     torch.save(old, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "dp.pth")
-    charades = dict(sd, **{"logits.conv3d.weight": torch.zeros(157, 1024, 1, 1, 1),
-                           "logits.conv3d.bias": torch.zeros(157)})
+    charades = dict(
+        sd,
+        **{
+            "logits.conv3d.weight": torch.zeros(157, 1024, 1, 1, 1),
+            "logits.conv3d.bias": torch.zeros(157),
+        },
+    )
     torch.save(charades, tmp_path / "rgb_charades.pt")
     for name in ("w.safetensors", "old.pt", "dp.pth"):
         ex = load_i3d(tmp_path / name)
@@ -233,6 +242,7 @@ def test_other_state_dict_forms_load(model, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # StyleGAN-V TorchScript
 
+
 class RecordingDetector(nn.Module):
     """Stand-in with the TorchScript I3D's signature that records what it is called with."""
 
@@ -243,8 +253,13 @@ class RecordingDetector(nn.Module):
         self.register_buffer("shape", torch.zeros(5, dtype=torch.long))
         self.register_buffer("is_float32", torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                return_features: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rescale: bool = False,
+        resize: bool = False,
+        return_features: bool = False,
+    ) -> torch.Tensor:
         self.flags.copy_(torch.tensor([float(rescale), float(resize), float(return_features)]))
         self.value_range.copy_(torch.stack([x.min(), x.max()]))
         self.shape.copy_(torch.tensor(x.shape))
@@ -296,6 +311,7 @@ def test_torchscript_batches_and_layer_option(torchscript_file):
 # ----------------------------------------------------------------------------------------------
 # errors
 
+
 def test_missing_file_names_file_and_source(tmp_path):
     missing = tmp_path / "nowhere" / "i3d_torchscript.pt"
     with pytest.raises(FileNotFoundError) as info:
@@ -315,15 +331,16 @@ def test_wrong_files_are_value_errors(tmp_path):
     sd = InceptionI3d().state_dict()
     sd.pop("Mixed_4d.b2b.conv3d.weight")
     torch.save(sd, tmp_path / "partial.pt")
-    bad_shape = dict(InceptionI3d().state_dict(), **{"Mixed_3b.b0.conv3d.weight":
-                                                     torch.zeros(64, 191, 1, 1, 1)})
+    bad_shape = dict(
+        InceptionI3d().state_dict(), **{"Mixed_3b.b0.conv3d.weight": torch.zeros(64, 191, 1, 1, 1)}
+    )
     torch.save(bad_shape, tmp_path / "shape.pt")
-    for name in ("text.pt", "list.pt", "linear.pt", "other.safetensors", "partial.pt",
-                 "shape.pt"):
+    for name in ("text.pt", "list.pt", "linear.pt", "other.safetensors", "partial.pt", "shape.pt"):
         with pytest.raises(ValueError, match="not an I3D weight file") as info:
             load_i3d(tmp_path / name)
         assert STYLEGAN_V_I3D_URL in str(info.value), name
-    assert "Mixed_4d.b2b.conv3d.weight" in str(pytest.raises(
-        ValueError, load_i3d, tmp_path / "partial.pt").value)
+    assert "Mixed_4d.b2b.conv3d.weight" in str(
+        pytest.raises(ValueError, load_i3d, tmp_path / "partial.pt").value
+    )
     with pytest.raises(ValueError, match="layer"):
         load_i3d(tmp_path / "linear.pt", layer="conv")

@@ -21,31 +21,72 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 
 # Imports matten from this checkout, and makes Ctrl-C raise KeyboardInterrupt even where the test
 # runner was started with SIGINT ignored (a background job), which the child would inherit.
-LAUNCHER = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "from matten.cli import main; sys.exit(main(sys.argv[1:]))")
+LAUNCHER = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from matten.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 @pytest.fixture(scope="module")
 def causal_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("interrupt") / "run"
-    train(load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-                               "model.causal.window=2", "data.num_frames=4", "data.num_videos=4",
-                               "data.options.blackout=0", "train.batch_size=2",
-                               "train.max_steps=1", "sample.num_samples=1", "sample.steps=1",
-                               "model.causal.memory=none", "train.cpu=true"]),  # no scan: quick to start
-          output=run, progress=False)
+    train(
+        load_config(
+            "long",
+            [
+                "model.depth=1",
+                "model.hidden_size=32",
+                "model.num_heads=2",
+                "model.causal.window=2",
+                "data.num_frames=4",
+                "data.num_videos=4",
+                "data.options.blackout=0",
+                "train.batch_size=2",
+                "train.max_steps=1",
+                "sample.num_samples=1",
+                "sample.steps=1",
+                "model.causal.memory=none",
+                "train.cpu=true",
+            ],
+        ),  # no scan: quick to start
+        output=run,
+        progress=False,
+    )
     return run
 
 
 def start_sampling(run, output) -> subprocess.Popen:
     """`matten sample --frames` with far more frames than it will get to make."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(matten.__file__).parents[1]),
-                                           os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(matten.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     return subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, "sample", "--checkpoint", str(run), "--output",
-         str(output), "--frames", "100000", "--chunk-size", "1", "--steps", "1",
-         "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            LAUNCHER,
+            "sample",
+            "--checkpoint",
+            str(run),
+            "--output",
+            str(output),
+            "--frames",
+            "100000",
+            "--chunk-size",
+            "1",
+            "--steps",
+            "1",
+            "--no-progress",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_frames(proc: subprocess.Popen, output: Path) -> Path:
@@ -64,8 +105,9 @@ def wait_for_frames(proc: subprocess.Popen, output: Path) -> Path:
     pytest.fail("no frames were written")
 
 
-def test_ctrl_c_keeps_a_playable_partial_video_and_sigkill_leftovers_are_cleaned(causal_run,
-                                                                                 tmp_path):
+def test_ctrl_c_keeps_a_playable_partial_video_and_sigkill_leftovers_are_cleaned(
+    causal_run, tmp_path
+):
     output = tmp_path / "long.mp4"
     write_video(output, np.full((3, 8, 8, 3), 128, dtype=np.uint8))
     finished = output.read_bytes()  # an earlier, finished video of the same name

@@ -16,8 +16,12 @@ from matten.latent import (
 )
 
 # The SD VAE's structure (4 down/up blocks -> 8x, 4 latent channels), with few channels for speed.
-TINY = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
-        "sample_size": 32}
+TINY = {
+    "block_out_channels": [32, 32, 32, 32],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+}
 
 
 def random_video(b=2, f=3, h=16, w=16, seed=0):
@@ -30,8 +34,12 @@ def write_diffusers_folder(folder, vae: StableDiffusionVAE, legacy_names=False):
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in vae.vae.state_dict().items()}
     if legacy_names:  # the attention names of older diffusers checkpoints (as in SD v1-4)
-        renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.",
-                   ".to_out.0.": ".proj_attn."}
+        renames = {
+            ".to_q.": ".query.",
+            ".to_k.": ".key.",
+            ".to_v.": ".value.",
+            ".to_out.0.": ".proj_attn.",
+        }
         renamed = {}
         for k, v in state.items():
             for new, old in renames.items():
@@ -39,8 +47,12 @@ def write_diffusers_folder(folder, vae: StableDiffusionVAE, legacy_names=False):
             renamed[k] = v
         state = renamed
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
-    config = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.27.0",
-              **{k: v for k, v in SD_VAE_CONFIG.items()}, **TINY}
+    config = {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.27.0",
+        **{k: v for k, v in SD_VAE_CONFIG.items()},
+        **TINY,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -78,8 +90,9 @@ def test_sd_vae_loads_a_diffusers_folder_and_encodes_frame_by_frame(tmp_path):
     folder = write_diffusers_folder(tmp_path / "sd-vae", original)
 
     loaded = build_autoencoder("sd-vae", path=folder, sample_posterior=False, frame_batch_size=2)
-    for (k, a), (k2, b) in zip(original.vae.state_dict().items(),
-                               loaded.vae.state_dict().items(), strict=True):
+    for (k, a), (k2, b) in zip(
+        original.vae.state_dict().items(), loaded.vae.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(a, b), k
     video = random_video(b=2, f=3, h=16, w=16)
     z = loaded.encode(video)
@@ -96,8 +109,9 @@ def test_sd_vae_loads_a_diffusers_folder_and_encodes_frame_by_frame(tmp_path):
     # A pipeline folder with the VAE in vae/ works too.
     pipeline = tmp_path / "pipeline"
     write_diffusers_folder(pipeline / "vae", original)
-    assert torch.allclose(StableDiffusionVAE(pipeline, sample_posterior=False).encode(video), z,
-                          atol=1e-5)
+    assert torch.allclose(
+        StableDiffusionVAE(pipeline, sample_posterior=False).encode(video), z, atol=1e-5
+    )
 
 
 def test_sd_vae_single_file_and_legacy_attention_names(tmp_path):

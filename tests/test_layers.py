@@ -24,8 +24,13 @@ def function_local_imports(path: Path) -> list[str]:
     one guarded by ``try``: a module that needs an optional dependency (triton), loaded when
     first wanted."""
     tree = ast.parse(path.read_text())
-    guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
-               for stmt in t.body for n in ast.walk(stmt)}
+    guarded = {
+        id(n)
+        for t in ast.walk(tree)
+        if isinstance(t, ast.Try)
+        for stmt in t.body
+        for n in ast.walk(stmt)
+    }
     found = []
     for node in ast.walk(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -33,34 +38,41 @@ def function_local_imports(path: Path) -> list[str]:
         for inner in ast.walk(node):
             if id(inner) in guarded:
                 continue
-            if isinstance(inner, ast.ImportFrom) and (inner.level > 0 or
-                                                      (inner.module or "").startswith("matten")):
+            if isinstance(inner, ast.ImportFrom) and (
+                inner.level > 0 or (inner.module or "").startswith("matten")
+            ):
                 found.append(f"{path.relative_to(SRC)}:{inner.lineno}")
-            elif isinstance(inner, ast.Import) and any(a.name.startswith("matten")
-                                                       for a in inner.names):
+            elif isinstance(inner, ast.Import) and any(
+                a.name.startswith("matten") for a in inner.names
+            ):
                 found.append(f"{path.relative_to(SRC)}:{inner.lineno}")
     return found
 
 
 def test_no_function_local_imports_between_our_packages():
     found = [hit for path in sorted(SRC.rglob("*.py")) for hit in function_local_imports(path)]
-    assert found == [], "imports inside functions (move them to the top of the module): " + \
-        ", ".join(found)
+    assert found == [], (
+        "imports inside functions (move them to the top of the module): " + ", ".join(found)
+    )
 
 
 def test_the_checker_sees_a_function_local_import(tmp_path, monkeypatch):
     module = tmp_path / "matten" / "probe.py"
     module.parent.mkdir()
-    module.write_text("def f():\n    from .data import read_video\n    import os\n"
-                      "    try:\n        from . import triton_scan\n    except ImportError:\n"
-                      "        pass\n")
+    module.write_text(
+        "def f():\n    from .data import read_video\n    import os\n"
+        "    try:\n        from . import triton_scan\n    except ImportError:\n"
+        "        pass\n"
+    )
     monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path / "matten")
     assert function_local_imports(module) == ["probe.py:2"]
 
 
 @pytest.mark.parametrize("layer", ["matten.ssm", "matten.data", "matten.models"])
 def test_a_lower_layer_imports_without_the_upper_ones(layer):
-    code = (f"import sys, {layer}; upper = [m for m in ('matten.training', 'matten.pipelines', "
-            "'matten.commands', 'matten.eval') if m in sys.modules]; print(upper)")
+    code = (
+        f"import sys, {layer}; upper = [m for m in ('matten.training', 'matten.pipelines', "
+        "'matten.commands', 'matten.eval') if m in sys.modules]; print(upper)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -16,8 +16,9 @@ from matten.eval.long_memory import pixel_last_seen, retrieval_error, revisit_pa
 def test_items_are_deterministic_with_the_documented_shapes(trajectory):
     ds = PanningMapDataset(6, resolution=16, num_frames=64, map_size=48, trajectory=trajectory)
     again = PanningMapDataset(6, resolution=16, num_frames=64, map_size=48, trajectory=trajectory)
-    other = PanningMapDataset(6, resolution=16, num_frames=64, map_size=48, trajectory=trajectory,
-                              seed=1)
+    other = PanningMapDataset(
+        6, resolution=16, num_frames=64, map_size=48, trajectory=trajectory, seed=1
+    )
     item = ds[3]
     assert set(item) == {"video", "label", "actions", "camera"}
     for key in item:
@@ -36,8 +37,9 @@ def test_items_are_deterministic_with_the_documented_shapes(trajectory):
 
 
 def test_non_square_window_and_plain_items():
-    ds = PanningMapDataset(2, resolution=(12, 20), num_frames=9, map_size=(30, 40),
-                           with_actions=False)
+    ds = PanningMapDataset(
+        2, resolution=(12, 20), num_frames=9, map_size=(30, 40), with_actions=False
+    )
     item = ds[1]
     assert set(item) == {"video", "label"} and item["video"].shape == (3, 9, 12, 20)
     assert ds.world(1).shape == (30, 40, 3)
@@ -46,8 +48,9 @@ def test_non_square_window_and_plain_items():
 @pytest.mark.parametrize("trajectory", TRAJECTORIES)
 @pytest.mark.parametrize("step", [1, 2])
 def test_camera_stays_inside_the_map_moves_little_and_matches_the_actions(trajectory, step):
-    ds = PanningMapDataset(20, resolution=16, num_frames=64, map_size=48, trajectory=trajectory,
-                           step=step)
+    ds = PanningMapDataset(
+        20, resolution=16, num_frames=64, map_size=48, trajectory=trajectory, step=step
+    )
     for i in range(len(ds)):
         camera, actions = ds.camera_path(i)
         assert camera.min() >= 0
@@ -66,7 +69,7 @@ def test_frames_are_crops_of_the_world_at_the_camera():
     world = ds.world(2)
     for t in (0, 7, 19):
         x, y = camera[t]
-        assert np.array_equal(frames[t], world[y:y + 16, x:x + 16])
+        assert np.array_equal(frames[t], world[y : y + 16, x : x + 16])
     # landmarks make the world brighter in places than its textured background
     assert world.max() > 0.85 and np.median(world.max(axis=2)) < 0.7
 
@@ -111,8 +114,9 @@ def test_retrieval_error_is_zero_on_real_videos_and_large_on_forgetful_ones(traj
 
         forgetful = item["video"].clone()
         forgetful[:, 32:] = torch.rand(forgetful[:, 32:].shape, generator=generator) * 2 - 1
-        bad = retrieval_error(forgetful.numpy(), item["camera"].numpy(), min_gap=32,
-                              bins=[32, 48, 64])
+        bad = retrieval_error(
+            forgetful.numpy(), item["camera"].numpy(), min_gap=32, bins=[32, 48, 64]
+        )
         assert sum(bad["count"]) > 0 and bad["mean"] > 0.3
         assert all(e > 0.3 for e, n in zip(bad["errors"], bad["count"], strict=True) if n)
 
@@ -162,23 +166,29 @@ def test_bad_arguments_raise_clear_errors():
 def test_short_clips_still_work():
     for trajectory in ("out_and_back", "loop"):
         for frames in (2, 3, 5):
-            ds = PanningMapDataset(2, resolution=8, num_frames=frames, map_size=10,
-                                   trajectory=trajectory)
+            ds = PanningMapDataset(
+                2, resolution=8, num_frames=frames, map_size=10, trajectory=trajectory
+            )
             assert ds[1]["video"].shape == (3, frames, 8, 8)
 
 
 def test_pixel_last_seen_against_a_brute_force_search():
-    data = PanningMapDataset(2, resolution=8, num_frames=20, map_size=20, seed=4,
-                             trajectory="mixed", step=2)
+    data = PanningMapDataset(
+        2, resolution=8, num_frames=20, map_size=20, seed=4, trajectory="mixed", step=2
+    )
     for i in range(2):
         camera = data[i]["camera"].numpy().astype(np.int64)
         last = pixel_last_seen(camera, 8, 8)
         for f in range(20):
             for r in range(8):
                 for c in range(8):
-                    point = (camera[f, 1] + r, camera[f, 0] + c)   # (row, col) on the map
-                    shown = [g for g in range(f) if camera[g, 1] <= point[0] < camera[g, 1] + 8
-                             and camera[g, 0] <= point[1] < camera[g, 0] + 8]
+                    point = (camera[f, 1] + r, camera[f, 0] + c)  # (row, col) on the map
+                    shown = [
+                        g
+                        for g in range(f)
+                        if camera[g, 1] <= point[0] < camera[g, 1] + 8
+                        and camera[g, 0] <= point[1] < camera[g, 0] + 8
+                    ]
                     assert last[f, r, c] == (shown[-1] if shown else -1)
         # a real video shows the same colour wherever a point was seen before
         video = data[i]["video"].numpy()
@@ -192,14 +202,22 @@ def test_pixel_last_seen_against_a_brute_force_search():
 
 def test_blackout_goes_dark_in_place_and_comes_back_to_what_was_seen():
     lit = PanningMapDataset(8, resolution=8, num_frames=16, map_size=24, step=2, seed=3)
-    dark = PanningMapDataset(8, resolution=8, num_frames=16, map_size=24, step=2, seed=3,
-                             blackout=0.5, blackout_frames=(3, 5))
+    dark = PanningMapDataset(
+        8,
+        resolution=8,
+        num_frames=16,
+        map_size=24,
+        step=2,
+        seed=3,
+        blackout=0.5,
+        blackout_frames=(3, 5),
+    )
     went_dark = 0
     for i in range(8):
         item, plain = dark[i], lit[i]
         actions, camera, video = item["actions"], item["camera"], item["video"]
         off = actions == DARK
-        assert torch.equal(item["video"][:, 0], plain["video"][:, 0])   # the same map
+        assert torch.equal(item["video"][:, 0], plain["video"][:, 0])  # the same map
         if not off.any():
             assert torch.equal(video, plain["video"])
             continue
@@ -207,13 +225,12 @@ def test_blackout_goes_dark_in_place_and_comes_back_to_what_was_seen():
         frames = torch.nonzero(off).flatten()
         start, n = int(frames[0]), len(frames)
         assert torch.equal(frames, torch.arange(start, start + n)) and 3 <= n <= 5
-        assert 1 <= start and start + n <= 15                     # lit frames on both sides
-        assert (video[:, off] == -1).all()                          # black
-        assert (camera[start:start + n] == camera[start - 1]).all()   # still in the dark
+        assert 1 <= start and start + n <= 15  # lit frames on both sides
+        assert (video[:, off] == -1).all()  # black
+        assert (camera[start : start + n] == camera[start - 1]).all()  # still in the dark
         # the path around the dark is the path of a clip n frames shorter
-        short = PanningMapDataset(8, resolution=8, num_frames=16 - n, map_size=24, step=2,
-                                  seed=3)
-        assert torch.equal(torch.cat([camera[:start], camera[start + n:]]), short[i]["camera"])
+        short = PanningMapDataset(8, resolution=8, num_frames=16 - n, map_size=24, step=2, seed=3)
+        assert torch.equal(torch.cat([camera[:start], camera[start + n :]]), short[i]["camera"])
         # nothing is seen in the dark: after it, every point was last seen before it
         last = pixel_last_seen(camera.numpy().astype(np.int64), 8, 8, visible=~off.numpy())
         assert (last[start + n] < start).all() and (last[start + n] >= 0).any()
@@ -224,11 +241,17 @@ def test_blackout_goes_dark_in_place_and_comes_back_to_what_was_seen():
         result = retrieval_error(video, camera, visible=~off.numpy())
         assert result["mean"] == 0.0
     assert 2 <= went_dark <= 6
-    fixed = PanningMapDataset(4, resolution=8, num_frames=16, map_size=24, blackout=1.0,
-                              blackout_frames=(5, 5), blackout_start=3)
+    fixed = PanningMapDataset(
+        4,
+        resolution=8,
+        num_frames=16,
+        map_size=24,
+        blackout=1.0,
+        blackout_frames=(5, 5),
+        blackout_start=3,
+    )
     for i in range(4):
-        assert torch.equal(torch.nonzero(fixed[i]["actions"] == DARK).flatten(),
-                           torch.arange(3, 8))
+        assert torch.equal(torch.nonzero(fixed[i]["actions"] == DARK).flatten(), torch.arange(3, 8))
     with pytest.raises(ValueError, match="blackout must be"):
         PanningMapDataset(1, blackout=2.0)
     with pytest.raises(ValueError, match="lit frame before and after"):

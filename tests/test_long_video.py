@@ -20,9 +20,20 @@ LATENT = (4, 4, 4)
 def tiny(num_classes=3, seed=0, **kwargs):
     """A tiny causal model moved off its adaLN-Zero init (which predicts exactly zero)."""
     torch.manual_seed(seed)
-    model = create_causal_model(input_size=4, in_channels=4, depth=1, hidden_size=32,
-                                num_heads=2, patch_size=2, window=3, sink=1, memory="both",
-                                context_length=8, num_classes=num_classes, **kwargs).eval()
+    model = create_causal_model(
+        input_size=4,
+        in_channels=4,
+        depth=1,
+        hidden_size=32,
+        num_heads=2,
+        patch_size=2,
+        window=3,
+        sink=1,
+        memory="both",
+        context_length=8,
+        num_classes=num_classes,
+        **kwargs,
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -39,8 +50,7 @@ def diffusion():
     return create_diffusion("4", prediction="eps")
 
 
-def reference(model, diffusion, num_frames, chunk, y, seed, batch=1, actions=None,
-              teacher=None):
+def reference(model, diffusion, num_frames, chunk, y, seed, batch=1, actions=None, teacher=None):
     """Each chunk denoised by the full-history ``forward`` over [clean past (t = 0); chunk]; the
     past is the generated chunks, or the frames of ``teacher``."""
     g = torch.Generator().manual_seed(seed)
@@ -49,11 +59,12 @@ def reference(model, diffusion, num_frames, chunk, y, seed, batch=1, actions=Non
     chunks = []
     for start in range(0, num_frames, chunk):
         k = min(chunk, num_frames - start)
-        acts = None if actions is None else actions[:, :start + k]
+        acts = None if actions is None else actions[:, : start + k]
 
         def full(x, t, start=start, k=k, history=history, acts=acts):  # this chunk's
-            t_full = torch.cat([torch.zeros(batch, start, dtype=torch.long),
-                                t[:, None].expand(-1, k)], dim=1)
+            t_full = torch.cat(
+                [torch.zeros(batch, start, dtype=torch.long), t[:, None].expand(-1, k)], dim=1
+            )
             out = model(torch.cat([history, x], dim=2), t_full, y=y, actions=acts)
             return out[:, :, start:]
 
@@ -65,7 +76,7 @@ def reference(model, diffusion, num_frames, chunk, y, seed, batch=1, actions=Non
         history = torch.cat([history, x], dim=2)
         chunks.append(x)
         if teacher is not None:
-            history = teacher[:, :, :start + k]
+            history = teacher[:, :, : start + k]
     return torch.cat(chunks, dim=2)
 
 
@@ -73,8 +84,9 @@ def test_streaming_matches_full_history_recomputation(diffusion):
     # float64 so that 12 frames of float32 rounding do not blur a 1e-5 comparison
     model = tiny().double()
     y = torch.tensor([1, 2])
-    got = generate_long(model, diffusion, 12, 2, LATENT, batch=2, y=y,
-                        generator=torch.Generator().manual_seed(3))
+    got = generate_long(
+        model, diffusion, 12, 2, LATENT, batch=2, y=y, generator=torch.Generator().manual_seed(3)
+    )
     want = reference(model, diffusion, 12, 2, y, seed=3, batch=2)
     assert got.shape == (2, 4, 12, 4, 4)
     assert got.abs().max() > 1e-2  # not trivially zero
@@ -85,13 +97,21 @@ def test_uneven_last_chunk_and_actions():
     model = tiny(num_classes=0, num_actions=3).double()
     diffusion = create_diffusion("4", prediction="eps")
     actions = torch.randint(0, 3, (1, 7), generator=torch.Generator().manual_seed(0))
-    got = generate_long(model, diffusion, 7, 3, LATENT, actions=actions,
-                        generator=torch.Generator().manual_seed(5))
+    got = generate_long(
+        model, diffusion, 7, 3, LATENT, actions=actions, generator=torch.Generator().manual_seed(5)
+    )
     want = reference(model, diffusion, 7, 3, None, seed=5, actions=actions)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # The same actions given frame by frame as a callable.
-    again = generate_long(model, diffusion, 7, 3, LATENT, actions=lambda f: actions[:, f],
-                          generator=torch.Generator().manual_seed(5))
+    again = generate_long(
+        model,
+        diffusion,
+        7,
+        3,
+        LATENT,
+        actions=lambda f: actions[:, f],
+        generator=torch.Generator().manual_seed(5),
+    )
     torch.testing.assert_close(again, got, atol=0, rtol=0)
 
 
@@ -103,16 +123,25 @@ def test_state_size_is_constant_and_chunks_are_streamed(model, diffusion):
         assert chunk.frames.shape == (1, 4, 2, 4, 4)
         sizes[chunk.start // 2 + 1] = chunk.state.num_elements()
 
-    total = generate_long(model, diffusion, 20, 2, LATENT, y=0, on_chunk=on_chunk,
-                          generator=torch.Generator().manual_seed(0))
+    total = generate_long(
+        model,
+        diffusion,
+        20,
+        2,
+        LATENT,
+        y=0,
+        on_chunk=on_chunk,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert total == 20 and starts == list(range(0, 20, 2))
     assert sizes[3] == sizes[10] > 0
 
 
 def test_class_switch_changes_later_chunks_only_and_is_deterministic(model, diffusion):
     def run(y):
-        return generate_long(model, diffusion, 8, 2, LATENT, y=y,
-                             generator=torch.Generator().manual_seed(7))
+        return generate_long(
+            model, diffusion, 8, 2, LATENT, y=y, generator=torch.Generator().manual_seed(7)
+        )
 
     fixed = run(torch.tensor([0]))
     switched = run(lambda frame: torch.tensor([0 if frame < 4 else 2]))
@@ -124,14 +153,31 @@ def test_class_switch_changes_later_chunks_only_and_is_deterministic(model, diff
 def test_guidance_keeps_a_state_per_branch(diffusion):
     model = tiny().double()
     y = torch.tensor([1])
-    plain = generate_long(model, diffusion, 4, 2, LATENT, y=y,
-                          generator=torch.Generator().manual_seed(1))
-    same = generate_long(model, diffusion, 4, 2, LATENT, y=y, cfg_scale=1.0,
-                         generator=torch.Generator().manual_seed(1))
+    plain = generate_long(
+        model, diffusion, 4, 2, LATENT, y=y, generator=torch.Generator().manual_seed(1)
+    )
+    same = generate_long(
+        model,
+        diffusion,
+        4,
+        2,
+        LATENT,
+        y=y,
+        cfg_scale=1.0,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert torch.equal(plain, same)
     # Scale 0 is the unconditional branch alone: full-history recomputation with the null label.
-    uncond = generate_long(model, diffusion, 4, 2, LATENT, y=y, cfg_scale=0.0,
-                           generator=torch.Generator().manual_seed(1))
+    uncond = generate_long(
+        model,
+        diffusion,
+        4,
+        2,
+        LATENT,
+        y=y,
+        cfg_scale=0.0,
+        generator=torch.Generator().manual_seed(1),
+    )
     want = reference(model, diffusion, 4, 2, torch.tensor([model.null_class]), seed=1)
     torch.testing.assert_close(uncond, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="guidance"):
@@ -194,9 +240,18 @@ class Pixels:  # stands in for an autoencoder: latent channels 0..2 as RGB
 
 
 def test_write_long_video_end_to_end(tmp_path, model, diffusion):
-    path = write_long_video(model, diffusion, Pixels(), tmp_path / "v.mp4", 6, 2, LATENT,
-                            batch=2, y=torch.tensor([0, 1]),
-                            generator=torch.Generator().manual_seed(0))
+    path = write_long_video(
+        model,
+        diffusion,
+        Pixels(),
+        tmp_path / "v.mp4",
+        6,
+        2,
+        LATENT,
+        batch=2,
+        y=torch.tensor([0, 1]),
+        generator=torch.Generator().manual_seed(0),
+    )
     video = read_video(path)
     assert video.shape[0] == 6
 
@@ -217,8 +272,18 @@ class KilledAtChunk(Pixels):
 def test_an_interrupted_long_video_keeps_the_frames_made_so_far(tmp_path, model, diffusion):
     path = tmp_path / "v.mp4"
     with pytest.raises(LongVideoInterrupted) as info, sigterm_as_interrupt():
-        write_long_video(model, diffusion, KilledAtChunk(3), path, 100, 2, LATENT, y=1,
-                         keep_partial=True, generator=torch.Generator().manual_seed(0))
+        write_long_video(
+            model,
+            diffusion,
+            KilledAtChunk(3),
+            path,
+            100,
+            2,
+            LATENT,
+            y=1,
+            keep_partial=True,
+            generator=torch.Generator().manual_seed(0),
+        )
     stop = info.value
     assert isinstance(stop.interrupt, Terminated)
     assert stop.frames == 4 and stop.partial == tmp_path / "v.partial.mp4"
@@ -260,8 +325,17 @@ def test_only_temp_files_that_no_running_process_writes_are_removed(tmp_path):
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0)])
 def test_stochastic_samplers_follow_the_generator(model, diffusion, sampler, eta):
     def run(seed):
-        return generate_long(model, diffusion, 4, 2, LATENT, y=1, sampler=sampler, eta=eta,
-                             generator=torch.Generator().manual_seed(seed))
+        return generate_long(
+            model,
+            diffusion,
+            4,
+            2,
+            LATENT,
+            y=1,
+            sampler=sampler,
+            eta=eta,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     assert torch.equal(run(0), run(0)) and not torch.allclose(run(0), run(1))
 
@@ -272,15 +346,49 @@ def test_sample_command_streams_a_long_video_from_a_trained_causal_model(tmp_pat
     from matten.training import train
 
     run = tmp_path / "run"
-    train(load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-                               "model.causal.window=2", "data.num_frames=4", "data.num_videos=4",
-                               "data.options.blackout=0", "train.batch_size=2",
-                               "train.max_steps=1", "sample.steps=2", "sample.num_samples=1",
-                               "train.cpu=true"]),
-          output=run, progress=False)
+    train(
+        load_config(
+            "long",
+            [
+                "model.depth=1",
+                "model.hidden_size=32",
+                "model.num_heads=2",
+                "model.causal.window=2",
+                "data.num_frames=4",
+                "data.num_videos=4",
+                "data.options.blackout=0",
+                "train.batch_size=2",
+                "train.max_steps=1",
+                "sample.steps=2",
+                "sample.num_samples=1",
+                "train.cpu=true",
+            ],
+        ),
+        output=run,
+        progress=False,
+    )
     out = tmp_path / "long.mp4"
-    assert cli.main(["sample", "--checkpoint", str(run), "--output", str(out), "-n", "1",
-                     "--steps", "2", "--frames", "9", "--chunk-size", "2", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--output",
+                str(out),
+                "-n",
+                "1",
+                "--steps",
+                "2",
+                "--frames",
+                "9",
+                "--chunk-size",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "9 frames x 1" in capsys.readouterr().out
     assert read_video(out).shape[0] == 9  # longer than the 4-frame training clips
 
@@ -291,31 +399,58 @@ def test_frames_option_needs_a_causal_model(tmp_path, capsys):
     from matten.training import train
 
     run = tmp_path / "clip"
-    train(load_config("demo", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-                               "data.resolution=8", "data.num_frames=4", "data.num_videos=4",
-                               "train.batch_size=2", "train.max_steps=1", "sample.steps=2",
-                               "sample.num_samples=1", "train.cpu=true"]),
-          output=run, progress=False)
+    train(
+        load_config(
+            "demo",
+            [
+                "model.depth=1",
+                "model.hidden_size=32",
+                "model.num_heads=2",
+                "data.resolution=8",
+                "data.num_frames=4",
+                "data.num_videos=4",
+                "train.batch_size=2",
+                "train.max_steps=1",
+                "sample.steps=2",
+                "sample.num_samples=1",
+                "train.cpu=true",
+            ],
+        ),
+        output=run,
+        progress=False,
+    )
     with pytest.raises(SystemExit):
-        cli.main(["sample", "--checkpoint", str(run), "--output", str(tmp_path / "x.mp4"),
-                  "--frames", "9"])
+        cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--output",
+                str(tmp_path / "x.mp4"),
+                "--frames",
+                "9",
+            ]
+        )
     assert "--frames needs a long-video model" in capsys.readouterr().err
 
 
 def test_context_frames_continue_like_generated_history(model, diffusion):
     """Frames given as context are committed exactly as if they had been generated: with the
     same noise for the later chunks (DDIM, eta 0) the continuation is the same."""
-    full = generate_long(model, diffusion, 8, 2, LATENT, y=1,
-                         generator=torch.Generator().manual_seed(1))
+    full = generate_long(
+        model, diffusion, 8, 2, LATENT, y=1, generator=torch.Generator().manual_seed(1)
+    )
     generator = torch.Generator().manual_seed(1)
     for _ in range(2):  # the initial noise of the two chunks the context replaces
         torch.randn((1, *LATENT[:1], 2, *LATENT[1:]), generator=generator)
-    rest = list(iter_long(model, diffusion, 8, 2, LATENT, y=1, context=full[:, :, :4],
-                          generator=generator))
+    rest = list(
+        iter_long(model, diffusion, 8, 2, LATENT, y=1, context=full[:, :, :4], generator=generator)
+    )
     assert [c.start for c in rest] == [4, 6]
     # float32: committing 4 frames at once rounds differently from 2 + 2
-    torch.testing.assert_close(torch.cat([c.frames for c in rest], dim=2), full[:, :, 4:],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.cat([c.frames for c in rest], dim=2), full[:, :, 4:], rtol=1e-4, atol=1e-4
+    )
     with pytest.raises(ValueError, match="context"):
         next(iter_long(model, diffusion, 4, 2, LATENT, y=1, context=full[:, :, :4]))
 
@@ -323,15 +458,22 @@ def test_context_frames_continue_like_generated_history(model, diffusion):
 def test_teacher_forcing_generates_each_chunk_from_the_real_past():
     model = tiny(num_classes=0).double()
     diffusion = create_diffusion("4", prediction="eps")
-    real = torch.randn(1, *LATENT[:1], 8, *LATENT[1:], generator=torch.Generator().manual_seed(2),
-                       dtype=torch.float64)
-    got = generate_long(model, diffusion, 8, 2, LATENT, teacher=real,
-                        generator=torch.Generator().manual_seed(4))
+    real = torch.randn(
+        1,
+        *LATENT[:1],
+        8,
+        *LATENT[1:],
+        generator=torch.Generator().manual_seed(2),
+        dtype=torch.float64,
+    )
+    got = generate_long(
+        model, diffusion, 8, 2, LATENT, teacher=real, generator=torch.Generator().manual_seed(4)
+    )
     want = reference(model, diffusion, 8, 2, None, seed=4, teacher=real)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     free = generate_long(model, diffusion, 8, 2, LATENT, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(got[:, :, :2], free[:, :, :2], atol=0, rtol=0)  # same first chunk
-    assert (got[:, :, 2:] - free[:, :, 2:]).abs().max() > 1e-3     # then a different past
+    assert (got[:, :, 2:] - free[:, :, 2:]).abs().max() > 1e-3  # then a different past
     with pytest.raises(ValueError, match="teacher"):
         generate_long(model, diffusion, 8, 2, LATENT, teacher=real[:, :, :6])
 
@@ -359,43 +501,115 @@ def test_action_schedules_and_class_switches_from_the_command_line(tmp_path, cap
     import matten.pipelines.long as long_video
     from matten.config import load_config
     from matten.training import train
+
     seen = []
     real_iter = long_video.iter_long
 
     def spy(model, diffusion, num_frames, chunk_size, latent_shape, **kwargs):
         for chunk in real_iter(model, diffusion, num_frames, chunk_size, latent_shape, **kwargs):
             y, acts = kwargs["y"], kwargs["actions"]
-            seen.append((chunk.start, None if y is None else y(chunk.start).tolist(),
-                         None if acts is None else acts(chunk.start).tolist()))
+            seen.append(
+                (
+                    chunk.start,
+                    None if y is None else y(chunk.start).tolist(),
+                    None if acts is None else acts(chunk.start).tolist(),
+                )
+            )
             yield chunk
 
     def tiny_run(name, *overrides):
         run = tmp_path / name
-        train(load_config("long", ["model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-                                   "model.causal.window=2", "data.num_frames=4", "data.num_videos=4",
-                                   "train.batch_size=2", "train.max_steps=1", "sample.steps=2",
-                                   "sample.num_samples=1", "train.cpu=true", *overrides]),
-              output=run, progress=False)
+        train(
+            load_config(
+                "long",
+                [
+                    "model.depth=1",
+                    "model.hidden_size=32",
+                    "model.num_heads=2",
+                    "model.causal.window=2",
+                    "data.num_frames=4",
+                    "data.num_videos=4",
+                    "train.batch_size=2",
+                    "train.max_steps=1",
+                    "sample.steps=2",
+                    "sample.num_samples=1",
+                    "train.cpu=true",
+                    *overrides,
+                ],
+            ),
+            output=run,
+            progress=False,
+        )
         return str(run)
 
-    classes = tiny_run("classes", "data.name=synthetic", "data.num_classes=2",
-                       "model.num_classes=2", "model.causal.num_actions=0", "data.options={}")
+    classes = tiny_run(
+        "classes",
+        "data.name=synthetic",
+        "data.num_classes=2",
+        "model.num_classes=2",
+        "model.causal.num_actions=0",
+        "data.options={}",
+    )
     actions = tiny_run("actions", "data.options.blackout=0")
     out = str(tmp_path / "switch.mp4")
     with mock.patch.object(long_video, "iter_long", spy):
-        assert cli.main(["sample", "--checkpoint", classes, "--output", out, "-n", "1",
-                         "--steps", "2", "--frames", "6", "--class", "0", "--class-at", "4:1",
-                         "--no-progress"]) == 0
+        assert (
+            cli.main(
+                [
+                    "sample",
+                    "--checkpoint",
+                    classes,
+                    "--output",
+                    out,
+                    "-n",
+                    "1",
+                    "--steps",
+                    "2",
+                    "--frames",
+                    "6",
+                    "--class",
+                    "0",
+                    "--class-at",
+                    "4:1",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         assert seen == [(0, [0], None), (2, [0], None), (4, [1], None)]
         seen.clear()
-        assert cli.main(["sample", "--checkpoint", actions, "--output", out, "-n", "1",
-                         "--steps", "2", "--frames", "6", "--chunk-size", "1",
-                         "--actions", "right*2,left", "--no-progress"]) == 0
+        assert (
+            cli.main(
+                [
+                    "sample",
+                    "--checkpoint",
+                    actions,
+                    "--output",
+                    out,
+                    "-n",
+                    "1",
+                    "--steps",
+                    "2",
+                    "--frames",
+                    "6",
+                    "--chunk-size",
+                    "1",
+                    "--actions",
+                    "right*2,left",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         assert seen == [(f, None, [a]) for f, a in zip(range(6), [2, 2, 1, 2, 2, 1], strict=True)]
     assert read_video(out).shape[0] == 6
-    for bad, message in ((["--actions", "fly"], "--actions item 'fly'"),
-                         (["--class-at", "2:1"], "unconditional (trained without class labels); "
-                                                 "--class-at cannot be used")):
+    for bad, message in (
+        (["--actions", "fly"], "--actions item 'fly'"),
+        (
+            ["--class-at", "2:1"],
+            "unconditional (trained without class labels); --class-at cannot be used",
+        ),
+    ):
         with pytest.raises(SystemExit):
             cli.main(["sample", "--checkpoint", actions, "--output", out, "--frames", "4", *bad])
         assert message in capsys.readouterr().err.splitlines()[-1]  # the error, not the usage

@@ -13,8 +13,12 @@ from matten.ssm import TokenGrid
 
 FRAMES = 7
 # (memory, window kind): MALT alone and with the others, the frame-local window with and without
-SETUPS = [("malt", "same_position"), ("malt+both", "same_position"), ("none", "frame_local"),
-          ("malt+delta", "frame_local")]
+SETUPS = [
+    ("malt", "same_position"),
+    ("malt+both", "same_position"),
+    ("none", "frame_local"),
+    ("malt+delta", "frame_local"),
+]
 
 
 def perturb(module, scale=0.1):
@@ -25,26 +29,43 @@ def perturb(module, scale=0.1):
     return module
 
 
-def tiny(memory="malt", window_kind="same_position", window=3, sink=1, seed=0, fresh=False,
-         **kwargs):
+def tiny(
+    memory="malt", window_kind="same_position", window=3, sink=1, seed=0, fresh=False, **kwargs
+):
     """A tiny float64 model; ``fresh`` leaves it at its init."""
     torch.manual_seed(seed)
-    model = create_causal_model(input_size=4, in_channels=4, depth=2, hidden_size=32, num_heads=2,
-                                window=window, sink=sink, memory=memory, context_length=FRAMES,
-                                window_kind=window_kind, **kwargs).eval().double()
+    model = (
+        create_causal_model(
+            input_size=4,
+            in_channels=4,
+            depth=2,
+            hidden_size=32,
+            num_heads=2,
+            window=window,
+            sink=sink,
+            memory=memory,
+            context_length=FRAMES,
+            window_kind=window_kind,
+            **kwargs,
+        )
+        .eval()
+        .double()
+    )
     return model if fresh else perturb(model)
 
 
 def clip(batch=2, frames=FRAMES, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, frames, 4, 4, generator=g, dtype=torch.float64),
-            torch.randint(0, 1000, (batch, frames), generator=g))
+    return (
+        torch.randn(batch, 4, frames, 4, 4, generator=g, dtype=torch.float64),
+        torch.randint(0, 1000, (batch, frames), generator=g),
+    )
 
 
 def stream(model, x, t, chunk):
     state, outs = model.init_state(x.shape[0]), []
     for s in range(0, x.shape[2], chunk):
-        out, state = model.step(x[:, :, s:s + chunk], t[:, s:s + chunk], state)
+        out, state = model.step(x[:, :, s : s + chunk], t[:, s : s + chunk], state)
         outs.append(out)
     return torch.cat(outs, dim=2), state
 
@@ -55,7 +76,7 @@ def test_frames_never_see_the_future(memory, window_kind):
     x, t = clip()
     with torch.no_grad():
         ref = model(x, t)
-        for f in (1, 2, 5):       # inside a segment, at its start, and later
+        for f in (1, 2, 5):  # inside a segment, at its start, and later
             x2 = x.clone()
             x2[:, :, f] += 1.0
             out = model(x2, t)
@@ -63,10 +84,17 @@ def test_frames_never_see_the_future(memory, window_kind):
             assert not torch.allclose(out[:, :, f], ref[:, :, f])
 
 
-@pytest.mark.parametrize("memory, window_kind, sink, segment", [
-    ("malt", "same_position", 1, 2), ("malt", "same_position", 0, 3),
-    ("malt+both", "same_position", 1, 3), ("none", "frame_local", 1, 4),
-    ("none", "frame_local", 0, 4), ("malt+delta", "frame_local", 0, 3)])
+@pytest.mark.parametrize(
+    "memory, window_kind, sink, segment",
+    [
+        ("malt", "same_position", 1, 2),
+        ("malt", "same_position", 0, 3),
+        ("malt+both", "same_position", 1, 3),
+        ("none", "frame_local", 1, 4),
+        ("none", "frame_local", 0, 4),
+        ("malt+delta", "frame_local", 0, 3),
+    ],
+)
 def test_streaming_matches_the_whole_clip(memory, window_kind, sink, segment):
     # segment 3 is aligned with none of the chunks 2 and 4: segments are written in pieces
     model = tiny(memory, window_kind, sink=sink, malt_segment=segment)
@@ -88,8 +116,8 @@ def test_a_segment_reads_only_the_memory_of_earlier_segments():
     x2[:, :, 0] += 1.0
     with torch.no_grad():
         ref, out = model(x, t), model(x2, t)
-    assert torch.equal(out[:, :, 1], ref[:, :, 1])              # same segment: not yet written
-    assert not torch.allclose(out[:, :, 2:], ref[:, :, 2:])     # written at the segment's end
+    assert torch.equal(out[:, :, 1], ref[:, :, 1])  # same segment: not yet written
+    assert not torch.allclose(out[:, :, 2:], ref[:, :, 2:])  # written at the segment's end
     # and it reaches far past the window: the last frame still differs
     assert not torch.allclose(out[:, :, -1], ref[:, :, -1])
 
@@ -102,8 +130,9 @@ def test_generation_matches_recomputing_the_whole_history():
 
     model = tiny("malt+delta", "frame_local", malt_segment=2)
     diffusion = create_diffusion("3", prediction="eps")
-    got = generate_long(model, diffusion, 7, 3, (4, 4, 4), batch=1,
-                        generator=torch.Generator().manual_seed(3))
+    got = generate_long(
+        model, diffusion, 7, 3, (4, 4, 4), batch=1, generator=torch.Generator().manual_seed(3)
+    )
     g = torch.Generator().manual_seed(3)
     history = torch.zeros(1, 4, 0, 4, 4, dtype=torch.float64)
     for start in range(0, 7, 3):
@@ -111,8 +140,9 @@ def test_generation_matches_recomputing_the_whole_history():
 
         def full(x, t, start=start, k=k, history=history):
             # the chunk denoised by the whole-clip pass over [clean past; chunk]
-            levels = torch.cat([torch.zeros(1, start, dtype=torch.long), t[:, None].expand(-1, k)],
-                               dim=1)
+            levels = torch.cat(
+                [torch.zeros(1, start, dtype=torch.long), t[:, None].expand(-1, k)], dim=1
+            )
             return model(torch.cat([history, x], dim=2), levels)[:, :, start:]
 
         x = torch.randn(1, 4, k, 4, 4, generator=g, dtype=torch.float64)
@@ -134,13 +164,14 @@ def test_memory_state_has_a_constant_size():
             _, state = model.step(x[:, :, start:stop], t[:, start:stop], state)
             malt_sizes[stop] = sum(t.numel() for layer in state.layers for t in layer.malt)
             sizes[stop] = state.num_elements()
-    assert len(set(malt_sizes.values())) == 1       # the same after every frame, mid-segment too
+    assert len(set(malt_sizes.values())) == 1  # the same after every frame, mid-segment too
     assert sizes[4] == sizes[40] > 0
     assert state.layers[0].malt.memory.shape == (1, 5, 32)
 
 
-@pytest.mark.parametrize("memory, base", [("malt", "none"), ("malt+delta", "delta"),
-                                          ("malt+both", "both")])
+@pytest.mark.parametrize(
+    "memory, base", [("malt", "none"), ("malt+delta", "delta"), ("malt+both", "both")]
+)
 def test_a_fresh_malt_memory_is_the_identity(memory, base):
     without = tiny(base)
     with_malt = tiny(memory, fresh=True)
@@ -163,7 +194,7 @@ def test_the_write_is_a_gated_attention_over_the_segment():
     mem = perturb(SegmentMemory(8, num_heads=2, slots=3, segment=4).double())
     tokens = torch.randn(2, 10, 8, dtype=torch.float64)
     state = mem.init_state(2)
-    for piece in (tokens[:, :1], tokens[:, 1:7], tokens[:, 7:]):   # in pieces, as streaming does
+    for piece in (tokens[:, :1], tokens[:, 1:7], tokens[:, 7:]):  # in pieces, as streaming does
         state = mem.accumulate(state, piece)
     got = mem.write(state).memory
     # by hand: softmax(q k^T / sqrt(d)) v per head, the output projection, the gate
@@ -187,16 +218,20 @@ def test_the_write_is_a_gated_attention_over_the_segment():
 def test_which_tokens_the_window_sees(window_kind):
     # frames of 2x2 tokens, a window of 2 frames, no sink; one token of frame 0 changes
     torch.manual_seed(0)
-    layer = perturb(HybridMemoryLayer(16, 2, window=2, sink=0, memory="none", context_length=4,
-                                      window_kind=window_kind).double())
+    layer = perturb(
+        HybridMemoryLayer(
+            16, 2, window=2, sink=0, memory="none", context_length=4, window_kind=window_kind
+        ).double()
+    )
     grid = TokenGrid(4, 2, 2)
     x = torch.randn(1, 16, 16, dtype=torch.float64)
     cond = Condition(vector=torch.randn(1, 4, 16, dtype=torch.float64))
     x2 = x.clone()
-    x2[0, 0] += torch.randn(16, dtype=torch.float64)   # not a constant: the norm would drop it
+    x2[0, 0] += torch.randn(16, dtype=torch.float64)  # not a constant: the norm would drop it
     with torch.no_grad():
-        ref, out = (layer(a, cond, grid, 0, LayerState(), commit=False)[0].view(4, 4, 16)
-                    for a in (x, x2))
+        ref, out = (
+            layer(a, cond, grid, 0, LayerState(), commit=False)[0].view(4, 4, 16) for a in (x, x2)
+        )
     changed = [[not torch.allclose(out[f, p], ref[f, p]) for p in range(4)] for f in range(4)]
     frame_local = window_kind == "frame_local"
     # its own frame (the other tokens only frame-locally), the next frame, nothing further
@@ -209,22 +244,36 @@ def test_options_reach_the_model_and_are_checked():
     from matten.config import ConfigError, config_to_dict, load_config
     from matten.models import model_kwargs_for_run
 
-    cfg = load_config("long", ["model.causal.memory=malt+delta", "model.causal.window_kind=frame_local",
-                               "model.causal.malt_slots=3", "model.causal.malt_segment=2"])
-    kwargs = model_kwargs_for_run(config_to_dict(cfg)["model"], in_channels=3, latent_hw=(8, 8),
-                                  num_classes=0, num_frames=8)
+    cfg = load_config(
+        "long",
+        [
+            "model.causal.memory=malt+delta",
+            "model.causal.window_kind=frame_local",
+            "model.causal.malt_slots=3",
+            "model.causal.malt_segment=2",
+        ],
+    )
+    kwargs = model_kwargs_for_run(
+        config_to_dict(cfg)["model"], in_channels=3, latent_hw=(8, 8), num_classes=0, num_frames=8
+    )
     model = create_causal_model(**kwargs)
     layer = model.blocks[0].memory
     assert layer.window_kind == "frame_local" and layer.delta is not None
     assert layer.malt.slots == 3 and layer.malt.segment == 2
     assert create_causal_model(**model.config).config == model.config
-    for bad in ("model.causal.memory=malt+malt", "model.causal.window_kind=dense", "model.causal.malt_slots=0",
-                "model.causal.malt_segment=0"):
+    for bad in (
+        "model.causal.memory=malt+malt",
+        "model.causal.window_kind=dense",
+        "model.causal.malt_slots=0",
+        "model.causal.malt_segment=0",
+    ):
         with pytest.raises(ConfigError):
             load_config("long", [bad])
 
 
-@pytest.mark.parametrize("override", ["model.causal.memory=malt", "model.causal.window_kind=frame_local"])
+@pytest.mark.parametrize(
+    "override", ["model.causal.memory=malt", "model.causal.window_kind=frame_local"]
+)
 def test_a_long_run_trains_and_samples(tmp_path, override):
     from matten import cli
     from matten.config import load_config
@@ -232,22 +281,59 @@ def test_a_long_run_trains_and_samples(tmp_path, override):
     from matten.training import train
 
     run = tmp_path / "run"
-    result = train(load_config("long", [
-        "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.causal.window=2",
-        "model.causal.malt_segment=2", "data.num_frames=4", "data.num_videos=4", "train.batch_size=2",
-        "data.options.blackout=0", "train.max_steps=2", "sample.steps=2", "sample.num_samples=1",
-        "train.cpu=true", override]), output=run, progress=False)
+    result = train(
+        load_config(
+            "long",
+            [
+                "model.depth=1",
+                "model.hidden_size=32",
+                "model.num_heads=2",
+                "model.causal.window=2",
+                "model.causal.malt_segment=2",
+                "data.num_frames=4",
+                "data.num_videos=4",
+                "train.batch_size=2",
+                "data.options.blackout=0",
+                "train.max_steps=2",
+                "sample.steps=2",
+                "sample.num_samples=1",
+                "train.cpu=true",
+                override,
+            ],
+        ),
+        output=run,
+        progress=False,
+    )
     assert result.step == 2 and len(result.losses) == 2
     assert all(torch.isfinite(torch.tensor(result.losses)))
     out = str(tmp_path / "long.mp4")
-    assert cli.main(["sample", "--checkpoint", str(run), "--output", out, "-n", "1",
-                     "--steps", "2", "--frames", "8", "--chunk-size", "3",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--output",
+                out,
+                "-n",
+                "1",
+                "--steps",
+                "2",
+                "--frames",
+                "8",
+                "--chunk-size",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert read_video(out).shape[0] == 8
 
 
 # ----------------------------------------------------------------------------------------------
 # the memory regulariser (train.memory_reg_weight)
+
 
 def test_the_memory_regulariser_equals_a_hand_computation():
     from matten.models import malt
@@ -256,8 +342,8 @@ def test_the_memory_regulariser_equals_a_hand_computation():
     # cosines: slots 1,2 -> 0; 1,3 and 2,3 -> 1/sqrt(2); squared over the 6 ordered pairs
     assert malt.memory_redundancy(memory).item() == pytest.approx((0 + 0.5 + 0.5) * 2 / 6)
     # per-slot std over 2 channels (unbiased): |a - b| / sqrt(2)
-    assert malt.memory_diversity(memory).item() == pytest.approx((2 + 1 + 0) / 2 ** 0.5 / 3)
-    expected = 1 / 3 - malt.DIVERSITY_WEIGHT * 3 / 2 ** 0.5 / 3
+    assert malt.memory_diversity(memory).item() == pytest.approx((2 + 1 + 0) / 2**0.5 / 3)
+    expected = 1 / 3 - malt.DIVERSITY_WEIGHT * 3 / 2**0.5 / 3
     assert malt.memory_regularizer(memory).item() == pytest.approx(expected)
     assert malt.memory_redundancy(memory[:, :1]).item() == 0.0  # one slot: nothing to compare
     # orthogonal slots of equal spread: no redundancy
@@ -269,10 +355,10 @@ def test_the_penalty_averages_the_memory_after_every_write():
 
     torch.manual_seed(0)
     layer = perturb(SegmentMemory(8, 2, slots=3, segment=2)).double()
-    frames = torch.randn(2, 5, 4, 8, dtype=torch.float64)   # 5 frames: writes after 2 and 4
+    frames = torch.randn(2, 5, 4, 8, dtype=torch.float64)  # 5 frames: writes after 2 and 4
     state, written = None, []
-    for f in range(5):                                       # by hand: the state after writes
-        _, state = layer(frames[:, f:f + 1], f, state)
+    for f in range(5):  # by hand: the state after writes
+        _, state = layer(frames[:, f : f + 1], f, state)
         if (f + 1) % 2 == 0:
             written.append(state.memory)
     with recording_writes(torch.nn.Sequential(layer)) as layers:
@@ -281,9 +367,9 @@ def test_the_penalty_averages_the_memory_after_every_write():
         assert len(layer.recorded) == 2
     expected = (memory_regularizer(written[0]) + memory_regularizer(written[1])) / 2
     torch.testing.assert_close(penalty, expected)
-    assert layer.recorded is None                            # recording ends with the block
+    assert layer.recorded is None  # recording ends with the block
     with recording_writes(torch.nn.Sequential(layer)) as layers:
-        layer(frames[:, :1], 0, None)                        # no segment ended: no penalty
+        layer(frames[:, :1], 0, None)  # no segment ended: no penalty
         assert memory_penalty(layers) is None
     assert memory_penalty([]) is None
 
@@ -294,12 +380,30 @@ def test_memory_reg_weight_trains_and_is_untouched_at_zero(tmp_path, monkeypatch
     from matten.training import train
 
     def run(name, *extra):
-        return train(load_config("long", [
-            "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.causal.window=2",
-            "model.causal.memory=malt", "model.causal.malt_segment=2", "data.num_frames=4",
-            "data.num_videos=4", "train.batch_size=2", "data.options.blackout=0",
-            "train.max_steps=2", "sample.steps=2", "sample.num_samples=1", "train.cpu=true",
-            *extra]), output=tmp_path / name, progress=False).losses
+        return train(
+            load_config(
+                "long",
+                [
+                    "model.depth=1",
+                    "model.hidden_size=32",
+                    "model.num_heads=2",
+                    "model.causal.window=2",
+                    "model.causal.memory=malt",
+                    "model.causal.malt_segment=2",
+                    "data.num_frames=4",
+                    "data.num_videos=4",
+                    "train.batch_size=2",
+                    "data.options.blackout=0",
+                    "train.max_steps=2",
+                    "sample.steps=2",
+                    "sample.num_samples=1",
+                    "train.cpu=true",
+                    *extra,
+                ],
+            ),
+            output=tmp_path / name,
+            progress=False,
+        ).losses
 
     def never(model):
         raise AssertionError("the regulariser ran at weight 0")

@@ -28,8 +28,9 @@ def reference_write(mem: GatedDeltaMemory, M: torch.Tensor, tokens: torch.Tensor
                 k = k / k.norm()
                 v = mem.v_proj.weight[rows] @ h
                 beta = torch.sigmoid(mem.beta_proj.weight[i] @ h + mem.beta_proj.bias[i])
-                alpha = -mem.A_log[i].exp() * F.softplus(mem.alpha_proj.weight[i] @ h
-                                                         + mem.dt_bias[i])
+                alpha = -mem.A_log[i].exp() * F.softplus(
+                    mem.alpha_proj.weight[i] @ h + mem.dt_bias[i]
+                )
                 decayed = alpha.exp() * M[b, i]
                 M[b, i] = decayed + beta * torch.outer(k, v - decayed.T @ k)
     return M
@@ -58,13 +59,13 @@ def test_write_matches_reference_loop(chunk_size):
 
 def test_write_frames_returns_the_state_after_each_frame():
     mem = make_memory(chunk_size=4)
-    frames = torch.randn(2, 3, 5, 12, dtype=torch.float64)        # 3 frames of 5 tokens
+    frames = torch.randn(2, 3, 5, 12, dtype=torch.float64)  # 3 frames of 5 tokens
     M0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     with torch.no_grad():
         states = mem.write_frames(M0, frames)
         assert len(states) == 3 and mem.write_frames(M0, frames[:, :0]) == []
         for f in range(3):
-            expected = reference_write(mem, M0, frames[:, :f + 1].flatten(1, 2))
+            expected = reference_write(mem, M0, frames[:, : f + 1].flatten(1, 2))
             torch.testing.assert_close(states[f], expected, atol=1e-6, rtol=0)
 
 
@@ -172,8 +173,9 @@ def test_blockwise_is_causal_in_time():
     x2[:, 3] += torch.randn_like(x2[:, 3])
     with torch.no_grad():
         y, y2 = ssm(x, GRID), ssm(x2.flatten(1, 2), GRID)
-    torch.testing.assert_close(frames_of(y2, GRID, 0, 3), frames_of(y, GRID, 0, 3),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        frames_of(y2, GRID, 0, 3), frames_of(y, GRID, 0, 3), atol=1e-6, rtol=0
+    )
     assert not torch.allclose(frames_of(y2, GRID, 3, 4), frames_of(y, GRID, 3, 4))
 
 

@@ -34,6 +34,7 @@ def loop_mmd2(x, y):
 # ----------------------------------------------------------------------------------------------
 # KID
 
+
 @pytest.mark.parametrize("n,m,d", [(7, 7, 3), (9, 5, 4)])
 def test_mmd2_matches_the_pairwise_definition(n, m, d):
     rng = np.random.default_rng(n)
@@ -47,8 +48,10 @@ def test_kid_is_the_subset_average_of_the_unbiased_estimate():
     result = kid(x, y, num_subsets=5, subset_size=1000, seed=7)
     assert result.subset_size == 15 and result.num_subsets == 5  # half the smaller set
     draw = np.random.default_rng(7)  # the same subsets, drawn again here
-    values = [loop_mmd2(x[draw.choice(40, 15, replace=False)],
-                        y[draw.choice(30, 15, replace=False)]) for _ in range(5)]
+    values = [
+        loop_mmd2(x[draw.choice(40, 15, replace=False)], y[draw.choice(30, 15, replace=False)])
+        for _ in range(5)
+    ]
     assert result.mean == pytest.approx(np.mean(values), rel=1e-9)
     assert result.std_err == pytest.approx(np.std(values), rel=1e-9)
 
@@ -88,14 +91,20 @@ def test_kid_needs_enough_vectors():
 # ----------------------------------------------------------------------------------------------
 # precision / recall
 
+
 def loop_precision_recall(real, fake, k):
     """Kynkäänniemi et al.'s definition with explicit loops and sorted distance lists."""
+
     def radii(points):
         return [sorted(np.linalg.norm(p - q) for q in points)[k] for p in points]
 
     def share(points, centres, r):
-        return np.mean([any(np.linalg.norm(p - c) <= rc for c, rc in zip(centres, r, strict=True))
-                        for p in points])
+        return np.mean(
+            [
+                any(np.linalg.norm(p - c) <= rc for c, rc in zip(centres, r, strict=True))
+                for p in points
+            ]
+        )
 
     return share(fake, real, radii(real)), share(real, fake, radii(fake))
 
@@ -116,8 +125,12 @@ def test_disjoint_gaussians_have_no_precision_or_recall():
 def test_precision_recall_match_the_definition(k):
     rng = np.random.default_rng(k)
     real = rng.standard_normal((40, 3))
-    fake = np.concatenate([rng.standard_normal((20, 3)) * 0.5,  # inside the real cloud
-                           rng.standard_normal((15, 3)) * 0.5 + 3.0])  # beside it
+    fake = np.concatenate(
+        [
+            rng.standard_normal((20, 3)) * 0.5,  # inside the real cloud
+            rng.standard_normal((15, 3)) * 0.5 + 3.0,
+        ]
+    )  # beside it
     got = precision_recall(real, fake, k=k, batch_size=7)  # several row batches
     assert got == pytest.approx(loop_precision_recall(real, fake, k), abs=1e-12)
     # the narrow fake set covers only the real cloud's centre, and part of it lies outside
@@ -134,6 +147,7 @@ def test_mode_collapse_keeps_precision_but_loses_recall():
 
 # ----------------------------------------------------------------------------------------------
 # FD_inf
+
 
 def test_fd_infinity_removes_the_small_sample_bias():
     rng = np.random.default_rng(7)
@@ -165,6 +179,7 @@ def test_fd_infinity_refuses_subsets_no_larger_than_the_dimension():
 # ----------------------------------------------------------------------------------------------
 # the report's fields
 
+
 def test_sample_size_warning():
     assert sample_size_warning(2048, 400, i3d=True) is None
     assert "2048" in sample_size_warning(2047, 400, i3d=True)
@@ -177,8 +192,9 @@ def test_quality_metrics_reports_what_it_can():
     real, fake = rng.standard_normal((300, 4)), rng.standard_normal((300, 4)) + 0.5
     report = quality_metrics(real, fake)
     assert set(report) >= {"fd", "fd_inf", "kid", "precision", "recall", "pr_k", "warning"}
-    assert report["fd"] == pytest.approx(FeatureStats.from_features(real).frechet_distance(
-        FeatureStats.from_features(fake)))
+    assert report["fd"] == pytest.approx(
+        FeatureStats.from_features(real).frechet_distance(FeatureStats.from_features(fake))
+    )
     assert report["kid"]["mean"] > 0 and report["warning"] is None
     assert abs(report["fd_inf"] - report["fd"]) < 0.2 * report["fd"]
     few = quality_metrics(real[:3], fake[:3])  # too few for most of them: said, not raised

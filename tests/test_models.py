@@ -23,8 +23,14 @@ TINY = dict(depth=2, hidden_size=32, num_heads=2)
 
 def tiny(variant=3, conditioning="adan", num_classes=0, name="Matten-S/2", **kw):
     torch.manual_seed(0)
-    return create_model(name, variant=variant, conditioning=conditioning, num_classes=num_classes,
-                        in_channels=4, **{**TINY, **kw})
+    return create_model(
+        name,
+        variant=variant,
+        conditioning=conditioning,
+        num_classes=num_classes,
+        in_channels=4,
+        **{**TINY, **kw},
+    )
 
 
 def randomise(module, scale=0.2, seed=0):
@@ -80,8 +86,11 @@ def sensitivity(layer, conditioning="adan", target=(0, 0), source=(2, 3)):
     grid = TokenGrid(3, 2, 2)
     randomise(layer)
     x = torch.randn(1, grid.num_tokens, 16, requires_grad=True)
-    cond = (Condition(vector=torch.randn(1, 3, 16)) if conditioning == "adan"
-            else Condition(tokens=torch.randn(1, 2, 16)))
+    cond = (
+        Condition(vector=torch.randn(1, 3, 16))
+        if conditioning == "adan"
+        else Condition(tokens=torch.randn(1, 2, 16))
+    )
     out = layer(x, cond, grid)
     index = lambda f, s: f * grid.tokens_per_frame + s  # noqa: E731
     out[0, index(*target)].sum().backward()
@@ -131,10 +140,15 @@ def test_class_label_and_null_class():
 
 def test_layouts_and_config():
     layers = lambda m: [(type(l).__name__, l.view) for l in m.blocks[0].layers]  # noqa: E731,E741
-    assert layers(tiny(3)) == [("AttentionLayer", "spatial"), ("AttentionLayer", "temporal"),
-                               ("MambaLayer", "global")]
-    assert layers(tiny(name="Latte-S/2")) == [("AttentionLayer", "spatial"),
-                                             ("AttentionLayer", "temporal")]
+    assert layers(tiny(3)) == [
+        ("AttentionLayer", "spatial"),
+        ("AttentionLayer", "temporal"),
+        ("MambaLayer", "global"),
+    ]
+    assert layers(tiny(name="Latte-S/2")) == [
+        ("AttentionLayer", "spatial"),
+        ("AttentionLayer", "temporal"),
+    ]
     model = tiny(2)
     assert create_model(**model.config).config == model.config
     with pytest.raises(ValueError, match="unknown model"):
@@ -147,40 +161,80 @@ def test_build_model_rebuilds_either_family_and_callers_need_not_ask_which():
     clip = build_model(**tiny(3, num_classes=3).config)
     assert not clip.streams and not clip.takes_actions and clip.num_actions == 0
     assert clip.num_classes == 3 and clip.null_class == 3
-    causal = build_model(**create_causal_model(input_size=4, depth=1, hidden_size=32,
-                                               num_heads=2, num_actions=5).config)
+    causal = build_model(
+        **create_causal_model(
+            input_size=4, depth=1, hidden_size=32, num_heads=2, num_actions=5
+        ).config
+    )
     assert causal.streams and causal.takes_actions and causal.num_actions == 5
     assert causal.config["name"] == "Matten-Causal" and causal.num_classes == 0
-    steered = create_causal_model(input_size=4, depth=1, hidden_size=32, num_heads=2,
-                                  action_dim=3)
+    steered = create_causal_model(input_size=4, depth=1, hidden_size=32, num_heads=2, action_dim=3)
     assert steered.takes_actions and steered.num_actions == 0 and steered.action_dim == 3
     with pytest.raises(ValueError, match="unknown model"):
         build_model(name="Foo/2")
 
 
-RUN_OPTIONS = dict(name="Matten-S/2", variant=3, conditioning="adan", num_classes=None,
-                   class_dropout_prob=0.1, learn_sigma=True, depth=2, hidden_size=None,
-                   num_heads=None, gradient_checkpointing=False,
-                   causal=dict(window=8, sink=1, memory="both", num_actions=0, ssm_block_size=2))
+RUN_OPTIONS = dict(
+    name="Matten-S/2",
+    variant=3,
+    conditioning="adan",
+    num_classes=None,
+    class_dropout_prob=0.1,
+    learn_sigma=True,
+    depth=2,
+    hidden_size=None,
+    num_heads=None,
+    gradient_checkpointing=False,
+    causal=dict(window=8, sink=1, memory="both", num_actions=0, ssm_block_size=2),
+)
 
 
 def test_model_kwargs_for_run_reads_each_familys_options():
     shapes = dict(in_channels=3, num_classes=4, num_frames=8)
     clip = model_kwargs_for_run(RUN_OPTIONS, latent_hw=(8, 6), **shapes)
-    assert clip == dict(name="Matten-S/2", variant=3, conditioning="adan", num_frames=8,
-                        input_size=(8, 6), in_channels=3, num_classes=4, learn_sigma=True,
-                        class_dropout_prob=0.1, gradient_checkpointing=False, depth=2)
+    assert clip == dict(
+        name="Matten-S/2",
+        variant=3,
+        conditioning="adan",
+        num_frames=8,
+        input_size=(8, 6),
+        in_channels=3,
+        num_classes=4,
+        learn_sigma=True,
+        class_dropout_prob=0.1,
+        gradient_checkpointing=False,
+        depth=2,
+    )
     assert model_kwargs_for_run(RUN_OPTIONS, latent_hw=(8, 8), **shapes)["input_size"] == 8
-    causal = model_kwargs_for_run({**RUN_OPTIONS, "name": "Matten-Causal"}, latent_hw=(8, 8),
-                                  **shapes)
-    assert causal == dict(name="Matten-Causal", input_size=[8, 8], in_channels=3, num_classes=4,
-                          learn_sigma=True, class_dropout_prob=0.1, num_actions=0, window=8,
-                          sink=1, memory="both", ssm_block_size=2, context_length=8, depth=2)
+    causal = model_kwargs_for_run(
+        {**RUN_OPTIONS, "name": "Matten-Causal"}, latent_hw=(8, 8), **shapes
+    )
+    assert causal == dict(
+        name="Matten-Causal",
+        input_size=[8, 8],
+        in_channels=3,
+        num_classes=4,
+        learn_sigma=True,
+        class_dropout_prob=0.1,
+        num_actions=0,
+        window=8,
+        sink=1,
+        memory="both",
+        ssm_block_size=2,
+        context_length=8,
+        depth=2,
+    )
     assert build_model(**causal).streams and not build_model(**clip).streams
 
 
-PAPER = [("Matten-B/2", 3, 164e6), ("Matten-L/2", 3, 579e6), ("Matten-XL/2", 3, 853e6),
-         ("Matten-XL/2", 1, 814e6), ("Matten-XL/2", 2, 814e6), ("Matten-XL/2", 4, 846e6)]
+PAPER = [
+    ("Matten-B/2", 3, 164e6),
+    ("Matten-L/2", 3, 579e6),
+    ("Matten-XL/2", 3, 853e6),
+    ("Matten-XL/2", 1, 814e6),
+    ("Matten-XL/2", 2, 814e6),
+    ("Matten-XL/2", 4, 846e6),
+]
 
 
 @pytest.mark.parametrize("name,variant,paper", PAPER)
@@ -195,21 +249,40 @@ def test_small_model_count_is_the_documented_one():
 
 def test_counted_flops_of_a_global_mamba_model_grow_linearly_with_frames():
     model = meta_model("Matten-S/2", 1, depth=1, hidden_size=64, num_heads=2)
-    f8, f16 = counted_flops(model, frames=8, latent_size=16), counted_flops(model, frames=16,
-                                                                            latent_size=16)
+    f8, f16 = (
+        counted_flops(model, frames=8, latent_size=16),
+        counted_flops(model, frames=16, latent_size=16),
+    )
     # Linear in the sequence length, up to the conv1d's 3 padding steps per scan.
     assert 0 < 2 * f8 - f16 < 1e-3 * f8
     assert counted_flops(model, batch=3, frames=8, latent_size=16) == 3 * f8
     # Temporal attention over F frames is quadratic in F: per token, its cost grows with F.
     attn = meta_model("Matten-S/2", 4, depth=1, hidden_size=64, num_heads=2)
-    a8, a16 = counted_flops(attn, frames=8, latent_size=16), counted_flops(attn, frames=16,
-                                                                           latent_size=16)
+    a8, a16 = (
+        counted_flops(attn, frames=8, latent_size=16),
+        counted_flops(attn, frames=16, latent_size=16),
+    )
     assert a16 > 2 * a8
 
 
 def test_flops_command_json(capsys):
-    assert main(["flops", "--model", "Matten-S/2", "--variant", "3", "--frames", "16",
-                 "--resolution", "256", "--json"]) == 0
+    assert (
+        main(
+            [
+                "flops",
+                "--model",
+                "Matten-S/2",
+                "--variant",
+                "3",
+                "--frames",
+                "16",
+                "--resolution",
+                "256",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["params"] == 41_399_456
     assert report["flops"] == 2 * report["macs"] > report["analytic_flops"] > 0

@@ -9,9 +9,19 @@ from matten.config import load_config
 from matten.data import DATASETS, MovingDigitsDataset, build_dataset, dataset_from_config
 from matten.training import train
 
-TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.resolution=8",
-        "data.num_frames=4", "data.num_videos=16", "train.batch_size=4", "train.max_steps=2",
-        "sample.num_samples=2", "sample.steps=2", "train.cpu=true"]
+TINY = [
+    "model.depth=1",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "data.resolution=8",
+    "data.num_frames=4",
+    "data.num_videos=16",
+    "train.batch_size=4",
+    "train.max_steps=2",
+    "sample.num_samples=2",
+    "sample.steps=2",
+    "train.cpu=true",
+]
 
 
 def test_items_have_the_common_format_and_are_deterministic_by_seed():
@@ -59,7 +69,7 @@ def test_the_first_frame_shows_its_class_digit():
         best = -np.inf, None
         for y in range(9):
             for x in range(9):
-                patch = frame[y:y + 8, x:x + 8] - frame[y:y + 8, x:x + 8].mean()
+                patch = frame[y : y + 8, x : x + 8] - frame[y : y + 8, x : x + 8].mean()
                 scores = templates.reshape(10, -1) @ patch.ravel() / (np.linalg.norm(patch) + 1e-9)
                 if scores.max() > best[0]:
                     best = scores.max(), int(scores.argmax())
@@ -89,8 +99,13 @@ def test_two_digits_colours_and_background():
         assert background.max() <= 0.2 and (background > 0).all()
         assert len({tuple(d["colour"]) for d in digits}) == 2
     assert np.allclose(MovingDigitsDataset(2, 16, 2).render(0)[0][0, 0, 0], 0)  # black default
-    bad = {"num_digits": 3, "digit_size": 17, "colour": "blue", "background": "grey",
-           "speed": (0.1, 0.05)}
+    bad = {
+        "num_digits": 3,
+        "digit_size": 17,
+        "colour": "blue",
+        "background": "grey",
+        "speed": (0.1, 0.05),
+    }
     for option, value in bad.items():
         with pytest.raises(ValueError, match=f"moving_digits {option}"):
             MovingDigitsDataset(2, 16, 2, **{option: value})

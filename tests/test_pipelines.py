@@ -18,9 +18,31 @@ EXPECTED = np.load(FIXTURES / "expected.npz")
 
 def test_clip_pipeline_reproduces_matten_sample(tmp_path):
     out = tmp_path / "clips.gif"
-    assert cli.main(["sample", "--checkpoint", str(FIXTURES / "clip_run"), "--output", str(out),
-                     "-n", "2", "--class", "0", "--class", "3", "--steps", "3", "--seed", "5",
-                     "--cfg-scale", "2", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(FIXTURES / "clip_run"),
+                "--output",
+                str(out),
+                "-n",
+                "2",
+                "--class",
+                "0",
+                "--class",
+                "3",
+                "--steps",
+                "3",
+                "--seed",
+                "5",
+                "--cfg-scale",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     pipe = MattenPipeline.from_pretrained(FIXTURES / "clip_run")
     videos = pipe(2, [0, 3], steps=3, seed=5, cfg_scale=2.0)
     assert videos.shape == (2, 3, 4, 8, 8)
@@ -35,17 +57,37 @@ def test_clip_pipeline_reproduces_matten_sample(tmp_path):
 
 def test_long_pipeline_reproduces_matten_sample_frames(tmp_path):
     out = tmp_path / "long.gif"
-    assert cli.main(["sample", "--checkpoint", str(FIXTURES / "causal_run"), "--output",
-                     str(out), "-n", "1", "--frames", "6", "--chunk-size", "2", "--steps", "2",
-                     "--seed", "7", "--actions", "left,left,right,stay,up,down",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(FIXTURES / "causal_run"),
+                "--output",
+                str(out),
+                "-n",
+                "1",
+                "--frames",
+                "6",
+                "--chunk-size",
+                "2",
+                "--steps",
+                "2",
+                "--seed",
+                "7",
+                "--actions",
+                "left,left,right,stay,up,down",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     pipe = LongVideoPipeline.from_pretrained(FIXTURES / "causal_run")
     actions = torch.tensor([[1, 1, 2, 0, 3, 4]])
     video = pipe(6, 2, steps=2, seed=7, actions=actions)
     np.testing.assert_allclose(video.numpy(), EXPECTED["causal"], atol=1e-5, rtol=0)
     # the same frames through the same writer give the same GIF matten sample wrote
-    mine = write_video(tmp_path / "mine.gif", upscale_frames(video_to_uint8(video), 128)[0],
-                       fps=8)
+    mine = write_video(tmp_path / "mine.gif", upscale_frames(video_to_uint8(video), 128)[0], fps=8)
     assert np.array_equal(read_video(mine), read_video(out))
     # streaming: the chunks as they come, decoded, are the whole video in pieces
     chunks = list(pipe.stream(6, 2, steps=2, seed=7, actions=actions))

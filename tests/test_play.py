@@ -84,19 +84,23 @@ def test_actions_change_the_applied_action(client):
             assert frame["action_name"] == name
 
 
-BAD = [("{not json", "malformed JSON"), ("[1, 2]", "JSON object"),
-       ('{"type": "fly"}', "unknown message type"),
-       ('{"type": "action", "action": "jump"}', "unknown action"),
-       ('{"type": "action", "action": 99}', "unknown action"),
-       ('{"type": "class", "class": 0}', "unconditional"),
-       ('{"type": "steps", "steps": 0}', "steps"), ('{"type": "steps", "steps": "x"}', "steps"),
-       ('{"type": "action", "action": "' + "x" * MAX_MESSAGE_BYTES + '"}', "too long"),
-       ('{"type": "snapshot", "name": "../escape"}', "snapshot name"),
-       ('{"type": "snapshot", "name": "a/b"}', "snapshot name"),
-       ('{"type": "snapshot", "name": "a\\\\b"}', "snapshot name"),
-       ('{"type": "snapshot", "name": "' + "n" * 65 + '"}', "snapshot name"),
-       ('{"type": "restore", "name": "/etc/passwd"}', "snapshot name"),
-       ('{"type": "restore", "name": "missing"}', "no snapshot named")]
+BAD = [
+    ("{not json", "malformed JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"type": "fly"}', "unknown message type"),
+    ('{"type": "action", "action": "jump"}', "unknown action"),
+    ('{"type": "action", "action": 99}', "unknown action"),
+    ('{"type": "class", "class": 0}', "unconditional"),
+    ('{"type": "steps", "steps": 0}', "steps"),
+    ('{"type": "steps", "steps": "x"}', "steps"),
+    ('{"type": "action", "action": "' + "x" * MAX_MESSAGE_BYTES + '"}', "too long"),
+    ('{"type": "snapshot", "name": "../escape"}', "snapshot name"),
+    ('{"type": "snapshot", "name": "a/b"}', "snapshot name"),
+    ('{"type": "snapshot", "name": "a\\\\b"}', "snapshot name"),
+    ('{"type": "snapshot", "name": "' + "n" * 65 + '"}', "snapshot name"),
+    ('{"type": "restore", "name": "/etc/passwd"}', "snapshot name"),
+    ('{"type": "restore", "name": "missing"}', "no snapshot named"),
+]
 
 
 def test_bad_input_gets_an_error_and_the_stream_goes_on(client, tmp_path):
@@ -162,11 +166,23 @@ def test_live_streams_are_bounded_and_a_closed_tab_frees_its_stream(client):
 @pytest.fixture(scope="module")
 def class_pipe(tmp_path_factory):
     """A 1-step tiny class-conditional long-video model without actions."""
-    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.causal.window=2",
-                 "model.causal.num_actions=0", "data.name=synthetic", "data.num_classes=4",
-                 "model.num_classes=4", "data.num_frames=4", "data.num_videos=4",
-                 "data.resolution=8", "train.batch_size=2", "train.max_steps=1",
-                 "train.cpu=true", "train.sample_every=0"]
+    overrides = [
+        "model.depth=1",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.causal.window=2",
+        "model.causal.num_actions=0",
+        "data.name=synthetic",
+        "data.num_classes=4",
+        "model.num_classes=4",
+        "data.num_frames=4",
+        "data.num_videos=4",
+        "data.resolution=8",
+        "train.batch_size=2",
+        "train.max_steps=1",
+        "train.cpu=true",
+        "train.sample_every=0",
+    ]
     run = tmp_path_factory.mktemp("classes") / "run"
     train(load_config("long", overrides), output=run, progress=False)
     return LongVideoPipeline.from_pretrained(run, device="cpu")
@@ -198,21 +214,49 @@ def test_a_clip_checkpoint_is_refused(capsys):
 def test_another_host_than_localhost_is_warned_about(monkeypatch, capsys, tmp_path, host, warns):
     served = {}
     monkeypatch.setattr(play_command.uvicorn, "run", lambda app, **kw: served.update(kw))
-    assert main(["play", "--checkpoint", str(FIXTURES / "causal_run"), "--host", host,
-                 "--output", str(tmp_path), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "play",
+                "--checkpoint",
+                str(FIXTURES / "causal_run"),
+                "--host",
+                host,
+                "--output",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert served["host"] == host and served["port"] == 8765
     assert ("no authentication" in capsys.readouterr().err) == warns
 
 
 def test_bad_steps_are_refused_at_start(capsys):
-    assert main(["play", "--checkpoint", str(FIXTURES / "causal_run"), "--steps", "0",
-                 "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "play",
+                "--checkpoint",
+                str(FIXTURES / "causal_run"),
+                "--steps",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "--steps must be in [1, 1000]" in capsys.readouterr().err
 
 
 def test_the_streams_start_at_the_steps_given(pipe, tmp_path):
-    with TestClient(create_app(pipe, tmp_path, steps=3)) as client, \
-            client.websocket_connect("/ws") as ws:
+    with (
+        TestClient(create_app(pipe, tmp_path, steps=3)) as client,
+        client.websocket_connect("/ws") as ws,
+    ):
         assert ws.receive_json()["steps"] == 3
         assert receive(ws, "frame")["steps"] == 3
 
@@ -229,8 +273,11 @@ def served(pipe, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(pipe, tmp_path / "out"), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(pipe, tmp_path / "out"), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(500):
@@ -242,8 +289,10 @@ def served(pipe, tmp_path):
     thread.join(timeout=30)
 
 
-@pytest.mark.skipif(not BROWSER_REQUIRED and not (CHROMIUM and CHROMEDRIVER),
-                    reason="needs chromium and chromium-driver (.ci/run installs them)")
+@pytest.mark.skipif(
+    not BROWSER_REQUIRED and not (CHROMIUM and CHROMEDRIVER),
+    reason="needs chromium and chromium-driver (.ci/run installs them)",
+)
 def test_the_page_plays_in_a_real_browser(served, tmp_path):
     assert CHROMIUM and CHROMEDRIVER, "MATTEN_BROWSER_TEST=1: chromium or chromedriver missing"
     from selenium import webdriver
@@ -255,8 +304,9 @@ def test_the_page_plays_in_a_real_browser(served, tmp_path):
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options,
-                              service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver = webdriver.Chrome(
+        options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER)
+    )
     wait = WebDriverWait(driver, 120)
     text = lambda id_: driver.find_element(By.ID, id_).text  # noqa: E731
     try:

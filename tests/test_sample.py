@@ -13,10 +13,20 @@ from matten.diffusion import create_diffusion
 from matten.pipelines import SamplingError, resolve_labels, sample_latents
 from matten.training import train
 
-TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.resolution=8",
-        "data.num_frames=4", "data.num_videos=16", "train.batch_size=4", "train.max_steps=3",
-        "sample.num_samples=2", "sample.steps=2", "train.ema_early_decay=0.5",
-        "train.cpu=true"]
+TINY = [
+    "model.depth=1",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "data.resolution=8",
+    "data.num_frames=4",
+    "data.num_videos=16",
+    "train.batch_size=4",
+    "train.max_steps=3",
+    "sample.num_samples=2",
+    "sample.steps=2",
+    "train.ema_early_decay=0.5",
+    "train.cpu=true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +44,21 @@ def unconditional_run(tmp_path_factory):
 
 
 def sample_cli(run, output, *extra):
-    return cli.main(["sample", "--checkpoint", str(run), "--output", str(output),
-                     "--no-progress", "--steps", "3", "--num-samples", "3", *extra])
+    return cli.main(
+        [
+            "sample",
+            "--checkpoint",
+            str(run),
+            "--output",
+            str(output),
+            "--no-progress",
+            "--steps",
+            "3",
+            "--num-samples",
+            "3",
+            *extra,
+        ]
+    )
 
 
 def grid(path):
@@ -44,8 +67,19 @@ def grid(path):
 
 def test_ddim_eta0_sampling_is_deterministic_for_a_seed(conditional_run, tmp_path):
     for name in ("a", "b"):
-        assert sample_cli(conditional_run, tmp_path / f"{name}.gif", "--seed", "5",
-                          "--sampler", "ddim", "--eta", "0") == 0
+        assert (
+            sample_cli(
+                conditional_run,
+                tmp_path / f"{name}.gif",
+                "--seed",
+                "5",
+                "--sampler",
+                "ddim",
+                "--eta",
+                "0",
+            )
+            == 0
+        )
     assert sample_cli(conditional_run, tmp_path / "c.gif", "--seed", "6", "--sampler", "ddim") == 0
     a, b, c = (grid(tmp_path / f"{n}.gif.png") for n in "abc")
     assert np.array_equal(a, b)
@@ -70,8 +104,21 @@ def test_sample_writes_gif_mp4_and_png(conditional_run, tmp_path, capsys):
 
 
 def test_num_samples_defaults_to_the_run_config(conditional_run, tmp_path, capsys):
-    assert cli.main(["sample", "--checkpoint", str(conditional_run), "--output",
-                     str(tmp_path / "d.gif"), "--no-progress", "--steps", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(conditional_run),
+                "--output",
+                str(tmp_path / "d.gif"),
+                "--no-progress",
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("2 samples from")  # TINY: sample.num_samples=2
     assert read_video(tmp_path / "d.gif").shape[0] == 4
     image = grid(tmp_path / "d.gif.png")
@@ -79,11 +126,14 @@ def test_num_samples_defaults_to_the_run_config(conditional_run, tmp_path, capsy
     assert image.shape[0] == 2 + 2 * (cell + 2)  # a row per sample
 
 
-def test_a_device_this_machine_lacks_is_a_clear_error(conditional_run, tmp_path, capsys,
-                                                       monkeypatch):
+def test_a_device_this_machine_lacks_is_a_clear_error(
+    conditional_run, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for device, message in (("cuda", "--device cuda: no CUDA GPU is usable"),
-                            ("gpu0", "--device 'gpu0' is not a device name")):
+    for device, message in (
+        ("cuda", "--device cuda: no CUDA GPU is usable"),
+        ("gpu0", "--device 'gpu0' is not a device name"),
+    ):
         with pytest.raises(SystemExit) as info:
             sample_cli(conditional_run, tmp_path / "o.gif", "--device", device)
         assert info.value.code == 2
@@ -98,8 +148,10 @@ def test_checkpoint_paths_and_weights(conditional_run):
     assert by_run.num_classes == 4 and by_run.num_frames == 4 and by_run.latent_size == (8, 8)
     assert by_run.class_names[3] == "orbit"
     raw = load_for_sampling(conditional_run, weights="model")
-    differs = [not torch.equal(p, q) for p, q in zip(by_run.model.parameters(),
-                                                      raw.model.parameters(), strict=True)]
+    differs = [
+        not torch.equal(p, q)
+        for p, q in zip(by_run.model.parameters(), raw.model.parameters(), strict=True)
+    ]
     assert any(differs)  # EMA weights are not the trained weights
 
 
@@ -109,17 +161,19 @@ def test_cfg_scale_one_is_the_conditional_model(conditional_run):
     shape = (3, 3, 4, 8, 8)
     labels = torch.tensor([0, 1, 3])
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    direct = create_diffusion("3").ddim_sample_loop(model, shape, noise=noise.clone(),
-                                                    model_kwargs={"y": labels})
-    one = sample_latents(model, shape, labels=labels, steps=3, cfg_scale=1.0,
-                         noise=noise.clone())
+    direct = create_diffusion("3").ddim_sample_loop(
+        model, shape, noise=noise.clone(), model_kwargs={"y": labels}
+    )
+    one = sample_latents(model, shape, labels=labels, steps=3, cfg_scale=1.0, noise=noise.clone())
     assert torch.equal(one, direct)
-    guided = sample_latents(model, shape, labels=labels, steps=3, cfg_scale=4.0,
-                            noise=noise.clone())
+    guided = sample_latents(
+        model, shape, labels=labels, steps=3, cfg_scale=4.0, noise=noise.clone()
+    )
     assert not torch.allclose(guided, direct)
     # batching does not change DDIM samples
-    split = sample_latents(model, shape, labels=labels, steps=3, cfg_scale=4.0,
-                           noise=noise.clone(), batch_size=1)
+    split = sample_latents(
+        model, shape, labels=labels, steps=3, cfg_scale=4.0, noise=noise.clone(), batch_size=1
+    )
     assert torch.allclose(split, guided, atol=1e-5)
 
 
@@ -148,8 +202,15 @@ def test_bad_input_is_a_clear_error(conditional_run, tmp_path, capsys):
         (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
     ]
     for extra, message in cases:
-        args = ["sample", "--checkpoint", str(conditional_run), "--output",
-                str(tmp_path / "o.gif"), "--no-progress", *extra]
+        args = [
+            "sample",
+            "--checkpoint",
+            str(conditional_run),
+            "--output",
+            str(tmp_path / "o.gif"),
+            "--no-progress",
+            *extra,
+        ]
         with pytest.raises(SystemExit) as info:
             cli.main(args)
         assert info.value.code == 2
@@ -157,13 +218,20 @@ def test_bad_input_is_a_clear_error(conditional_run, tmp_path, capsys):
     (tmp_path / "half" / "checkpoints" / "step_0000001").mkdir(parents=True)
     (tmp_path / "half" / "checkpoints" / "step_0000001" / "model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit):
-        cli.main(["sample", "--checkpoint", str(tmp_path / "half" / "checkpoints" /
-                                                "step_0000001"), "--output",
-                  str(tmp_path / "o.gif")])
+        cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tmp_path / "half" / "checkpoints" / "step_0000001"),
+                "--output",
+                str(tmp_path / "o.gif"),
+            ]
+        )
     assert "incomplete" in capsys.readouterr().err
     # class names work as well as indices
-    assert sample_cli(conditional_run, tmp_path / "named.gif", "--class", "orbit",
-                      "--class", "0") == 0
+    assert (
+        sample_cli(conditional_run, tmp_path / "named.gif", "--class", "orbit", "--class", "0") == 0
+    )
 
 
 def test_labels_and_tiling():

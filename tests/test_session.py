@@ -74,8 +74,9 @@ def test_save_load_continue_equals_the_uninterrupted_stream(pipe, tmp_path):
     continued = frames(other, after)
     assert len(continued) == len(whole[2:]) == 3
     assert all(torch.equal(a, b) for a, b in zip(whole[2:], continued, strict=True))
-    assert not torch.equal(whole[2], frames(StreamingSession.start(pipe, seed=99, steps=2),
-                                            before + after[:1])[2])  # the seed matters
+    assert not torch.equal(
+        whole[2], frames(StreamingSession.start(pipe, seed=99, steps=2), before + after[:1])[2]
+    )  # the seed matters
 
 
 def test_the_file_holds_every_tensor_of_the_state(pipe, tmp_path):
@@ -111,14 +112,14 @@ def copy_run(tmp_path, change_weights=False, change_config=False):
     return run
 
 
-@pytest.mark.parametrize("change, message", [("weights", "another checkpoint"),
-                                             ("config", "another config")])
+@pytest.mark.parametrize(
+    "change, message", [("weights", "another checkpoint"), ("config", "another config")]
+)
 def test_a_state_of_another_checkpoint_is_refused(pipe, tmp_path, change, message):
     session = StreamingSession.start(pipe, steps=1)
     frames(session, [2])
     session.save_state(tmp_path / "s.safetensors")
-    run = copy_run(tmp_path, change_weights=change == "weights",
-                   change_config=change == "config")
+    run = copy_run(tmp_path, change_weights=change == "weights", change_config=change == "config")
     other = StreamingSession.start(run, steps=1)
     with pytest.raises(StateMismatchError, match=message):
         other.load_state(tmp_path / "s.safetensors")
@@ -145,11 +146,24 @@ def test_context_frames_start_the_stream(pipe):
 def malt_run(tmp_path_factory):
     """A 1-step tiny run with MALT's memory besides the SSM and delta memories: a memory kind
     the state file must carry without being told about it."""
-    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.causal.window=2",
-                 "model.causal.memory=malt+both", "model.causal.malt_slots=4", "model.causal.malt_segment=2",
-                 "data.num_frames=4", "data.num_videos=2", "data.resolution=8",
-                 "data.options.map_size=16", "data.options.blackout=0", "train.batch_size=2",
-                 "train.max_steps=1", "train.cpu=true", "train.sample_every=0"]
+    overrides = [
+        "model.depth=1",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.causal.window=2",
+        "model.causal.memory=malt+both",
+        "model.causal.malt_slots=4",
+        "model.causal.malt_segment=2",
+        "data.num_frames=4",
+        "data.num_videos=2",
+        "data.resolution=8",
+        "data.options.map_size=16",
+        "data.options.blackout=0",
+        "train.batch_size=2",
+        "train.max_steps=1",
+        "train.cpu=true",
+        "train.sample_every=0",
+    ]
     run = tmp_path_factory.mktemp("malt") / "run"
     train(load_config("long", overrides), output=run, progress=False)
     return run
@@ -162,8 +176,9 @@ def test_every_memory_kind_is_saved_and_continues_exactly(malt_run, tmp_path):
     frames(session, actions[:3])
     session.save_state(tmp_path / "malt.safetensors")
     stored = load_file(tmp_path / "malt.safetensors")
-    assert {"state.layers.0.malt.memory", "state.layers.0.ssm.ssm",
-            "state.layers.0.memory"} <= set(stored)
+    assert {"state.layers.0.malt.memory", "state.layers.0.ssm.ssm", "state.layers.0.memory"} <= set(
+        stored
+    )
     other = StreamingSession.start(malt_run, seed=0, steps=1)
     other.load_state(tmp_path / "malt.safetensors")
     continued = frames(other, actions[3:])
@@ -174,11 +189,24 @@ def test_every_memory_kind_is_saved_and_continues_exactly(malt_run, tmp_path):
 @pytest.fixture(scope="module")
 def class_run(tmp_path_factory):
     """A 1-step tiny class-conditional long-video run without actions, sampled with guidance."""
-    overrides = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.causal.window=2",
-                 "model.causal.num_actions=0", "data.name=synthetic", "data.num_classes=4",
-                 "model.num_classes=4", "data.num_frames=4", "data.num_videos=4",
-                 "data.resolution=8", "train.batch_size=2", "train.max_steps=1",
-                 "train.cpu=true", "train.sample_every=0", "sample.cfg_scale=2.0"]
+    overrides = [
+        "model.depth=1",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.causal.window=2",
+        "model.causal.num_actions=0",
+        "data.name=synthetic",
+        "data.num_classes=4",
+        "model.num_classes=4",
+        "data.num_frames=4",
+        "data.num_videos=4",
+        "data.resolution=8",
+        "train.batch_size=2",
+        "train.max_steps=1",
+        "train.cpu=true",
+        "train.sample_every=0",
+        "sample.cfg_scale=2.0",
+    ]
     run = tmp_path_factory.mktemp("classes") / "run"
     train(load_config("long", overrides), output=run, progress=False)
     return run

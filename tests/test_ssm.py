@@ -30,20 +30,28 @@ scan_module = importlib.import_module("matten.ssm.selective_scan")
 
 def coefficients(layout, batch, dim, length, nstate, r, groups=2):
     """B or C in one of mamba_ssm's layouts."""
-    return {"variable": lambda: r(batch, nstate, length),
-            "grouped": lambda: r(batch, groups, nstate, length),
-            "constant": lambda: r(dim, nstate)}[layout]()
+    return {
+        "variable": lambda: r(batch, nstate, length),
+        "grouped": lambda: r(batch, groups, nstate, length),
+        "constant": lambda: r(dim, nstate),
+    }[layout]()
 
 
-def make_inputs(batch, dim, length, nstate, seed=0, dtype=torch.float32, B="variable",
-                C="variable", groups=2):
+def make_inputs(
+    batch, dim, length, nstate, seed=0, dtype=torch.float32, B="variable", C="variable", groups=2
+):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
-    return dict(u=r(batch, dim, length), delta=r(batch, dim, length) * 0.5,
-                A=-torch.rand(dim, nstate, generator=g, dtype=dtype) * 3,
-                B=coefficients(B, batch, dim, length, nstate, r, groups),
-                C=coefficients(C, batch, dim, length, nstate, r, groups),
-                D=r(dim), z=r(batch, dim, length), delta_bias=r(dim) * 0.1)
+    return dict(
+        u=r(batch, dim, length),
+        delta=r(batch, dim, length) * 0.5,
+        A=-torch.rand(dim, nstate, generator=g, dtype=dtype) * 3,
+        B=coefficients(B, batch, dim, length, nstate, r, groups),
+        C=coefficients(C, batch, dim, length, nstate, r, groups),
+        D=r(dim),
+        z=r(batch, dim, length),
+        delta_bias=r(dim) * 0.1,
+    )
 
 
 def rel_err(a, b):
@@ -58,8 +66,9 @@ def test_cpu_scan_matches_reference(batch, dim, length, nstate):
     x = make_inputs(batch, dim, length, nstate)
     h0 = torch.randn(batch, dim, nstate)
     y, last = selective_scan(**x, delta_softplus=True, return_last_state=True, initial_state=h0)
-    y_ref, last_ref = selective_scan_ref(**x, delta_softplus=True, return_last_state=True,
-                                         initial_state=h0)
+    y_ref, last_ref = selective_scan_ref(
+        **x, delta_softplus=True, return_last_state=True, initial_state=h0
+    )
     assert y.dtype == torch.float32
     assert rel_err(y, y_ref) < 1e-5
     assert rel_err(last, last_ref) < 1e-5
@@ -78,8 +87,9 @@ def test_chunked_scan_matches_reference(length, chunk):
     delta = F.softplus(x["delta"])
     h0 = torch.randn(2, 6, 16, dtype=torch.float64)
     y, last = chunked_scan(x["u"], delta, x["A"], x["B"], x["C"], h0, chunk=chunk)
-    y_ref, last_ref = selective_scan_ref(x["u"], delta, x["A"], x["B"], x["C"],
-                                         return_last_state=True, initial_state=h0)
+    y_ref, last_ref = selective_scan_ref(
+        x["u"], delta, x["A"], x["B"], x["C"], return_last_state=True, initial_state=h0
+    )
     assert rel_err(y, y_ref) < 1e-12
     assert rel_err(last, last_ref) < 1e-12
 
@@ -102,8 +112,13 @@ def test_cpu_scan_gradcheck():
     leaves = [x[n].clone().requires_grad_() for n in names] + [h0.clone().requires_grad_()]
 
     def fn(*args):
-        y, last = selective_scan(*args[:7], delta_bias=args[7], delta_softplus=True,
-                                 return_last_state=True, initial_state=args[8])
+        y, last = selective_scan(
+            *args[:7],
+            delta_bias=args[7],
+            delta_softplus=True,
+            return_last_state=True,
+            initial_state=args[8],
+        )
         return y, last
 
     assert torch.autograd.gradcheck(fn, leaves)
@@ -137,10 +152,17 @@ def flipped(x):
 def test_reverse_cpu_scan_is_the_flipped_scan_flipped_back(layout):
     x = make_inputs(2, 8, 37, 16, B=layout, C=layout)
     h0 = torch.randn(2, 8, 16)
-    y, last = selective_scan(**x, delta_softplus=True, return_last_state=True, initial_state=h0,
-                             reverse=True, backend="cpu")
-    y_ref, last_ref = selective_scan_ref(**flipped(x), delta_softplus=True,
-                                         return_last_state=True, initial_state=h0)
+    y, last = selective_scan(
+        **x,
+        delta_softplus=True,
+        return_last_state=True,
+        initial_state=h0,
+        reverse=True,
+        backend="cpu",
+    )
+    y_ref, last_ref = selective_scan_ref(
+        **flipped(x), delta_softplus=True, return_last_state=True, initial_state=h0
+    )
     assert rel_err(y, y_ref.flip(-1)) < 1e-5
     assert rel_err(last, last_ref) < 1e-5
 
@@ -155,8 +177,9 @@ def test_fused_cpu_scan_gradients_match_reference(reverse, drop):
     leaves = {k: v.clone().requires_grad_() for k, v in {**x, "initial_state": h0}.items()}
     ref = {k: v.double().clone().requires_grad_() for k, v in {**x, "initial_state": h0}.items()}
     w_y, w_last = torch.randn(2, 8, 45), torch.randn(2, 8, 16)
-    y, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True,
-                             reverse=reverse, backend="cpu")
+    y, last = selective_scan(
+        **leaves, delta_softplus=True, return_last_state=True, reverse=reverse, backend="cpu"
+    )
     ((y * w_y).sum() + (last * w_last).sum()).backward()
     ref_in = flipped(ref) if reverse else ref
     y_ref, last_ref = selective_scan_ref(**ref_in, delta_softplus=True, return_last_state=True)
@@ -175,9 +198,15 @@ def test_reverse_cpu_scan_gradcheck(layout):
     leaves = [x[n].clone().requires_grad_() for n in names] + [h0.clone().requires_grad_()]
 
     def fn(*args):
-        return selective_scan(*args[:7], delta_bias=args[7], delta_softplus=True,
-                              return_last_state=True, initial_state=args[8], reverse=True,
-                              backend="cpu")
+        return selective_scan(
+            *args[:7],
+            delta_bias=args[7],
+            delta_softplus=True,
+            return_last_state=True,
+            initial_state=args[8],
+            reverse=True,
+            backend="cpu",
+        )
 
     assert torch.autograd.gradcheck(fn, leaves)
 
@@ -216,16 +245,19 @@ def test_bad_shapes_are_reported_by_name():
         selective_scan(**x)
 
 
-@pytest.mark.parametrize("name,bad,error,message", [
-    ("C", torch.randn(1, 3, 16, 10), ValueError, "C must have shape .* G dividing dim=4"),
-    ("B", torch.randn(4, 8), ValueError, "B must have shape"),
-    ("A", torch.randn(4, 16, 2), ValueError, "A must have shape"),
-    ("initial_state", torch.randn(1, 4, 8), ValueError, "initial_state must have shape"),
-    ("A", -torch.rand(4, 16, dtype=torch.complex64), TypeError, "complex A is not supported"),
-    ("delta", torch.ones(1, 4, 10, dtype=torch.int64), TypeError, "delta must be float16"),
-    ("D", torch.ones(4, device="meta"), ValueError, "D is on meta but u is on cpu"),
-    ("z", [[0.0]], TypeError, "z must be a tensor"),
-])
+@pytest.mark.parametrize(
+    "name,bad,error,message",
+    [
+        ("C", torch.randn(1, 3, 16, 10), ValueError, "C must have shape .* G dividing dim=4"),
+        ("B", torch.randn(4, 8), ValueError, "B must have shape"),
+        ("A", torch.randn(4, 16, 2), ValueError, "A must have shape"),
+        ("initial_state", torch.randn(1, 4, 8), ValueError, "initial_state must have shape"),
+        ("A", -torch.rand(4, 16, dtype=torch.complex64), TypeError, "complex A is not supported"),
+        ("delta", torch.ones(1, 4, 10, dtype=torch.int64), TypeError, "delta must be float16"),
+        ("D", torch.ones(4, device="meta"), ValueError, "D is on meta but u is on cpu"),
+        ("z", [[0.0]], TypeError, "z must be a tensor"),
+    ],
+)
 def test_bad_inputs_are_reported_by_name(name, bad, error, message):
     x = make_inputs(1, 4, 10, 16)
     x[name] = bad
@@ -233,8 +265,13 @@ def test_bad_inputs_are_reported_by_name(name, bad, error, message):
         selective_scan(**x)
 
 
-LAYOUTS = [("variable", "variable"), ("grouped", "grouped"), ("constant", "constant"),
-           ("grouped", "constant"), ("constant", "variable")]
+LAYOUTS = [
+    ("variable", "variable"),
+    ("grouped", "grouped"),
+    ("constant", "constant"),
+    ("grouped", "constant"),
+    ("constant", "variable"),
+]
 
 
 def leaves_and_grads(scan, x, h0, weights):
@@ -252,10 +289,13 @@ def leaves_and_grads(scan, x, h0, weights):
 def test_every_layout_matches_reference_with_gradients(name, layout_b, layout_c):
     x = make_inputs(2, 4, 23, 5, B=layout_b, C=layout_c)
     h0 = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(1))
-    weights = (torch.randn(2, 4, 23, dtype=torch.float64),
-               torch.randn(2, 4, 5, dtype=torch.float64))
-    ref = leaves_and_grads(selective_scan_ref, {k: v.double() for k, v in x.items()},
-                           h0.double(), weights)
+    weights = (
+        torch.randn(2, 4, 23, dtype=torch.float64),
+        torch.randn(2, 4, 5, dtype=torch.float64),
+    )
+    ref = leaves_and_grads(
+        selective_scan_ref, {k: v.double() for k, v in x.items()}, h0.double(), weights
+    )
     got = leaves_and_grads(lambda **kw: selective_scan(**kw, backend=name), x, h0, weights)
     for key, value in ref.items():
         assert got[key].shape == value.shape and got[key].dtype == torch.float32, key
@@ -267,19 +307,26 @@ def test_reference_layouts_mean_what_mamba_ssm_says():
     x = make_inputs(2, 6, 9, 3, B="grouped", C="constant", groups=3)
     y = selective_scan_ref(**x)
     for d in range(6):  # each channel alone, with B and C written out in the variable layout
-        channel = dict(u=x["u"][:, d:d + 1], delta=x["delta"][:, d:d + 1], A=x["A"][d:d + 1],
-                       B=x["B"][:, d // 2],  # 6 channels in 3 groups: 2 per group
-                       C=x["C"][d][None, :, None].expand(2, 3, 9),  # the same C at every step
-                       D=x["D"][d:d + 1], z=x["z"][:, d:d + 1], delta_bias=x["delta_bias"][d:d + 1])
-        assert torch.allclose(selective_scan_ref(**channel), y[:, d:d + 1], atol=1e-6), d
+        channel = dict(
+            u=x["u"][:, d : d + 1],
+            delta=x["delta"][:, d : d + 1],
+            A=x["A"][d : d + 1],
+            B=x["B"][:, d // 2],  # 6 channels in 3 groups: 2 per group
+            C=x["C"][d][None, :, None].expand(2, 3, 9),  # the same C at every step
+            D=x["D"][d : d + 1],
+            z=x["z"][:, d : d + 1],
+            delta_bias=x["delta_bias"][d : d + 1],
+        )
+        assert torch.allclose(selective_scan_ref(**channel), y[:, d : d + 1], atol=1e-6), d
 
 
 def test_one_group_equals_the_variable_layout():
     x = make_inputs(2, 4, 15, 8)
     grouped = {**x, "B": x["B"][:, None], "C": x["C"][:, None]}
     for name in ["cpu", "chunked"]:
-        assert torch.equal(selective_scan(**grouped, backend=name),
-                           selective_scan(**x, backend=name))
+        assert torch.equal(
+            selective_scan(**grouped, backend=name), selective_scan(**x, backend=name)
+        )
 
 
 def test_cpu_scan_gradcheck_constant_and_grouped_layouts():
@@ -287,13 +334,16 @@ def test_cpu_scan_gradcheck_constant_and_grouped_layouts():
     names = ["u", "delta", "A", "B", "C"]
     leaves = [x[n].clone().requires_grad_() for n in names]
     assert torch.autograd.gradcheck(
-        lambda *a: selective_scan(*a, delta_softplus=True, return_last_state=True), leaves)
+        lambda *a: selective_scan(*a, delta_softplus=True, return_last_state=True), leaves
+    )
 
 
 # -- dispatch --------------------------------------------------------------------------------------
 
+
 class FakeTriton:
     """Stands in for matten.ssm.triton_scan: runs where it is told to."""
+
     INTERPRETED = False
 
     def __init__(self, devices):
@@ -309,10 +359,15 @@ def availability(monkeypatch):
     monkeypatch.delenv("MATTEN_SCAN_BACKEND", raising=False)
 
     def set_available(mamba_ssm=False, triton=None):
-        monkeypatch.setattr(scan_module, "mamba_ssm_scan",
-                            lambda: (lambda *a: None) if mamba_ssm else None)
-        monkeypatch.setattr(scan_module, "triton_scan_module",
-                            lambda: FakeTriton(triton) if triton is not None else None)
+        monkeypatch.setattr(
+            scan_module, "mamba_ssm_scan", lambda: (lambda *a: None) if mamba_ssm else None
+        )
+        monkeypatch.setattr(
+            scan_module,
+            "triton_scan_module",
+            lambda: FakeTriton(triton) if triton is not None else None,
+        )
+
     set_available()
     return set_available
 
@@ -350,14 +405,18 @@ def test_backend_override_by_environment_and_argument(availability, monkeypatch)
         backend("cpu")
 
 
-@pytest.mark.parametrize("override,device,kwargs,message", [
-    ("mamba_ssm", "cpu", {}, "'mamba_ssm' runs CUDA tensors only"),
-    ("mamba_ssm", "cuda", {"initial_state": True}, "'mamba_ssm' takes no initial_state"),
-    ("cpu", "cuda", {}, "'cpu' runs CPU"),
-    ("triton", "cpu", {}, "TRITON_INTERPRET=1"),
-])
-def test_unavailable_backend_is_refused_with_the_reason(availability, override, device, kwargs,
-                                                        message):
+@pytest.mark.parametrize(
+    "override,device,kwargs,message",
+    [
+        ("mamba_ssm", "cpu", {}, "'mamba_ssm' runs CUDA tensors only"),
+        ("mamba_ssm", "cuda", {"initial_state": True}, "'mamba_ssm' takes no initial_state"),
+        ("cpu", "cuda", {}, "'cpu' runs CPU"),
+        ("triton", "cpu", {}, "TRITON_INTERPRET=1"),
+    ],
+)
+def test_unavailable_backend_is_refused_with_the_reason(
+    availability, override, device, kwargs, message
+):
     availability(mamba_ssm=True, triton=("cuda",))
     with pytest.raises(RuntimeError, match=message):
         backend(device, override=override, **kwargs)
@@ -376,8 +435,9 @@ def test_selective_scan_follows_the_chosen_backend(availability, monkeypatch):
         assert rel_err(selective_scan(**x, delta_softplus=True, backend=name), expected) < 1e-5
     # mamba_ssm is handed the caller's arguments unchanged, layouts included.
     calls = []
-    monkeypatch.setattr(scan_module, "mamba_ssm_scan",
-                        lambda: (lambda *args: calls.append(args) or "fused"))
+    monkeypatch.setattr(
+        scan_module, "mamba_ssm_scan", lambda: lambda *args: calls.append(args) or "fused"
+    )
     monkeypatch.setattr(scan_module, "_choose", lambda *a, **k: "mamba_ssm")
     assert selective_scan(**x, delta_softplus=True, return_last_state=True) == "fused"
     (args,) = calls
@@ -392,8 +452,17 @@ def mixer_by_hand(mixer, ssm, hidden):
     x = F.silu(ssm.conv1d(x)[..., :length])
     dt, B, C = ssm.x_proj(x.transpose(1, 2)).split([ssm.dt_rank, ssm.d_state, ssm.d_state], -1)
     delta = (dt @ ssm.dt_proj.weight.t()).transpose(1, 2)
-    return selective_scan_ref(x, delta, -torch.exp(ssm.A_log), B.transpose(1, 2), C.transpose(1, 2),
-                              ssm.D, z, delta_bias=ssm.dt_proj.bias, delta_softplus=True)
+    return selective_scan_ref(
+        x,
+        delta,
+        -torch.exp(ssm.A_log),
+        B.transpose(1, 2),
+        C.transpose(1, 2),
+        ssm.D,
+        z,
+        delta_bias=ssm.dt_proj.bias,
+        delta_softplus=True,
+    )
 
 
 def test_mamba_block_matches_reference_and_is_causal():

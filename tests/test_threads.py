@@ -21,8 +21,9 @@ def test_scan_kernels_run_on_torchs_thread_count():
         torch.set_num_threads(1)
         assert kernel_threads() == 1
         u = torch.randn(2, 4, 9)
-        selective_scan(u, u.abs(), -torch.ones(4, 3), torch.randn(2, 3, 9), torch.randn(2, 3, 9),
-                       backend="cpu")
+        selective_scan(
+            u, u.abs(), -torch.ones(4, 3), torch.randn(2, 3, 9), torch.randn(2, 3, 9), backend="cpu"
+        )
         assert numba.get_num_threads() == 1
         torch.set_num_threads(2)
         assert kernel_threads() == 2
@@ -42,11 +43,17 @@ def test_kernel_threads_stay_within_numbas_limit():
 
 def wait_policy_after_import(**env) -> str | None:
     """OMP_WAIT_POLICY as a fresh ``import matten`` leaves it, under ``env``."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("OMP_WAIT_POLICY", "MATTEN_SHARED_CPU")}
+    base = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "MATTEN_SHARED_CPU")
+    }
     code = "import os, matten; print(os.environ.get('OMP_WAIT_POLICY'))"
-    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, check=True,
-                         capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**base, **env},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return None if out == "None" else out
 
 

@@ -41,13 +41,22 @@ def two_step_run(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 # resume: what it refuses, what it warns about, and when there is nothing to do
 
+
 def test_resume_refuses_changes_to_what_the_weights_mean(two_step_run):
-    for change in ("diffusion.prediction=eps", "diffusion.steps=500", "model.learn_sigma=false",
-                   "autoencoder.kind=sd-vae"):
+    for change in (
+        "diffusion.prediction=eps",
+        "diffusion.steps=500",
+        "model.learn_sigma=false",
+        "autoencoder.kind=sd-vae",
+    ):
         key = change.split("=")[0]
         with pytest.raises(SetupError, match=re.escape(key)):
-            train(tiny_config("train.max_steps=3", change), output=two_step_run,
-                  resume="auto", progress=False)
+            train(
+                tiny_config("train.max_steps=3", change),
+                output=two_step_run,
+                resume="auto",
+                progress=False,
+            )
     assert latest_checkpoint(two_step_run).name == "step_0000002"
 
 
@@ -57,8 +66,12 @@ def test_resume_warns_about_other_changes(tmp_path, two_step_run, caplog):
     run = tmp_path / "run"
     shutil.copytree(two_step_run, run)
     with caplog.at_level(logging.WARNING, logger="matten.training.resume"):
-        result = train(tiny_config("train.max_steps=3", "train.lr=5e-4"), output=run,
-                       resume="auto", progress=False)
+        result = train(
+            tiny_config("train.max_steps=3", "train.lr=5e-4"),
+            output=run,
+            resume="auto",
+            progress=False,
+        )
     assert result.step == 3
     warned = [r.getMessage() for r in caplog.records if "changed settings" in r.getMessage()]
     assert len(warned) == 1 and "train.lr 0.001 -> 0.0005" in warned[0]
@@ -68,10 +81,10 @@ def test_resume_warns_about_other_changes(tmp_path, two_step_run, caplog):
 def test_resume_says_when_there_is_nothing_left_to_train(two_step_run, capsys):
     before = (two_step_run / "config.yaml").stat().st_mtime_ns
     with pytest.raises(SetupError, match="already at step 2, past train.max_steps=1"):
-        train(tiny_config("train.max_steps=1"), output=two_step_run, resume="auto",
-              progress=False)
-    result = train(tiny_config("train.max_steps=2"), output=two_step_run, resume="auto",
-                   progress=False)
+        train(tiny_config("train.max_steps=1"), output=two_step_run, resume="auto", progress=False)
+    result = train(
+        tiny_config("train.max_steps=2"), output=two_step_run, resume="auto", progress=False
+    )
     assert result.nothing_to_do and result.step == 2 and result.losses == []
     assert (two_step_run / "config.yaml").stat().st_mtime_ns == before  # nothing rewritten
     assert cli.main(["train", "--output", str(two_step_run), "--resume", "--no-progress"]) == 0
@@ -86,21 +99,23 @@ def test_edits_to_the_run_config_take_effect_on_resume(tmp_path, two_step_run):
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["train"]["lr"] = 2.5e-4
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    assert cli.main(["train", "--output", str(run), "--resume", "--max-steps", "3",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(["train", "--output", str(run), "--resume", "--max-steps", "3", "--no-progress"])
+        == 0
+    )
     saved = load_checkpoint_files(run)
     assert saved.step == 3 and saved.meta["run_config"]["train"]["lr"] == 2.5e-4
     # an edit that changes what the weights mean is refused, naming it
     config["diffusion"]["prediction"] = "eps"
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as info:
-        cli.main(["train", "--output", str(run), "--resume", "--max-steps", "4",
-                  "--no-progress"])
+        cli.main(["train", "--output", str(run), "--resume", "--max-steps", "4", "--no-progress"])
     assert info.value.code == 2
 
 
 # ----------------------------------------------------------------------------------------------
 # the loss record and stopping
+
 
 def test_loss_record_has_no_gap_after_a_crash_and_resume(tmp_path, monkeypatch):
     run = tmp_path / "run"
@@ -145,15 +160,17 @@ def test_a_stop_request_finishes_the_step_and_writes_a_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(step_module, "update_ema", signal_during_step_3)
     run = tmp_path / "run"
-    result = train(tiny_config("train.max_steps=50", "train.log_every=10"), output=run,
-                   progress=False)
+    result = train(
+        tiny_config("train.max_steps=50", "train.log_every=10"), output=run, progress=False
+    )
     assert result.stopped_by == "SIGTERM" and result.step == 3
     assert latest_checkpoint(run).name == "step_0000003"
     assert loss_steps(run) == [1, 2, 3]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     monkeypatch.setattr(step_module, "update_ema", real_update)
-    assert train(tiny_config("train.max_steps=4"), output=run, resume="auto",
-                 progress=False).step == 4
+    assert (
+        train(tiny_config("train.max_steps=4"), output=run, resume="auto", progress=False).step == 4
+    )
 
 
 def _read_stderr(proc, buffer: list[str]):
@@ -166,10 +183,26 @@ def _read_stderr(proc, buffer: list[str]):
 
 def test_ctrl_c_during_matten_train_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "matten.cli", "train", "--config", "demo", "--output",
-               str(run), "--max-steps", "100000", *TINY]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "matten.cli",
+        "train",
+        "--config",
+        "demo",
+        "--output",
+        str(run),
+        "--max-steps",
+        "100000",
+        *TINY,
+    ]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     err: list[str] = []
     reader = threading.Thread(target=_read_stderr, args=(proc, err), daemon=True)
     reader.start()
@@ -182,8 +215,11 @@ def test_ctrl_c_during_matten_train_writes_a_checkpoint_and_says_how_to_resume(t
     out, _ = proc.communicate(timeout=60)
     reader.join(timeout=5)
     assert proc.returncode == 130, "".join(err)
-    match = re.search(r"stopped by SIGINT at step (\d+): checkpoint (\S+); continue with: "
-                      r"matten train --output (\S+) --resume", out)
+    match = re.search(
+        r"stopped by SIGINT at step (\d+): checkpoint (\S+); continue with: "
+        r"matten train --output (\S+) --resume",
+        out,
+    )
     assert match, out
     step = int(match.group(1))
     assert step >= 3 and Path(match.group(2)) == run / "checkpoints" / f"step_{step:07d}"
@@ -195,13 +231,14 @@ def test_ctrl_c_during_matten_train_writes_a_checkpoint_and_says_how_to_resume(t
 # ----------------------------------------------------------------------------------------------
 # your own folder of videos, and the videos it skips
 
+
 def write_moving_square(path, frames=14, size=24, seed=0):
     rng = np.random.default_rng(seed)
     video = np.full((frames, size, size, 3), 40, dtype=np.uint8)
     colour = rng.integers(80, 255, 3)
     for t in range(frames):
         x = t % (size - 6)
-        video[t, 8:14, x:x + 6] = colour
+        video[t, 8:14, x : x + 6] = colour
     write_video(path, video, fps=8)
 
 
@@ -213,17 +250,32 @@ def test_the_demo_config_trains_on_a_folder_of_videos(tmp_path, capsys):
     (videos / "broken.mp4").write_bytes(os.urandom(2000))
     write_moving_square(videos / "short.mp4", frames=3)
     run = tmp_path / "run"
-    code = cli.main(["train", "--config", "demo", "--output", str(run), "--max-steps", "2",
-                     "--no-progress", "data.name=folder", f"data.root={videos}",
-                     "data.frame_stride=2", *[o for o in TINY if "num_videos" not in o]])
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            "demo",
+            "--output",
+            str(run),
+            "--max-steps",
+            "2",
+            "--no-progress",
+            "data.name=folder",
+            f"data.root={videos}",
+            "data.frame_stride=2",
+            *[o for o in TINY if "num_videos" not in o],
+        ]
+    )
     assert code == 0
     assert latest_checkpoint(run).name == "step_0000002"
     assert load_checkpoint_files(run).meta["run_config"]["data"]["options"] == {}
     with open(run / callbacks.SKIPPED_FILE, newline="") as f:
         rows = list(csv.reader(f, delimiter="\t"))
     assert rows[0] == ["reason", "path"]
-    assert sorted(rows[1:]) == [["corrupt", str(videos / "broken.mp4")],
-                                ["too_short", str(videos / "short.mp4")]]
+    assert sorted(rows[1:]) == [
+        ["corrupt", str(videos / "broken.mp4")],
+        ["too_short", str(videos / "short.mp4")],
+    ]
 
 
 def test_the_skip_warning_keeps_reasons_and_requirements_apart(tmp_path, caplog):
@@ -237,8 +289,10 @@ def test_the_skip_warning_keeps_reasons_and_requirements_apart(tmp_path, caplog)
         ds = VideoClipDataset(tmp_path, 16, num_frames=4, frame_stride=3)
     message = next(r.getMessage() for r in caplog.records if "skipped" in r.getMessage())
     assert "corrupt: 1, too short: 1 (a clip of 4 frames at stride 3 needs 10 frames)" in message
-    assert sorted(ds.skipped_rows()) == [("corrupt", str(tmp_path / "bad.mp4")),
-                                         ("too_short", str(tmp_path / "short.mp4"))]
+    assert sorted(ds.skipped_rows()) == [
+        ("corrupt", str(tmp_path / "bad.mp4")),
+        ("too_short", str(tmp_path / "short.mp4")),
+    ]
 
 
 def test_switching_the_dataset_drops_the_old_dataset_s_options(caplog):
@@ -246,8 +300,9 @@ def test_switching_the_dataset_drops_the_old_dataset_s_options(caplog):
         cfg = load_config("demo", ["data.name=folder", "data.root=/x"])
     assert cfg.data.options == {}
     assert "dropping the options of 'synthetic'" in caplog.text
-    assert load_config("demo", ["data.name=folder", "data.options.labels_from_folders=true"]
-                       ).data.options == {"labels_from_folders": True}
+    assert load_config(
+        "demo", ["data.name=folder", "data.options.labels_from_folders=true"]
+    ).data.options == {"labels_from_folders": True}
     assert load_config("demo", ["data.options=null"]).data.options == {}
     assert load_config("demo", ["data.name=synthetic"]).data.options["max_objects"] == 1
 
@@ -255,13 +310,13 @@ def test_switching_the_dataset_drops_the_old_dataset_s_options(caplog):
 # ----------------------------------------------------------------------------------------------
 # bad input: a message, before anything is written
 
+
 def test_bad_data_settings_are_named_before_anything_is_written(tmp_path):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not videos")
     run = tmp_path / "run"
     with pytest.raises(SetupError, match="'.*notes.txt' is not a folder"):
-        train(tiny_config("data.name=folder", f"data.root={a_file}"), output=run,
-              progress=False)
+        train(tiny_config("data.name=folder", f"data.root={a_file}"), output=run, progress=False)
     with pytest.raises(SetupError, match=r"data.resolution=15 gives a 15x15 latent.*multiple of 2"):
         train(tiny_config("data.resolution=15"), output=run, progress=False)
     with pytest.raises(SetupError, match="unknown dataset data.name='moving_shapes'"):
@@ -269,11 +324,14 @@ def test_bad_data_settings_are_named_before_anything_is_written(tmp_path):
     assert not run.exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["flops", "--model", "Foo/2"], "--model: unknown model 'Foo/2'"),
-    (["flops", "--frames", "0"], "--frames and --thop-batch must be >= 1"),
-    (["flops", "--resolution", "100"], "--resolution 100 must be a positive multiple of 16"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["flops", "--model", "Foo/2"], "--model: unknown model 'Foo/2'"),
+        (["flops", "--frames", "0"], "--frames and --thop-batch must be >= 1"),
+        (["flops", "--resolution", "100"], "--resolution 100 must be a positive multiple of 16"),
+    ],
+)
 def test_flops_command_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)

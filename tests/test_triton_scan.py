@@ -41,16 +41,31 @@ def worker():
 
 def _interpreted():
     from matten.ssm import triton_scan
+
     return triton_scan.INTERPRETED and backend("cpu", override="triton") == "triton"
 
 
 def triton(chunk):
-    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-             return_last_state=False, initial_state=None):
+    def scan(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D=None,
+        z=None,
+        delta_bias=None,
+        delta_softplus=False,
+        return_last_state=False,
+        initial_state=None,
+    ):
         from matten.ssm import triton_scan
-        y, last = triton_scan.selective_scan_triton(u, delta, A, B, C, D, z, delta_bias,
-                                                    delta_softplus, initial_state, chunk=chunk)
+
+        y, last = triton_scan.selective_scan_triton(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk=chunk
+        )
         return (y, last) if return_last_state else y
+
     return scan
 
 
@@ -71,8 +86,11 @@ def outputs_and_grads(scan, x, h0=None, on=("y", "last"), seed=1, **kwargs):
         leaves["initial_state"] = h0.clone().requires_grad_()
     y, last = scan(**leaves, return_last_state=True, **kwargs)
     g = torch.Generator().manual_seed(seed)
-    loss = sum((out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
-               for name, out in (("y", y), ("last", last)) if name in on)
+    loss = sum(
+        (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
+        for name, out in (("y", y), ("last", last))
+        if name in on
+    )
     loss.backward()
     return {"y": y, "last": last, **{k: v.grad for k, v in leaves.items()}}
 
@@ -168,14 +186,14 @@ def _through_selective_scan(x):
         chunk_error = None
     except ValueError as e:
         chunk_error = str(e)
-    return (chosen, rel_err(by_argument, expected), rel_err(y, expected), last.dtype,
-            chunk_error)
+    return (chosen, rel_err(by_argument, expected), rel_err(y, expected), last.dtype, chunk_error)
 
 
 def test_selective_scan_dispatches_to_triton_when_asked(worker):
     x = make_inputs(2, 2, 11, 4, B="grouped", C="constant")
     chosen, err_argument, err_variable, last_dtype, chunk_error = worker.apply(
-        _through_selective_scan, (x,))
+        _through_selective_scan, (x,)
+    )
     assert chosen == "triton" and err_argument < 1e-5 and err_variable < 1e-5
     assert last_dtype == torch.float32
     assert "power of two" in chunk_error
@@ -188,8 +206,16 @@ def tiny_model_after_training(name, steps=2):
     try:
         assert backend("cpu") == name
         torch.manual_seed(0)
-        model = create_model("Matten-S/2", variant=1, depth=1, hidden_size=8, num_heads=1,
-                             d_state=4, expand=1, in_channels=4)
+        model = create_model(
+            "Matten-S/2",
+            variant=1,
+            depth=1,
+            hidden_size=8,
+            num_heads=1,
+            d_state=4,
+            expand=1,
+            in_channels=4,
+        )
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():  # away from the zero-initialised identity, so every weight trains
             for p in model.parameters():

@@ -15,8 +15,8 @@ COMMANDS = ["train", "sample", "eval", "flops", "play"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="matten",
-        description="Video generation with Mamba-Attention latent diffusion.")
+        prog="matten", description="Video generation with Mamba-Attention latent diffusion."
+    )
     parser.add_argument("--version", action="version", version=f"matten {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except KeyboardInterrupt as stop:  # Ctrl-C in a command without its own handling
-        print(f"\nmatten {args.command}: interrupted (outputs are written whole or not at all: "
-              "nothing half-written is left)", file=sys.stderr)
+        print(
+            f"\nmatten {args.command}: interrupted (outputs are written whole or not at all: "
+            "nothing half-written is left)",
+            file=sys.stderr,
+        )
         return exit_status(stop)
 
 

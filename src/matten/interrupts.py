@@ -32,8 +32,13 @@ import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["Terminated", "sigterm_as_interrupt", "interrupts_deferred", "exit_status",
-           "GracefulStop"]
+__all__ = [
+    "Terminated",
+    "sigterm_as_interrupt",
+    "interrupts_deferred",
+    "exit_status",
+    "GracefulStop",
+]
 
 
 class Terminated(KeyboardInterrupt):
@@ -78,8 +83,7 @@ def interrupts_deferred() -> Iterator[None]:
         return
     received: list[int] = []
     signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in signals}
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signals}
     try:
         yield
     finally:
@@ -100,8 +104,11 @@ class GracefulStop:
     ``stop.requested`` to the signal's name (and says on stderr what happens next); a second one
     restores the previous handlers and raises :class:`KeyboardInterrupt`."""
 
-    def __init__(self, message: str = "finishing this step and writing a checkpoint; press "
-                                      "Ctrl-C again to stop at once"):
+    def __init__(
+        self,
+        message: str = "finishing this step and writing a checkpoint; press "
+        "Ctrl-C again to stop at once",
+    ):
         self.message = message
         self.requested: str | None = None
         self._previous: dict = {}

@@ -16,8 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Autoencoder", "PixelAutoencoder", "StableDiffusionVAE", "SD_VAE_CONFIG",
-           "SD_VAE_SCALE_FACTOR", "AUTOENCODERS", "build_autoencoder", "load_vae_state_dict"]
+__all__ = [
+    "Autoencoder",
+    "PixelAutoencoder",
+    "StableDiffusionVAE",
+    "SD_VAE_CONFIG",
+    "SD_VAE_SCALE_FACTOR",
+    "AUTOENCODERS",
+    "build_autoencoder",
+    "load_vae_state_dict",
+]
 
 SD_VAE_SCALE_FACTOR = 0.18215
 
@@ -39,10 +47,12 @@ SD_VAE_CONFIG = {
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
-_WHERE = ("Download the Stable Diffusion VAE beforehand, e.g. `hf download stabilityai/sd-vae-ft-ema "
-          "--local-dir sd-vae-ft-ema` (config.json + diffusion_pytorch_model.safetensors) or the "
-          "'vae' folder of CompVis/stable-diffusion-v1-4 from Hugging Face, and pass that folder "
-          "(or a single .safetensors file) as autoencoder.path; Matten never downloads weights.")
+_WHERE = (
+    "Download the Stable Diffusion VAE beforehand, e.g. `hf download stabilityai/sd-vae-ft-ema "
+    "--local-dir sd-vae-ft-ema` (config.json + diffusion_pytorch_model.safetensors) or the "
+    "'vae' folder of CompVis/stable-diffusion-v1-4 from Hugging Face, and pass that folder "
+    "(or a single .safetensors file) as autoencoder.path; Matten never downloads weights."
+)
 
 
 class Autoencoder(nn.Module):
@@ -58,8 +68,10 @@ class Autoencoder(nn.Module):
     def latent_size(self, resolution) -> tuple[int, int]:
         h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         if h % self.downsample or w % self.downsample:
-            raise ValueError(f"resolution {h}x{w} is not divisible by the {self.kind} "
-                             f"autoencoder's downsampling factor {self.downsample}")
+            raise ValueError(
+                f"resolution {h}x{w} is not divisible by the {self.kind} "
+                f"autoencoder's downsampling factor {self.downsample}"
+            )
         return h // self.downsample, w // self.downsample
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
@@ -109,8 +121,14 @@ class StableDiffusionVAE(Autoencoder):
     kind = "sd-vae"
     downsample = 8
 
-    def __init__(self, path=None, config: dict | None = None, frame_batch_size: int = 16,
-                 sample_posterior: bool = True, scale_factor: float | None = None):
+    def __init__(
+        self,
+        path=None,
+        config: dict | None = None,
+        frame_batch_size: int = 16,
+        sample_posterior: bool = True,
+        scale_factor: float | None = None,
+    ):
         super().__init__()
         from diffusers import AutoencoderKL
 
@@ -124,22 +142,26 @@ class StableDiffusionVAE(Autoencoder):
         arch.update(config or {})
         unknown = set(arch) - set(SD_VAE_CONFIG)
         if unknown:
-            raise ValueError(f"unknown VAE config keys {sorted(unknown)}; known: "
-                             f"{sorted(SD_VAE_CONFIG)}")
+            raise ValueError(
+                f"unknown VAE config keys {sorted(unknown)}; known: {sorted(SD_VAE_CONFIG)}"
+            )
         self.vae = AutoencoderKL(**arch)
         self.latent_channels = int(arch["latent_channels"])
         self.downsample = 2 ** (len(arch["block_out_channels"]) - 1)
-        self.scale_factor = float(scale_factor if scale_factor is not None
-                                  else arch["scaling_factor"])
+        self.scale_factor = float(
+            scale_factor if scale_factor is not None else arch["scaling_factor"]
+        )
         self.path = None if path is None else str(path)
         if weights is not None:
             state = load_vae_state_dict(weights, arch)
             missing, unexpected = self.vae.load_state_dict(state, strict=False)
             if missing or unexpected:
-                raise ValueError(f"'{weights}' does not hold Stable Diffusion VAE weights of this "
-                                 f"architecture: {len(missing)} missing keys (e.g. "
-                                 f"{missing[:3]}), {len(unexpected)} unexpected keys (e.g. "
-                                 f"{unexpected[:3]})")
+                raise ValueError(
+                    f"'{weights}' does not hold Stable Diffusion VAE weights of this "
+                    f"architecture: {len(missing)} missing keys (e.g. "
+                    f"{missing[:3]}), {len(unexpected)} unexpected keys (e.g. "
+                    f"{unexpected[:3]})"
+                )
         self.vae.eval().requires_grad_(False)
 
     def _frames(self, x: torch.Tensor, fn) -> torch.Tensor:
@@ -150,8 +172,7 @@ class StableDiffusionVAE(Autoencoder):
         return out.unflatten(0, (b, f)).transpose(1, 2).contiguous()
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None
-               ) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Video (B, 3, F, H, W) in [-1, 1] -> scaled latents (B, 4, F, H/8, W/8)."""
         _check_video(video, 3, "video")
         self.latent_size(tuple(video.shape[-2:]))
@@ -167,20 +188,26 @@ class StableDiffusionVAE(Autoencoder):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, F, h, w) -> video (B, 3, F, 8h, 8w), clamped to [-1, 1]."""
         _check_video(latents, self.latent_channels, "latents")
-        return self._frames(latents, lambda z: self.vae.decode(z / self.scale_factor).sample
-                            ).float().clamp(-1, 1)
+        return (
+            self._frames(latents, lambda z: self.vae.decode(z / self.scale_factor).sample)
+            .float()
+            .clamp(-1, 1)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # loading weights
+
 
 def _locate_weights(path) -> tuple[Path, dict]:
     """The weights file for ``path`` and the folder's config.json (or {})."""
     p = Path(path).expanduser()
     if p.is_file():
         if p.suffix != ".safetensors":
-            raise ValueError(f"VAE weights '{p}' must be a .safetensors file (pickled .ckpt/.bin "
-                             "files are not loaded); convert it or use the diffusers folder")
+            raise ValueError(
+                f"VAE weights '{p}' must be a .safetensors file (pickled .ckpt/.bin "
+                "files are not loaded); convert it or use the diffusers folder"
+            )
         return p, {}
     if p.is_dir():
         for folder in (p, p / "vae"):
@@ -191,20 +218,28 @@ def _locate_weights(path) -> tuple[Path, dict]:
                     try:
                         config = json.loads((folder / CONFIG_NAME).read_text())
                     except (OSError, ValueError) as exc:
-                        raise ValueError(f"cannot read VAE config '{folder / CONFIG_NAME}': "
-                                         f"{exc}") from None
+                        raise ValueError(
+                            f"cannot read VAE config '{folder / CONFIG_NAME}': {exc}"
+                        ) from None
                     cls = config.get("_class_name", "AutoencoderKL")
                     if cls != "AutoencoderKL":
-                        raise ValueError(f"'{folder / CONFIG_NAME}' describes a {cls}, not the "
-                                         "Stable Diffusion AutoencoderKL")
+                        raise ValueError(
+                            f"'{folder / CONFIG_NAME}' describes a {cls}, not the "
+                            "Stable Diffusion AutoencoderKL"
+                        )
                 return weights, config
-        raise FileNotFoundError(f"no '{WEIGHTS_NAME}' in the VAE folder '{p}' (nor in "
-                                f"'{p / 'vae'}'). {_WHERE}")
+        raise FileNotFoundError(
+            f"no '{WEIGHTS_NAME}' in the VAE folder '{p}' (nor in '{p / 'vae'}'). {_WHERE}"
+        )
     raise FileNotFoundError(f"Stable Diffusion VAE weights not found at '{p}'. {_WHERE}")
 
 
-_LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.",
-                     ".proj_attn.": ".to_out.0."}
+_LEGACY_ATTENTION = {
+    ".query.": ".to_q.",
+    ".key.": ".to_k.",
+    ".value.": ".to_v.",
+    ".proj_attn.": ".to_out.0.",
+}
 
 
 def load_vae_state_dict(file, config: dict | None = None) -> dict[str, torch.Tensor]:
@@ -218,15 +253,20 @@ def load_vae_state_dict(file, config: dict | None = None) -> dict[str, torch.Ten
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"cannot read '{file}' as safetensors: {exc}") from None
     if any(k.startswith("first_stage_model.") for k in state):
-        state = {k[len("first_stage_model."):]: v for k, v in state.items()
-                 if k.startswith("first_stage_model.")}
+        state = {
+            k[len("first_stage_model.") :]: v
+            for k, v in state.items()
+            if k.startswith("first_stage_model.")
+        }
     if any(k.startswith(("encoder.down.", "decoder.up.")) for k in state):  # LDM layout
         try:
             from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
         except ImportError:  # pragma: no cover - depends on the diffusers version
-            raise ValueError(f"'{file}' holds VAE weights in the original LDM layout and this "
-                             "diffusers version cannot convert them; use the diffusers folder "
-                             "(config.json + diffusion_pytorch_model.safetensors)") from None
+            raise ValueError(
+                f"'{file}' holds VAE weights in the original LDM layout and this "
+                "diffusers version cannot convert them; use the diffusers folder "
+                "(config.json + diffusion_pytorch_model.safetensors)"
+            ) from None
         state = convert_ldm_vae_checkpoint(state, dict(config or SD_VAE_CONFIG))
     out = {}
     for key, value in state.items():
@@ -239,8 +279,13 @@ def load_vae_state_dict(file, config: dict | None = None) -> dict[str, torch.Ten
 
 
 AUTOENCODERS = {"pixel": PixelAutoencoder, "sd-vae": StableDiffusionVAE}
-_ALIASES = {"identity": "pixel", "none": "pixel", "vae": "sd-vae", "sd_vae": "sd-vae",
-            "sdvae": "sd-vae"}
+_ALIASES = {
+    "identity": "pixel",
+    "none": "pixel",
+    "vae": "sd-vae",
+    "sd_vae": "sd-vae",
+    "sdvae": "sd-vae",
+}
 
 
 def build_autoencoder(kind: str = "pixel", path=None, **kwargs) -> Autoencoder:
@@ -253,6 +298,8 @@ def build_autoencoder(kind: str = "pixel", path=None, **kwargs) -> Autoencoder:
             raise ValueError("the pixel autoencoder takes no weights path")
         return PixelAutoencoder()
     if path is None:
-        raise FileNotFoundError("the sd-vae autoencoder needs its weights: set autoencoder.path "
-                                f"to a local folder or .safetensors file. {_WHERE}")
+        raise FileNotFoundError(
+            "the sd-vae autoencoder needs its weights: set autoencoder.path "
+            f"to a local folder or .safetensors file. {_WHERE}"
+        )
     return StableDiffusionVAE(path, **kwargs)

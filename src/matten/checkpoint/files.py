@@ -36,14 +36,30 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "Checkpoint", "save_checkpoint",
-           "load_checkpoint_files", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "prune_checkpoints",
-           "state_dict_to_safetensors", "load_weights", "FILES", "CHECKPOINTS_DIR"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointWriteError",
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint_files",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "resolve_checkpoint",
+    "prune_checkpoints",
+    "state_dict_to_safetensors",
+    "load_weights",
+    "FILES",
+    "CHECKPOINTS_DIR",
+]
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
-MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = ("model.safetensors", "ema.safetensors",
-                                               "training_state.pt", "checkpoint.json")
+MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = (
+    "model.safetensors",
+    "ema.safetensors",
+    "training_state.pt",
+    "checkpoint.json",
+)
 FILES = (MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE)
 FORMAT = "matten-checkpoint"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -97,8 +113,15 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def save_checkpoint(run_dir, step: int, model_state: dict, ema_state: dict, training_state: dict,
-                    meta: dict, keep_last: int = 0) -> Path:
+def save_checkpoint(
+    run_dir,
+    step: int,
+    model_state: dict,
+    ema_state: dict,
+    training_state: dict,
+    meta: dict,
+    keep_last: int = 0,
+) -> Path:
     """Write checkpoint ``step`` under ``run_dir/checkpoints`` atomically, point ``latest`` at it
     and delete all but the newest ``keep_last`` (0 keeps all). Returns its folder."""
     root = Path(run_dir) / CHECKPOINTS_DIR
@@ -112,10 +135,16 @@ def save_checkpoint(run_dir, step: int, model_state: dict, ema_state: dict, trai
             else:
                 stale.unlink(missing_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-        save_file(state_dict_to_safetensors(model_state), str(tmp / MODEL_FILE),
-                  metadata={"format": "pt", "step": str(step)})
-        save_file(state_dict_to_safetensors(ema_state), str(tmp / EMA_FILE),
-                  metadata={"format": "pt", "step": str(step)})
+        save_file(
+            state_dict_to_safetensors(model_state),
+            str(tmp / MODEL_FILE),
+            metadata={"format": "pt", "step": str(step)},
+        )
+        save_file(
+            state_dict_to_safetensors(ema_state),
+            str(tmp / EMA_FILE),
+            metadata={"format": "pt", "step": str(step)},
+        )
         torch.save(training_state, tmp / STATE_FILE)
         _write_json(tmp / META_FILE, {"format": FORMAT, "version": 1, "step": int(step), **meta})
         for name in FILES:
@@ -152,8 +181,12 @@ def _write_failed_message(run_dir, name: str, exc: BaseException) -> str:
     if io_error:
         reason = io_error.group(1)
     kept = _last_complete(Path(run_dir) / CHECKPOINTS_DIR)
-    where = (f"the last complete checkpoint, '{kept}', is kept unchanged (resume from it once "
-             "the problem is fixed)" if kept is not None else "no earlier checkpoint exists")
+    where = (
+        f"the last complete checkpoint, '{kept}', is kept unchanged (resume from it once "
+        "the problem is fixed)"
+        if kept is not None
+        else "no earlier checkpoint exists"
+    )
     return f"cannot write checkpoint {name} of run '{run_dir}' ({reason}); {where}"
 
 
@@ -215,8 +248,9 @@ def _last_complete(root: Path) -> Path | None:
 
 def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
     """Complete checkpoints of a run, oldest first, as (step, folder)."""
-    return [(step, p) for step, p in _step_folders(Path(run_dir) / CHECKPOINTS_DIR)
-            if is_complete(p)]
+    return [
+        (step, p) for step, p in _step_folders(Path(run_dir) / CHECKPOINTS_DIR) if is_complete(p)
+    ]
 
 
 def latest_checkpoint(run_dir) -> Path | None:
@@ -236,8 +270,12 @@ def latest_checkpoint(run_dir) -> Path | None:
     if named is not None and named.is_dir():
         current = named
     elif named is not None:
-        logger.warning("%s names %s, which does not exist; using the newest checkpoint, '%s'",
-                       root / LATEST, named.name, current)
+        logger.warning(
+            "%s names %s, which does not exist; using the newest checkpoint, '%s'",
+            root / LATEST,
+            named.name,
+            current,
+        )
     current_step = int(_STEP_DIR.match(current.name).group(1))
     missing = missing_files(current)
     if missing:
@@ -246,12 +284,19 @@ def latest_checkpoint(run_dir) -> Path | None:
             advice = f"to use the previous complete checkpoint, give '{older[-1]}' instead"
         else:
             advice = "the run has no earlier complete checkpoint"
-        raise CheckpointError(f"the latest checkpoint '{current}' is incomplete (missing "
-                              f"{', '.join(missing)}); {advice}")
+        raise CheckpointError(
+            f"the latest checkpoint '{current}' is incomplete (missing "
+            f"{', '.join(missing)}); {advice}"
+        )
     newer = [p for step, p in folders if step > current_step and not is_complete(p)]
     if newer:  # e.g. left behind by a resume from an older checkpoint
-        logger.warning("'%s' is incomplete (missing %s) and ignored; using '%s', which %s names",
-                       newer[-1], ", ".join(missing_files(newer[-1])), current, LATEST)
+        logger.warning(
+            "'%s' is incomplete (missing %s) and ignored; using '%s', which %s names",
+            newer[-1],
+            ", ".join(missing_files(newer[-1])),
+            current,
+            LATEST,
+        )
     return current
 
 
@@ -286,15 +331,19 @@ def resolve_checkpoint(path) -> Path:
     folder, or a checkpoint folder itself."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint '{p}' does not exist (give a run folder, its "
-                                f"'{CHECKPOINTS_DIR}' folder or a checkpoint folder such as "
-                                f"'{CHECKPOINTS_DIR}/step_0001000')")
+        raise FileNotFoundError(
+            f"checkpoint '{p}' does not exist (give a run folder, its "
+            f"'{CHECKPOINTS_DIR}' folder or a checkpoint folder such as "
+            f"'{CHECKPOINTS_DIR}/step_0001000')"
+        )
     if p.is_file():
         if p.name in FILES:
             p = p.parent
         else:
-            raise CheckpointError(f"'{p}' is a file; give a run folder or a checkpoint folder "
-                                  f"(one holding {', '.join(FILES)})")
+            raise CheckpointError(
+                f"'{p}' is a file; give a run folder or a checkpoint folder "
+                f"(one holding {', '.join(FILES)})"
+            )
     in_run = p.parent.name == CHECKPOINTS_DIR and _STEP_DIR.match(p.name)
     if in_run or any((p / name).exists() for name in FILES):
         missing = missing_files(p)  # a checkpoint folder itself
@@ -304,9 +353,11 @@ def resolve_checkpoint(path) -> Path:
     run_dir = p.parent if p.name == CHECKPOINTS_DIR else p
     found = latest_checkpoint(run_dir)
     if found is None:
-        raise FileNotFoundError(f"no checkpoint found in '{p}' (expected "
-                                f"'{CHECKPOINTS_DIR}/step_XXXXXXX/' folders holding "
-                                f"{', '.join(FILES)})")
+        raise FileNotFoundError(
+            f"no checkpoint found in '{p}' (expected "
+            f"'{CHECKPOINTS_DIR}/step_XXXXXXX/' folders holding "
+            f"{', '.join(FILES)})"
+        )
     return found
 
 
@@ -353,5 +404,11 @@ def load_checkpoint_files(path) -> Checkpoint:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot read training state '{state_path}': {exc}") from None
-    return Checkpoint(folder, int(meta["step"]), meta, load_weights(folder, "model"),
-                      load_weights(folder, "ema"), state)
+    return Checkpoint(
+        folder,
+        int(meta["step"]),
+        meta,
+        load_weights(folder, "model"),
+        load_weights(folder, "ema"),
+        state,
+    )

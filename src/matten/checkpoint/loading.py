@@ -101,14 +101,17 @@ def load_for_sampling(path, weights: str = "ema", device="cpu", vae_path=None) -
     state = load_weights(folder, weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"the {weights} weights of '{folder}' do not fit its model: "
-                              f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        raise CheckpointError(
+            f"the {weights} weights of '{folder}' do not fit its model: "
+            f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
     model.to(device).eval().requires_grad_(False)
     ae_meta = dict(meta.get("autoencoder") or {"kind": "pixel"})
     kind = ae_meta.get("kind", "pixel")
     kwargs = {}
     if kind != "pixel":
         kwargs["frame_batch_size"] = int(ae_meta.get("frame_batch_size", 16))
-    autoencoder = build_autoencoder(kind, vae_path if vae_path is not None
-                                    else ae_meta.get("path"), **kwargs).to(device)
+    autoencoder = build_autoencoder(
+        kind, vae_path if vae_path is not None else ae_meta.get("path"), **kwargs
+    ).to(device)
     return LoadedModel(model, autoencoder, meta, folder)

@@ -22,17 +22,22 @@ def parse_action_schedule(spec: str, num_actions: int, names=()) -> list[int]:
             value = lookup[action] if action in lookup else int(action)
             repeat = int(count) if count.strip() else 1
         except ValueError:
-            raise SamplingError(f"--actions item {item.strip()!r} must be ACTION or ACTION*COUNT "
-                                f"with ACTION an index in [0, {num_actions - 1}]{known}") from None
+            raise SamplingError(
+                f"--actions item {item.strip()!r} must be ACTION or ACTION*COUNT "
+                f"with ACTION an index in [0, {num_actions - 1}]{known}"
+            ) from None
         if not 0 <= value < num_actions or repeat < 1:
-            raise SamplingError(f"--actions item {item.strip()!r}: the action must be in "
-                                f"[0, {num_actions - 1}] and the count >= 1")
+            raise SamplingError(
+                f"--actions item {item.strip()!r}: the action must be in "
+                f"[0, {num_actions - 1}] and the count >= 1"
+            )
         schedule.extend([value] * repeat)
     return schedule
 
 
-def parse_class_switches(items, num_samples: int, num_classes: int,
-                         class_names=()) -> list[tuple[int, torch.Tensor]]:
+def parse_class_switches(
+    items, num_samples: int, num_classes: int, class_names=()
+) -> list[tuple[int, torch.Tensor]]:
     """``["100:3", "200:dog"]`` -> [(frame, labels (num_samples,))], sorted by frame: from that
     frame on, every sample is generated with that class."""
     switches = []
@@ -44,6 +49,10 @@ def parse_class_switches(items, num_samples: int, num_classes: int,
             frame = -1
         if not sep or frame < 0:
             raise SamplingError(f"--class-at {item!r} must be FRAME:CLASS with FRAME >= 0")
-        switches.append((frame, resolve_labels(label, num_samples, num_classes, class_names,
-                                               option="--class-at")))
+        switches.append(
+            (
+                frame,
+                resolve_labels(label, num_samples, num_classes, class_names, option="--class-at"),
+            )
+        )
     return sorted(switches, key=lambda s: s[0])

@@ -31,8 +31,9 @@ def temp_file_beside(path) -> Path:
     writer from a file another process is still writing.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
-                               dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
     return Path(tmp)
 
@@ -68,7 +69,7 @@ def remove_stale_temp_files(path) -> list[Path]:
     for entry in entries:
         if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
             continue
-        owner = _TEMP_OWNER.fullmatch(entry.name[len(prefix):-len(".tmp")])
+        owner = _TEMP_OWNER.fullmatch(entry.name[len(prefix) : -len(".tmp")])
         if owner is None:
             continue
         try:

@@ -9,8 +9,13 @@ from pathlib import Path
 from .datasets import VideoClipDataset, check_root, find_videos, split_root
 from .video_read import VIDEO_EXTENSIONS
 
-__all__ = ["UCF101Dataset", "SkyTimelapseDataset", "FaceForensicsDataset", "TaichiHDDataset",
-           "FolderDataset"]
+__all__ = [
+    "UCF101Dataset",
+    "SkyTimelapseDataset",
+    "FaceForensicsDataset",
+    "TaichiHDDataset",
+    "FolderDataset",
+]
 
 _UCF_GROUP = re.compile(r"_g(\d+)_c(\d+)", re.IGNORECASE)
 
@@ -26,8 +31,17 @@ class UCF101Dataset(VideoClipDataset):
     video (the usual protocol for generation).
     """
 
-    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3,
-                 split: str | None = None, fold: int = 1, split_dir=None, **kwargs):
+    def __init__(
+        self,
+        root,
+        resolution,
+        num_frames: int = 16,
+        frame_stride: int = 3,
+        split: str | None = None,
+        fold: int = 1,
+        split_dir=None,
+        **kwargs,
+    ):
         root = check_root(root)
         if split not in (None, "train", "test"):
             raise ValueError(f"UCF101 split must be None, 'train' or 'test', got {split!r}")
@@ -36,10 +50,14 @@ class UCF101Dataset(VideoClipDataset):
         exts = kwargs.pop("extensions", VIDEO_EXTENSIONS)
         paths = find_videos(root, exts)
         if not paths:
-            raise ValueError(f"UCF101: no videos found under '{root}' "
-                             "(expected root/<ClassName>/v_<ClassName>_gXX_cYY.avi)")
-        classes = sorted({p.relative_to(root).parts[0] for p in paths
-                          if len(p.relative_to(root).parts) > 1}, key=lambda s: (s.lower(), s))
+            raise ValueError(
+                f"UCF101: no videos found under '{root}' "
+                "(expected root/<ClassName>/v_<ClassName>_gXX_cYY.avi)"
+            )
+        classes = sorted(
+            {p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1},
+            key=lambda s: (s.lower(), s),
+        )
         skipped: dict[str, list[str]] = {}
         if split is not None:
             paths = self._apply_split(root, paths, split, fold, split_dir, skipped)
@@ -54,8 +72,16 @@ class UCF101Dataset(VideoClipDataset):
                 skipped.setdefault("no_class_folder", []).append(str(p))
         kwargs.setdefault("name", "UCF101")
         kwargs.pop("labels_from_folders", None)
-        super().__init__(root, resolution, num_frames, frame_stride, videos=videos,
-                         class_names=classes, skipped=skipped, **kwargs)
+        super().__init__(
+            root,
+            resolution,
+            num_frames,
+            frame_stride,
+            videos=videos,
+            class_names=classes,
+            skipped=skipped,
+            **kwargs,
+        )
 
     @staticmethod
     def find_split_file(root: Path, split: str, fold: int, split_dir=None) -> Path | None:
@@ -99,11 +125,23 @@ class SkyTimelapseDataset(VideoClipDataset):
     ``sky_test``) when present.
     """
 
-    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3,
-                 split: str | None = None, **kwargs):
+    def __init__(
+        self,
+        root,
+        resolution,
+        num_frames: int = 16,
+        frame_stride: int = 3,
+        split: str | None = None,
+        **kwargs,
+    ):
         kwargs.setdefault("name", "SkyTimelapse")
-        super().__init__(split_root(root, split, ("sky_{split}",)), resolution, num_frames,
-                         frame_stride, **kwargs)
+        super().__init__(
+            split_root(root, split, ("sky_{split}",)),
+            resolution,
+            num_frames,
+            frame_stride,
+            **kwargs,
+        )
         self.split = split
 
 
@@ -111,8 +149,15 @@ class FaceForensicsDataset(VideoClipDataset):
     """FaceForensics: a folder of videos or of frame folders (unlabelled); ``split`` picks
     ``root/<split>`` when present."""
 
-    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3,
-                 split: str | None = None, **kwargs):
+    def __init__(
+        self,
+        root,
+        resolution,
+        num_frames: int = 16,
+        frame_stride: int = 3,
+        split: str | None = None,
+        **kwargs,
+    ):
         kwargs.setdefault("name", "FaceForensics")
         super().__init__(split_root(root, split), resolution, num_frames, frame_stride, **kwargs)
         self.split = split
@@ -122,8 +167,15 @@ class TaichiHDDataset(VideoClipDataset):
     """Taichi-HD: ``root/{train,test}/`` with videos or frame folders (often folders named like
     ``<id>.mp4`` holding PNG frames); ``split`` picks the subfolder when present."""
 
-    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3,
-                 split: str | None = None, **kwargs):
+    def __init__(
+        self,
+        root,
+        resolution,
+        num_frames: int = 16,
+        frame_stride: int = 3,
+        split: str | None = None,
+        **kwargs,
+    ):
         kwargs.setdefault("name", "TaichiHD")
         super().__init__(split_root(root, split), resolution, num_frames, frame_stride, **kwargs)
         self.split = split
@@ -133,8 +185,15 @@ class FolderDataset(VideoClipDataset):
     """Any folder of videos / frame folders; ``split`` picks ``root/<split>`` when present;
     ``labels_from_folders=True`` labels by top-level folder."""
 
-    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3,
-                 split: str | None = None, **kwargs):
+    def __init__(
+        self,
+        root,
+        resolution,
+        num_frames: int = 16,
+        frame_stride: int = 3,
+        split: str | None = None,
+        **kwargs,
+    ):
         kwargs.setdefault("name", "VideoFolder")
         super().__init__(split_root(root, split), resolution, num_frames, frame_stride, **kwargs)
         self.split = split

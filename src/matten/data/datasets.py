@@ -36,9 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 # Why a video was left out (the keys of ``dataset.skipped``), in words.
-SKIP_REASONS = {"corrupt": "corrupt", "too_short": "too short", "decode_error": "failed to decode",
-                "no_class_folder": "not in a class folder", "missing": "listed in the split but "
-                "missing", "no_group": "no UCF101 group in the name"}
+SKIP_REASONS = {
+    "corrupt": "corrupt",
+    "too_short": "too short",
+    "decode_error": "failed to decode",
+    "no_class_folder": "not in a class folder",
+    "missing": "listed in the split but missing",
+    "no_group": "no UCF101 group in the name",
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class VideoEntry:
 # ----------------------------------------------------------------------------------------------
 # discovery
 
+
 def check_root(root) -> Path:
     if root is None:
         raise ValueError("a dataset root folder is required")
@@ -64,8 +70,9 @@ def check_root(root) -> Path:
     return root
 
 
-def find_videos(root, extensions: Sequence[str] = VIDEO_EXTENSIONS, recursive: bool = True
-                ) -> list[Path]:
+def find_videos(
+    root, extensions: Sequence[str] = VIDEO_EXTENSIONS, recursive: bool = True
+) -> list[Path]:
     """Video files and frame folders under ``root``, in natural order of their relative paths.
 
     A folder that directly contains image files counts as one video (its images are the frames).
@@ -87,8 +94,11 @@ def find_videos(root, extensions: Sequence[str] = VIDEO_EXTENSIONS, recursive: b
         here = Path(dirpath)
         if any(is_image_file(f) for f in filenames):
             found.append(here)
-        found.extend(here / f for f in filenames
-                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts)
+        found.extend(
+            here / f
+            for f in filenames
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts
+        )
     return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
 
 
@@ -106,6 +116,7 @@ def split_root(root, split: str | None, aliases: Sequence[str] = ()) -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # the generic dataset
+
 
 class VideoClipDataset(Dataset):
     """Clips from a folder tree of videos (.mp4 .avi .mov .mkv .webm) and/or frame folders.
@@ -125,12 +136,24 @@ class VideoClipDataset(Dataset):
         index_workers: threads used to read frame counts when indexing.
     """
 
-    def __init__(self, root, resolution, num_frames: int = 16, frame_stride: int = 3, *,
-                 videos: Sequence | None = None, class_names: Sequence[str] | None = None,
-                 labels_from_folders: bool = False, clip_start: str = "random",
-                 hflip_p: float = 0.5, seed: int | None = None, index_workers: int = 8,
-                 extensions: Sequence[str] = VIDEO_EXTENSIONS, name: str | None = None,
-                 skipped: dict[str, list[str]] | None = None):
+    def __init__(
+        self,
+        root,
+        resolution,
+        num_frames: int = 16,
+        frame_stride: int = 3,
+        *,
+        videos: Sequence | None = None,
+        class_names: Sequence[str] | None = None,
+        labels_from_folders: bool = False,
+        clip_start: str = "random",
+        hflip_p: float = 0.5,
+        seed: int | None = None,
+        index_workers: int = 8,
+        extensions: Sequence[str] = VIDEO_EXTENSIONS,
+        name: str | None = None,
+        skipped: dict[str, list[str]] | None = None,
+    ):
         self.root = Path(root) if root is not None else None
         self.resolution = as_size(resolution)
         self.num_frames, self.frame_stride = int(num_frames), int(frame_stride)
@@ -147,22 +170,26 @@ class VideoClipDataset(Dataset):
             root = check_root(root)
             paths = find_videos(root, extensions)
             if not paths:
-                raise ValueError(f"{self.name}: no videos ({' '.join(extensions)}) or frame "
-                                 f"folders found under '{root}'")
+                raise ValueError(
+                    f"{self.name}: no videos ({' '.join(extensions)}) or frame "
+                    f"folders found under '{root}'"
+                )
             if labels_from_folders:
                 videos, class_names = self._label_by_folder(root, paths, class_names)
             else:
                 videos = paths
-        pairs = [(str(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (str(v), 0)
-                 for v in videos]
+        pairs = [
+            (str(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (str(v), 0) for v in videos
+        ]
         if not pairs:
             raise ValueError(f"{self.name}: no videos to index under '{root}'")
         self.class_names = list(class_names or [])
         self.num_classes = len(self.class_names)
         for path, label in pairs:
             if self.num_classes and not 0 <= label < self.num_classes:
-                raise ValueError(f"{self.name}: label {label} of '{path}' is outside "
-                                 f"[0, {self.num_classes})")
+                raise ValueError(
+                    f"{self.name}: label {label} of '{path}' is outside [0, {self.num_classes})"
+                )
         self.entries = self._index(pairs, index_workers)
         self._bad: set[int] = set()
 
@@ -203,11 +230,19 @@ class VideoClipDataset(Dataset):
                 entries.append(VideoEntry(path, label, n))
         n_skipped = sum(len(v) for v in self.skipped.values())
         if n_skipped:
-            logger.warning("%s (%s): skipped %d of %d videos (%s)", self.name, self.root,
-                           n_skipped, n_skipped + len(entries), self.skipped_summary())
+            logger.warning(
+                "%s (%s): skipped %d of %d videos (%s)",
+                self.name,
+                self.root,
+                n_skipped,
+                n_skipped + len(entries),
+                self.skipped_summary(),
+            )
         if not entries:
-            raise ValueError(f"{self.name}: none of the {len(pairs)} videos under '{self.root}' "
-                             f"is usable ({self.skipped_summary()})")
+            raise ValueError(
+                f"{self.name}: none of the {len(pairs)} videos under '{self.root}' "
+                f"is usable ({self.skipped_summary()})"
+            )
         return entries
 
     def skipped_summary(self) -> str:
@@ -217,8 +252,10 @@ class VideoClipDataset(Dataset):
         for reason, paths in self.skipped.items():
             text = f"{SKIP_REASONS.get(reason, reason)}: {len(paths)}"
             if reason == "too_short":
-                text += (f" (a clip of {self.num_frames} frames at stride {self.frame_stride} "
-                         f"needs {self.span} frames)")
+                text += (
+                    f" (a clip of {self.num_frames} frames at stride {self.frame_stride} "
+                    f"needs {self.span} frames)"
+                )
             parts.append(text)
         return ", ".join(parts)
 
@@ -244,18 +281,22 @@ class VideoClipDataset(Dataset):
     def _load(self, index: int) -> dict:
         entry = self.entries[index]
         gen = self._generator(index)
-        indices = sample_clip_indices(entry.num_frames, self.num_frames, self.frame_stride,
-                                      self.clip_start, gen)
+        indices = sample_clip_indices(
+            entry.num_frames, self.num_frames, self.frame_stride, self.clip_start, gen
+        )
         try:
             frames = read_video(entry.path, indices)
         except ShortVideoError as exc:  # the metadata over-counted; use the frames that exist
             if exc.available < self.span:
                 raise
-            indices = sample_clip_indices(exc.available, self.num_frames, self.frame_stride,
-                                          self.clip_start, gen)
+            indices = sample_clip_indices(
+                exc.available, self.num_frames, self.frame_stride, self.clip_start, gen
+            )
             frames = read_video(entry.path, indices)
-        return {"video": self.transform(frames, gen),
-                "label": torch.tensor(entry.label, dtype=torch.int64)}
+        return {
+            "video": self.transform(frames, gen),
+            "label": torch.tensor(entry.label, dtype=torch.int64),
+        }
 
     def __getitem__(self, index: int) -> dict:
         n = len(self.entries)
@@ -272,18 +313,23 @@ class VideoClipDataset(Dataset):
             except VideoDecodeError as exc:
                 self._bad.add(i)
                 self.skipped.setdefault("decode_error", []).append(self.entries[i].path)
-                logger.warning("%s: skipping '%s' (%s)", self.name, self.entries[i].path,
-                               exc.reason)
+                logger.warning(
+                    "%s: skipping '%s' (%s)", self.name, self.entries[i].path, exc.reason
+                )
                 last_error = exc
-        raise RuntimeError(f"{self.name}: every one of the {n} videos under '{self.root}' failed "
-                           f"to decode (last error: {last_error})")
+        raise RuntimeError(
+            f"{self.name}: every one of the {n} videos under '{self.root}' failed "
+            f"to decode (last error: {last_error})"
+        )
 
     @property
     def paths(self) -> list[str]:
         return [e.path for e in self.entries]
 
     def __repr__(self):
-        return (f"{self.name}(root='{self.root}', videos={len(self)}, classes={self.num_classes}, "
-                f"resolution={self.resolution}, num_frames={self.num_frames}, "
-                f"frame_stride={self.frame_stride}, "
-                f"skipped={sum(map(len, self.skipped.values()))})")
+        return (
+            f"{self.name}(root='{self.root}', videos={len(self)}, classes={self.num_classes}, "
+            f"resolution={self.resolution}, num_frames={self.num_frames}, "
+            f"frame_stride={self.frame_stride}, "
+            f"skipped={sum(map(len, self.skipped.values()))})"
+        )

@@ -14,8 +14,9 @@ from .transforms import video_to_uint8
 from .video_write import as_uint8_frames, check_video_path, write_video
 
 
-def make_grid(videos, padding: int = 2, pad_value: int = 0, max_frames: int | None = None
-              ) -> np.ndarray:
+def make_grid(
+    videos, padding: int = 2, pad_value: int = 0, max_frames: int | None = None
+) -> np.ndarray:
     """Tile videos into one ``uint8 (H', W', 3)`` image: one row per video, one column per frame.
 
     ``videos`` is ``uint8 (B, T, H, W, 3)`` or a list of ``(T, H, W, 3)`` arrays of the same
@@ -44,12 +45,13 @@ def make_grid(videos, padding: int = 2, pad_value: int = 0, max_frames: int | No
     for r, v in enumerate(videos):
         for c in range(min(cols, v.shape[0])):
             y, x = p + r * (h + p), p + c * (w + p)
-            grid[y:y + h, x:x + w] = v[c]
+            grid[y : y + h, x : x + w] = v[c]
     return grid
 
 
-def save_grid_image(path, videos, padding: int = 2, pad_value: int = 0,
-                    max_frames: int | None = None) -> Path:
+def save_grid_image(
+    path, videos, padding: int = 2, pad_value: int = 0, max_frames: int | None = None
+) -> Path:
     """Save videos as a PNG grid (rows = videos, columns = frames), atomically."""
     from PIL import Image
 
@@ -57,8 +59,9 @@ def save_grid_image(path, videos, padding: int = 2, pad_value: int = 0,
     grid = make_grid(videos, padding=padding, pad_value=pad_value, max_frames=max_frames)
     fmt = "PNG" if path.suffix.lower() in ("", ".png") else None
     with atomic_write_path(path) as tmp:
-        Image.fromarray(grid).save(tmp, format=fmt or Image.registered_extensions().get(
-            path.suffix.lower(), "PNG"))
+        Image.fromarray(grid).save(
+            tmp, format=fmt or Image.registered_extensions().get(path.suffix.lower(), "PNG")
+        )
     return path
 
 
@@ -67,12 +70,13 @@ def tile_videos(videos: np.ndarray, columns: int | None = None, padding: int = 2
     n, t, h, w, c = videos.shape
     cols = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    out = np.zeros((t, padding + rows * (h + padding), padding + cols * (w + padding), c),
-                   dtype=np.uint8)
+    out = np.zeros(
+        (t, padding + rows * (h + padding), padding + cols * (w + padding), c), dtype=np.uint8
+    )
     for i in range(n):
         r, q = divmod(i, cols)
         y, x = padding + r * (h + padding), padding + q * (w + padding)
-        out[:, y:y + h, x:x + w] = videos[i]
+        out[:, y : y + h, x : x + w] = videos[i]
     return out
 
 
@@ -92,8 +96,9 @@ def grid_path_for(output) -> Path:
     return output.with_name(output.name + ".png")
 
 
-def save_samples(videos: torch.Tensor, output, fps: int = 8, min_size: int = 128,
-                 grid_path=None) -> tuple[Path, Path]:
+def save_samples(
+    videos: torch.Tensor, output, fps: int = 8, min_size: int = 128, grid_path=None
+) -> tuple[Path, Path]:
     """Write ``videos`` (N, 3, F, H, W) in [-1, 1] as one video file (the samples tiled side by
     side; format from the suffix) and a PNG grid (a row per sample, a column per frame) at
     ``grid_path``: by default beside it with ``.png`` for its suffix (``step_0001000.png`` for

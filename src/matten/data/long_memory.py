@@ -80,17 +80,29 @@ class PanningMapDataset(Dataset):
     ``blackout_start`` or at a random frame that leaves at least one lit frame on each side.
     """
 
-    def __init__(self, num_videos: int, resolution=16, num_frames: int = 64, map_size=48,
-                 seed: int = 0, trajectory: str = "out_and_back", step: int = 1,
-                 num_landmarks: int | None = None,
-                 landmark_size: tuple[float, float] = (0.1, 0.2), with_actions: bool = True,
-                 blackout: float = 0.0, blackout_frames: tuple[int, int] = (4, 8),
-                 blackout_start: int | None = None):
+    def __init__(
+        self,
+        num_videos: int,
+        resolution=16,
+        num_frames: int = 64,
+        map_size=48,
+        seed: int = 0,
+        trajectory: str = "out_and_back",
+        step: int = 1,
+        num_landmarks: int | None = None,
+        landmark_size: tuple[float, float] = (0.1, 0.2),
+        with_actions: bool = True,
+        blackout: float = 0.0,
+        blackout_frames: tuple[int, int] = (4, 8),
+        blackout_start: int | None = None,
+    ):
         if num_videos < 1:
             raise ValueError(f"num_videos must be >= 1, got {num_videos}")
         if num_frames < 2:
-            raise ValueError(f"num_frames must be >= 2 (a camera path needs at least two "
-                             f"frames), got {num_frames}")
+            raise ValueError(
+                f"num_frames must be >= 2 (a camera path needs at least two "
+                f"frames), got {num_frames}"
+            )
         if int(step) != step or step < 1:
             raise ValueError(f"step must be a positive integer number of pixels, got {step}")
         if trajectory not in TRAJECTORIES:
@@ -102,15 +114,18 @@ class PanningMapDataset(Dataset):
         self.map_size = (self.map_height, self.map_width)
         self.step = int(step)
         if self.map_height < self.height + self.step or self.map_width < self.width + self.step:
-            raise ValueError(f"map_size {self.map_size} must exceed resolution {self.resolution} "
-                             f"by at least step={self.step} pixels in both height and width, so "
-                             f"the camera window has room to pan over the map")
+            raise ValueError(
+                f"map_size {self.map_size} must exceed resolution {self.resolution} "
+                f"by at least step={self.step} pixels in both height and width, so "
+                f"the camera window has room to pan over the map"
+            )
         self.landmark_size = (float(landmark_size[0]), float(landmark_size[1]))
         if not 0 < self.landmark_size[0] <= self.landmark_size[1] < 0.5:
-            raise ValueError(f"landmark_size must be (low, high) with 0 < low <= high < 0.5, "
-                             f"got {landmark_size}")
+            raise ValueError(
+                f"landmark_size must be (low, high) with 0 < low <= high < 0.5, got {landmark_size}"
+            )
         if num_landmarks is None:
-            num_landmarks = max(1, round(8 * self.map_height * self.map_width / 48 ** 2))
+            num_landmarks = max(1, round(8 * self.map_height * self.map_width / 48**2))
         if num_landmarks < 0:
             raise ValueError(f"num_landmarks must be >= 0, got {num_landmarks}")
         self.num_landmarks = int(num_landmarks)
@@ -123,9 +138,11 @@ class PanningMapDataset(Dataset):
             low, high = self.blackout_frames
             first = 1 if self.blackout_start is None else self.blackout_start
             if not 1 <= low <= high or first < 1 or first + high > self.num_frames - 1:
-                raise ValueError(f"blackout_frames {blackout_frames} starting at frame {first} "
-                                 f"must leave a lit frame before and after the dark in "
-                                 f"{self.num_frames} frames")
+                raise ValueError(
+                    f"blackout_frames {blackout_frames} starting at frame {first} "
+                    f"must leave a lit frame before and after the dark in "
+                    f"{self.num_frames} frames"
+                )
         self.seed, self.trajectory, self.with_actions = int(seed), trajectory, bool(with_actions)
         # the camera's top-left corner ranges over [0, range] on each axis
         self.x_range = self.map_width - self.width
@@ -164,8 +181,11 @@ class PanningMapDataset(Dataset):
         hue0 = rng.random()
         for k in range(n):  # bright, evenly spread hues, so landmarks are told apart
             radius = rng.uniform(*self.landmark_size) * s
-            colour = np.array(colorsys.hsv_to_rgb((hue0 + k / max(n, 1)) % 1.0,
-                                                  rng.uniform(0.6, 1.0), rng.uniform(0.9, 1.0)))
+            colour = np.array(
+                colorsys.hsv_to_rgb(
+                    (hue0 + k / max(n, 1)) % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.9, 1.0)
+                )
+            )
             cx, cy = rng.uniform(0, mw), rng.uniform(0, mh)
             disc = rng.random() < 0.5
             # draw only inside the landmark's bounding box
@@ -175,8 +195,9 @@ class PanningMapDataset(Dataset):
             if disc:  # with a one-pixel antialiased edge
                 alpha = np.clip(radius + 0.5 - np.sqrt(dx * dx + dy * dy), 0.0, 1.0)
             else:  # square
-                alpha = (np.clip(radius + 0.5 - np.abs(dx), 0.0, 1.0)
-                         * np.clip(radius + 0.5 - np.abs(dy), 0.0, 1.0))
+                alpha = np.clip(radius + 0.5 - np.abs(dx), 0.0, 1.0) * np.clip(
+                    radius + 0.5 - np.abs(dy), 0.0, 1.0
+                )
             patch = world[y0:y1, x0:x1]
             world[y0:y1, x0:x1] = patch * (1.0 - alpha[..., None]) + alpha[..., None] * colour
         return world.astype(np.float32)
@@ -190,8 +211,10 @@ class PanningMapDataset(Dataset):
         # head for the region opposite the start on each axis, then for the far corner, then
         # anywhere: the camera gets as far from where it began as the path length allows
         far = np.where(start > limit / 2, 0.0, 2 * limit / 3)
-        targets = [np.round(rng.uniform(far, far + limit / 3)),
-                   np.where(start > limit / 2, 0, limit)]
+        targets = [
+            np.round(rng.uniform(far, far + limit / 3)),
+            np.where(start > limit / 2, 0, limit),
+        ]
         target = targets.pop(0)
         while len(actions) < moves:
             if np.abs(target - pos).max() < self.step:
@@ -206,8 +229,12 @@ class PanningMapDataset(Dataset):
                 weights[a] = 4.0 if toward else 0.3
                 if previous and np.all(ACTION_DELTAS[a] == -ACTION_DELTAS[previous]):
                     weights[a] = 0.1  # rarely turn straight back mid-way
-            a = min(4, int(np.searchsorted(np.cumsum(weights), rng.random() * weights.sum(),
-                                           side="right")))
+            a = min(
+                4,
+                int(
+                    np.searchsorted(np.cumsum(weights), rng.random() * weights.sum(), side="right")
+                ),
+            )
             nxt = pos + ACTION_DELTAS[a] * self.step
             toward = a and np.abs(target - nxt).sum() < np.abs(target - pos).sum()
             # keep going the same way for a while; detours and pauses are short
@@ -244,7 +271,7 @@ class PanningMapDataset(Dataset):
         """Item ``index``'s camera: top-left ``(x, y)`` int64 ``(F, 2)`` and actions ``(F,)``."""
         rng = self._rng(index, 1)
         dark = self._blackout(index)
-        f = self.num_frames - (len(dark) if dark is not None else 0)   # frames with a move
+        f = self.num_frames - (len(dark) if dark is not None else 0)  # frames with a move
         kind = self.trajectory
         if kind == "mixed":
             kind = ("out_and_back", "loop")[int(rng.integers(2))]
@@ -253,19 +280,26 @@ class PanningMapDataset(Dataset):
             camera = lap[np.arange(f) % len(lap)]
         else:
             half = (f + 1) // 2
-            start = np.array([rng.integers(0, self.x_range // self.step + 1),
-                              rng.integers(0, self.y_range // self.step + 1)]) * self.step
+            start = (
+                np.array(
+                    [
+                        rng.integers(0, self.x_range // self.step + 1),
+                        rng.integers(0, self.y_range // self.step + 1),
+                    ]
+                )
+                * self.step
+            )
             moves = self._walk(rng, start, half - 1)
-            out = start + np.concatenate([[[0, 0]], np.cumsum(ACTION_DELTAS[moves] * self.step,
-                                                              0)])
+            out = start + np.concatenate([[[0, 0]], np.cumsum(ACTION_DELTAS[moves] * self.step, 0)])
             camera = np.concatenate([out, out[: f - half][::-1]])  # come back the same way
         camera = camera.astype(np.int64)
         if dark is None:
             return camera, actions_from_camera(camera, self.step)
         # the camera stands still in the dark, then goes on along its path
         s = dark.start
-        camera = np.concatenate([camera[:s], np.repeat(camera[s - 1:s], len(dark), 0),
-                                 camera[s:]])
+        camera = np.concatenate(
+            [camera[:s], np.repeat(camera[s - 1 : s], len(dark), 0), camera[s:]]
+        )
         actions = actions_from_camera(camera, self.step)
         actions[dark] = DARK
         return camera, actions
@@ -279,8 +313,11 @@ class PanningMapDataset(Dataset):
         if rng.random() >= self.blackout:
             return None
         length = int(rng.integers(self.blackout_frames[0], self.blackout_frames[1] + 1))
-        start = (self.blackout_start if self.blackout_start is not None
-                 else int(rng.integers(1, self.num_frames - length)))
+        start = (
+            self.blackout_start
+            if self.blackout_start is not None
+            else int(rng.integers(1, self.num_frames - length))
+        )
         return range(start, start + length)
 
     # -- rendering ---------------------------------------------------------------------------
@@ -307,10 +344,12 @@ class PanningMapDataset(Dataset):
         return item
 
     def __repr__(self):
-        return (f"PanningMapDataset(num_videos={self.num_videos}, resolution={self.resolution}, "
-                f"num_frames={self.num_frames}, map_size={self.map_size}, "
-                f"trajectory={self.trajectory!r}, step={self.step}, seed={self.seed}, "
-                f"blackout={self.blackout}, blackout_frames={self.blackout_frames})")
+        return (
+            f"PanningMapDataset(num_videos={self.num_videos}, resolution={self.resolution}, "
+            f"num_frames={self.num_frames}, map_size={self.map_size}, "
+            f"trajectory={self.trajectory!r}, step={self.step}, seed={self.seed}, "
+            f"blackout={self.blackout}, blackout_frames={self.blackout_frames})"
+        )
 
 
 def actions_from_camera(camera, step: int = 1) -> np.ndarray:
@@ -326,6 +365,8 @@ def actions_from_camera(camera, step: int = 1) -> np.ndarray:
     bad = (actions[1:] == 0) & np.any(delta != 0, axis=1)
     if bad.any():
         t = int(np.flatnonzero(bad)[0]) + 1
-        raise ValueError(f"camera move into frame {t} is {delta[t - 1].tolist()}, not one of "
-                         f"the discrete actions (a pause or one axis-aligned step of {step})")
+        raise ValueError(
+            f"camera move into frame {t} is {delta[t - 1].tolist()}, not one of "
+            f"the discrete actions (a pause or one axis-aligned step of {step})"
+        )
     return actions

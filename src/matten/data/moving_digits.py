@@ -37,8 +37,9 @@ def _scans() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # a dependency, but say what is missing if it was left out
-        raise ImportError("the moving_digits dataset needs scikit-learn "
-                          "(pip install scikit-learn)") from exc
+        raise ImportError(
+            "the moving_digits dataset needs scikit-learn (pip install scikit-learn)"
+        ) from exc
     digits = load_digits()
     return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
 
@@ -50,8 +51,13 @@ def digit_images(size: int) -> tuple[np.ndarray, np.ndarray]:
     images, targets = _scans()
     if size != images.shape[1]:
         x = torch.from_numpy(images)[:, None]
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=size < images.shape[1])
+        x = F.interpolate(
+            x,
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=size < images.shape[1],
+        )
         images = x[:, 0].clamp(0.0, 1.0).numpy()
     return images, targets
 
@@ -76,10 +82,19 @@ class MovingDigitsDataset(RenderedVideoDataset):
     ``"white"`` or ``"random"`` (a bright random hue per digit).
     """
 
-    def __init__(self, num_videos: int = 512, resolution=16, num_frames: int = 16, seed: int = 0,
-                 split: str | None = None, num_digits: int = 1, digit_size: int | None = None,
-                 speed: tuple[float, float] = (0.04, 0.08), background: str = "black",
-                 colour: str = "white"):
+    def __init__(
+        self,
+        num_videos: int = 512,
+        resolution=16,
+        num_frames: int = 16,
+        seed: int = 0,
+        split: str | None = None,
+        num_digits: int = 1,
+        digit_size: int | None = None,
+        speed: tuple[float, float] = (0.04, 0.08),
+        background: str = "black",
+        colour: str = "white",
+    ):
         if num_videos < 1:
             raise ValueError(f"moving_digits num_videos must be >= 1, got {num_videos}")
         if num_frames < 1:
@@ -91,15 +106,19 @@ class MovingDigitsDataset(RenderedVideoDataset):
         side = min(self.height, self.width)
         self.digit_size = int(digit_size) if digit_size is not None else max(side // 2, 2)
         if not 2 <= self.digit_size <= side:
-            raise ValueError(f"moving_digits digit_size must be in [2, {side}] (the frame's "
-                             f"shorter side), got {digit_size}")
+            raise ValueError(
+                f"moving_digits digit_size must be in [2, {side}] (the frame's "
+                f"shorter side), got {digit_size}"
+            )
         lo, hi = float(speed[0]), float(speed[1])
         if not 0 <= lo <= hi:
-            raise ValueError(f"moving_digits speed must be (low, high) with 0 <= low <= high, "
-                             f"got {speed}")
+            raise ValueError(
+                f"moving_digits speed must be (low, high) with 0 <= low <= high, got {speed}"
+            )
         if background not in BACKGROUNDS:
-            raise ValueError(f"moving_digits background must be one of {BACKGROUNDS}, got "
-                             f"{background!r}")
+            raise ValueError(
+                f"moving_digits background must be one of {BACKGROUNDS}, got {background!r}"
+            )
         if colour not in COLOURS:
             raise ValueError(f"moving_digits colour must be one of {COLOURS}, got {colour!r}")
         self.num_videos, self.num_frames = int(num_videos), int(num_frames)
@@ -129,8 +148,11 @@ class MovingDigitsDataset(RenderedVideoDataset):
         for k in range(self.num_digits):
             pool = self.by_class[label] if k == 0 else self.image_indices
             y, x = self._trajectory(rng)
-            colour = (np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.5, 1.0), 1.0))
-                      if self.colour == "random" else np.ones(3))
+            colour = (
+                np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.5, 1.0), 1.0))
+                if self.colour == "random"
+                else np.ones(3)
+            )
             digits.append({"image": int(rng.choice(pool)), "y": y, "x": x, "colour": colour})
         return label, background, digits
 
@@ -155,21 +177,28 @@ class MovingDigitsDataset(RenderedVideoDataset):
             alpha = np.zeros((self.num_frames, self.height, self.width, 1), np.float32)
             scan = self.images[digit["image"]][..., None]
             for f, (y, x) in enumerate(zip(digit["y"], digit["x"], strict=True)):
-                alpha[f, y:y + s, x:x + s] = scan
+                alpha[f, y : y + s, x : x + s] = scan
             # Ink over what is below, as a pen would: alpha is the scan's darkness.
             video = video * (1.0 - alpha) + alpha * digit["colour"].astype(np.float32)
         return video, label
 
     def __repr__(self):
-        return (f"MovingDigitsDataset(num_videos={self.num_videos}, resolution={self.resolution}, "
-                f"num_frames={self.num_frames}, num_digits={self.num_digits}, "
-                f"digit_size={self.digit_size}, split={self.split!r}, seed={self.seed})")
+        return (
+            f"MovingDigitsDataset(num_videos={self.num_videos}, resolution={self.resolution}, "
+            f"num_frames={self.num_frames}, num_digits={self.num_digits}, "
+            f"digit_size={self.digit_size}, split={self.split!r}, seed={self.seed})"
+        )
 
 
-def build_moving_digits(root, resolution, num_frames: int = 16, frame_stride: int = 3,
-                        split: str | None = None, **kwargs) -> MovingDigitsDataset:
+def build_moving_digits(
+    root,
+    resolution,
+    num_frames: int = 16,
+    frame_stride: int = 3,
+    split: str | None = None,
+    **kwargs,
+) -> MovingDigitsDataset:
     """The registry's builder: ``root`` and ``frame_stride`` do not apply (the clips are drawn,
     not read); the other keyword arguments go to :class:`MovingDigitsDataset`."""
     kwargs.setdefault("num_videos", 512)
-    return MovingDigitsDataset(resolution=resolution, num_frames=num_frames, split=split,
-                               **kwargs)
+    return MovingDigitsDataset(resolution=resolution, num_frames=num_frames, split=split, **kwargs)

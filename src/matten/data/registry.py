@@ -18,8 +18,15 @@ from .long_memory import ACTION_NAMES, PanningMapDataset
 from .moving_digits import build_moving_digits
 from .synthetic import SyntheticVideoDataset
 
-__all__ = ["DATASETS", "build_dataset", "dataset_key", "dataset_from_config", "action_names",
-           "clip_actions"]
+__all__ = [
+    "DATASETS",
+    "build_dataset",
+    "dataset_key",
+    "dataset_from_config",
+    "action_names",
+    "clip_actions",
+]
+
 
 def _build_synthetic(root, resolution, num_frames=16, frame_stride=3, split=None, **kwargs):
     kwargs.setdefault("num_videos", 512)
@@ -45,9 +52,16 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "panning_map": _build_panning_map,
     "moving_digits": build_moving_digits,
 }
-_ALIASES = {"ucf": "ucf101", "sky": "sky_timelapse", "skytimelapse": "sky_timelapse",
-            "ffs": "faceforensics", "face_forensics": "faceforensics", "taichi": "taichi_hd",
-            "taichihd": "taichi_hd", "videos": "folder"}
+_ALIASES = {
+    "ucf": "ucf101",
+    "sky": "sky_timelapse",
+    "skytimelapse": "sky_timelapse",
+    "ffs": "faceforensics",
+    "face_forensics": "faceforensics",
+    "taichi": "taichi_hd",
+    "taichihd": "taichi_hd",
+    "videos": "folder",
+}
 
 
 def dataset_key(name: str) -> str:
@@ -56,8 +70,15 @@ def dataset_key(name: str) -> str:
     return _ALIASES.get(key, key)
 
 
-def build_dataset(name: str, root, resolution, num_frames: int = 16, frame_stride: int = 3,
-                  split: str | None = None, **kwargs) -> Dataset:
+def build_dataset(
+    name: str,
+    root,
+    resolution,
+    num_frames: int = 16,
+    frame_stride: int = 3,
+    split: str | None = None,
+    **kwargs,
+) -> Dataset:
     """Build a dataset by name: ``ucf101``, ``sky_timelapse``, ``faceforensics``, ``taichi_hd``,
     ``folder`` or ``synthetic`` (``root`` is ignored; pass ``num_videos``, ``num_classes``,
     ``seed``). Extra keyword arguments go to the dataset class."""
@@ -76,8 +97,9 @@ def dataset_from_config(cfg, seed: int = 0) -> Dataset:
     kwargs = dict(cfg.options)
     key = dataset_key(cfg.name)
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset data.name={cfg.name!r}; choose one of "
-                         f"{', '.join(sorted(DATASETS))}")
+        raise ValueError(
+            f"unknown dataset data.name={cfg.name!r}; choose one of {', '.join(sorted(DATASETS))}"
+        )
     if key == "synthetic":
         kwargs.setdefault("num_videos", cfg.num_videos)
         kwargs.setdefault("num_classes", cfg.num_classes)
@@ -87,12 +109,21 @@ def dataset_from_config(cfg, seed: int = 0) -> Dataset:
         kwargs.setdefault("num_videos", cfg.num_videos)
     else:
         if cfg.root is None:
-            raise FileNotFoundError(f"data.root is required for the '{cfg.name}' dataset: set it "
-                                    "to the dataset folder (data.root=/path/to/videos)")
+            raise FileNotFoundError(
+                f"data.root is required for the '{cfg.name}' dataset: set it "
+                "to the dataset folder (data.root=/path/to/videos)"
+            )
         kwargs.setdefault("hflip_p", cfg.hflip)
         kwargs.setdefault("seed", seed)  # clip starts and flips are a function of (seed, epoch)
-    return build_dataset(cfg.name, cfg.root, cfg.resolution, num_frames=cfg.num_frames,
-                         frame_stride=cfg.frame_stride, split=cfg.split, **kwargs)
+    return build_dataset(
+        cfg.name,
+        cfg.root,
+        cfg.resolution,
+        num_frames=cfg.num_frames,
+        frame_stride=cfg.frame_stride,
+        split=cfg.split,
+        **kwargs,
+    )
 
 
 # Names of the discrete per-frame actions of the datasets that have them.

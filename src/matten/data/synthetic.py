@@ -56,14 +56,24 @@ class SyntheticVideoDataset(RenderedVideoDataset):
     fraction of the shorter image side; ``size`` is the range of object radii, as the same fraction.
     """
 
-    def __init__(self, num_videos: int, resolution=32, num_frames: int = 16, num_classes: int = 4,
-                 seed: int = 0, max_objects: int = 2, speed: tuple[float, float] = (0.03, 0.06),
-                 size: tuple[float, float] = (0.10, 0.16)):
+    def __init__(
+        self,
+        num_videos: int,
+        resolution=32,
+        num_frames: int = 16,
+        num_classes: int = 4,
+        seed: int = 0,
+        max_objects: int = 2,
+        speed: tuple[float, float] = (0.03, 0.06),
+        size: tuple[float, float] = (0.10, 0.16),
+    ):
         if num_videos < 1:
             raise ValueError(f"num_videos must be >= 1, got {num_videos}")
         if not 0 <= num_classes <= len(MOTION_TYPES):
-            raise ValueError(f"num_classes must be in [0, {len(MOTION_TYPES)}] (one class per "
-                             f"motion type {MOTION_TYPES}), got {num_classes}")
+            raise ValueError(
+                f"num_classes must be in [0, {len(MOTION_TYPES)}] (one class per "
+                f"motion type {MOTION_TYPES}), got {num_classes}"
+            )
         if num_frames < 1 or max_objects < 1:
             raise ValueError("num_frames and max_objects must be >= 1")
         self.num_videos, self.num_frames = int(num_videos), int(num_frames)
@@ -74,7 +84,7 @@ class SyntheticVideoDataset(RenderedVideoDataset):
         self.size = (float(size[0]), float(size[1]))
         if not 0 < self.size[0] <= self.size[1] < 0.5:
             raise ValueError(f"size must be (low, high) with 0 < low <= high < 0.5, got {size}")
-        self.class_names = list(MOTION_TYPES[:self.num_classes])
+        self.class_names = list(MOTION_TYPES[: self.num_classes])
         self.skipped: dict[str, list[str]] = {}
 
     def label_of(self, index: int) -> int:
@@ -131,20 +141,24 @@ class SyntheticVideoDataset(RenderedVideoDataset):
         xs = np.arange(w, dtype=np.float64)[None, None, :] + 0.5
         for _ in range(int(rng.integers(1, self.max_objects + 1))):
             radius = rng.uniform(*self.size) * s
-            colour = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.5, 1.0),
-                                                  rng.uniform(0.85, 1.0)))  # bright, any hue
+            colour = np.array(
+                colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.85, 1.0))
+            )  # bright, any hue
             x, y = self._trajectory(rng, motion, radius)
             dx, dy = xs - x[:, None, None], ys - y[:, None, None]  # (F, H, W)
             if rng.random() < 0.5:  # disc with a one-pixel antialiased edge
                 alpha = np.clip(radius + 0.5 - np.sqrt(dx * dx + dy * dy), 0.0, 1.0)
             else:  # square
-                alpha = (np.clip(radius + 0.5 - np.abs(dx), 0.0, 1.0)
-                         * np.clip(radius + 0.5 - np.abs(dy), 0.0, 1.0))
+                alpha = np.clip(radius + 0.5 - np.abs(dx), 0.0, 1.0) * np.clip(
+                    radius + 0.5 - np.abs(dy), 0.0, 1.0
+                )
             alpha = alpha[..., None]
             video = video * (1.0 - alpha) + alpha * colour
         return video.astype(np.float32), label
 
     def __repr__(self):
-        return (f"SyntheticVideoDataset(num_videos={self.num_videos}, "
-                f"resolution={self.resolution}, "
-                f"num_frames={self.num_frames}, num_classes={self.num_classes}, seed={self.seed})")
+        return (
+            f"SyntheticVideoDataset(num_videos={self.num_videos}, "
+            f"resolution={self.resolution}, "
+            f"num_frames={self.num_frames}, num_classes={self.num_classes}, seed={self.seed})"
+        )

@@ -21,16 +21,18 @@ def as_size(resolution) -> tuple[int, int]:
     else:
         size = tuple(int(r) for r in resolution)
     if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"resolution must be a positive int or (height, width), "
-                         f"got {resolution!r}")
+        raise ValueError(
+            f"resolution must be a positive int or (height, width), got {resolution!r}"
+        )
     return size
 
 
 def clip_span(num_frames: int, frame_stride: int) -> int:
     """Frames of the source a clip covers: ``(num_frames - 1) * frame_stride + 1``."""
     if num_frames < 1 or frame_stride < 1:
-        raise ValueError(f"num_frames and frame_stride must be >= 1, got {num_frames}, "
-                         f"{frame_stride}")
+        raise ValueError(
+            f"num_frames and frame_stride must be >= 1, got {num_frames}, {frame_stride}"
+        )
     return (num_frames - 1) * frame_stride + 1
 
 
@@ -42,8 +44,13 @@ def make_generator(seed_or_generator) -> torch.Generator | None:
     return torch.Generator().manual_seed(int(seed_or_generator))
 
 
-def sample_clip_indices(total_frames: int, num_frames: int = 16, frame_stride: int = 3,
-                        start: str | int = "random", generator=None) -> list[int]:
+def sample_clip_indices(
+    total_frames: int,
+    num_frames: int = 16,
+    frame_stride: int = 3,
+    start: str | int = "random",
+    generator=None,
+) -> list[int]:
     """Indices of one clip: ``num_frames`` frames, ``frame_stride`` apart.
 
     ``start`` is ``"random"`` (uniform over all valid starts; deterministic when ``generator`` is
@@ -51,8 +58,10 @@ def sample_clip_indices(total_frames: int, num_frames: int = 16, frame_stride: i
     """
     span = clip_span(num_frames, frame_stride)
     if total_frames < span:
-        raise ValueError(f"a clip of {num_frames} frames with stride {frame_stride} needs {span} "
-                         f"frames, the video has {total_frames}")
+        raise ValueError(
+            f"a clip of {num_frames} frames with stride {frame_stride} needs {span} "
+            f"frames, the video has {total_frames}"
+        )
     last_start = total_frames - span
     if isinstance(start, str):
         if start == "random":
@@ -87,10 +96,11 @@ def resize_center_crop(video: torch.Tensor, resolution) -> torch.Tensor:
     scale = max(th / h, tw / w)
     nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     if (nh, nw) != (h, w):
-        video = F.interpolate(video, size=(nh, nw), mode="bilinear", align_corners=False,
-                              antialias=True)
+        video = F.interpolate(
+            video, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True
+        )
     top, left = (nh - th) // 2, (nw - tw) // 2
-    return video[..., top:top + th, left:left + tw]
+    return video[..., top : top + th, left : left + tw]
 
 
 def hflip(video: torch.Tensor) -> torch.Tensor:
@@ -141,6 +151,17 @@ class VideoTransform:
     def __repr__(self):
         return f"VideoTransform(resolution={self.size}, hflip_p={self.hflip_p})"
 
-__all__ = ["as_size", "clip_span", "make_generator", "sample_clip_indices", "frames_to_tensor",
-           "resize_center_crop", "hflip", "random_hflip", "normalize", "video_to_uint8",
-           "VideoTransform"]
+
+__all__ = [
+    "as_size",
+    "clip_span",
+    "make_generator",
+    "sample_clip_indices",
+    "frames_to_tensor",
+    "resize_center_crop",
+    "hflip",
+    "random_hflip",
+    "normalize",
+    "video_to_uint8",
+    "VideoTransform",
+]

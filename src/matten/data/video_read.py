@@ -53,10 +53,14 @@ class ShortVideoError(VideoDecodeError):
 # ----------------------------------------------------------------------------------------------
 # helpers
 
+
 def natural_key(name: str):
     """Sort key that orders embedded numbers numerically: ``frame_2`` before ``frame_10``."""
-    return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok.lower())
-            for tok in re.split(r"(\d+)", str(name)) if tok != ""]
+    return [
+        (0, int(tok), "") if tok.isdigit() else (1, 0, tok.lower())
+        for tok in re.split(r"(\d+)", str(name))
+        if tok != ""
+    ]
 
 
 def is_video_file(path) -> bool:
@@ -94,13 +98,17 @@ def _select(frames: list[np.ndarray], indices: list[int] | None, path) -> np.nda
     if indices is None:
         return np.stack(frames)
     if max(indices) >= len(frames):
-        raise ShortVideoError(path, f"needs frame {max(indices)} but only {len(frames)} frames "
-                                    "could be decoded", available=len(frames))
+        raise ShortVideoError(
+            path,
+            f"needs frame {max(indices)} but only {len(frames)} frames could be decoded",
+            available=len(frames),
+        )
     return np.stack([frames[i] for i in indices])
 
 
 # ----------------------------------------------------------------------------------------------
 # reading
+
 
 def read_video(path, indices: Sequence[int] | None = None) -> np.ndarray:
     """Decode a video file (or a frame folder) to ``uint8 (T, H, W, 3)``.
@@ -139,9 +147,11 @@ def read_video(path, indices: Sequence[int] | None = None) -> np.ndarray:
         if not frames:
             raise VideoDecodeError(path, f"{type(exc).__name__}: {exc}") from exc
         if last is None or len(frames) <= last:
-            raise ShortVideoError(path, f"decoding stopped after {len(frames)} frames "
-                                        f"({type(exc).__name__}: {exc})",
-                                  available=len(frames)) from exc
+            raise ShortVideoError(
+                path,
+                f"decoding stopped after {len(frames)} frames ({type(exc).__name__}: {exc})",
+                available=len(frames),
+            ) from exc
     return _select(frames, indices, path)
 
 
@@ -173,8 +183,11 @@ def read_frame_folder(path, indices: Sequence[int] | None = None) -> np.ndarray:
         raise VideoDecodeError(path, "the folder contains no image frames")
     indices = _check_indices(indices)
     if indices is not None and max(indices) >= len(files):
-        raise ShortVideoError(path, f"needs frame {max(indices)} but the folder has "
-                                    f"{len(files)} frames", available=len(files))
+        raise ShortVideoError(
+            path,
+            f"needs frame {max(indices)} but the folder has {len(files)} frames",
+            available=len(files),
+        )
     chosen = files if indices is None else [files[i] for i in indices]
     frames = []
     for f in chosen:
@@ -182,11 +195,15 @@ def read_frame_folder(path, indices: Sequence[int] | None = None) -> np.ndarray:
             with Image.open(f) as im:
                 frames.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
         except Exception as exc:
-            raise VideoDecodeError(path, f"cannot read frame '{f.name}' "
-                                         f"({type(exc).__name__}: {exc})") from exc
+            raise VideoDecodeError(
+                path, f"cannot read frame '{f.name}' ({type(exc).__name__}: {exc})"
+            ) from exc
         if frames[-1].shape != frames[0].shape:
-            raise VideoDecodeError(path, f"frame '{f.name}' has size {frames[-1].shape[:2]}, "
-                                         f"the first frame has {frames[0].shape[:2]}")
+            raise VideoDecodeError(
+                path,
+                f"frame '{f.name}' has size {frames[-1].shape[:2]}, "
+                f"the first frame has {frames[0].shape[:2]}",
+            )
     return np.stack(frames)
 
 
@@ -203,6 +220,7 @@ def count_frames(path) -> int:
         raise VideoDecodeError(path, "file does not exist")
     if path.suffix.lower() == ".gif":
         from PIL import Image
+
         try:
             with Image.open(path) as im:
                 return int(getattr(im, "n_frames", 1))

@@ -20,6 +20,7 @@ from .video_read import CONTAINERS
 # The suffixes a video can be written with (the output of `matten sample` and the previews).
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm", ".mov", ".mkv", ".avi")
 
+
 def as_uint8_frames(frames, what: str = "frames") -> np.ndarray:
     """Validate/convert to a contiguous ``uint8 (T, H, W, 3)`` array (gray is repeated to RGB)."""
     if hasattr(frames, "detach"):  # torch tensor
@@ -28,13 +29,16 @@ def as_uint8_frames(frames, what: str = "frames") -> np.ndarray:
         frames = np.stack([np.asarray(f) for f in frames]) if len(frames) else np.zeros((0,))
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
-        raise ValueError(f"{what} must be uint8 in [0, 255], got dtype {frames.dtype} "
-                         "(convert float videos in [-1, 1] with matten.data.video_to_uint8)")
+        raise ValueError(
+            f"{what} must be uint8 in [0, 255], got dtype {frames.dtype} "
+            "(convert float videos in [-1, 1] with matten.data.video_to_uint8)"
+        )
     if frames.ndim == 3:
         frames = frames[..., None]
     if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or 0 in frames.shape:
-        raise ValueError(f"{what} must have shape (T, H, W, 3) with T, H, W > 0, "
-                         f"got {tuple(frames.shape)}")
+        raise ValueError(
+            f"{what} must have shape (T, H, W, 3) with T, H, W > 0, got {tuple(frames.shape)}"
+        )
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, axis=-1)
     return np.ascontiguousarray(frames)
@@ -61,8 +65,9 @@ def pad_even(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def open_video_stream(path, fmt: str, encoders: Sequence[str], fps, width: int, height: int,
-                      crf: int):
+def open_video_stream(
+    path, fmt: str, encoders: Sequence[str], fps, width: int, height: int, crf: int
+):
     """A PyAV container writing ``path`` and its yuv420p video stream, encoded the same way for
     every Matten video: the first available encoder of ``encoders``, quality ``crf``."""
     import av
@@ -104,8 +109,16 @@ def write_gif(tmp: Path, frames: np.ndarray, fps) -> None:
     images = [Image.fromarray(f) for f in frames]
     duration = max(int(round(1000.0 / float(fps))), 10)
     # Note: the GIF encoder merges identical consecutive frames (their durations add up).
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                   duration=duration, loop=0, optimize=False, disposal=1)
+    images[0].save(
+        tmp,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=duration,
+        loop=0,
+        optimize=False,
+        disposal=1,
+    )
 
 
 def check_video_path(path, fps) -> str:
@@ -114,8 +127,10 @@ def check_video_path(path, fps) -> str:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix != ".gif" and suffix not in CONTAINERS:
-        raise ValueError(f"cannot write video '{path}': unsupported suffix '{path.suffix}' "
-                         f"(use one of {sorted(list(CONTAINERS) + ['.gif'])})")
+        raise ValueError(
+            f"cannot write video '{path}': unsupported suffix '{path.suffix}' "
+            f"(use one of {sorted(list(CONTAINERS) + ['.gif'])})"
+        )
     if not float(fps) > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     return suffix
@@ -216,8 +231,9 @@ class StreamingVideoWriter:
         if self._container is None:
             fmt, encoders = CONTAINERS[self.suffix]
             _, h, w, _ = frames.shape
-            self._container, self._stream = open_video_stream(self._tmp, fmt, encoders, self.fps,
-                                                              w, h, self.crf)
+            self._container, self._stream = open_video_stream(
+                self._tmp, fmt, encoders, self.fps, w, h, self.crf
+            )
         encode_frames(self._container, self._stream, frames)
 
     def _finish(self) -> None:

@@ -10,8 +10,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEGRADATIONS", "gaussian_blur", "add_noise", "colour_flicker", "shuffle_frames",
-           "occlude", "degrade"]
+__all__ = [
+    "DEGRADATIONS",
+    "gaussian_blur",
+    "add_noise",
+    "colour_flicker",
+    "shuffle_frames",
+    "occlude",
+    "degrade",
+]
 
 DEGRADATIONS = ("clean", "blur", "noise", "flicker", "shuffle", "occlusion")
 
@@ -73,12 +80,11 @@ def occlude(videos: torch.Tensor, area: float, gen: torch.Generator) -> torch.Te
         y0 = int(torch.randint(0, h - ph + 1, (1,), generator=gen))
         x0 = int(torch.randint(0, w - pw + 1, (1,), generator=gen))
         colour = torch.rand(3, generator=gen) * 2.0 - 1.0
-        out[i, :, :, y0:y0 + ph, x0:x0 + pw] = colour[:, None, None, None]
+        out[i, :, :, y0 : y0 + ph, x0 : x0 + pw] = colour[:, None, None, None]
     return out
 
 
-def degrade(videos: torch.Tensor, kind: str, strength: float, gen: torch.Generator
-            ) -> torch.Tensor:
+def degrade(videos: torch.Tensor, kind: str, strength: float, gen: torch.Generator) -> torch.Tensor:
     """Apply one of :data:`DEGRADATIONS` at ``strength`` in [0, 1]. Strength 1 is: a blur of
     sigma 1.5 px per 16 px of frame, noise of std 0.4, a flicker of 0.25, every frame shuffled,
     or 30% of the frame occluded."""

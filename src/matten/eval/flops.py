@@ -21,8 +21,14 @@ from ..models.layers import AttentionLayer, MambaLayer
 
 # The paper's Table 2 (XL, 16x256x256) and Table 3; Latte-XL's FLOPs as quoted in its Table 1.
 PAPER_PARAMS_M: dict[tuple[str, int | str], int] = {
-    ("S", 3): 35, ("B", 3): 164, ("L", 3): 579, ("XL", 3): 853, ("XL", 1): 814,
-    ("XL", 2): 814, ("XL", 4): 846}
+    ("S", 3): 35,
+    ("B", 3): 164,
+    ("L", 3): 579,
+    ("XL", 3): 853,
+    ("XL", 1): 814,
+    ("XL", 2): 814,
+    ("XL", 4): 846,
+}
 PAPER_FLOPS_G = {1: 1590, 2: 1660, 3: 4008, 4: 3660, "latte": 5572}
 
 
@@ -85,15 +91,21 @@ def analytic_flops(model, frames: int = 16, latent_size: int = 32, d_state: int 
             length = seq_len[layer.view]
             sequences = tokens // length
         if isinstance(layer, AttentionLayer):
-            total += sequences * 2 * length ** 2 * dim + 4 * tokens * dim ** 2
+            total += sequences * 2 * length**2 * dim + 4 * tokens * dim**2
         elif isinstance(layer, MambaLayer):
-            per_direction = 3 * length * (2 * dim) * d_state + length * (2 * dim) * d_state ** 2
+            per_direction = 3 * length * (2 * dim) * d_state + length * (2 * dim) * d_state**2
             total += 2 * sequences * per_direction
     return total
 
 
-def flops_report(name: str = "Matten-XL/2", variant: int = 3, frames: int = 16,
-                 resolution: int = 256, vae_factor: int = 8, thop_batch: int = 1) -> dict:
+def flops_report(
+    name: str = "Matten-XL/2",
+    variant: int = 3,
+    frames: int = 16,
+    resolution: int = 256,
+    vae_factor: int = 8,
+    thop_batch: int = 1,
+) -> dict:
     """Parameters and FLOPs of one unconditional forward pass on a frames x resolution^2 video."""
     latent = resolution // vae_factor
     model = meta_model(name, variant)
@@ -101,11 +113,18 @@ def flops_report(name: str = "Matten-XL/2", variant: int = 3, frames: int = 16,
     key = "latte" if family == "Latte" else variant
     macs = counted_flops(model, 1, frames, latent) // 2
     return {
-        "model": name, "variant": None if family == "Latte" else variant,
-        "depth": DEPTHS[size][key], "hidden_size": SIZES[size][1],
-        "frames": frames, "resolution": resolution, "latent": [frames, latent, latent],
-        "params": count_parameters(model), "flops": 2 * macs, "macs": macs,
-        "thop_macs": thop_style_macs(model, thop_batch, frames, latent), "thop_batch": thop_batch,
+        "model": name,
+        "variant": None if family == "Latte" else variant,
+        "depth": DEPTHS[size][key],
+        "hidden_size": SIZES[size][1],
+        "frames": frames,
+        "resolution": resolution,
+        "latent": [frames, latent, latent],
+        "params": count_parameters(model),
+        "flops": 2 * macs,
+        "macs": macs,
+        "thop_macs": thop_style_macs(model, thop_batch, frames, latent),
+        "thop_batch": thop_batch,
         "analytic_flops": analytic_flops(model, frames, latent),
         "paper_params_m": PAPER_PARAMS_M.get((size, key)),
         "paper_flops_g": PAPER_FLOPS_G.get(key) if size == "XL" else None,

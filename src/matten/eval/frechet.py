@@ -23,14 +23,21 @@ import numpy as np
 
 from ..data import atomic_write_path
 
-__all__ = ["FeatureStats", "FeatureStatsAccumulator", "cached_stats", "feature_stats_from_batches",
-           "frechet_distance", "stats_cache_path"]
+__all__ = [
+    "FeatureStats",
+    "FeatureStatsAccumulator",
+    "cached_stats",
+    "feature_stats_from_batches",
+    "frechet_distance",
+    "stats_cache_path",
+]
 
 _STATS_FORMAT = 1  # bump when the .npz layout changes; older files are then recomputed
 
 
 # ----------------------------------------------------------------------------------------------
 # the distance
+
 
 def _as_float64(x, what: str) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
@@ -48,12 +55,13 @@ def _check_gaussian(mu, sigma, which: str) -> tuple[np.ndarray, np.ndarray]:
     mu = _as_float64(mu, f"mu{which}")
     sigma = _as_float64(sigma, f"sigma{which}")
     if mu.ndim != 1 or mu.shape[0] < 1:
-        raise ValueError(f"mu{which} must be a 1-D mean vector of shape (D,), got shape "
-                         f"{mu.shape}")
+        raise ValueError(f"mu{which} must be a 1-D mean vector of shape (D,), got shape {mu.shape}")
     d = mu.shape[0]
     if sigma.shape != (d, d):
-        raise ValueError(f"sigma{which} must be a ({d}, {d}) covariance matrix to match "
-                         f"mu{which} of shape ({d},), got shape {sigma.shape}")
+        raise ValueError(
+            f"sigma{which} must be a ({d}, {d}) covariance matrix to match "
+            f"mu{which} of shape ({d},), got shape {sigma.shape}"
+        )
     return mu, sigma
 
 
@@ -86,15 +94,19 @@ def _trace_sqrt_product_sqrtm(s1: np.ndarray, s2: np.ndarray, eps: float) -> flo
             offset = np.eye(s1.shape[0]) * eps
             covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if not np.isfinite(covmean).all():
-        raise ValueError("sqrtm of the covariance product is not finite even with an eps offset; "
-                         "use method='eig'")
+        raise ValueError(
+            "sqrtm of the covariance product is not finite even with an eps offset; "
+            "use method='eig'"
+        )
     if np.iscomplexobj(covmean):
         imag = np.abs(np.diagonal(covmean).imag).max()
         scale = max(1.0, float(np.abs(np.diagonal(covmean).real).max()))
         if imag > 1e-3 * scale:
-            raise ValueError(f"sqrtm of the covariance product has a large imaginary component "
-                             f"({imag:.3g}); the covariances are probably not PSD. Use "
-                             "method='eig'")
+            raise ValueError(
+                f"sqrtm of the covariance product has a large imaginary component "
+                f"({imag:.3g}); the covariances are probably not PSD. Use "
+                "method='eig'"
+            )
         covmean = covmean.real
     return float(np.trace(covmean))
 
@@ -111,8 +123,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eig", eps: float =
     mu1, sigma1 = _check_gaussian(mu1, sigma1, "1")
     mu2, sigma2 = _check_gaussian(mu2, sigma2, "2")
     if mu1.shape != mu2.shape:
-        raise ValueError(f"the two Gaussians have different dimensions: mu1 {mu1.shape} vs "
-                         f"mu2 {mu2.shape}")
+        raise ValueError(
+            f"the two Gaussians have different dimensions: mu1 {mu1.shape} vs mu2 {mu2.shape}"
+        )
     # Covariances estimated from data are symmetric up to round-off; eigh assumes exact symmetry.
     sigma1 = (sigma1 + sigma1.T) / 2.0
     sigma2 = (sigma2 + sigma2.T) / 2.0
@@ -129,6 +142,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eig", eps: float =
 
 # ----------------------------------------------------------------------------------------------
 # statistics
+
 
 @dataclass
 class FeatureStats:
@@ -147,8 +161,10 @@ class FeatureStats:
         if self.features is not None:
             self.features = _as_float64(self.features, "features")
             if self.features.shape != (self.count, self.dim):
-                raise ValueError(f"features must have shape ({self.count}, {self.dim}) to match "
-                                 f"the stats, got {self.features.shape}")
+                raise ValueError(
+                    f"features must have shape ({self.count}, {self.dim}) to match "
+                    f"the stats, got {self.features.shape}"
+                )
 
     @property
     def dim(self) -> int:
@@ -162,8 +178,12 @@ class FeatureStats:
             raise ValueError(f"features must have shape (N, D), got {x.shape}")
         if x.shape[0] < 2:
             raise ValueError(f"need at least 2 feature vectors for a covariance, got {x.shape[0]}")
-        return cls(x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1]),
-                   x.shape[0], features=x)
+        return cls(
+            x.mean(axis=0),
+            np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1]),
+            x.shape[0],
+            features=x,
+        )
 
     def frechet_distance(self, other: FeatureStats, method: str = "eig") -> float:
         return frechet_distance(self.mean, self.cov, other.mean, other.cov, method=method)
@@ -177,8 +197,15 @@ class FeatureStats:
         extra: dict[str, Any] = {} if self.features is None else {"features": self.features}
         with atomic_write_path(path) as tmp:
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-                np.savez(f, mean=self.mean, cov=self.cov, count=np.int64(self.count),
-                         key=np.array(key_json), format=np.int64(_STATS_FORMAT), **extra)
+                np.savez(
+                    f,
+                    mean=self.mean,
+                    cov=self.cov,
+                    count=np.int64(self.count),
+                    key=np.array(key_json),
+                    format=np.int64(_STATS_FORMAT),
+                    **extra,
+                )
         return path
 
     @classmethod
@@ -221,8 +248,10 @@ class FeatureStatsAccumulator:
         if n_b == 0:
             return self
         if self.mean is not None and x.shape[1] != self.mean.shape[0]:
-            raise ValueError(f"feature batch has dimension {x.shape[1]}, earlier batches had "
-                             f"{self.mean.shape[0]}")
+            raise ValueError(
+                f"feature batch has dimension {x.shape[1]}, earlier batches had "
+                f"{self.mean.shape[0]}"
+            )
         mean_b = x.mean(axis=0)
         xc = x - mean_b
         m2_b = xc.T @ xc
@@ -255,8 +284,16 @@ def feature_stats_from_batches(batches: Iterable) -> FeatureStats:
 # cache
 
 # Key fields that make a cache file name readable, in this order; the hash covers the whole key.
-_SLUG_FIELDS = ("dataset", "split", "resolution", "num_frames", "frames", "num_clips",
-                "num_videos", "extractor")
+_SLUG_FIELDS = (
+    "dataset",
+    "split",
+    "resolution",
+    "num_frames",
+    "frames",
+    "num_clips",
+    "num_videos",
+    "extractor",
+)
 
 
 def _canonical_key(key: dict) -> dict:
@@ -284,8 +321,9 @@ def stats_cache_path(cache_dir, key: dict) -> Path:
     return Path(cache_dir) / f"{slug}-{digest}.npz"
 
 
-def cached_stats(cache_dir, key: dict, compute: Callable[[], Any],
-                 need_features: bool = False) -> FeatureStats:
+def cached_stats(
+    cache_dir, key: dict, compute: Callable[[], Any], need_features: bool = False
+) -> FeatureStats:
     """Load the stats for ``key`` from ``cache_dir``, or ``compute()`` and store them.
 
     ``compute`` returns a :class:`FeatureStats` or an (N, D) feature array. The key (dataset,
@@ -301,11 +339,18 @@ def cached_stats(cache_dir, key: dict, compute: Callable[[], Any],
         try:
             stats = FeatureStats.load(path)
             if stats.key != canonical:
-                warnings.warn(f"feature stats cache '{path}' was written for a different key "
-                              f"({stats.key}); recomputing", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"feature stats cache '{path}' was written for a different key "
+                    f"({stats.key}); recomputing",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             elif need_features and stats.features is None:
-                warnings.warn(f"feature stats cache '{path}' holds no features (an older "
-                              "file); recomputing", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"feature stats cache '{path}' holds no features (an older file); recomputing",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             else:
                 return stats
         except ValueError as exc:
@@ -313,8 +358,10 @@ def cached_stats(cache_dir, key: dict, compute: Callable[[], Any],
     result = compute()
     stats = result if isinstance(result, FeatureStats) else FeatureStats.from_features(result)
     if need_features and stats.features is None:
-        raise ValueError("compute() must return the features (an (N, D) array, or stats with "
-                         "features) when need_features is set")
+        raise ValueError(
+            "compute() must return the features (an (N, D) array, or stats with "
+            "features) when need_features is set"
+        )
     stats.key = canonical
     if path is not None:
         stats.save(path)

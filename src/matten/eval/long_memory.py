@@ -20,8 +20,9 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def revisit_pairs(camera, min_gap: int, max_overlap_shift: float = 0.5,
-                  min_excursion: float = 0.0, visible=None) -> list[tuple[int, int, int]]:
+def revisit_pairs(
+    camera, min_gap: int, max_overlap_shift: float = 0.5, min_excursion: float = 0.0, visible=None
+) -> list[tuple[int, int, int]]:
     """Frame pairs ``(earlier, later, gap)`` where the camera is back (nearly) where it was.
 
     A pair counts when ``later - earlier >= min_gap`` and the two positions differ by at most
@@ -37,12 +38,12 @@ def revisit_pairs(camera, min_gap: int, max_overlap_shift: float = 0.5,
         raise ValueError(f"min_gap must be >= 1, got {min_gap}")
     pairs: list[tuple[int, int, int]] = []
     for i in range(len(cam) - min_gap):
-        later = cam[i + min_gap:]
+        later = cam[i + min_gap :]
         dist = np.abs(later - cam[i]).max(axis=1)
         hits = np.flatnonzero(dist <= max_overlap_shift)
         if min_excursion > 0 and len(hits):
             # farthest the camera got from cam[i] up to each later frame
-            away = np.maximum.accumulate(np.abs(cam[i + 1:] - cam[i]).max(axis=1))
+            away = np.maximum.accumulate(np.abs(cam[i + 1 :] - cam[i]).max(axis=1))
             hits = hits[away[hits + min_gap - 1] >= min_excursion]
         pairs.extend((i, i + min_gap + int(h), min_gap + int(h)) for h in hits)
     shown = _visibility(visible, len(cam))
@@ -61,14 +62,16 @@ def pixel_last_seen(camera, height: int, width: int, visible=None) -> np.ndarray
     """
     cam = _as_numpy(camera)
     if cam.ndim != 2 or cam.shape[1] != 2 or np.any(cam != np.round(cam)) or np.any(cam < 0):
-        raise ValueError(f"camera must be (num_frames, 2) non-negative integer positions, "
-                         f"got shape {tuple(cam.shape)}")
+        raise ValueError(
+            f"camera must be (num_frames, 2) non-negative integer positions, "
+            f"got shape {tuple(cam.shape)}"
+        )
     cam = cam.astype(np.int64)
     visible = _visibility(visible, len(cam))
     seen = np.full((cam[:, 1].max() + height, cam[:, 0].max() + width), -1, dtype=np.int64)
     last = np.empty((len(cam), height, width), dtype=np.int64)
     for f, (x, y) in enumerate(cam):
-        view = seen[y:y + height, x:x + width]
+        view = seen[y : y + height, x : x + width]
         last[f] = view
         if visible[f]:
             view[...] = f
@@ -80,13 +83,21 @@ def _visibility(visible, frames: int) -> np.ndarray:
         return np.ones(frames, dtype=bool)
     visible = _as_numpy(visible).astype(bool)
     if visible.shape != (frames,):
-        raise ValueError(f"visible must be ({frames},) for {frames} camera positions, "
-                         f"got shape {visible.shape}")
+        raise ValueError(
+            f"visible must be ({frames},) for {frames} camera positions, got shape {visible.shape}"
+        )
     return visible
 
 
-def retrieval_error(video, camera, min_gap: int = 1, bins=8, max_shift: int = 0,
-                    min_excursion: float = 0.0, visible=None) -> dict:
+def retrieval_error(
+    video,
+    camera,
+    min_gap: int = 1,
+    bins=8,
+    max_shift: int = 0,
+    min_excursion: float = 0.0,
+    visible=None,
+) -> dict:
     """Error between revisited views, against the gap between them: how well a video remembers.
 
     ``video`` is ``(3, F, H, W)`` (tensor or array, any value range; the dataset's is [-1, 1]);
@@ -107,13 +118,15 @@ def retrieval_error(video, camera, min_gap: int = 1, bins=8, max_shift: int = 0,
         raise ValueError(f"video must be (channels, frames, height, width), got shape {v.shape}")
     frames, h, w = v.shape[1:]
     if cam.shape != (frames, 2):
-        raise ValueError(f"camera must be ({frames}, 2) for a {frames}-frame video, "
-                         f"got shape {tuple(cam.shape)}")
+        raise ValueError(
+            f"camera must be ({frames}, 2) for a {frames}-frame video, got shape {tuple(cam.shape)}"
+        )
     if int(max_shift) != max_shift or not 0 <= max_shift < min(h, w):
         raise ValueError(f"max_shift must be an integer in [0, {min(h, w) - 1}], got {max_shift}")
     if min_gap < 1 or min_gap > frames - 1:
-        raise ValueError(f"min_gap must be in [1, {frames - 1}] for a {frames}-frame video, "
-                         f"got {min_gap}")
+        raise ValueError(
+            f"min_gap must be in [1, {frames - 1}] for a {frames}-frame video, got {min_gap}"
+        )
     if isinstance(bins, (int, np.integer)):
         if bins < 1:
             raise ValueError(f"bins must be >= 1 or a sequence of edges, got {bins}")
@@ -121,11 +134,13 @@ def retrieval_error(video, camera, min_gap: int = 1, bins=8, max_shift: int = 0,
     else:
         edges = np.asarray(bins, dtype=np.float64)
         if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
-            raise ValueError(f"bins must be an int or an increasing sequence of >= 2 edges, "
-                             f"got {bins!r}")
+            raise ValueError(
+                f"bins must be an int or an increasing sequence of >= 2 edges, got {bins!r}"
+            )
 
-    pairs = np.array(revisit_pairs(cam, min_gap, max_shift + 1e-6, min_excursion, visible),
-                     dtype=np.int64).reshape(-1, 3)
+    pairs = np.array(
+        revisit_pairs(cam, min_gap, max_shift + 1e-6, min_excursion, visible), dtype=np.int64
+    ).reshape(-1, 3)
     offset = cam[pairs[:, 1]] - cam[pairs[:, 0]]
     whole = np.all(np.abs(offset - np.round(offset)) < 1e-6, axis=1)  # sub-pixel: no alignment
     pairs, offset = pairs[whole], np.round(offset[whole]).astype(np.int64)
@@ -139,7 +154,7 @@ def retrieval_error(video, camera, min_gap: int = 1, bins=8, max_shift: int = 0,
         r0, r1, c0, c1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
         for chunk in np.array_split(sel, max(1, len(sel) // 256)):
             later = v[:, pairs[chunk, 1], r0:r1, c0:c1]
-            earlier = v[:, pairs[chunk, 0], r0 + dy:r1 + dy, c0 + dx:c1 + dx]
+            earlier = v[:, pairs[chunk, 0], r0 + dy : r1 + dy, c0 + dx : c1 + dx]
             errors[chunk] = np.abs(later - earlier).mean(axis=(0, 2, 3))
 
     which = np.searchsorted(edges, pairs[:, 2], side="right") - 1
@@ -148,6 +163,10 @@ def retrieval_error(video, camera, min_gap: int = 1, bins=8, max_shift: int = 0,
     total = np.bincount(which[inside], weights=errors[inside], minlength=len(edges) - 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         binned = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    return {"gaps": ((edges[:-1] + edges[1:]) / 2).tolist(), "errors": binned.tolist(),
-            "count": count.tolist(), "edges": edges.tolist(),
-            "mean": float(errors.mean()) if len(errors) else float("nan")}
+    return {
+        "gaps": ((edges[:-1] + edges[1:]) / 2).tolist(),
+        "errors": binned.tolist(),
+        "count": count.tolist(),
+        "edges": edges.tolist(),
+        "mean": float(errors.mean()) if len(errors) else float("nan"),
+    }

@@ -25,9 +25,19 @@ import numpy as np
 
 from .frechet import FeatureStats, _as_float64
 
-__all__ = ["KID", "FDInfinity", "fd_infinity", "kid", "mmd2_unbiased", "polynomial_kernel",
-           "precision_recall", "quality_metrics", "sample_size_warning", "I3D_PROTOCOL_CLIPS",
-           "CLIPS_PER_DIM"]
+__all__ = [
+    "KID",
+    "FDInfinity",
+    "fd_infinity",
+    "kid",
+    "mmd2_unbiased",
+    "polynomial_kernel",
+    "precision_recall",
+    "quality_metrics",
+    "sample_size_warning",
+    "I3D_PROTOCOL_CLIPS",
+    "CLIPS_PER_DIM",
+]
 
 # Published FVD uses 2048 clips (StyleGAN-V); at other counts its bias differs, so the numbers are
 # not comparable with papers.
@@ -49,13 +59,15 @@ def _features(x, what: str) -> np.ndarray:
 def _pair(real, fake) -> tuple[np.ndarray, np.ndarray]:
     real, fake = _features(real, "real features"), _features(fake, "generated features")
     if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"real features have dimension {real.shape[1]}, generated features "
-                         f"{fake.shape[1]}")
+        raise ValueError(
+            f"real features have dimension {real.shape[1]}, generated features {fake.shape[1]}"
+        )
     return real, fake
 
 
 # ----------------------------------------------------------------------------------------------
 # KID
+
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """KID's kernel matrix ``(x_i . y_j / d + 1)^3`` for ``x`` (n, d) and ``y`` (m, d)."""
@@ -112,18 +124,26 @@ def kid(real, fake, num_subsets: int = 100, subset_size: int = 1000, seed: int =
         raise ValueError(f"num_subsets must be >= 2 for a spread, got {num_subsets}")
     size = min(int(subset_size), len(real) // 2, len(fake) // 2)
     if size < 2:
-        raise ValueError(f"KID needs at least 4 real and 4 generated feature vectors, got "
-                         f"{len(real)} and {len(fake)}")
+        raise ValueError(
+            f"KID needs at least 4 real and 4 generated feature vectors, got "
+            f"{len(real)} and {len(fake)}"
+        )
     rng = np.random.default_rng(seed)
-    values = np.array([
-        mmd2_unbiased(real[rng.choice(len(real), size, replace=False)],
-                      fake[rng.choice(len(fake), size, replace=False)])
-        for _ in range(num_subsets)])
+    values = np.array(
+        [
+            mmd2_unbiased(
+                real[rng.choice(len(real), size, replace=False)],
+                fake[rng.choice(len(fake), size, replace=False)],
+            )
+            for _ in range(num_subsets)
+        ]
+    )
     return KID(float(values.mean()), float(values.std()), size, int(num_subsets))
 
 
 # ----------------------------------------------------------------------------------------------
 # precision and recall
+
 
 def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     d = (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
@@ -134,19 +154,18 @@ def _kth_neighbour_radii(x: np.ndarray, k: int, batch: int) -> np.ndarray:
     """Squared distance from each point of ``x`` to its k-th nearest other point of ``x``."""
     radii = np.empty(len(x))
     for lo in range(0, len(x), batch):
-        d = _squared_distances(x[lo:lo + batch], x)
+        d = _squared_distances(x[lo : lo + batch], x)
         # Column 0 of the sorted row is the point itself (distance 0), so index k is the k-th
         # nearest *other* point, as in the authors' code.
-        radii[lo:lo + batch] = np.partition(d, k, axis=1)[:, k]
+        radii[lo : lo + batch] = np.partition(d, k, axis=1)[:, k]
     return radii
 
 
-def _inside_share(points: np.ndarray, centres: np.ndarray, radii: np.ndarray,
-                  batch: int) -> float:
+def _inside_share(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, batch: int) -> float:
     """Share of ``points`` within at least one ball (``centres``, squared ``radii``)."""
     inside = 0
     for lo in range(0, len(points), batch):
-        d = _squared_distances(points[lo:lo + batch], centres)
+        d = _squared_distances(points[lo : lo + batch], centres)
         inside += int((d <= radii[None, :]).any(axis=1).sum())
     return inside / len(points)
 
@@ -163,8 +182,10 @@ def precision_recall(real, fake, k: int = 3, batch_size: int = 1024) -> tuple[fl
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} real and {k} generated "
-                         f"feature vectors, got {len(real)} and {len(fake)}")
+        raise ValueError(
+            f"precision/recall with k={k} needs more than {k} real and {k} generated "
+            f"feature vectors, got {len(real)} and {len(fake)}"
+        )
     precision = _inside_share(fake, real, _kth_neighbour_radii(real, k, batch_size), batch_size)
     recall = _inside_share(real, fake, _kth_neighbour_radii(fake, k, batch_size), batch_size)
     return precision, recall
@@ -172,6 +193,7 @@ def precision_recall(real, fake, k: int = 3, batch_size: int = 1024) -> tuple[fl
 
 # ----------------------------------------------------------------------------------------------
 # FD extrapolated to infinite samples
+
 
 @dataclass
 class FDInfinity:
@@ -188,8 +210,9 @@ class FDInfinity:
         return asdict(self)
 
 
-def fd_infinity(real, fake, num_points: int = 8, min_fraction: float = 0.25, repeats: int = 3,
-                seed: int = 0) -> FDInfinity:
+def fd_infinity(
+    real, fake, num_points: int = 8, min_fraction: float = 0.25, repeats: int = 3, seed: int = 0
+) -> FDInfinity:
     """FD extrapolated to infinitely many samples (Chong & Forsyth 2020, "FID_inf").
 
     FD is computed on random subsets of N real and N generated vectors for ``num_points`` sizes N
@@ -203,28 +226,41 @@ def fd_infinity(real, fake, num_points: int = 8, min_fraction: float = 0.25, rep
     real, fake = _pair(real, fake)
     n, dim = min(len(real), len(fake)), real.shape[1]
     if num_points < 2 or repeats < 1 or not 0 < min_fraction < 1:
-        raise ValueError("fd_infinity needs num_points >= 2, repeats >= 1 and "
-                         "0 < min_fraction < 1")
+        raise ValueError("fd_infinity needs num_points >= 2, repeats >= 1 and 0 < min_fraction < 1")
     smallest = int(np.ceil(min_fraction * n))
     if smallest <= dim:
-        raise ValueError(f"FD_inf needs subsets larger than the feature dimension ({dim}); "
-                         f"{min_fraction:g} of {n} clips is {smallest}")
+        raise ValueError(
+            f"FD_inf needs subsets larger than the feature dimension ({dim}); "
+            f"{min_fraction:g} of {n} clips is {smallest}"
+        )
     sizes = sorted(set(np.linspace(smallest, n, num_points).round().astype(int).tolist()))
     rng = np.random.default_rng(seed)
     fds = []
     for size in sizes:
         draws = 1 if size == n else repeats  # the whole set is the same set every time
-        fds.append(float(np.mean([
-            FeatureStats.from_features(real[rng.choice(len(real), size, replace=False)])
-            .frechet_distance(FeatureStats.from_features(
-                fake[rng.choice(len(fake), size, replace=False)]))
-            for _ in range(draws)])))
+        fds.append(
+            float(
+                np.mean(
+                    [
+                        FeatureStats.from_features(
+                            real[rng.choice(len(real), size, replace=False)]
+                        ).frechet_distance(
+                            FeatureStats.from_features(
+                                fake[rng.choice(len(fake), size, replace=False)]
+                            )
+                        )
+                        for _ in range(draws)
+                    ]
+                )
+            )
+        )
     slope, intercept = np.polyfit(1.0 / np.asarray(sizes, float), np.asarray(fds), 1)
     return FDInfinity(float(intercept), float(slope), sizes, fds)
 
 
 # ----------------------------------------------------------------------------------------------
 # when FD is not to be trusted
+
 
 def sample_size_warning(num_clips: int, feature_dim: int, i3d: bool = False) -> str | None:
     """A sentence saying why FD at ``num_clips`` clips is not reliable, or None.
@@ -238,23 +274,36 @@ def sample_size_warning(num_clips: int, feature_dim: int, i3d: bool = False) -> 
     if i3d:
         if num_clips >= I3D_PROTOCOL_CLIPS:
             return None
-        return (f"{num_clips} clips: FVD is computed with {I3D_PROTOCOL_CLIPS} clips in published "
-                "work and is biased upwards at fewer, so this value is not comparable with them; "
-                "compare KID, or only evaluations with the same clip count")
+        return (
+            f"{num_clips} clips: FVD is computed with {I3D_PROTOCOL_CLIPS} clips in published "
+            "work and is biased upwards at fewer, so this value is not comparable with them; "
+            "compare KID, or only evaluations with the same clip count"
+        )
     needed = CLIPS_PER_DIM * int(feature_dim)
     if num_clips < needed:
-        return (f"{num_clips} clips for {feature_dim}-dimensional features: FD needs about "
-                f"{needed} ({CLIPS_PER_DIM} per dimension) to be reliable and is biased upwards "
-                "below that, so compare KID (unbiased), or only evaluations with the same clip "
-                "count")
+        return (
+            f"{num_clips} clips for {feature_dim}-dimensional features: FD needs about "
+            f"{needed} ({CLIPS_PER_DIM} per dimension) to be reliable and is biased upwards "
+            "below that, so compare KID (unbiased), or only evaluations with the same clip "
+            "count"
+        )
     return None
 
 
 # ----------------------------------------------------------------------------------------------
 # everything at once
 
-def quality_metrics(real, fake, fd: float | None = None, i3d: bool = False, k: int = 3,
-                    kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> dict:
+
+def quality_metrics(
+    real,
+    fake,
+    fd: float | None = None,
+    i3d: bool = False,
+    k: int = 3,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 0,
+) -> dict:
     """FD, FD_inf, KID, precision and recall of ``fake`` against ``real`` features, as report
     fields, plus ``warning`` (:func:`sample_size_warning`, or None).
 
@@ -266,11 +315,19 @@ def quality_metrics(real, fake, fd: float | None = None, i3d: bool = False, k: i
     if fd is None:
         fd = FeatureStats.from_features(real).frechet_distance(FeatureStats.from_features(fake))
     report: dict[str, Any]
-    report = {"fd": float(fd), "fd_inf": None, "fd_inf_fit": None, "kid": None,
-              "precision": None, "recall": None, "pr_k": int(k),
-              "num_real_clips": len(real), "num_generated_clips": len(fake),
-              "warning": sample_size_warning(min(len(real), len(fake)), real.shape[1], i3d),
-              "notes": []}
+    report = {
+        "fd": float(fd),
+        "fd_inf": None,
+        "fd_inf_fit": None,
+        "kid": None,
+        "precision": None,
+        "recall": None,
+        "pr_k": int(k),
+        "num_real_clips": len(real),
+        "num_generated_clips": len(fake),
+        "warning": sample_size_warning(min(len(real), len(fake)), real.shape[1], i3d),
+        "notes": [],
+    }
     try:
         inf = fd_infinity(real, fake, seed=seed)
         report["fd_inf"] = inf.value

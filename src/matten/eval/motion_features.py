@@ -37,8 +37,7 @@ def motion_net_cache_paths(cache_dir, settings: dict) -> tuple[Path, Path]:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     h, w = settings["resolution"]
     name = MOTION_NET_NAMES[settings.get("version", 1)]
-    stem = (f"{name}-r{h}x{w}-f{settings['num_frames']}-c{settings['num_classes']}"
-            f"-{digest}")
+    stem = f"{name}-r{h}x{w}-f{settings['num_frames']}-c{settings['num_classes']}-{digest}"
     cache_dir = Path(cache_dir)
     return cache_dir / f"{stem}.safetensors", cache_dir / f"{stem}.json"
 
@@ -53,10 +52,17 @@ def _load_cached(weights: Path, info_file: Path, settings: dict) -> tuple[Motion
     return net, info
 
 
-def load_or_train_motion_net(cache_dir, resolution=16, num_frames: int = 8,
-                             num_classes: int = len(MOTION_TYPES), steps: int | None = None,
-                             seed: int = 0, batch_size: int = 32, version: int = DEFAULT_VERSION,
-                             **train_kwargs) -> tuple[MotionFeatureNet, dict]:
+def load_or_train_motion_net(
+    cache_dir,
+    resolution=16,
+    num_frames: int = 8,
+    num_classes: int = len(MOTION_TYPES),
+    steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    version: int = DEFAULT_VERSION,
+    **train_kwargs,
+) -> tuple[MotionFeatureNet, dict]:
     """Reuse the net cached in ``cache_dir`` for these settings, or train and cache it.
 
     The weights go to a ``.safetensors`` file and the settings, held-out accuracy and training
@@ -71,25 +77,42 @@ def load_or_train_motion_net(cache_dir, resolution=16, num_frames: int = 8,
     if unknown:
         raise TypeError(f"unknown motion net training options: {sorted(unknown)}")
     # The settings that change the weights (not num_threads/log_every) identify a cache entry.
-    opts = {k: train_kwargs.get(k, params[k].default)
-            for k in ("lr", "feature_dim", "width", "max_objects", "speed", "num_val", "augment")}
-    settings = net_settings(h, w, num_frames, num_classes, steps, seed, batch_size, **opts,
-                         version=version)
+    opts = {
+        k: train_kwargs.get(k, params[k].default)
+        for k in ("lr", "feature_dim", "width", "max_objects", "speed", "num_val", "augment")
+    }
+    settings = net_settings(
+        h, w, num_frames, num_classes, steps, seed, batch_size, **opts, version=version
+    )
     weights, info_file = motion_net_cache_paths(cache_dir, settings)
     if weights.exists() and info_file.exists():
         try:
             return _load_cached(weights, info_file, settings)
         except Exception as exc:  # any damage to a cache entry just means training again
-            warnings.warn(f"cached motion net '{weights}' cannot be used ({exc}); retraining",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"cached motion net '{weights}' cannot be used ({exc}); retraining",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
-    net, info = train_motion_net((h, w), num_frames, num_classes, steps=steps, seed=seed,
-                                 batch_size=batch_size, version=version, **train_kwargs)
+    net, info = train_motion_net(
+        (h, w),
+        num_frames,
+        num_classes,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        version=version,
+        **train_kwargs,
+    )
     info = dict(info, model=net.config())
     saved = {k: v for k, v in info.items() if k != "losses"}
     with atomic_write_path(weights) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp),
-                  metadata={"name": net.name})
+        save_file(
+            {k: v.detach().contiguous() for k, v in net.state_dict().items()},
+            str(tmp),
+            metadata={"name": net.name},
+        )
     with atomic_write_path(info_file) as tmp:
         tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return net, info
@@ -97,6 +120,7 @@ def load_or_train_motion_net(cache_dir, resolution=16, num_frames: int = 8,
 
 # ----------------------------------------------------------------------------------------------
 # extractor
+
 
 class MotionFeatureExtractor:
     """Videos ``(B, 3, F, H, W)`` in [-1, 1] -> ``(B, feature_dim)`` float64 features.
@@ -108,8 +132,9 @@ class MotionFeatureExtractor:
 
     comparable_to_published = False
 
-    def __init__(self, net: MotionFeatureNet, info: dict | None = None, device=None,
-                 batch_size: int = 64):
+    def __init__(
+        self, net: MotionFeatureNet, info: dict | None = None, device=None, batch_size: int = 64
+    ):
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net = net.to(self.device).eval()
         self.info = dict(info or {})
@@ -127,8 +152,9 @@ class MotionFeatureExtractor:
         return f"{self.name}-{self.weights_id}"
 
     @classmethod
-    def load_or_train(cls, cache_dir, resolution=16, num_frames: int = 8, device=None,
-                      **kwargs) -> MotionFeatureExtractor:
+    def load_or_train(
+        cls, cache_dir, resolution=16, num_frames: int = 8, device=None, **kwargs
+    ) -> MotionFeatureExtractor:
         """The cached (or newly trained) net for this clip size; ``version=1`` for the first
         version, other keywords as :func:`load_or_train_motion_net`."""
         net, info = load_or_train_motion_net(cache_dir, resolution, num_frames, **kwargs)
@@ -142,12 +168,14 @@ class MotionFeatureExtractor:
             raise ValueError(f"videos must have shape (B, 3, F, H, W), got {tuple(videos.shape)}")
         out = []
         for start in range(0, videos.shape[0], self.batch_size):
-            chunk = videos[start:start + self.batch_size].to(self.device, torch.float32)
+            chunk = videos[start : start + self.batch_size].to(self.device, torch.float32)
             out.append(self.net.features(chunk).double().cpu().numpy())
         if not out:
             return np.zeros((0, self.feature_dim), np.float64)
         return np.concatenate(out, axis=0)
 
     def __repr__(self):
-        return (f"MotionFeatureExtractor({self.cache_name}, feature_dim={self.feature_dim}, "
-                f"comparable_to_published=False)")
+        return (
+            f"MotionFeatureExtractor({self.cache_name}, feature_dim={self.feature_dim}, "
+            f"comparable_to_published=False)"
+        )

@@ -38,8 +38,17 @@ from ..data.synthetic import MOTION_TYPES, SyntheticVideoDataset
 from ..data.transforms import as_size
 from .degradations import DEGRADATIONS, degrade
 
-__all__ = ["DEFAULT_VERSION", "MOTION_NET_NAME", "MOTION_NET_NAMES", "MotionFeatureNet",
-           "MotionFeatureNetV2", "NETS", "check_version", "net_settings", "train_motion_net"]
+__all__ = [
+    "DEFAULT_VERSION",
+    "MOTION_NET_NAME",
+    "MOTION_NET_NAMES",
+    "MotionFeatureNet",
+    "MotionFeatureNetV2",
+    "NETS",
+    "check_version",
+    "net_settings",
+    "train_motion_net",
+]
 
 MOTION_NET_NAME = "matten-motion-net-v1"  # the first version's name (kept for its caches)
 MOTION_NET_NAMES = {1: MOTION_NET_NAME, 2: "matten-motion-net-v2"}
@@ -67,23 +76,32 @@ class MotionFeatureNet(nn.Module):
 
     version = 1
 
-    def __init__(self, feature_dim: int = 128, num_classes: int = len(MOTION_TYPES),
-                 width: int = 16, internal_size: int = 32, internal_frames: int = 8):
+    def __init__(
+        self,
+        feature_dim: int = 128,
+        num_classes: int = len(MOTION_TYPES),
+        width: int = 16,
+        internal_size: int = 32,
+        internal_frames: int = 8,
+    ):
         super().__init__()
         self.feature_dim, self.num_classes, self.width = int(feature_dim), int(num_classes), width
         self.internal_size, self.internal_frames = int(internal_size), int(internal_frames)
 
         def stage(cin, cout, stride):
-            return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                                 nn.GroupNorm(min(8, cout // 4), cout), nn.SiLU())
+            return nn.Sequential(
+                nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                nn.GroupNorm(min(8, cout // 4), cout),
+                nn.SiLU(),
+            )
 
         w = width
         # Spatial stride first (cheap, objects are several pixels wide), temporal stride only after
         # two full-rate temporal convolutions so motion direction is resolved early.
         self.stages = nn.Sequential(
-            stage(6, w, (1, 2, 2)),            # T x 16 x 16
-            stage(w, 2 * w, (1, 2, 2)),        # T x 8 x 8
-            stage(2 * w, 4 * w, (2, 2, 2)),    # T/2 x 4 x 4
+            stage(6, w, (1, 2, 2)),  # T x 16 x 16
+            stage(w, 2 * w, (1, 2, 2)),  # T x 8 x 8
+            stage(2 * w, 4 * w, (2, 2, 2)),  # T/2 x 4 x 4
             stage(4 * w, 4 * w, (1, 1, 1)),
         )
         self.proj = nn.Linear(4 * w, self.feature_dim)
@@ -94,9 +112,13 @@ class MotionFeatureNet(nn.Module):
         return MOTION_NET_NAMES[self.version]
 
     def config(self) -> dict:
-        return {"feature_dim": self.feature_dim, "num_classes": self.num_classes,
-                "width": self.width, "internal_size": self.internal_size,
-                "internal_frames": self.internal_frames}
+        return {
+            "feature_dim": self.feature_dim,
+            "num_classes": self.num_classes,
+            "width": self.width,
+            "internal_size": self.internal_size,
+            "internal_frames": self.internal_frames,
+        }
 
     def preprocess(self, videos: torch.Tensor) -> torch.Tensor:
         if videos.ndim != 5 or videos.shape[1] != 3:
@@ -108,8 +130,13 @@ class MotionFeatureNet(nn.Module):
             b, c, t, h, w = videos.shape
             if (h, w) != size[1:]:
                 x = videos.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-                x = F.interpolate(x, size=size[1:], mode="bilinear", align_corners=False,
-                                  antialias=h > size[1] or w > size[2])
+                x = F.interpolate(
+                    x,
+                    size=size[1:],
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=h > size[1] or w > size[2],
+                )
                 videos = x.reshape(b, t, c, *size[1:]).permute(0, 2, 1, 3, 4)
             if t != size[0]:
                 videos = F.interpolate(videos, size=size, mode="trilinear", align_corners=False)
@@ -135,8 +162,14 @@ class MotionFeatureNetV2(MotionFeatureNet):
 
     version = 2
 
-    def __init__(self, feature_dim: int = 128, num_classes: int = len(MOTION_TYPES),
-                 width: int = 16, internal_size: int = 32, internal_frames: int = 8):
+    def __init__(
+        self,
+        feature_dim: int = 128,
+        num_classes: int = len(MOTION_TYPES),
+        width: int = 16,
+        internal_size: int = 32,
+        internal_frames: int = 8,
+    ):
         super().__init__(feature_dim, num_classes, width, internal_size, internal_frames)
         self.degradation_head = nn.Linear(self.feature_dim, len(DEGRADATIONS) + 1)
 
@@ -154,8 +187,9 @@ V2_DEGRADATION_WEIGHT = 0.5  # weight of the degradation loss against the motion
 V2_STRENGTH_WEIGHT = 4.0  # weight of the strength error (MSE in [0, 1]) within it
 
 
-def _degrade_batch(videos: torch.Tensor, gen: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _degrade_batch(
+    videos: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Degrade about half of a batch, each clip with a random kind and a strength in [0.1, 1];
     returns the videos, the kind indices (0 = clean) and the strengths (0 when clean)."""
     b = videos.shape[0]
@@ -164,7 +198,7 @@ def _degrade_batch(videos: torch.Tensor, gen: torch.Generator
     strength = torch.empty(b).uniform_(0.1, 1.0, generator=gen) * (kinds > 0)
     out = videos.clone()
     for i in torch.nonzero(kinds).flatten().tolist():
-        out[i:i + 1] = degrade(videos[i:i + 1], DEGRADATIONS[kinds[i]], float(strength[i]), gen)
+        out[i : i + 1] = degrade(videos[i : i + 1], DEGRADATIONS[kinds[i]], float(strength[i]), gen)
     return out, kinds, strength
 
 
@@ -175,16 +209,19 @@ def _v2_loss(net: MotionFeatureNetV2, videos, labels, gen) -> torch.Tensor:
     # A shuffled clip no longer shows its motion class: it only trains the degradation heads.
     keep = kinds != DEGRADATIONS.index("shuffle")
     motion = F.cross_entropy(logits[keep], labels[keep])
-    damage = (F.cross_entropy(kind_logits, kinds)
-              + V2_STRENGTH_WEIGHT * F.mse_loss(predicted, strength))
+    damage = F.cross_entropy(kind_logits, kinds) + V2_STRENGTH_WEIGHT * F.mse_loss(
+        predicted, strength
+    )
     return motion + V2_DEGRADATION_WEIGHT * damage
 
 
 # ----------------------------------------------------------------------------------------------
 # training
 
-def _clips(dataset: SyntheticVideoDataset, start: int, count: int) -> tuple[torch.Tensor,
-                                                                              torch.Tensor]:
+
+def _clips(
+    dataset: SyntheticVideoDataset, start: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` consecutive items as one ``(B, 3, F, H, W)`` batch in [-1, 1].
 
     Renders with numpy and converts the whole batch at once; per-item tensor conversion is far
@@ -229,13 +266,24 @@ def _accuracy(net: MotionFeatureNet, dataset: SyntheticVideoDataset, batch_size:
     return correct / len(dataset)
 
 
-def train_motion_net(resolution=16, num_frames: int = 8, num_classes: int = len(MOTION_TYPES),
-                     steps: int | None = None, seed: int = 0, batch_size: int = 32,
-                     lr: float = 2e-3, feature_dim: int = 128, width: int = 16,
-                     max_objects: int = 2, speed: tuple[float, float] = DEFAULT_SPEED,
-                     num_val: int = 240, augment: bool = True, num_threads: int | None = 1,
-                     log_every: int = 0, version: int = DEFAULT_VERSION
-                     ) -> tuple[MotionFeatureNet, dict]:
+def train_motion_net(
+    resolution=16,
+    num_frames: int = 8,
+    num_classes: int = len(MOTION_TYPES),
+    steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    feature_dim: int = 128,
+    width: int = 16,
+    max_objects: int = 2,
+    speed: tuple[float, float] = DEFAULT_SPEED,
+    num_val: int = 240,
+    augment: bool = True,
+    num_threads: int | None = 1,
+    log_every: int = 0,
+    version: int = DEFAULT_VERSION,
+) -> tuple[MotionFeatureNet, dict]:
     """Train a motion feature net of ``version`` 1 (:class:`MotionFeatureNet`: the motion type
     of synthetic clips) or 2 (:class:`MotionFeatureNetV2`: that, and how each clip was degraded).
 
@@ -252,15 +300,28 @@ def train_motion_net(resolution=16, num_frames: int = 8, num_classes: int = len(
     version = check_version(version)
     steps = DEFAULT_STEPS[version] if steps is None else steps
     with _torch_threads(num_threads):
-        return _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr,
-                      feature_dim, width, max_objects, speed, num_val, augment, log_every,
-                      version)
+        return _train(
+            resolution,
+            num_frames,
+            num_classes,
+            steps,
+            seed,
+            batch_size,
+            lr,
+            feature_dim,
+            width,
+            max_objects,
+            speed,
+            num_val,
+            augment,
+            log_every,
+            version,
+        )
 
 
 def check_version(version) -> int:
     if version not in NETS:
-        raise ValueError(f"unknown motion net version {version!r}; choose one of "
-                         f"{sorted(NETS)}")
+        raise ValueError(f"unknown motion net version {version!r}; choose one of {sorted(NETS)}")
     return int(version)
 
 
@@ -276,9 +337,23 @@ def _torch_threads(n: int | None):
             torch.set_num_threads(before)
 
 
-def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, feature_dim, width,
-           max_objects, speed, num_val, augment, log_every, version
-           ) -> tuple[MotionFeatureNet, dict]:
+def _train(
+    resolution,
+    num_frames,
+    num_classes,
+    steps,
+    seed,
+    batch_size,
+    lr,
+    feature_dim,
+    width,
+    max_objects,
+    speed,
+    num_val,
+    augment,
+    log_every,
+    version,
+) -> tuple[MotionFeatureNet, dict]:
     if not 1 <= num_classes <= len(MOTION_TYPES):
         raise ValueError(f"num_classes must be in [1, {len(MOTION_TYPES)}], got {num_classes}")
     if steps < 1 or batch_size < 1:
@@ -288,15 +363,21 @@ def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, fea
         torch.manual_seed(seed)
         net = NETS[version](feature_dim=feature_dim, num_classes=num_classes, width=width)
     gen = torch.Generator().manual_seed(seed)  # augmentation (and v2's degradations)
-    common = dict(resolution=(h, w), num_frames=num_frames, num_classes=num_classes,
-                  max_objects=max_objects, speed=tuple(speed))
+    common = dict(
+        resolution=(h, w),
+        num_frames=num_frames,
+        num_classes=num_classes,
+        max_objects=max_objects,
+        speed=tuple(speed),
+    )
     train_set = SyntheticVideoDataset(steps * batch_size, seed=TRAIN_SEED_BASE + seed, **common)
     val_set = SyntheticVideoDataset(max(num_val, 1), seed=VAL_SEED_BASE + seed, **common)
 
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     losses: list[float] = []
     net.train()
     t0 = time.perf_counter()
@@ -319,26 +400,71 @@ def _train(resolution, num_frames, num_classes, steps, seed, batch_size, lr, fea
     train_seconds = time.perf_counter() - t0
     accuracy = _accuracy(net, val_set, 2 * batch_size)
     net.eval()
-    info = {"name": net.name, "version": version, "arch_version": _ARCH_VERSION[version],
-            "settings": net_settings(h, w, num_frames, num_classes, steps, seed, batch_size, lr,
-                                  feature_dim, width, max_objects, speed, num_val, augment,
-                                  version),
-            "heldout_accuracy": accuracy, "train_seconds": round(train_seconds, 2),
-            "final_loss": float(np.mean(losses[-max(1, steps // 10):])), "losses": losses}
+    info = {
+        "name": net.name,
+        "version": version,
+        "arch_version": _ARCH_VERSION[version],
+        "settings": net_settings(
+            h,
+            w,
+            num_frames,
+            num_classes,
+            steps,
+            seed,
+            batch_size,
+            lr,
+            feature_dim,
+            width,
+            max_objects,
+            speed,
+            num_val,
+            augment,
+            version,
+        ),
+        "heldout_accuracy": accuracy,
+        "train_seconds": round(train_seconds, 2),
+        "final_loss": float(np.mean(losses[-max(1, steps // 10) :])),
+        "losses": losses,
+    }
     return net, info
 
 
 TRAIN_PARAMS = inspect.signature(train_motion_net).parameters
 
 
-def net_settings(h, w, num_frames, num_classes, steps, seed, batch_size, lr, feature_dim, width,
-              max_objects, speed, num_val, augment, version) -> dict:
-    settings = {"resolution": [int(h), int(w)], "num_frames": int(num_frames),
-                "num_classes": int(num_classes), "steps": int(steps), "seed": int(seed),
-                "batch_size": int(batch_size), "lr": float(lr), "feature_dim": int(feature_dim),
-                "width": int(width), "max_objects": int(max_objects),
-                "speed": [float(speed[0]), float(speed[1])], "num_val": int(num_val),
-                "augment": bool(augment), "arch_version": _ARCH_VERSION[version]}
+def net_settings(
+    h,
+    w,
+    num_frames,
+    num_classes,
+    steps,
+    seed,
+    batch_size,
+    lr,
+    feature_dim,
+    width,
+    max_objects,
+    speed,
+    num_val,
+    augment,
+    version,
+) -> dict:
+    settings = {
+        "resolution": [int(h), int(w)],
+        "num_frames": int(num_frames),
+        "num_classes": int(num_classes),
+        "steps": int(steps),
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "feature_dim": int(feature_dim),
+        "width": int(width),
+        "max_objects": int(max_objects),
+        "speed": [float(speed[0]), float(speed[1])],
+        "num_val": int(num_val),
+        "augment": bool(augment),
+        "arch_version": _ARCH_VERSION[version],
+    }
     if version != 1:  # v1's settings (and so its cache file names) stay as they always were
         settings["version"] = version
     return settings

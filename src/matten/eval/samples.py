@@ -16,8 +16,14 @@ import numpy as np
 from ..checkpoint import CHECKPOINTS_DIR, EMA_FILE, META_FILE, MODEL_FILE, step_dirname
 from ..data import atomic_write_path
 
-__all__ = ["SamplesMismatchError", "SHARD_FORMAT", "sample_key", "key_digest", "default_output",
-           "GeneratedClips"]
+__all__ = [
+    "SamplesMismatchError",
+    "SHARD_FORMAT",
+    "sample_key",
+    "key_digest",
+    "default_output",
+    "GeneratedClips",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +43,35 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sample_key(folder, weights: str, step: int, sampler: str, cfg_scale: float,
-               settings, num_frames: int, resolution: int) -> dict:
+def sample_key(
+    folder,
+    weights: str,
+    step: int,
+    sampler: str,
+    cfg_scale: float,
+    settings,
+    num_frames: int,
+    resolution: int,
+) -> dict:
     """Everything the sampled clips of an evaluation depend on. The checkpoint enters by content
     (the weights file used and its ``checkpoint.json``), so a copied run keeps its samples."""
     folder = Path(folder)
-    return {"step": int(step), "weights": weights,
-            "weights_sha256": _sha256(folder / (EMA_FILE if weights == "ema" else MODEL_FILE)),
-            "checkpoint_json_sha256": _sha256(folder / META_FILE),
-            "sampler": sampler, "steps": None if settings.steps is None else int(settings.steps),
-            "eta": float(settings.eta), "cfg_scale": float(cfg_scale), "seed": int(settings.seed),
-            "num_clips": int(settings.num_clips), "batch_size": int(settings.batch_size),
-            "num_frames": int(num_frames), "resolution": int(resolution),
-            "shard_format": SHARD_FORMAT}
+    return {
+        "step": int(step),
+        "weights": weights,
+        "weights_sha256": _sha256(folder / (EMA_FILE if weights == "ema" else MODEL_FILE)),
+        "checkpoint_json_sha256": _sha256(folder / META_FILE),
+        "sampler": sampler,
+        "steps": None if settings.steps is None else int(settings.steps),
+        "eta": float(settings.eta),
+        "cfg_scale": float(cfg_scale),
+        "seed": int(settings.seed),
+        "num_clips": int(settings.num_clips),
+        "batch_size": int(settings.batch_size),
+        "num_frames": int(num_frames),
+        "resolution": int(resolution),
+        "shard_format": SHARD_FORMAT,
+    }
 
 
 def key_digest(key: dict) -> str:
@@ -70,8 +92,11 @@ def _key_differences(old: dict, new: dict) -> list[str]:
         return text[1:13] + "..." if len(text) > 40 else text  # a hash: its first digits
 
     names = list(new) + [name for name in old if name not in new]
-    return [f"{name} {shown(old.get(name))} -> {shown(new.get(name))}"
-            for name in names if old.get(name) != new.get(name)]
+    return [
+        f"{name} {shown(old.get(name))} -> {shown(new.get(name))}"
+        for name in names
+        if old.get(name) != new.get(name)
+    ]
 
 
 class GeneratedClips:
@@ -113,7 +138,8 @@ class GeneratedClips:
             if not overwrite:
                 raise SamplesMismatchError(
                     f"'{self.folder}' holds {problem}; pass --overwrite to sample again there, "
-                    "or choose another --output")
+                    "or choose another --output"
+                )
             logger.warning("%s: deleting %s", self.folder, problem)
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -135,8 +161,9 @@ class GeneratedClips:
             with np.load(path) as data:
                 clips = data["clips"]
         except Exception as exc:  # a damaged shard is sampled again
-            logger.warning("generated clips '%s' cannot be read (%s); sampling them again",
-                           path, exc)
+            logger.warning(
+                "generated clips '%s' cannot be read (%s); sampling them again", path, exc
+            )
             return None
         return clips if len(clips) == self.shard_size(shard) else None
 

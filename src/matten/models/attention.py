@@ -24,8 +24,13 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Queries against (possibly cached, longer) keys and values -> (batch, Lq, dim).
 
         ``attn_mask``: boolean (Lq, Lk) or broadcastable, True where a query may attend."""
@@ -42,4 +47,6 @@ class Mlp(nn.Sequential):
 
     def __init__(self, dim: int, ratio: float = 4.0):
         hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        super().__init__(
+            nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+        )

@@ -34,13 +34,23 @@ LAYOUTS = {
 
 
 class Block(nn.Module):
-    def __init__(self, layout, dim: int, num_heads: int, conditioning: str, mlp_ratio: float,
-                 d_state: int, expand: int):
+    def __init__(
+        self,
+        layout,
+        dim: int,
+        num_heads: int,
+        conditioning: str,
+        mlp_ratio: float,
+        d_state: int,
+        expand: int,
+    ):
         super().__init__()
         self.layers = nn.ModuleList(
-            AttentionLayer(dim, num_heads, view, conditioning, mlp_ratio) if kind == "attention"
+            AttentionLayer(dim, num_heads, view, conditioning, mlp_ratio)
+            if kind == "attention"
             else MambaLayer(dim, view, conditioning, d_state, expand)
-            for kind, view in layout)
+            for kind, view in layout
+        )
 
     def forward(self, x, cond: Condition, grid: TokenGrid):
         for layer in self.layers:
@@ -51,16 +61,37 @@ class Block(nn.Module):
 class VideoBackbone(Denoiser):
     """eps_theta(x_t, t, y): a stack of blocks of one layout over video latent patches."""
 
-    def __init__(self, layout, depth: int, hidden_size: int, num_heads: int, patch_size: int = 2,
-                 in_channels: int = 4, learn_sigma: bool = True, num_classes: int = 0,
-                 class_dropout_prob: float = 0.1, conditioning: str = "adan",
-                 mlp_ratio: float = 4.0, d_state: int = 16, expand: int = 2,
-                 gradient_checkpointing: bool = False):
+    def __init__(
+        self,
+        layout,
+        depth: int,
+        hidden_size: int,
+        num_heads: int,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        learn_sigma: bool = True,
+        num_classes: int = 0,
+        class_dropout_prob: float = 0.1,
+        conditioning: str = "adan",
+        mlp_ratio: float = 4.0,
+        d_state: int = 16,
+        expand: int = 2,
+        gradient_checkpointing: bool = False,
+    ):
         def make_blocks():
-            return (Block(layout, hidden_size, num_heads, conditioning, mlp_ratio, d_state, expand)
-                    for _ in range(depth))
+            return (
+                Block(layout, hidden_size, num_heads, conditioning, mlp_ratio, d_state, expand)
+                for _ in range(depth)
+            )
 
-        super().__init__(make_blocks, hidden_size, patch_size=patch_size, in_channels=in_channels,
-                         learn_sigma=learn_sigma, num_classes=num_classes,
-                         class_dropout_prob=class_dropout_prob, conditioning=conditioning,
-                         gradient_checkpointing=gradient_checkpointing)
+        super().__init__(
+            make_blocks,
+            hidden_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            learn_sigma=learn_sigma,
+            num_classes=num_classes,
+            class_dropout_prob=class_dropout_prob,
+            conditioning=conditioning,
+            gradient_checkpointing=gradient_checkpointing,
+        )

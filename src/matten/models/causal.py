@@ -44,9 +44,19 @@ from .embeddings import spatial_pos_embed
 from .hybrid import MEMORY_KINDS, WINDOW_KINDS, HybridMemoryLayer, LayerState, window_mask
 from .layers import AttentionLayer, Condition
 
-__all__ = ["CAUSAL_NAME", "MEMORY_KINDS", "WINDOW_KINDS", "CausalBlock", "CausalState",
-           "CausalVideoBackbone", "HybridMemoryLayer", "LayerState", "create_causal_model",
-           "layer_block_sizes", "window_mask"]
+__all__ = [
+    "CAUSAL_NAME",
+    "MEMORY_KINDS",
+    "WINDOW_KINDS",
+    "CausalBlock",
+    "CausalState",
+    "CausalVideoBackbone",
+    "HybridMemoryLayer",
+    "LayerState",
+    "create_causal_model",
+    "layer_block_sizes",
+    "window_mask",
+]
 
 CAUSAL_NAME = "Matten-Causal"  # the model name (model.config["name"]) of this backbone
 
@@ -55,6 +65,7 @@ def layer_block_sizes(spec, depth: int) -> list[tuple[int, int]]:
     """The block-wise SSM's block size (b_h, b_w) for each of ``depth`` layers, from one size
     for all (an int, or a pair of ints: always read as one (b_h, b_w)) or a list of ``depth``
     of them (coarser blocks deeper, say)."""
+
     def pair(size) -> tuple[int, int]:
         size = (size, size) if isinstance(size, int) else tuple(size)
         if len(size) != 2 or not all(isinstance(n, int) and n >= 1 for n in size):
@@ -72,8 +83,9 @@ def layer_block_sizes(spec, depth: int) -> list[tuple[int, int]]:
 class CausalState:
     """Everything generation carries from one chunk to the next: its size stops growing once
     ``frames`` passes the window, whatever the video length."""
+
     batch: int
-    frames: int = 0                      # frames committed so far
+    frames: int = 0  # frames committed so far
     layers: list[LayerState] = field(default_factory=list)
 
     def num_elements(self) -> int:
@@ -98,27 +110,65 @@ class CausalVideoBackbone(Denoiser):
 
     streams = True
 
-    def __init__(self, depth: int, hidden_size: int, num_heads: int, patch_size: int = 2,
-                 in_channels: int = 4, learn_sigma: bool = True, num_classes: int = 0,
-                 class_dropout_prob: float = 0.1, num_actions: int = 0, action_dim: int = 0,
-                 window: int = 8, sink: int = 1, memory: str = "both",
-                 context_length: int = 16, mlp_ratio: float = 4.0, d_state: int = 16,
-                 expand: int = 2, ssm_block_size=(2, 2), window_kind: str = "same_position",
-                 malt_slots: int = 16, malt_segment: int = 4):
+    def __init__(
+        self,
+        depth: int,
+        hidden_size: int,
+        num_heads: int,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        learn_sigma: bool = True,
+        num_classes: int = 0,
+        class_dropout_prob: float = 0.1,
+        num_actions: int = 0,
+        action_dim: int = 0,
+        window: int = 8,
+        sink: int = 1,
+        memory: str = "both",
+        context_length: int = 16,
+        mlp_ratio: float = 4.0,
+        d_state: int = 16,
+        expand: int = 2,
+        ssm_block_size=(2, 2),
+        window_kind: str = "same_position",
+        malt_slots: int = 16,
+        malt_segment: int = 4,
+    ):
         if window < 1 or sink < 0:
             raise ValueError(f"need window >= 1 and sink >= 0, got window={window}, sink={sink}")
 
         def make_blocks():
-            return (CausalBlock(hidden_size, num_heads, mlp_ratio, window=window, sink=sink,
-                                memory=memory, context_length=context_length, d_state=d_state,
-                                expand=expand, ssm_block_size=block, window_kind=window_kind,
-                                malt_slots=malt_slots, malt_segment=malt_segment)
-                    for block in layer_block_sizes(ssm_block_size, depth))
+            return (
+                CausalBlock(
+                    hidden_size,
+                    num_heads,
+                    mlp_ratio,
+                    window=window,
+                    sink=sink,
+                    memory=memory,
+                    context_length=context_length,
+                    d_state=d_state,
+                    expand=expand,
+                    ssm_block_size=block,
+                    window_kind=window_kind,
+                    malt_slots=malt_slots,
+                    malt_segment=malt_segment,
+                )
+                for block in layer_block_sizes(ssm_block_size, depth)
+            )
 
-        super().__init__(make_blocks, hidden_size, patch_size=patch_size, in_channels=in_channels,
-                         learn_sigma=learn_sigma, num_classes=num_classes,
-                         class_dropout_prob=class_dropout_prob, conditioning="adan",
-                         num_actions=num_actions, action_dim=action_dim)
+        super().__init__(
+            make_blocks,
+            hidden_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            learn_sigma=learn_sigma,
+            num_classes=num_classes,
+            class_dropout_prob=class_dropout_prob,
+            conditioning="adan",
+            num_actions=num_actions,
+            action_dim=action_dim,
+        )
         self.window, self.sink, self.memory = window, sink, memory
         self.window_kind = window_kind
 
@@ -127,15 +177,23 @@ class CausalVideoBackbone(Denoiser):
         pos = spatial_pos_embed(self.hidden_size, grid.height, grid.width, device, dtype)
         return pos.repeat(1, grid.frames, 1)
 
-    def run_blocks(self, tokens: Tensor, cond: Condition, grid: TokenGrid,
-                   state: CausalState | None = None, commit: bool = False):
+    def run_blocks(
+        self,
+        tokens: Tensor,
+        cond: Condition,
+        grid: TokenGrid,
+        state: CausalState | None = None,
+        commit: bool = False,
+    ):
         """The blocks after the frames in ``state`` (none: the clip starts at frame 0) ->
         (tokens, each layer's next state, None unless committing)."""
         state = self.init_state(tokens.shape[0]) if state is None else state
         if state.batch != tokens.shape[0] or len(state.layers) != len(self.blocks):
-            raise ValueError(f"state is for batch {state.batch} and {len(state.layers)} blocks; "
-                             f"got batch {tokens.shape[0]} and a model of {len(self.blocks)} "
-                             "blocks")
+            raise ValueError(
+                f"state is for batch {state.batch} and {len(state.layers)} blocks; "
+                f"got batch {tokens.shape[0]} and a model of {len(self.blocks)} "
+                "blocks"
+            )
         layers = []
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
             tokens, new_layer = block(tokens, cond, grid, state.frames, layer_state, commit)
@@ -146,8 +204,15 @@ class CausalVideoBackbone(Denoiser):
         """An empty state: nothing generated yet."""
         return CausalState(batch, 0, [LayerState() for _ in self.blocks])
 
-    def step(self, x: Tensor, t: Tensor, state: CausalState, y: Tensor | None = None,
-             actions: Tensor | None = None, commit: bool = True) -> tuple[Tensor, CausalState]:
+    def step(
+        self,
+        x: Tensor,
+        t: Tensor,
+        state: CausalState,
+        y: Tensor | None = None,
+        actions: Tensor | None = None,
+        commit: bool = True,
+    ) -> tuple[Tensor, CausalState]:
         """The next chunk of frames (1 or more) after those in ``state`` -> (output, state).
 
         With ``commit=False`` the state is returned unchanged (the same object): use it for every
@@ -157,21 +222,43 @@ class CausalVideoBackbone(Denoiser):
             return out, state
         return out, replace(state, frames=state.frames + x.shape[2], layers=layers)
 
-    def commit(self, x: Tensor, t: Tensor, state: CausalState, y: Tensor | None = None,
-               actions: Tensor | None = None) -> CausalState:
+    def commit(
+        self,
+        x: Tensor,
+        t: Tensor,
+        state: CausalState,
+        y: Tensor | None = None,
+        actions: Tensor | None = None,
+    ) -> CausalState:
         """Write a (clean) chunk into the cache and memories; returns the advanced state."""
         return self.step(x, t, state, y, actions, commit=True)[1]
 
 
-def create_causal_model(name: str = CAUSAL_NAME, input_size: int | tuple[int, int] = 32,
-                        in_channels: int = 4, depth: int = 6, hidden_size: int = 384,
-                        num_heads: int = 6, patch_size: int = 2, learn_sigma: bool = True,
-                        num_classes: int = 0, class_dropout_prob: float = 0.1,
-                        num_actions: int = 0, action_dim: int = 0, window: int = 8, sink: int = 1,
-                        memory: str = "both", context_length: int = 16, mlp_ratio: float = 4.0,
-                        d_state: int = 16, expand: int = 2, ssm_block_size=(2, 2),
-                        window_kind: str = "same_position", malt_slots: int = 16,
-                        malt_segment: int = 4) -> CausalVideoBackbone:
+def create_causal_model(
+    name: str = CAUSAL_NAME,
+    input_size: int | tuple[int, int] = 32,
+    in_channels: int = 4,
+    depth: int = 6,
+    hidden_size: int = 384,
+    num_heads: int = 6,
+    patch_size: int = 2,
+    learn_sigma: bool = True,
+    num_classes: int = 0,
+    class_dropout_prob: float = 0.1,
+    num_actions: int = 0,
+    action_dim: int = 0,
+    window: int = 8,
+    sink: int = 1,
+    memory: str = "both",
+    context_length: int = 16,
+    mlp_ratio: float = 4.0,
+    d_state: int = 16,
+    expand: int = 2,
+    ssm_block_size=(2, 2),
+    window_kind: str = "same_position",
+    malt_slots: int = 16,
+    malt_segment: int = 4,
+) -> CausalVideoBackbone:
     """Build a causal backbone; ``model.config`` holds these arguments, enough to rebuild it.
 
     ``context_length`` is the training clip length (the router's T_ref); ``input_size`` (latent
@@ -189,11 +276,27 @@ def create_causal_model(name: str = CAUSAL_NAME, input_size: int | tuple[int, in
         config["input_size"] = list(config["input_size"])
     config["ssm_block_size"] = [list(b) for b in layer_block_sizes(ssm_block_size, depth)]
     model = CausalVideoBackbone(
-        depth, hidden_size, num_heads, patch_size=patch_size, in_channels=in_channels,
-        learn_sigma=learn_sigma, num_classes=num_classes, class_dropout_prob=class_dropout_prob,
-        num_actions=num_actions, action_dim=action_dim, window=window, sink=sink, memory=memory,
-        context_length=context_length, mlp_ratio=mlp_ratio, d_state=d_state, expand=expand,
-        ssm_block_size=ssm_block_size, window_kind=window_kind, malt_slots=malt_slots,
-        malt_segment=malt_segment)
+        depth,
+        hidden_size,
+        num_heads,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        learn_sigma=learn_sigma,
+        num_classes=num_classes,
+        class_dropout_prob=class_dropout_prob,
+        num_actions=num_actions,
+        action_dim=action_dim,
+        window=window,
+        sink=sink,
+        memory=memory,
+        context_length=context_length,
+        mlp_ratio=mlp_ratio,
+        d_state=d_state,
+        expand=expand,
+        ssm_block_size=ssm_block_size,
+        window_kind=window_kind,
+        malt_slots=malt_slots,
+        malt_segment=malt_segment,
+    )
     model.config = config
     return model

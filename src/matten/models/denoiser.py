@@ -60,11 +60,20 @@ class Denoiser(nn.Module):
     config: dict[str, Any]  # the constructor's arguments, enough to rebuild the model
     streams = False  # True for a backbone that generates chunk by chunk (init_state/step/commit)
 
-    def __init__(self, make_blocks: Callable[[], Iterable[nn.Module]], hidden_size: int,
-                 patch_size: int = 2, in_channels: int = 4, learn_sigma: bool = True,
-                 num_classes: int = 0, class_dropout_prob: float = 0.1,
-                 conditioning: str = "adan", num_actions: int = 0, action_dim: int = 0,
-                 gradient_checkpointing: bool = False):
+    def __init__(
+        self,
+        make_blocks: Callable[[], Iterable[nn.Module]],
+        hidden_size: int,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        learn_sigma: bool = True,
+        num_classes: int = 0,
+        class_dropout_prob: float = 0.1,
+        conditioning: str = "adan",
+        num_actions: int = 0,
+        action_dim: int = 0,
+        gradient_checkpointing: bool = False,
+    ):
         super().__init__()
         self.patch_size, self.in_channels = patch_size, in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
@@ -72,10 +81,14 @@ class Denoiser(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = (LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-                           if num_classes > 0 else None)
-        self.action_embedder = (ActionEmbedder(hidden_size, num_actions, action_dim)
-                                if num_actions > 0 or action_dim > 0 else None)
+        self.y_embedder = (
+            LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        )
+        self.action_embedder = (
+            ActionEmbedder(hidden_size, num_actions, action_dim)
+            if num_actions > 0 or action_dim > 0
+            else None
+        )
         # Built in this order (embedders, blocks, final layer) so a seed draws the same weights.
         self.blocks = nn.ModuleList(make_blocks())
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, conditioning)
@@ -105,26 +118,39 @@ class Denoiser(nn.Module):
         """The size of a continuous action vector (0: none, or discrete actions)."""
         return self.action_embedder.action_dim if self.action_embedder is not None else 0
 
-    def condition(self, t: Tensor, y: Tensor | None = None, actions: Tensor | None = None, *,
-                  frames: int, batch: int | None = None) -> Condition:
+    def condition(
+        self,
+        t: Tensor,
+        y: Tensor | None = None,
+        actions: Tensor | None = None,
+        *,
+        frames: int,
+        batch: int | None = None,
+    ) -> Condition:
         """adan: one vector per frame, noise level (+ action) (+ class); tokens: the clip's noise
         level (+ class) as conditional tokens. t: (B,) or per-frame (B, F)."""
         batch = t.shape[0] if batch is None else batch
         if t.dim() == 1:
             t = t[:, None].expand(-1, frames)
         if t.shape != (batch, frames):
-            raise ValueError(f"expected timesteps of shape ({batch},) or ({batch}, {frames}), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"expected timesteps of shape ({batch},) or ({batch}, {frames}), "
+                f"got {tuple(t.shape)}"
+            )
         vector = self.t_embedder(t)  # (B, F, D)
         action_embedder, y_embedder = self.action_embedder, self.y_embedder
         if (actions is None) != (action_embedder is None):
-            raise ValueError("actions are required by an action-conditioned model and refused "
-                             "by one without actions")
+            raise ValueError(
+                "actions are required by an action-conditioned model and refused "
+                "by one without actions"
+            )
         if actions is not None and action_embedder is not None:
             vector = vector + action_embedder(actions, batch, frames)
         if (y is None) != (y_embedder is None):
-            raise ValueError("class labels y are required by a class-conditional model and "
-                             "refused by an unconditional one")
+            raise ValueError(
+                "class labels y are required by a class-conditional model and "
+                "refused by an unconditional one"
+            )
         if y is not None and y.shape != (batch,):
             raise ValueError(f"expected labels of shape ({batch},), got {tuple(y.shape)}")
         y_emb = y_embedder(y) if y is not None and y_embedder is not None else None
@@ -137,8 +163,9 @@ class Denoiser(nn.Module):
 
     def token_grid(self, x: Tensor) -> TokenGrid:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected x of shape (B, {self.in_channels}, F, H, W), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected x of shape (B, {self.in_channels}, F, H, W), got {tuple(x.shape)}"
+            )
         if x.shape[2] < 1:
             raise ValueError("x has no frames")
         p = self.patch_size
@@ -146,8 +173,9 @@ class Denoiser(nn.Module):
 
     def positions(self, grid: TokenGrid, device, dtype) -> Tensor:
         """The fixed positions added to the patch tokens, (1, F*h*w, D): spatio-temporal."""
-        return spatio_temporal_pos_embed(self.hidden_size, grid.frames, grid.height, grid.width,
-                                         device=device, dtype=dtype)
+        return spatio_temporal_pos_embed(
+            self.hidden_size, grid.frames, grid.height, grid.width, device=device, dtype=dtype
+        )
 
     def run_blocks(self, tokens: Tensor, cond: Condition, grid: TokenGrid):
         """The blocks over the tokens -> (tokens, what they carry to the next call: None)."""
@@ -158,8 +186,14 @@ class Denoiser(nn.Module):
                 tokens = block(tokens, cond, grid)
         return tokens, None
 
-    def denoise(self, x: Tensor, t: Tensor, y: Tensor | None = None,
-                actions: Tensor | None = None, **block_inputs):
+    def denoise(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        actions: Tensor | None = None,
+        **block_inputs,
+    ):
         """The pipeline -> (output (B, out_channels, F, H, W), what :meth:`run_blocks` carries)."""
         grid = self.token_grid(x)
         tokens = self.patch_embed(x)
@@ -167,11 +201,13 @@ class Denoiser(nn.Module):
         cond = self.condition(t, y, actions, frames=grid.frames, batch=x.shape[0])
         tokens, carried = self.run_blocks(tokens, cond, grid, **block_inputs)
         out = self.final_layer(tokens, cond, grid)
-        return unpatchify(out, grid.frames, grid.height, grid.width, self.patch_size,
-                          self.out_channels), carried
+        return unpatchify(
+            out, grid.frames, grid.height, grid.width, self.patch_size, self.out_channels
+        ), carried
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None,
-                actions: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor | None = None, actions: Tensor | None = None
+    ) -> Tensor:
         """x (B, C, F, H, W), t (B,) or per-frame (B, F), y (B,), actions (B, F) or
         (B, F, action_dim) -> (B, out_channels, F, H, W)."""
         return self.denoise(x, t, y, actions)[0]

@@ -29,11 +29,20 @@ class PatchEmbed(nn.Module):
         return rearrange(x, "(b f) d h w -> b (f h w) d", b=batch)
 
 
-def unpatchify(tokens: torch.Tensor, frames: int, height: int, width: int, patch_size: int,
-               channels: int) -> torch.Tensor:
+def unpatchify(
+    tokens: torch.Tensor, frames: int, height: int, width: int, patch_size: int, channels: int
+) -> torch.Tensor:
     """(B, F*h*w, p*p*C) -> (B, C, F, h*p, w*p), the inverse of the patch layout."""
-    return rearrange(tokens, "b (f h w) (p q c) -> b c f (h p) (w q)", f=frames, h=height, w=width,
-                     p=patch_size, q=patch_size, c=channels)
+    return rearrange(
+        tokens,
+        "b (f h w) (p q c) -> b c f (h p) (w q)",
+        f=frames,
+        h=height,
+        w=width,
+        p=patch_size,
+        q=patch_size,
+        c=channels,
+    )
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
@@ -64,15 +73,18 @@ def _as_embedding(table_fn, dim: int, *sizes, device=None, dtype=torch.float32) 
     return torch.from_numpy(table_fn(dim, *sizes)).to(device=device, dtype=dtype)[None]
 
 
-def spatio_temporal_pos_embed(dim: int, frames: int, height: int, width: int,
-                              device=None, dtype=torch.float32) -> torch.Tensor:
+def spatio_temporal_pos_embed(
+    dim: int, frames: int, height: int, width: int, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """Fixed embedding p of the paper's z = z_hat + p: (1, F*h*w, dim), spatial-first order."""
-    return _as_embedding(_spatio_temporal_table, dim, frames, height, width, device=device,
-                         dtype=dtype)
+    return _as_embedding(
+        _spatio_temporal_table, dim, frames, height, width, device=device, dtype=dtype
+    )
 
 
-def spatial_pos_embed(dim: int, height: int, width: int, device=None,
-                      dtype=torch.float32) -> torch.Tensor:
+def spatial_pos_embed(
+    dim: int, height: int, width: int, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """Fixed 2-D sin-cos positions (1, h*w, dim), the same for every frame."""
     return _as_embedding(_spatial_table, dim, height, width, device=device, dtype=dtype)
 
@@ -83,8 +95,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_size: int = 256):
         super().__init__()
         self.frequency_size = frequency_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequency_size // 2
@@ -110,8 +123,10 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         if not labels.is_meta and (labels.min() < 0 or labels.max() > self.num_classes):
-            raise ValueError(f"class labels must be in [0, {self.num_classes}] "
-                             f"({self.num_classes} is the null class), got {labels.tolist()}")
+            raise ValueError(
+                f"class labels must be in [0, {self.num_classes}] "
+                f"({self.num_classes} is the null class), got {labels.tolist()}"
+            )
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
@@ -131,18 +146,23 @@ class ActionEmbedder(nn.Module):
         if num_actions:
             self.embed = nn.Embedding(num_actions, hidden_size)
         else:
-            self.embed = nn.Sequential(nn.Linear(action_dim, hidden_size), nn.SiLU(),
-                                       nn.Linear(hidden_size, hidden_size))
+            self.embed = nn.Sequential(
+                nn.Linear(action_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            )
 
     def forward(self, actions: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
         if self.num_actions:
             if actions.shape != (batch, frames) or actions.is_floating_point():
-                raise ValueError(f"expected integer actions of shape ({batch}, {frames}), got "
-                                 f"{actions.dtype} {tuple(actions.shape)}")
+                raise ValueError(
+                    f"expected integer actions of shape ({batch}, {frames}), got "
+                    f"{actions.dtype} {tuple(actions.shape)}"
+                )
             if actions.min() < 0 or actions.max() >= self.num_actions:
                 raise ValueError(f"actions must be in [0, {self.num_actions})")
             return self.embed(actions)
         if actions.shape != (batch, frames, self.action_dim):
-            raise ValueError(f"expected actions of shape ({batch}, {frames}, {self.action_dim}), "
-                             f"got {tuple(actions.shape)}")
+            raise ValueError(
+                f"expected actions of shape ({batch}, {frames}, {self.action_dim}), "
+                f"got {tuple(actions.shape)}"
+            )
         return self.embed(actions.to(next(self.embed.parameters()).dtype))

@@ -61,6 +61,7 @@ class LayerState:
     they leave the window; ssm: the block-wise SSM's state; memory: the delta-rule state;
     malt: MALT's memory and its write in progress.
     """
+
     k: Tensor | None = None
     v: Tensor | None = None
     pending: Tensor | None = None
@@ -81,21 +82,35 @@ class HybridMemoryLayer(ConditionedLayer):
 
     num_modulations = 6
 
-    def __init__(self, dim: int, num_heads: int, window: int, sink: int, memory: str,
-                 context_length: int, mlp_ratio: float = 4.0, d_state: int = 16, expand: int = 2,
-                 ssm_block_size: tuple[int, int] = (2, 2), window_kind: str = "same_position",
-                 malt_slots: int = 16, malt_segment: int = 4):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window: int,
+        sink: int,
+        memory: str,
+        context_length: int,
+        mlp_ratio: float = 4.0,
+        d_state: int = 16,
+        expand: int = 2,
+        ssm_block_size: tuple[int, int] = (2, 2),
+        window_kind: str = "same_position",
+        malt_slots: int = 16,
+        malt_segment: int = 4,
+    ):
         super().__init__(dim, "temporal", "adan", build_modulation=False)
         parts = memory_parts(memory)
         if window_kind not in WINDOW_KINDS:
-            raise ValueError(f"unknown window kind {window_kind!r}; expected one of "
-                             f"{WINDOW_KINDS}")
+            raise ValueError(f"unknown window kind {window_kind!r}; expected one of {WINDOW_KINDS}")
         self.window, self.sink, self.context_length = window, sink, context_length
         self.window_kind = window_kind
         self.norm1 = nn.LayerNorm(dim, **self.norm_kwargs)
         self.attn = Attention(dim, num_heads)
-        self.ssm = (BlockwiseTemporalSSM(dim, ssm_block_size, d_state=d_state, expand=expand)
-                    if "ssm" in parts else None)
+        self.ssm = (
+            BlockwiseTemporalSSM(dim, ssm_block_size, d_state=d_state, expand=expand)
+            if "ssm" in parts
+            else None
+        )
         self.delta = GatedDeltaMemory(dim, num_heads) if "delta" in parts else None
         self.router = PositionRouter() if self.delta is not None else None
         self.norm2 = nn.LayerNorm(dim, **self.norm_kwargs)
@@ -103,8 +118,9 @@ class HybridMemoryLayer(ConditionedLayer):
         # built last, as it always was, so that a seed draws the same weights
         self.modulation = zero_modulation(dim, self.num_modulations)
         # after everything else, so "malt+delta" draws the same other weights as "delta"
-        self.malt = (SegmentMemory(dim, num_heads, malt_slots, malt_segment)
-                     if "malt" in parts else None)
+        self.malt = (
+            SegmentMemory(dim, num_heads, malt_slots, malt_segment) if "malt" in parts else None
+        )
 
     # Frames held by the KV cache after ``n`` committed frames: the sinks, then the recent ones.
     def _sink_frames(self, n: int) -> list[int]:
@@ -113,8 +129,15 @@ class HybridMemoryLayer(ConditionedLayer):
     def _recent_frames(self, n: int) -> list[int]:
         return list(range(max(self.sink, n - self.window + 1), n))
 
-    def forward(self, x: Tensor, cond: Condition, grid: TokenGrid, start: int,
-                state: LayerState, commit: bool) -> tuple[Tensor, LayerState | None]:
+    def forward(
+        self,
+        x: Tensor,
+        cond: Condition,
+        grid: TokenGrid,
+        start: int,
+        state: LayerState,
+        commit: bool,
+    ) -> tuple[Tensor, LayerState | None]:
         """x: (B, n*h*w, D) tokens of frames start .. start + n - 1 -> (x, new state or None)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulations(cond)
         h = modulate(self.norm1(x), shift_a, scale_a, grid)
@@ -127,9 +150,13 @@ class HybridMemoryLayer(ConditionedLayer):
             mixed = mixed + ssm_out
         if self.delta is not None and self.router is not None:  # built together
             delta_out, new_memory, rows = self._delta(self.delta, h, grid, start, state, commit)
-            per_frame = (x.shape[0], grid.frames, -1)   # the router's gamma is one per frame
-            mixed = self.router.fuse(mixed.reshape(per_frame), delta_out.reshape(per_frame),
-                                     frames[None], self.context_length).view_as(x)
+            per_frame = (x.shape[0], grid.frames, -1)  # the router's gamma is one per frame
+            mixed = self.router.fuse(
+                mixed.reshape(per_frame),
+                delta_out.reshape(per_frame),
+                frames[None],
+                self.context_length,
+            ).view_as(x)
         if self.malt is not None:
             frame_tokens = h.view(x.shape[0], grid.frames, grid.tokens_per_frame, -1)
             malt_out, new_malt = self.malt(frame_tokens, start, state.malt)
@@ -147,8 +174,9 @@ class HybridMemoryLayer(ConditionedLayer):
         key_frames = frames
         if state.k is not None and state.v is not None:
             cached = self._sink_frames(start) + self._recent_frames(start)
-            key_frames = torch.cat([torch.tensor(cached, device=h.device, dtype=frames.dtype),
-                                    frames])
+            key_frames = torch.cat(
+                [torch.tensor(cached, device=h.device, dtype=frames.dtype), frames]
+            )
             k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
         mask = window_mask(frames, key_frames, self.window, self.sink)
         if self.window_kind == "same_position":
@@ -161,8 +189,15 @@ class HybridMemoryLayer(ConditionedLayer):
         mask = mask.repeat_interleave(p, dim=0).repeat_interleave(p, dim=1)
         return self.attn.attend(dq, dk, dv, attn_mask=mask), (k, v, key_frames)
 
-    def _delta(self, delta: GatedDeltaMemory, h: Tensor, grid: TokenGrid, start: int,
-               state: LayerState, commit: bool):
+    def _delta(
+        self,
+        delta: GatedDeltaMemory,
+        h: Tensor,
+        grid: TokenGrid,
+        start: int,
+        state: LayerState,
+        commit: bool,
+    ):
         """Frame f reads the memory after every non-sink frame <= f - window has been written.
 
         The frames are written oldest first, one delta-rule chunk each, from the pending recent
@@ -171,25 +206,30 @@ class HybridMemoryLayer(ConditionedLayer):
         """
         batch, n = h.shape[0], grid.frames
         chunk = h.view(batch, n, grid.tokens_per_frame, -1)
-        pending = chunk if state.pending is None else torch.cat([state.pending.to(h.dtype),
-                                                                 chunk], dim=1)
+        pending = (
+            chunk if state.pending is None else torch.cat([state.pending.to(h.dtype), chunk], dim=1)
+        )
         first = start - (0 if state.pending is None else state.pending.shape[1])
         memory = state.memory if state.memory is not None else delta.init_state(batch, h.device)
-        written = max(self.sink, start - self.window + 1)   # frames below are already in memory
+        written = max(self.sink, start - self.window + 1)  # frames below are already in memory
         # frames below `stop` are written: what the chunk's last frame reads, and when committing
         # one more, so the memory is ready for the next chunk's first frame
         stop = start + n - self.window + (1 if commit else 0)
         after = [memory] + delta.write_frames(
-            memory, pending[:, written - first:max(written, stop) - first])
+            memory, pending[:, written - first : max(written, stop) - first]
+        )
         # frame f reads the state after frames < f - window + 1: after[f - window + 1 - written]
-        index = [min(max(f - self.window + 1 - written, 0), len(after) - 1)
-                 for f in range(start, start + n)]
-        states = torch.stack([after[i] for i in index], dim=1)      # (B, n, H, dk, dv)
+        index = [
+            min(max(f - self.window + 1 - written, 0), len(after) - 1)
+            for f in range(start, start + n)
+        ]
+        states = torch.stack([after[i] for i in index], dim=1)  # (B, n, H, dk, dv)
         reads = delta.read(states.flatten(0, 1), chunk.flatten(0, 1))
         return reads.view(batch, n * grid.tokens_per_frame, -1), after[-1], pending
 
-    def _next_state(self, grid: TokenGrid, start: int, kv, ssm, memory,
-                     rows: Tensor | None) -> LayerState:
+    def _next_state(
+        self, grid: TokenGrid, start: int, kv, ssm, memory, rows: Tensor | None
+    ) -> LayerState:
         """Keep the sinks' and the last ``window - 1`` frames' keys and values (and, from
         ``rows``, the inputs of frames end - rows .. end - 1, those to be written into the delta
         memory when they leave the window); drop the rest."""

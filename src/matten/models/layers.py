@@ -43,6 +43,7 @@ VIEWS = ("global", "spatial", "temporal")
 @dataclass
 class Condition:
     """What a layer is conditioned on: a vector per frame (adan) or a few tokens per clip (tokens)."""
+
     vector: torch.Tensor | None = None  # (B, F, D)
     tokens: torch.Tensor | None = None  # (B, K, D)
 
@@ -67,8 +68,9 @@ def per_sequence(tokens: torch.Tensor, view: str, grid: TokenGrid) -> torch.Tens
     return repeat(tokens, "b k d -> (b n) k d", n=copies)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-             grid: TokenGrid) -> torch.Tensor:
+def modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, grid: TokenGrid
+) -> torch.Tensor:
     """x * (1 + scale) + shift with per-frame (B, F, D) modulation of (B, F*h*w, D) tokens."""
     x = x.view(x.shape[0], grid.frames, grid.tokens_per_frame, -1)
     return (x * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
@@ -101,7 +103,9 @@ class ConditionedLayer(nn.Module):
         if view not in VIEWS:
             raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
         if conditioning not in CONDITIONING_MODES:
-            raise ValueError(f"unknown conditioning {conditioning!r}; expected {CONDITIONING_MODES}")
+            raise ValueError(
+                f"unknown conditioning {conditioning!r}; expected {CONDITIONING_MODES}"
+            )
         self.view, self.conditioning = view, conditioning
         adaptive = conditioning == "adan"
         self.norm_kwargs: dict[str, Any] = dict(elementwise_affine=not adaptive, eps=1e-6)
@@ -111,12 +115,19 @@ class ConditionedLayer(nn.Module):
 
     def modulations(self, cond: Condition) -> tuple[torch.Tensor, ...]:
         if self.modulation is None:
-            raise RuntimeError("this layer has no adaptive-norm modulation (conditioning "
-                               f"{self.conditioning!r})")
+            raise RuntimeError(
+                f"this layer has no adaptive-norm modulation (conditioning {self.conditioning!r})"
+            )
         return self.modulation(cond.vector).chunk(self.num_modulations, dim=-1)
 
-    def mlp_residual(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                     gate: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+    def mlp_residual(
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        gate: torch.Tensor,
+        grid: TokenGrid,
+    ) -> torch.Tensor:
         """x + gate * MLP(AdaN(x)): the second half of an adaLN-Zero transformer layer."""
         return x + gated(self.mlp(modulate(self.norm2(x), shift, scale, grid)), gate, grid)
 
@@ -128,7 +139,7 @@ class ConditionedLayer(nn.Module):
             extra = per_sequence(cond.tokens, self.view, grid).to(seqs.dtype)
             k = extra.shape[1]
             parts = [extra, seqs, extra] if self.cond_at_both_ends else [extra, seqs]
-            seqs = mixer(torch.cat(parts, dim=1))[:, k:k + seqs.shape[1]]
+            seqs = mixer(torch.cat(parts, dim=1))[:, k : k + seqs.shape[1]]
         else:
             seqs = mixer(seqs)
         return from_sequences(seqs, self.view, grid)
@@ -139,8 +150,14 @@ class AttentionLayer(ConditionedLayer):
 
     num_modulations = 6
 
-    def __init__(self, dim: int, num_heads: int, view: str, conditioning: str = "adan",
-                 mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        view: str,
+        conditioning: str = "adan",
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__(dim, view, conditioning)
         self.norm1 = nn.LayerNorm(dim, **self.norm_kwargs)
         self.attn = Attention(dim, num_heads)
@@ -152,8 +169,11 @@ class AttentionLayer(ConditionedLayer):
             x = x + self.mix(self.attn, self.norm1(x), cond, grid)
             return x + self.mlp(self.norm2(x))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulations(cond)
-        x = x + gated(self.mix(self.attn, modulate(self.norm1(x), shift_a, scale_a, grid), cond,
-                               grid), gate_a, grid)
+        x = x + gated(
+            self.mix(self.attn, modulate(self.norm1(x), shift_a, scale_a, grid), cond, grid),
+            gate_a,
+            grid,
+        )
         return self.mlp_residual(x, shift_m, scale_m, gate_m, grid)
 
 
@@ -163,8 +183,9 @@ class MambaLayer(ConditionedLayer):
     num_modulations = 3
     cond_at_both_ends = True
 
-    def __init__(self, dim: int, view: str, conditioning: str = "adan", d_state: int = 16,
-                 expand: int = 2):
+    def __init__(
+        self, dim: int, view: str, conditioning: str = "adan", d_state: int = 16, expand: int = 2
+    ):
         super().__init__(dim, view, conditioning)
         self.norm = nn.LayerNorm(dim, **self.norm_kwargs)
         self.mamba = BiMamba(dim, d_state=d_state, expand=expand)

@@ -31,12 +31,13 @@ from ..ssm.scan_order import TokenGrid
 # Gated delta rule
 # --------------------------------------------------------------------------------------------
 
+
 def _delta_write_loop(M: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor) -> Tensor:
     """Token-by-token recurrence; n Python steps, kept as the plain statement of the rule."""
     for t in range(k.shape[1]):
-        kt, vt = k[:, t], v[:, t]                                   # (B, H, dk), (B, H, dv)
+        kt, vt = k[:, t], v[:, t]  # (B, H, dk), (B, H, dv)
         M = M * log_decay[:, t, :, None, None].exp()
-        pred = torch.einsum("bhkv,bhk->bhv", M, kt)                 # (exp(a) M_{t-1})^T k_t
+        pred = torch.einsum("bhkv,bhk->bhv", M, kt)  # (exp(a) M_{t-1})^T k_t
         M = M + beta[:, t, :, None, None] * kt[..., :, None] * (vt - pred)[..., None, :]
     return M
 
@@ -57,12 +58,13 @@ def _delta_write_chunk(M: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor)
     system = system + torch.eye(C, dtype=k.dtype, device=k.device)
     rhs = beta[..., None] * (v - g.exp()[..., None] * (k @ M))
     d = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    tail = (g[..., -1:] - g).exp()[..., None]                      # gamma_C / gamma_i
+    tail = (g[..., -1:] - g).exp()[..., None]  # gamma_C / gamma_i
     return g[..., -1, None, None].exp() * M + (k * tail).transpose(-1, -2) @ d
 
 
-def gated_delta_write(M: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor,
-                      chunk_size: int | None = 64) -> Tensor:
+def gated_delta_write(
+    M: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor, chunk_size: int | None = 64
+) -> Tensor:
     """Write n (key, value) pairs into the memories M with the gated delta rule.
 
     M: (B, H, dk, dv) maps keys to values (retrieval is M^T q); k: (B, n, H, dk), unit norm;
@@ -81,12 +83,13 @@ def gated_delta_write(M: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: 
         return M
     if chunk_size is None:
         return _delta_write_loop(M, k, v, beta, log_decay)
-    k, v = k.transpose(1, 2), v.transpose(1, 2)                     # (B, H, n, d)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, n, d)
     beta, log_decay = beta.transpose(1, 2), log_decay.transpose(1, 2)
     for s in range(0, n, chunk_size):
         part = slice(s, s + chunk_size)
-        M = _delta_write_chunk(M, k[:, :, part], v[:, :, part], beta[:, :, part],
-                               log_decay[:, :, part].cumsum(-1))
+        M = _delta_write_chunk(
+            M, k[:, :, part], v[:, :, part], beta[:, :, part], log_decay[:, :, part].cumsum(-1)
+        )
     return M
 
 
@@ -118,8 +121,14 @@ class GatedDeltaMemory(nn.Module):
     to the layer it sits in.
     """
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None,
-                 chunk_size: int | None = 64, decay_init: tuple[float, float] = (1e-4, 1e-2)):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        chunk_size: int | None = 64,
+        decay_init: tuple[float, float] = (1e-4, 1e-2),
+    ):
         super().__init__()
         if head_dim is None:
             if dim % num_heads:
@@ -136,7 +145,7 @@ class GatedDeltaMemory(nn.Module):
         self.alpha_proj = nn.Linear(dim, num_heads, bias=False)
         lo, hi = decay_init
         self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(math.log(lo), math.log(hi)))
-        self.dt_bias = nn.Parameter(torch.zeros(num_heads))          # the B of the decay gate
+        self.dt_bias = nn.Parameter(torch.zeros(num_heads))  # the B of the decay gate
         self.norm = _RMSNorm(head_dim)
         self.out_proj = nn.Linear(inner, dim, bias=False)
         nn.init.zeros_(self.out_proj.weight)
@@ -155,8 +164,9 @@ class GatedDeltaMemory(nn.Module):
     def init_state(self, batch: int, device=None, dtype: torch.dtype | None = None) -> Tensor:
         """An empty memory (B, H, dk, dv); float32 unless the module is in float64."""
         dtype = dtype or torch.promote_types(self.q_proj.weight.dtype, torch.float32)
-        return torch.zeros(batch, self.num_heads, self.head_dim, self.head_dim, device=device,
-                           dtype=dtype)
+        return torch.zeros(
+            batch, self.num_heads, self.head_dim, self.head_dim, device=device, dtype=dtype
+        )
 
     def write(self, state: Tensor, tokens: Tensor) -> Tensor:
         """Write evicted tokens (B, n, D), oldest first; returns the new state (state's dtype).
@@ -174,8 +184,9 @@ class GatedDeltaMemory(nn.Module):
         if n == 0:
             return []
         compute = torch.promote_types(state.dtype, torch.float32)
-        inputs = [t.to(compute).unflatten(1, (n, m))
-                  for t in self.write_inputs(frames.flatten(1, 2))]
+        inputs = [
+            t.to(compute).unflatten(1, (n, m)) for t in self.write_inputs(frames.flatten(1, 2))
+        ]
         M, states = state.to(compute), []
         for f in range(n):
             k, v, beta, log_decay = (t[:, f] for t in inputs)
@@ -198,8 +209,9 @@ class GatedDeltaMemory(nn.Module):
         o = F.silu(self._heads(self.g_proj(queries))) * o
         return self.out_proj(o.flatten(-2).to(queries.dtype))
 
-    def forward(self, tokens_to_write: Tensor | None, queries: Tensor,
-                state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, tokens_to_write: Tensor | None, queries: Tensor, state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Write the evicted tokens, then read with the queries: (out (B, m, D), new state)."""
         if state is None:
             state = self.init_state(queries.shape[0], queries.device)
@@ -211,6 +223,7 @@ class GatedDeltaMemory(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Router
 # --------------------------------------------------------------------------------------------
+
 
 class PositionRouter(nn.Module):
     """gamma_t = sigmoid(w log(rho_t) + b), rho_t = (t + 1) / T_ref; fused = local + gamma global.
@@ -235,14 +248,16 @@ class PositionRouter(nn.Module):
         gamma = torch.sigmoid(self.w * torch.log(rho) + self.b)
         return gamma.reshape(t.shape[0], -1, 1)
 
-    def fuse(self, local: Tensor, global_: Tensor, frame_index: Tensor | int,
-             ref_length: float) -> Tensor:
+    def fuse(
+        self, local: Tensor, global_: Tensor, frame_index: Tensor | int, ref_length: float
+    ) -> Tensor:
         return local + self(frame_index, ref_length).to(global_.dtype) * global_
 
 
 # --------------------------------------------------------------------------------------------
 # Block-wise temporal SSM
 # --------------------------------------------------------------------------------------------
+
 
 class BlockwiseTemporalSSM(nn.Module):
     """Causal scan over time, one sequence per spatial block of b_h x b_w tokens.
@@ -256,8 +271,15 @@ class BlockwiseTemporalSSM(nn.Module):
     Input and output tokens are in the global spatial-first order of :mod:`matten.ssm.scan_order`.
     """
 
-    def __init__(self, dim: int, block_size: tuple[int, int] = (4, 4), d_state: int = 16,
-                 expand: int = 2, d_conv: int = 4, dt_rank: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        block_size: tuple[int, int] = (4, 4),
+        d_state: int = 16,
+        expand: int = 2,
+        d_conv: int = 4,
+        dt_rank: int | None = None,
+    ):
         super().__init__()
         self.block_size = tuple(block_size)
         self.mamba = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
@@ -265,8 +287,9 @@ class BlockwiseTemporalSSM(nn.Module):
     def _block_counts(self, grid: TokenGrid) -> tuple[int, int]:
         bh, bw = self.block_size
         if grid.height % bh or grid.width % bw:
-            raise ValueError(f"token grid {grid.height}x{grid.width} is not divisible into "
-                             f"{bh}x{bw} blocks")
+            raise ValueError(
+                f"token grid {grid.height}x{grid.width} is not divisible into {bh}x{bw} blocks"
+            )
         return grid.height // bh, grid.width // bw
 
     def to_blocks(self, x: Tensor, grid: TokenGrid) -> Tensor:
@@ -274,18 +297,37 @@ class BlockwiseTemporalSSM(nn.Module):
         grid.check(x)
         nh, nw = self._block_counts(grid)
         bh, bw = self.block_size
-        return rearrange(x, "b (f nh bh nw bw) d -> (b nh nw) (f bh bw) d",
-                         f=grid.frames, nh=nh, bh=bh, nw=nw, bw=bw)
+        return rearrange(
+            x,
+            "b (f nh bh nw bw) d -> (b nh nw) (f bh bw) d",
+            f=grid.frames,
+            nh=nh,
+            bh=bh,
+            nw=nw,
+            bw=bw,
+        )
 
     def from_blocks(self, x: Tensor, grid: TokenGrid) -> Tensor:
         """Inverse of :meth:`to_blocks`."""
         nh, nw = self._block_counts(grid)
         bh, bw = self.block_size
-        return rearrange(x, "(b nh nw) (f bh bw) d -> b (f nh bh nw bw) d",
-                         f=grid.frames, nh=nh, bh=bh, nw=nw, bw=bw)
+        return rearrange(
+            x,
+            "(b nh nw) (f bh bw) d -> b (f nh bh nw bw) d",
+            f=grid.frames,
+            nh=nh,
+            bh=bh,
+            nw=nw,
+            bw=bw,
+        )
 
-    def forward(self, x: Tensor, grid: TokenGrid, state: MambaState | None = None,
-                return_state: bool = False):
+    def forward(
+        self,
+        x: Tensor,
+        grid: TokenGrid,
+        state: MambaState | None = None,
+        return_state: bool = False,
+    ):
         """x (B, F*h*w, D) for the next F frames -> (B, F*h*w, D) [, state after them]."""
         # Always the streaming path, even for a whole clip, so every call runs the same conv.
         y, new_state = self.mamba(self.to_blocks(x, grid), state, return_state=True)

@@ -41,8 +41,10 @@ DEFAULT_NAME = "Matten-S/2"  # what a config without a name builds
 
 
 def _unknown_model(name) -> ValueError:
-    return ValueError(f"unknown model {name!r}: expected Matten-<S|B|L|XL>/<patch> or "
-                      f"Latte-<S|B|L|XL>/<patch>, e.g. Matten-XL/2")
+    return ValueError(
+        f"unknown model {name!r}: expected Matten-<S|B|L|XL>/<patch> or "
+        f"Latte-<S|B|L|XL>/<patch>, e.g. Matten-XL/2"
+    )
 
 
 def parse_name(name: str) -> tuple[str, str, int]:
@@ -58,12 +60,24 @@ def model_names() -> list[str]:
     return [f"{family}-{size}/2" for family in ("Matten", "Latte") for size in SIZES]
 
 
-def create_model(name: str = DEFAULT_NAME, variant: int = 3, conditioning: str = "adan",
-                 num_frames: int = 16, input_size: int | tuple[int, int] = 32, in_channels: int = 4,
-                 num_classes: int = 0, learn_sigma: bool = True, class_dropout_prob: float = 0.1,
-                 depth: int | None = None, hidden_size: int | None = None,
-                 num_heads: int | None = None, mlp_ratio: float = 4.0, d_state: int = 16,
-                 expand: int = 2, gradient_checkpointing: bool = False) -> VideoBackbone:
+def create_model(
+    name: str = DEFAULT_NAME,
+    variant: int = 3,
+    conditioning: str = "adan",
+    num_frames: int = 16,
+    input_size: int | tuple[int, int] = 32,
+    in_channels: int = 4,
+    num_classes: int = 0,
+    learn_sigma: bool = True,
+    class_dropout_prob: float = 0.1,
+    depth: int | None = None,
+    hidden_size: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float = 4.0,
+    d_state: int = 16,
+    expand: int = 2,
+    gradient_checkpointing: bool = False,
+) -> VideoBackbone:
     """Build a backbone by name. ``depth``/``hidden_size``/``num_heads`` override the size's values
     (for tiny test models). ``num_frames`` and ``input_size`` (latent H, W) record the training
     shape, used by samplers; the network itself accepts any frame count and any size divisible by
@@ -75,11 +89,21 @@ def create_model(name: str = DEFAULT_NAME, variant: int = 3, conditioning: str =
         raise ValueError(f"unknown variant {variant!r}: Matten has variants 1, 2, 3 and 4")
     layers, default_hidden, default_heads = SIZES[size]
     model = VideoBackbone(
-        LAYOUTS[layout_key], depth or DEPTHS[size][layout_key], hidden_size or default_hidden,
-        num_heads or default_heads, patch_size=patch, in_channels=in_channels,
-        learn_sigma=learn_sigma, num_classes=num_classes, class_dropout_prob=class_dropout_prob,
-        conditioning=conditioning, mlp_ratio=mlp_ratio, d_state=d_state, expand=expand,
-        gradient_checkpointing=gradient_checkpointing)
+        LAYOUTS[layout_key],
+        depth or DEPTHS[size][layout_key],
+        hidden_size or default_hidden,
+        num_heads or default_heads,
+        patch_size=patch,
+        in_channels=in_channels,
+        learn_sigma=learn_sigma,
+        num_classes=num_classes,
+        class_dropout_prob=class_dropout_prob,
+        conditioning=conditioning,
+        mlp_ratio=mlp_ratio,
+        d_state=d_state,
+        expand=expand,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     if isinstance(config["input_size"], tuple):
         config["input_size"] = list(config["input_size"])
     if family == "Latte":
@@ -92,22 +116,32 @@ def create_model(name: str = DEFAULT_NAME, variant: int = 3, conditioning: str =
 # From a run's options
 # --------------------------------------------------------------------------------------------
 
+
 def _size_overrides(options: dict) -> dict:
-    return {key: options[key] for key in ("depth", "hidden_size", "num_heads")
-            if options.get(key) is not None}
+    return {
+        key: options[key]
+        for key in ("depth", "hidden_size", "num_heads")
+        if options.get(key) is not None
+    }
 
 
-def _clip_kwargs(options: dict, in_channels: int, latent_hw, num_classes: int,
-                 num_frames: int) -> dict:
+def _clip_kwargs(
+    options: dict, in_channels: int, latent_hw, num_classes: int, num_frames: int
+) -> dict:
     height, width = latent_hw
-    return dict(name=options["name"], variant=options["variant"],
-                conditioning=options["conditioning"], num_frames=num_frames,
-                input_size=height if height == width else tuple(latent_hw),
-                in_channels=in_channels, num_classes=num_classes,
-                learn_sigma=options["learn_sigma"],
-                class_dropout_prob=options["class_dropout_prob"],
-                gradient_checkpointing=options["gradient_checkpointing"],
-                **_size_overrides(options))
+    return dict(
+        name=options["name"],
+        variant=options["variant"],
+        conditioning=options["conditioning"],
+        num_frames=num_frames,
+        input_size=height if height == width else tuple(latent_hw),
+        in_channels=in_channels,
+        num_classes=num_classes,
+        learn_sigma=options["learn_sigma"],
+        class_dropout_prob=options["class_dropout_prob"],
+        gradient_checkpointing=options["gradient_checkpointing"],
+        **_size_overrides(options),
+    )
 
 
 # Causal options added later: read when the options have them (a run config always does), else
@@ -115,29 +149,40 @@ def _clip_kwargs(options: dict, in_channels: int, latent_hw, num_classes: int,
 _LATER_CAUSAL_OPTIONS = ("window_kind", "malt_slots", "malt_segment")
 
 
-def _causal_kwargs(options: dict, in_channels: int, latent_hw, num_classes: int,
-                   num_frames: int) -> dict:
+def _causal_kwargs(
+    options: dict, in_channels: int, latent_hw, num_classes: int, num_frames: int
+) -> dict:
     causal = options["causal"]
     # the training clip length is only the router's reference length: any video length runs
-    return dict(name=options["name"], input_size=list(latent_hw), in_channels=in_channels,
-                num_classes=num_classes, learn_sigma=options["learn_sigma"],
-                class_dropout_prob=options["class_dropout_prob"],
-                num_actions=causal["num_actions"], window=causal["window"],
-                sink=causal["sink"], memory=causal["memory"],
-                ssm_block_size=causal["ssm_block_size"], context_length=num_frames,
-                **{key: causal[key] for key in _LATER_CAUSAL_OPTIONS if key in causal},
-                **_size_overrides(options))
+    return dict(
+        name=options["name"],
+        input_size=list(latent_hw),
+        in_channels=in_channels,
+        num_classes=num_classes,
+        learn_sigma=options["learn_sigma"],
+        class_dropout_prob=options["class_dropout_prob"],
+        num_actions=causal["num_actions"],
+        window=causal["window"],
+        sink=causal["sink"],
+        memory=causal["memory"],
+        ssm_block_size=causal["ssm_block_size"],
+        context_length=num_frames,
+        **{key: causal[key] for key in _LATER_CAUSAL_OPTIONS if key in causal},
+        **_size_overrides(options),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ModelFamily:
     """A kind of backbone: ``build(**config)`` makes one from its ``model.config``;
     ``kwargs_for_run(options, in_channels, latent_hw, num_classes, num_frames)`` gives that
     config's arguments from a run's model options and data shape."""
+
     matches: Callable[[str], bool]
     build: Callable[..., Denoiser]
     kwargs_for_run: Callable[..., dict]
@@ -145,8 +190,7 @@ class ModelFamily:
 
 FAMILIES = {
     "clip": ModelFamily(lambda name: _NAME.match(name) is not None, create_model, _clip_kwargs),
-    "causal": ModelFamily(lambda name: name == CAUSAL_NAME, create_causal_model,
-                          _causal_kwargs),
+    "causal": ModelFamily(lambda name: name == CAUSAL_NAME, create_causal_model, _causal_kwargs),
 }
 
 
@@ -162,13 +206,15 @@ def build_model(**config) -> Denoiser:
     return family_of(config.get("name", DEFAULT_NAME)).build(**config)
 
 
-def model_kwargs_for_run(options: dict, *, in_channels: int, latent_hw, num_classes: int,
-                         num_frames: int) -> dict:
+def model_kwargs_for_run(
+    options: dict, *, in_channels: int, latent_hw, num_classes: int, num_frames: int
+) -> dict:
     """The arguments of :func:`build_model` for a new run: ``options`` is the run config's
     ``model`` section as a dict (name, variant, conditioning, learn_sigma, class_dropout_prob,
     depth / hidden_size / num_heads (None: the size's), gradient_checkpointing, and ``causal``:
     window, sink, memory, num_actions, ssm_block_size, window_kind, malt_slots, malt_segment;
     each family reads its own); the rest is the data's: latent channels, latent (H, W), class count and training
     clip length."""
-    return family_of(options["name"]).kwargs_for_run(options, in_channels, latent_hw,
-                                                     num_classes, num_frames)
+    return family_of(options["name"]).kwargs_for_run(
+        options, in_channels, latent_hw, num_classes, num_frames
+    )

@@ -30,14 +30,26 @@ _Pipeline = TypeVar("_Pipeline", bound="MattenPipeline")
 
 
 @torch.no_grad()
-def sample_latents(model: nn.Module, shape, *, labels: torch.Tensor | None = None,
-                   sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
-                   cfg_scale: float = 1.0, seed: int = 0, batch_size: int | None = None,
-                   learn_sigma: bool = True, diffusion_steps: int = 1000,
-                   prediction: str = "eps", device=None,
-                   progress: bool = False, noise: torch.Tensor | None = None,
-                   clip_denoised: bool = False, actions: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+def sample_latents(
+    model: nn.Module,
+    shape,
+    *,
+    labels: torch.Tensor | None = None,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float = 0.0,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int | None = None,
+    learn_sigma: bool = True,
+    diffusion_steps: int = 1000,
+    prediction: str = "eps",
+    device=None,
+    progress: bool = False,
+    noise: torch.Tensor | None = None,
+    clip_denoised: bool = False,
+    actions: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sample latents of ``shape`` = (N, C, F, h, w).
 
     The initial noise of all N samples is drawn at once from ``seed`` (so it does not depend on
@@ -46,8 +58,9 @@ def sample_latents(model: nn.Module, shape, *, labels: torch.Tensor | None = Non
     ``clip_denoised`` clamps each predicted x_0 to [-1, 1] (right for pixels, not for latents).
     ``actions`` (N, F) are the per-frame actions of an action-conditioned model.
     """
-    steps = check_sampling(sampler, steps, eta, cfg_scale, diffusion_steps,
-                           conditional=labels is not None)
+    steps = check_sampling(
+        sampler, steps, eta, cfg_scale, diffusion_steps, conditional=labels is not None
+    )
     null_class = getattr(model, "null_class", None)
     if labels is not None and null_class is None:
         raise SamplingError("class labels were given but the model is unconditional")
@@ -56,8 +69,9 @@ def sample_latents(model: nn.Module, shape, *, labels: torch.Tensor | None = Non
     generator = torch.Generator(device=device).manual_seed(int(seed))
     if noise is None:
         noise = torch.randn(tuple(shape), generator=generator, device=device)
-    diffusion = sampling_diffusion(steps, diffusion_steps=diffusion_steps,
-                                   learn_sigma=learn_sigma, prediction=prediction)
+    diffusion = sampling_diffusion(
+        steps, diffusion_steps=diffusion_steps, learn_sigma=learn_sigma, prediction=prediction
+    )
     net: Callable[..., torch.Tensor] = model
     if labels is not None and cfg_scale != 1.0:
         assert null_class is not None  # refused above
@@ -65,18 +79,34 @@ def sample_latents(model: nn.Module, shape, *, labels: torch.Tensor | None = Non
     batch_size = n if batch_size is None else max(1, int(batch_size))
     out = []
     for lo in range(0, n, batch_size):
-        kwargs = {} if labels is None else {"y": labels[lo:lo + batch_size].to(device)}
+        kwargs = {} if labels is None else {"y": labels[lo : lo + batch_size].to(device)}
         if actions is not None:
-            kwargs["actions"] = actions[lo:lo + batch_size].to(device)
-        out.append(run_sampler(diffusion, net, noise[lo:lo + batch_size], sampler=sampler,
-                               eta=eta, model_kwargs=kwargs, generator=generator,
-                               clip_denoised=clip_denoised, progress=progress))
+            kwargs["actions"] = actions[lo : lo + batch_size].to(device)
+        out.append(
+            run_sampler(
+                diffusion,
+                net,
+                noise[lo : lo + batch_size],
+                sampler=sampler,
+                eta=eta,
+                model_kwargs=kwargs,
+                generator=generator,
+                clip_denoised=clip_denoised,
+                progress=progress,
+            )
+        )
     return torch.cat(out)
 
 
 @torch.no_grad()
-def sample_videos(model: nn.Module, autoencoder: Autoencoder, num_samples: int, num_frames: int,
-                  latent_size, **kwargs) -> torch.Tensor:
+def sample_videos(
+    model: nn.Module,
+    autoencoder: Autoencoder,
+    num_samples: int,
+    num_frames: int,
+    latent_size,
+    **kwargs,
+) -> torch.Tensor:
     """Sample ``num_samples`` videos ``(N, 3, F, H, W)`` in [-1, 1]; keyword arguments as for
     :func:`sample_latents` (``clip_denoised`` defaults to True in pixel space)."""
     h, w = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
@@ -95,8 +125,9 @@ class MattenPipeline:
         self.loaded, self.device = loaded, device
 
     @classmethod
-    def from_pretrained(cls: type[_Pipeline], path, *, weights: str = "ema", device=None,
-                        dtype=None, vae_path=None) -> _Pipeline:
+    def from_pretrained(
+        cls: type[_Pipeline], path, *, weights: str = "ema", device=None, dtype=None, vae_path=None
+    ) -> _Pipeline:
         """Load a run folder, its ``checkpoints`` folder or one checkpoint folder (local paths
         only). ``dtype`` (e.g. ``torch.bfloat16``) casts the model for inference."""
         device = resolve_device(device)
@@ -128,14 +159,29 @@ class MattenPipeline:
         return 1.0 if cfg_scale is None else cfg_scale
 
     def labels(self, class_labels, num_samples: int, option: str = "--class"):
-        return resolve_labels(class_labels, num_samples, self.loaded.num_classes,
-                              self.loaded.class_names, option=option)
+        return resolve_labels(
+            class_labels,
+            num_samples,
+            self.loaded.num_classes,
+            self.loaded.class_names,
+            option=option,
+        )
 
-    def __call__(self, num_samples: int | None = None, class_labels=None, *,
-                 sampler: str | None = None, steps: int | None = None, eta: float | None = None,
-                 cfg_scale: float | None = None, seed: int | None = None,
-                 actions: torch.Tensor | None = None, batch_size: int | None = None,
-                 progress: bool = False, output_type: str = "pt"):
+    def __call__(
+        self,
+        num_samples: int | None = None,
+        class_labels=None,
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        cfg_scale: float | None = None,
+        seed: int | None = None,
+        actions: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        output_type: str = "pt",
+    ):
         """``num_samples`` videos (N, 3, F, H, W) in [-1, 1] (``output_type="pt"``), or uint8
         (N, F, H, W, 3) arrays (``"np"``). ``class_labels``: an index, a class name or a list
         of them (cycled); default all classes in turn. ``actions`` (N, F): per-frame actions of
@@ -149,13 +195,25 @@ class MattenPipeline:
         if actions is None and self.model.takes_actions:
             actions = loaded.training_actions(num_samples)
         videos = sample_videos(
-            self.model, self.autoencoder, num_samples, loaded.num_frames, loaded.latent_size,
-            labels=labels, sampler=self.default("sampler", sampler, "ddim"),
-            steps=self.default("steps", steps, None), eta=float(self.default("eta", eta, 0.0)),
-            cfg_scale=cfg_scale, seed=int(self.default("seed", seed, 0)), batch_size=batch_size,
-            learn_sigma=loaded.learn_sigma, diffusion_steps=loaded.diffusion_steps,
-            prediction=loaded.prediction, actions=actions, device=self.device,
-            progress=progress)
+            self.model,
+            self.autoencoder,
+            num_samples,
+            loaded.num_frames,
+            loaded.latent_size,
+            labels=labels,
+            sampler=self.default("sampler", sampler, "ddim"),
+            steps=self.default("steps", steps, None),
+            eta=float(self.default("eta", eta, 0.0)),
+            cfg_scale=cfg_scale,
+            seed=int(self.default("seed", seed, 0)),
+            batch_size=batch_size,
+            learn_sigma=loaded.learn_sigma,
+            diffusion_steps=loaded.diffusion_steps,
+            prediction=loaded.prediction,
+            actions=actions,
+            device=self.device,
+            progress=progress,
+        )
         if output_type == "np":
             return video_to_uint8(videos)
         if output_type != "pt":
@@ -163,5 +221,7 @@ class MattenPipeline:
         return videos
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({Path(self.loaded.folder)}, step {self.loaded.step}, "
-                f"{self.loaded.meta['model_config'].get('name')})")
+        return (
+            f"{type(self).__name__}({Path(self.loaded.folder)}, step {self.loaded.step}, "
+            f"{self.loaded.meta['model_config'].get('name')})"
+        )

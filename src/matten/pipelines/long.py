@@ -31,8 +31,16 @@ from .settings import SamplingError, check_sampling, run_sampler, sampling_diffu
 if TYPE_CHECKING:
     from ..models.causal import CausalVideoBackbone
 
-__all__ = ["LongVideoChunk", "iter_long", "sample_chunk", "commit_frames", "generate_long",
-           "write_long_video", "LongVideoInterrupted", "LongVideoPipeline"]
+__all__ = [
+    "LongVideoChunk",
+    "iter_long",
+    "sample_chunk",
+    "commit_frames",
+    "generate_long",
+    "write_long_video",
+    "LongVideoInterrupted",
+    "LongVideoPipeline",
+]
 
 Labels = Tensor | int | Callable[[int], "Tensor | int"] | None
 Actions = Tensor | Callable[[int], Tensor] | None
@@ -43,6 +51,7 @@ class LongVideoChunk:
     """One finished chunk: ``frames`` (B, C, k, h, w) are video frames ``start .. start + k - 1``;
     ``state`` is the state after committing them (with guidance: of twice the batch, the
     conditional branch first)."""
+
     start: int
     frames: Tensor
     state: object
@@ -63,8 +72,9 @@ def _labels(y: Labels, frame: int, batch: int, device) -> Tensor | None:
     if y.dim() == 0:
         y = y.expand(batch)
     if y.shape != (batch,):
-        raise ValueError(f"labels for frame {frame} must have shape ({batch},), "
-                         f"got {tuple(y.shape)}")
+        raise ValueError(
+            f"labels for frame {frame} must have shape ({batch},), got {tuple(y.shape)}"
+        )
     return y
 
 
@@ -74,26 +84,42 @@ def _actions(actions: Actions, start: int, stop: int, device) -> Tensor | None:
     if actions is None:
         return None
     if callable(actions):
-        return torch.stack([torch.as_tensor(actions(f)) for f in range(start, stop)],
-                           dim=1).to(device)
+        return torch.stack([torch.as_tensor(actions(f)) for f in range(start, stop)], dim=1).to(
+            device
+        )
     return actions[:, start:stop].to(device)
 
 
 def _check(num_frames: int, chunk_size: int, latent_shape, batch: int) -> None:
     if num_frames < 1 or chunk_size < 1 or batch < 1:
-        raise ValueError(f"need num_frames, chunk_size and batch >= 1, got {num_frames}, "
-                         f"{chunk_size}, {batch}")
+        raise ValueError(
+            f"need num_frames, chunk_size and batch >= 1, got {num_frames}, {chunk_size}, {batch}"
+        )
     if len(tuple(latent_shape)) != 3:
         raise ValueError(f"latent_shape must be (C, h, w), got {tuple(latent_shape)}")
 
 
 @torch.no_grad()
-def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, *,
-              batch: int = 1, y: Labels = None, actions: Actions = None, sampler: str = "ddim",
-              eta: float = 0.0, cfg_scale: float = 1.0, clip_denoised: bool = False,
-              generator: torch.Generator | None = None, device=None,
-              progress: bool = False, context: torch.Tensor | None = None,
-              teacher: torch.Tensor | None = None) -> Iterator[LongVideoChunk]:
+def iter_long(
+    model,
+    diffusion,
+    num_frames: int,
+    chunk_size: int,
+    latent_shape,
+    *,
+    batch: int = 1,
+    y: Labels = None,
+    actions: Actions = None,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    cfg_scale: float = 1.0,
+    clip_denoised: bool = False,
+    generator: torch.Generator | None = None,
+    device=None,
+    progress: bool = False,
+    context: torch.Tensor | None = None,
+    teacher: torch.Tensor | None = None,
+) -> Iterator[LongVideoChunk]:
     """Yield the chunks of a ``num_frames``-frame video in order (the last one may be shorter).
 
     ``context`` (B, C, n, h, w), optional: the first n frames, given (e.g. real frames whose
@@ -109,12 +135,21 @@ def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, 
     """
     _check(num_frames, chunk_size, latent_shape, batch)
     guided = cfg_scale != 1.0
-    check_sampling(sampler, diffusion.num_timesteps, eta, cfg_scale, diffusion.num_timesteps,
-                   conditional=guided and y is not None)
-    if teacher is not None and (teacher.dim() != 5 or teacher.shape[0] != batch
-                                or teacher.shape[2] < num_frames):
-        raise ValueError(f"teacher must have shape (batch={batch}, C, >= {num_frames}, h, w), "
-                         f"got {tuple(teacher.shape)}")
+    check_sampling(
+        sampler,
+        diffusion.num_timesteps,
+        eta,
+        cfg_scale,
+        diffusion.num_timesteps,
+        conditional=guided and y is not None,
+    )
+    if teacher is not None and (
+        teacher.dim() != 5 or teacher.shape[0] != batch or teacher.shape[2] < num_frames
+    ):
+        raise ValueError(
+            f"teacher must have shape (batch={batch}, C, >= {num_frames}, h, w), "
+            f"got {tuple(teacher.shape)}"
+        )
     if device is None:
         device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -127,11 +162,18 @@ def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, 
     if context is not None:  # given frames 0 .. n-1: committed clean, then generation continues
         first = int(context.shape[2])
         if context.shape[0] != batch or first >= num_frames:
-            raise ValueError(f"context must have shape (batch={batch}, C, n, h, w) with n < "
-                             f"num_frames={num_frames}, got {tuple(context.shape)}")
-        state = commit_frames(model, context.to(device, dtype), state,
-                              _labels(y, 0, batch, device), _actions(actions, 0, first, device),
-                              guided)
+            raise ValueError(
+                f"context must have shape (batch={batch}, C, n, h, w) with n < "
+                f"num_frames={num_frames}, got {tuple(context.shape)}"
+            )
+        state = commit_frames(
+            model,
+            context.to(device, dtype),
+            state,
+            _labels(y, 0, batch, device),
+            _actions(actions, 0, first, device),
+            guided,
+        )
     starts = range(first, num_frames, chunk_size)
     if progress:
         starts = tqdm(starts, desc="long video", unit="chunk")
@@ -140,15 +182,28 @@ def iter_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, 
         labels = _labels(y, start, batch, device)
         acts = _actions(actions, start, stop, device)
         past = None if teacher is None else teacher[:, :, start:stop].to(device, dtype)
-        x, state = sample_chunk(model, diffusion, state, stop - start, latent_shape,
-                                labels=labels, actions=acts, sampler=sampler, eta=eta,
-                                cfg_scale=cfg_scale, clip_denoised=clip_denoised,
-                                generator=generator, device=device, committed=past)
+        x, state = sample_chunk(
+            model,
+            diffusion,
+            state,
+            stop - start,
+            latent_shape,
+            labels=labels,
+            actions=acts,
+            sampler=sampler,
+            eta=eta,
+            cfg_scale=cfg_scale,
+            clip_denoised=clip_denoised,
+            generator=generator,
+            device=device,
+            committed=past,
+        )
         yield LongVideoChunk(start, x, state)
 
 
-def commit_frames(model, frames: Tensor, state, labels: Tensor | None, actions: Tensor | None,
-                  guided: bool):
+def commit_frames(
+    model, frames: Tensor, state, labels: Tensor | None, actions: Tensor | None, guided: bool
+):
     """Write clean ``frames`` (B, C, k, h, w) into ``state``; with guidance (a state of twice
     the batch) the second half gets them too, under the null label."""
     clean_t = torch.zeros(state.batch, frames.shape[2], device=frames.device, dtype=torch.long)
@@ -162,11 +217,23 @@ def commit_frames(model, frames: Tensor, state, labels: Tensor | None, actions: 
 
 
 @torch.no_grad()
-def sample_chunk(model, diffusion, state, k: int, latent_shape, *, labels: Tensor | None = None,
-                 actions: Tensor | None = None, sampler: str = "ddim", eta: float = 0.0,
-                 cfg_scale: float = 1.0, clip_denoised: bool = False,
-                 generator: torch.Generator | None = None, device=None,
-                 committed: Tensor | None = None) -> tuple[Tensor, Any]:
+def sample_chunk(
+    model,
+    diffusion,
+    state,
+    k: int,
+    latent_shape,
+    *,
+    labels: Tensor | None = None,
+    actions: Tensor | None = None,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    cfg_scale: float = 1.0,
+    clip_denoised: bool = False,
+    generator: torch.Generator | None = None,
+    device=None,
+    committed: Tensor | None = None,
+) -> tuple[Tensor, Any]:
     """The ``k`` frames after those in ``state``: denoised from noise (drawn from ``generator``)
     with the sampler's own loop, then committed -> (frames (B, C, k, h, w), the advanced state).
 
@@ -186,21 +253,43 @@ def sample_chunk(model, diffusion, state, k: int, latent_shape, *, labels: Tenso
         t = t[:, None].expand(-1, x.shape[2]) if t.dim() == 1 else t
         return model.step(x, t, state, y=y, actions=actions, commit=False)[0]
 
-    net = classifier_free_guidance(chunk_model, float(cfg_scale), int(model.null_class)) \
-        if guided else chunk_model
+    net = (
+        classifier_free_guidance(chunk_model, float(cfg_scale), int(model.null_class))
+        if guided
+        else chunk_model
+    )
     shape = (batch, int(latent_shape[0]), k, *(int(n) for n in latent_shape[1:]))
     # Drawn on the generator's device so a CPU generator gives the same video anywhere.
-    noise = torch.randn(shape, generator=generator, dtype=dtype,
-                        device=generator.device if generator is not None else device)
-    x = run_sampler(diffusion, net, noise.to(device), sampler=sampler, eta=eta,
-                    model_kwargs={"y": labels, "actions": actions}, generator=generator,
-                    clip_denoised=clip_denoised)
+    noise = torch.randn(
+        shape,
+        generator=generator,
+        dtype=dtype,
+        device=generator.device if generator is not None else device,
+    )
+    x = run_sampler(
+        diffusion,
+        net,
+        noise.to(device),
+        sampler=sampler,
+        eta=eta,
+        model_kwargs={"y": labels, "actions": actions},
+        generator=generator,
+        clip_denoised=clip_denoised,
+    )
     past = x if committed is None else committed
     return x, commit_frames(model, past, state, labels, actions, guided)
 
 
-def generate_long(model, diffusion, num_frames: int, chunk_size: int, latent_shape, *,
-                  on_chunk: Callable[[LongVideoChunk], None] | None = None, **kwargs):
+def generate_long(
+    model,
+    diffusion,
+    num_frames: int,
+    chunk_size: int,
+    latent_shape,
+    *,
+    on_chunk: Callable[[LongVideoChunk], None] | None = None,
+    **kwargs,
+):
     """Generate a long video autoregressively; keyword arguments as for :func:`iter_long`.
 
     With ``on_chunk`` each finished chunk is passed to it and dropped, so memory does not grow
@@ -228,9 +317,20 @@ class LongVideoInterrupted(KeyboardInterrupt):
         self.partial, self.frames, self.interrupt = partial, frames, interrupt
 
 
-def write_long_video(model, diffusion, autoencoder, path, num_frames: int, chunk_size: int,
-                     latent_shape, *, fps: float = 8, keep_partial: bool = False,
-                     min_size: int = 0, **kwargs) -> Path:
+def write_long_video(
+    model,
+    diffusion,
+    autoencoder,
+    path,
+    num_frames: int,
+    chunk_size: int,
+    latent_shape,
+    *,
+    fps: float = 8,
+    keep_partial: bool = False,
+    min_size: int = 0,
+    **kwargs,
+) -> Path:
     """Generate a long video and write it while generating: each chunk is decoded by
     ``autoencoder`` and appended to ``path`` (a batch is tiled side by side), so neither latents
     nor pixels accumulate. Frames smaller than ``min_size`` pixels are enlarged (nearest
@@ -243,8 +343,9 @@ def write_long_video(model, diffusion, autoencoder, path, num_frames: int, chunk
     writer = StreamingVideoWriter(path, fps=fps, keep_partial=keep_partial)
     try:
         with writer:
-            for chunk in iter_long(model, diffusion, num_frames, chunk_size, latent_shape,
-                                   **kwargs):
+            for chunk in iter_long(
+                model, diffusion, num_frames, chunk_size, latent_shape, **kwargs
+            ):
                 with torch.no_grad():
                     pixels = autoencoder.decode(chunk.frames).clamp(-1, 1)
                 frames = upscale_frames(video_to_uint8(pixels), min_size)  # (B, k, H, W, 3)
@@ -265,9 +366,11 @@ class LongVideoPipeline(MattenPipeline):
     def from_pretrained(cls, path, **kwargs) -> LongVideoPipeline:
         pipe = super().from_pretrained(path, **kwargs)
         if not pipe.model.streams:
-            raise SamplingError(f"'{pipe.loaded.folder}' holds a clip model, which generates its "
-                                f"{pipe.loaded.num_frames} training frames: long videos need a "
-                                "long-video model (model.name: Matten-Causal)")
+            raise SamplingError(
+                f"'{pipe.loaded.folder}' holds a clip model, which generates its "
+                f"{pipe.loaded.num_frames} training frames: long videos need a "
+                "long-video model (model.name: Matten-Causal)"
+            )
         return pipe
 
     @property
@@ -275,62 +378,123 @@ class LongVideoPipeline(MattenPipeline):
         # from_pretrained refuses a model that does not stream: these are CausalVideoBackbones.
         return cast("CausalVideoBackbone", self.loaded.model)
 
-    def generation_settings(self, *, num_videos: int = 1, class_labels=None, sampler=None,
-                            steps=None, eta=None, cfg_scale=None, seed=None, actions=None
-                            ) -> dict:
+    def generation_settings(
+        self,
+        *,
+        num_videos: int = 1,
+        class_labels=None,
+        sampler=None,
+        steps=None,
+        eta=None,
+        cfg_scale=None,
+        seed=None,
+        actions=None,
+    ) -> dict:
         """The keyword arguments of :func:`iter_long` for these settings (None: the run's)."""
         loaded = self.loaded
         labels = class_labels
         if not callable(class_labels):
             labels = self.labels(class_labels, num_videos)
         sampler = self.default("sampler", sampler, "ddim")
-        steps = check_sampling(sampler, self.default("steps", steps, None), 0.0, 1.0,
-                               loaded.diffusion_steps, conditional=False)
+        steps = check_sampling(
+            sampler,
+            self.default("steps", steps, None),
+            0.0,
+            1.0,
+            loaded.diffusion_steps,
+            conditional=False,
+        )
         cfg_scale = self.guidance_scale(cfg_scale, labels)
         if actions is None and self.model.takes_actions:
             clips = loaded.training_actions(num_videos)  # the training clips' moves, cycled
             if clips is not None:  # else the model refuses to run without actions
                 actions = lambda frame: clips[:, frame % clips.shape[1]]  # noqa: E731
         seed = int(self.default("seed", seed, 0))
-        return dict(diffusion=sampling_diffusion(steps, diffusion_steps=loaded.diffusion_steps,
-                                                 learn_sigma=loaded.learn_sigma,
-                                                 prediction=loaded.prediction),
-                    batch=num_videos, y=labels, actions=actions, sampler=sampler,
-                    eta=float(self.default("eta", eta, 0.0)), cfg_scale=cfg_scale,
-                    clip_denoised=isinstance(self.autoencoder, PixelAutoencoder),
-                    generator=torch.Generator().manual_seed(seed), device=self.device)
+        return dict(
+            diffusion=sampling_diffusion(
+                steps,
+                diffusion_steps=loaded.diffusion_steps,
+                learn_sigma=loaded.learn_sigma,
+                prediction=loaded.prediction,
+            ),
+            batch=num_videos,
+            y=labels,
+            actions=actions,
+            sampler=sampler,
+            eta=float(self.default("eta", eta, 0.0)),
+            cfg_scale=cfg_scale,
+            clip_denoised=isinstance(self.autoencoder, PixelAutoencoder),
+            generator=torch.Generator().manual_seed(seed),
+            device=self.device,
+        )
 
     def latent_shape(self) -> tuple[int, int, int]:
         h, w = self.loaded.latent_size
         return self.autoencoder.latent_channels, h, w
 
-    def stream(self, num_frames: int, chunk_size: int = 2, *, progress: bool = False,
-               context=None, **settings) -> Iterator[LongVideoChunk]:
+    def stream(
+        self,
+        num_frames: int,
+        chunk_size: int = 2,
+        *,
+        progress: bool = False,
+        context=None,
+        **settings,
+    ) -> Iterator[LongVideoChunk]:
         """Chunks of a ``num_frames``-frame video as they are generated, ``frames`` decoded to
         pixels (B, 3, k, H, W) in [-1, 1]. Settings as for :meth:`generation_settings`."""
         kwargs = self.generation_settings(**settings)
         diffusion = kwargs.pop("diffusion")
-        for chunk in iter_long(self.model, diffusion, num_frames, chunk_size,
-                               self.latent_shape(), progress=progress, context=context,
-                               **kwargs):
+        for chunk in iter_long(
+            self.model,
+            diffusion,
+            num_frames,
+            chunk_size,
+            self.latent_shape(),
+            progress=progress,
+            context=context,
+            **kwargs,
+        ):
             with torch.no_grad():
                 pixels = self.autoencoder.decode(chunk.frames).clamp(-1, 1)
             yield LongVideoChunk(chunk.start, pixels, chunk.state)
 
     # A video of num_frames frames rather than num_samples clips: other arguments than the base's.
-    def __call__(self, num_frames: int, chunk_size: int = 2,  # type: ignore[override]
-                 **kwargs) -> Tensor:
+    def __call__(
+        self,
+        num_frames: int,
+        chunk_size: int = 2,  # type: ignore[override]
+        **kwargs,
+    ) -> Tensor:
         """A whole video (B, 3, num_frames, H, W) in [-1, 1]; for long ones prefer
         :meth:`stream` or :meth:`write`, whose memory does not grow with the video."""
-        return torch.cat([c.frames for c in self.stream(num_frames, chunk_size, **kwargs)],
-                         dim=2)
+        return torch.cat([c.frames for c in self.stream(num_frames, chunk_size, **kwargs)], dim=2)
 
-    def write(self, path, num_frames: int, chunk_size: int = 2, *, fps: float | None = None,
-              keep_partial: bool = False, min_size: int = 128, progress: bool = False,
-              **settings) -> Path:
+    def write(
+        self,
+        path,
+        num_frames: int,
+        chunk_size: int = 2,
+        *,
+        fps: float | None = None,
+        keep_partial: bool = False,
+        min_size: int = 128,
+        progress: bool = False,
+        **settings,
+    ) -> Path:
         """Generate and write a video as it comes (see :func:`write_long_video`)."""
         kwargs = self.generation_settings(**settings)
-        return write_long_video(self.model, kwargs.pop("diffusion"), self.autoencoder, path,
-                                num_frames, chunk_size, self.latent_shape(),
-                                fps=float(self.default("fps", fps, 8)), keep_partial=keep_partial,
-                                min_size=min_size, progress=progress, **kwargs)
+        return write_long_video(
+            self.model,
+            kwargs.pop("diffusion"),
+            self.autoencoder,
+            path,
+            num_frames,
+            chunk_size,
+            self.latent_shape(),
+            fps=float(self.default("fps", fps, 8)),
+            keep_partial=keep_partial,
+            min_size=min_size,
+            progress=progress,
+            **kwargs,
+        )

@@ -34,8 +34,14 @@ from ..latent import PixelAutoencoder
 from .long import LongVideoPipeline, commit_frames, sample_chunk
 from .settings import SamplingError, check_sampling, sampling_diffusion
 
-__all__ = ["StreamingSession", "StateMismatchError", "STATE_FORMAT", "flatten_state",
-           "unflatten_state", "checkpoint_identity"]
+__all__ = [
+    "StreamingSession",
+    "StateMismatchError",
+    "STATE_FORMAT",
+    "flatten_state",
+    "unflatten_state",
+    "checkpoint_identity",
+]
 
 STATE_FORMAT = "matten-stream-state/1"
 
@@ -54,15 +60,22 @@ def flatten_state(obj, key: str, tensors: dict) -> object:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return {"value": obj}
     if dataclasses.is_dataclass(obj) or (isinstance(obj, tuple) and hasattr(obj, "_fields")):
-        names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) \
+        names = (
+            [f.name for f in dataclasses.fields(obj)]
+            if dataclasses.is_dataclass(obj)
             else list(obj._fields)
+        )
         cls = type(obj)
-        return {"class": f"{cls.__module__}:{cls.__qualname__}",
-                "fields": {n: flatten_state(getattr(obj, n), f"{key}.{n}", tensors)
-                           for n in names}}
+        return {
+            "class": f"{cls.__module__}:{cls.__qualname__}",
+            "fields": {n: flatten_state(getattr(obj, n), f"{key}.{n}", tensors) for n in names},
+        }
     if isinstance(obj, (list, tuple)):
-        return {"list" if isinstance(obj, list) else "tuple":
-                [flatten_state(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]}
+        return {
+            "list" if isinstance(obj, list) else "tuple": [
+                flatten_state(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)
+            ]
+        }
     if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
         return {"dict": {k: flatten_state(v, f"{key}.{k}", tensors) for k, v in obj.items()}}
     raise TypeError(f"cannot save {key}: a {type(obj).__name__} in a stream state")
@@ -111,8 +124,11 @@ def checkpoint_identity(pipe: LongVideoPipeline) -> dict:
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         _IDENTITIES[model] = digest.hexdigest()
-    return {"weights_sha256": _IDENTITIES[model], "step": pipe.loaded.step,
-            "model_config": pipe.loaded.meta["model_config"]}
+    return {
+        "weights_sha256": _IDENTITIES[model],
+        "step": pipe.loaded.step,
+        "model_config": pipe.loaded.meta["model_config"],
+    }
 
 
 class StreamingSession:
@@ -135,13 +151,23 @@ class StreamingSession:
         self._diffusions: dict[int, object] = {}
 
     @classmethod
-    def start(cls, pipe_or_path, *, seed: int = 0, steps: int | None = None, class_label=None,
-              context: torch.Tensor | None = None) -> StreamingSession:
+    def start(
+        cls,
+        pipe_or_path,
+        *,
+        seed: int = 0,
+        steps: int | None = None,
+        class_label=None,
+        context: torch.Tensor | None = None,
+    ) -> StreamingSession:
         """A new stream from a :class:`LongVideoPipeline` or a checkpoint path. ``context``:
         frames (3, n, H, W) or (1, 3, n, H, W) in [-1, 1] the stream continues (generated frames
         are numbered from n). ``class_label``: index or name (default: class 0)."""
-        pipe = pipe_or_path if isinstance(pipe_or_path, LongVideoPipeline) \
+        pipe = (
+            pipe_or_path
+            if isinstance(pipe_or_path, LongVideoPipeline)
             else LongVideoPipeline.from_pretrained(pipe_or_path)
+        )
         session = cls(pipe, seed=seed, steps=steps, class_label=class_label)
         if context is not None:
             session._commit_context(context)
@@ -157,8 +183,9 @@ class StreamingSession:
         return self.model.num_actions
 
     def check_steps(self, steps) -> int:
-        return check_sampling(self.sampler, steps, self.eta, 1.0, self.pipe.loaded.diffusion_steps,
-                              conditional=False)
+        return check_sampling(
+            self.sampler, steps, self.eta, 1.0, self.pipe.loaded.diffusion_steps, conditional=False
+        )
 
     def class_index(self, class_label) -> int:
         """A class (index or name) -> its index; None keeps the session's."""
@@ -173,12 +200,16 @@ class StreamingSession:
         names = {n.lower(): i for i, n in enumerate(self.action_names)}
         if isinstance(action, str) and action.strip().lower() in names:
             return names[action.strip().lower()]
-        if isinstance(action, int) and not isinstance(action, bool) \
-                and 0 <= action < self.num_actions:
+        if (
+            isinstance(action, int)
+            and not isinstance(action, bool)
+            and 0 <= action < self.num_actions
+        ):
             return action
         known = f" or one of {list(self.action_names)}" if self.action_names else ""
-        raise SamplingError(f"unknown action {action!r}: an index in [0, {self.num_actions - 1}]"
-                            f"{known}")
+        raise SamplingError(
+            f"unknown action {action!r}: an index in [0, {self.num_actions - 1}]{known}"
+        )
 
     def _conditions(self, action, class_label, frames: int):
         """(labels (1,) or None, actions (1, frames) or None, action index, class index)."""
@@ -200,11 +231,18 @@ class StreamingSession:
         with torch.no_grad():
             latents = self.pipe.autoencoder.encode(context.to(self.pipe.device))
         labels, acts, _, _ = self._conditions(None, None, latents.shape[2])
-        self.state = commit_frames(self.model, latents.to(next(self.model.parameters()).dtype),
-                                   self.state, labels, acts, self.guided)
+        self.state = commit_frames(
+            self.model,
+            latents.to(next(self.model.parameters()).dtype),
+            self.state,
+            labels,
+            acts,
+            self.guided,
+        )
 
-    def step(self, action=None, class_label=None, steps: int | None = None,
-             output_type: str = "np"):
+    def step(
+        self, action=None, class_label=None, steps: int | None = None, output_type: str = "np"
+    ):
         """Generate the next frame with ``action`` (index or name; None: the first action) and
         ``class_label`` (None: the session's, else it becomes the session's) ->
         (frame, metadata). ``frame``: uint8 (H, W, 3) (``output_type="np"``) or the decoded
@@ -220,22 +258,39 @@ class StreamingSession:
         if self.steps not in self._diffusions:
             loaded = self.pipe.loaded
             self._diffusions[self.steps] = sampling_diffusion(
-                self.steps, diffusion_steps=loaded.diffusion_steps,
-                learn_sigma=loaded.learn_sigma, prediction=loaded.prediction)
+                self.steps,
+                diffusion_steps=loaded.diffusion_steps,
+                learn_sigma=loaded.learn_sigma,
+                prediction=loaded.prediction,
+            )
         number = self.frame
         latent, self.state = sample_chunk(
-            self.model, self._diffusions[self.steps], self.state, 1, self.pipe.latent_shape(),
-            labels=labels, actions=acts, sampler=self.sampler, eta=self.eta,
-            cfg_scale=self.cfg_scale, clip_denoised=isinstance(self.pipe.autoencoder,
-                                                               PixelAutoencoder),
-            generator=self.generator, device=self.pipe.device)
+            self.model,
+            self._diffusions[self.steps],
+            self.state,
+            1,
+            self.pipe.latent_shape(),
+            labels=labels,
+            actions=acts,
+            sampler=self.sampler,
+            eta=self.eta,
+            cfg_scale=self.cfg_scale,
+            clip_denoised=isinstance(self.pipe.autoencoder, PixelAutoencoder),
+            generator=self.generator,
+            device=self.pipe.device,
+        )
         with torch.no_grad():
             pixels = self.pipe.autoencoder.decode(latent).clamp(-1, 1)[0, :, 0]
         frame = video_to_uint8(pixels[:, None])[0] if output_type == "np" else pixels
-        meta = {"frame": number, "action": index, "class": label, "steps": self.steps,
-                "action_name": self._name(self.action_names, index),
-                "class_name": self._name(self.class_names, label),
-                "ms": (time.perf_counter() - began) * 1000.0}
+        meta = {
+            "frame": number,
+            "action": index,
+            "class": label,
+            "steps": self.steps,
+            "action_name": self._name(self.action_names, index),
+            "class_name": self._name(self.class_names, label),
+            "ms": (time.perf_counter() - began) * 1000.0,
+        }
         return frame, meta
 
     @staticmethod
@@ -243,9 +298,15 @@ class StreamingSession:
         return names[index] if index is not None and index < len(names) else None
 
     def _settings(self) -> dict:
-        return {"seed": self.seed, "steps": self.steps, "class_label": self.class_label,
-                "sampler": self.sampler, "eta": self.eta, "cfg_scale": self.cfg_scale,
-                "frame": self.frame}
+        return {
+            "seed": self.seed,
+            "steps": self.steps,
+            "class_label": self.class_label,
+            "sampler": self.sampler,
+            "eta": self.eta,
+            "cfg_scale": self.cfg_scale,
+            "frame": self.frame,
+        }
 
     def save_state(self, path) -> None:
         """Write everything the stream carries to one safetensors file, atomically."""
@@ -253,9 +314,12 @@ class StreamingSession:
         tree = flatten_state(self.state, "state", tensors)
         tensors["rng"] = self.generator.get_state()
         tensors["frame"] = torch.tensor([self.frame], dtype=torch.long)
-        metadata = {"format": STATE_FORMAT, "state": json.dumps(tree),
-                    "checkpoint": json.dumps(checkpoint_identity(self.pipe), sort_keys=True),
-                    "session": json.dumps(self._settings())}
+        metadata = {
+            "format": STATE_FORMAT,
+            "state": json.dumps(tree),
+            "checkpoint": json.dumps(checkpoint_identity(self.pipe), sort_keys=True),
+            "session": json.dumps(self._settings()),
+        }
         with atomic_write_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
@@ -272,22 +336,33 @@ class StreamingSession:
             raise StateMismatchError(f"'{path}' is not a stream state ({STATE_FORMAT})")
         saved, ours = json.loads(metadata["checkpoint"]), checkpoint_identity(self.pipe)
         if saved["model_config"] != ours["model_config"]:
-            differ = sorted(k for k in set(saved["model_config"]) | set(ours["model_config"])
-                            if saved["model_config"].get(k) != ours["model_config"].get(k))
-            raise StateMismatchError(f"'{path}' was made by a model of another config (differs "
-                                     f"in {', '.join(differ)}): it cannot continue here")
+            differ = sorted(
+                k
+                for k in set(saved["model_config"]) | set(ours["model_config"])
+                if saved["model_config"].get(k) != ours["model_config"].get(k)
+            )
+            raise StateMismatchError(
+                f"'{path}' was made by a model of another config (differs "
+                f"in {', '.join(differ)}): it cannot continue here"
+            )
         if saved["weights_sha256"] != ours["weights_sha256"]:
             raise StateMismatchError(
                 f"'{path}' was made by another checkpoint (step {saved['step']}, weights "
                 f"{saved['weights_sha256'][:12]}); this session runs step {ours['step']}, weights "
-                f"{ours['weights_sha256'][:12]}")
+                f"{ours['weights_sha256'][:12]}"
+            )
         settings = json.loads(metadata["session"])
         state = unflatten_state(json.loads(metadata["state"]), tensors, self.pipe.device)
         if settings["cfg_scale"] != self.cfg_scale:
-            raise StateMismatchError(f"'{path}' was made with guidance scale "
-                                     f"{settings['cfg_scale']}, this session uses {self.cfg_scale}")
+            raise StateMismatchError(
+                f"'{path}' was made with guidance scale "
+                f"{settings['cfg_scale']}, this session uses {self.cfg_scale}"
+            )
         self.state = state
         self.generator.set_state(tensors["rng"])
         self.seed, self.steps = settings["seed"], settings["steps"]
-        self.class_label, self.sampler, self.eta = (settings["class_label"], settings["sampler"],
-                                                    settings["eta"])
+        self.class_label, self.sampler, self.eta = (
+            settings["class_label"],
+            settings["sampler"],
+            settings["eta"],
+        )

@@ -40,12 +40,12 @@ from ..pipelines import LongVideoPipeline, SamplingError, StateMismatchError, St
 
 __all__ = ["PlayError", "load_playable", "create_app", "MAX_MESSAGE_BYTES", "MAX_RECORDED"]
 
-MAX_MESSAGE_BYTES = 4096   # a command is a few dozen bytes; anything this long is refused
-MAX_RECORDED = 9000        # frames kept for "save video" (10 minutes at 15 fps) ...
+MAX_MESSAGE_BYTES = 4096  # a command is a few dozen bytes; anything this long is refused
+MAX_RECORDED = 9000  # frames kept for "save video" (10 minutes at 15 fps) ...
 MAX_RECORDED_BYTES = 256 << 20  # ... or fewer, for large frames: memory per tab stays bounded
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 VIDEO_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\.mp4")
-CLOSED = object()          # what the reader queues when the socket has gone
+CLOSED = object()  # what the reader queues when the socket has gone
 
 
 class PlayError(ValueError):
@@ -57,8 +57,10 @@ def load_playable(path, device=None) -> LongVideoPipeline:
     try:
         return LongVideoPipeline.from_pretrained(path, device=device)
     except SamplingError as exc:
-        raise PlayError(f"only long-video models can play (model.name: Matten-Causal, e.g. "
-                        f"trained with --config long): {exc}") from None
+        raise PlayError(
+            f"only long-video models can play (model.name: Matten-Causal, e.g. "
+            f"trained with --config long): {exc}"
+        ) from None
 
 
 def _png(frame) -> str:
@@ -73,8 +75,9 @@ class Stream:
 
     def __init__(self, server: PlayServer, ws: WebSocket, number: int):
         self.server, self.ws, self.number = server, ws, number
-        self.session = StreamingSession.start(server.pipe, seed=server.seed + number,
-                                               steps=server.steps)
+        self.session = StreamingSession.start(
+            server.pipe, seed=server.seed + number, steps=server.steps
+        )
         self.action = self.class_label = None
         self.paused = False
         self.recorded: deque | None = None  # the last frames; sized by the first frame
@@ -114,20 +117,34 @@ class Stream:
         s = self.session
         actions = list(s.action_names) or [str(i) for i in range(s.num_actions)]
         classes = list(s.class_names) or [str(i) for i in range(s.num_classes)]
-        return {"type": "hello", "actions": actions if self.session.model.takes_actions else [],
-                "classes": classes, "steps": s.steps,
-                "max_steps": self.server.pipe.loaded.diffusion_steps,
-                "snapshots": self.server.snapshot_names(), "stream": self.number}
+        return {
+            "type": "hello",
+            "actions": actions if self.session.model.takes_actions else [],
+            "classes": classes,
+            "steps": s.steps,
+            "max_steps": self.server.pipe.loaded.diffusion_steps,
+            "snapshots": self.server.snapshot_names(),
+            "stream": self.number,
+        }
 
     async def send_frame(self) -> None:
-        frame, meta = await run_in_threadpool(self.session.step, action=self.action,
-                                              class_label=self.class_label)
+        frame, meta = await run_in_threadpool(
+            self.session.step, action=self.action, class_label=self.class_label
+        )
         if self.recorded is None:
-            self.recorded = deque(maxlen=max(1, min(MAX_RECORDED,
-                                                    MAX_RECORDED_BYTES // frame.nbytes)))
+            self.recorded = deque(
+                maxlen=max(1, min(MAX_RECORDED, MAX_RECORDED_BYTES // frame.nbytes))
+            )
         self.recorded.append(frame)
-        await self.ws.send_json({"type": "frame", **meta, "height": frame.shape[0],
-                                 "width": frame.shape[1], "png": _png(frame)})
+        await self.ws.send_json(
+            {
+                "type": "frame",
+                **meta,
+                "height": frame.shape[0],
+                "width": frame.shape[1],
+                "png": _png(frame),
+            }
+        )
 
     async def handle(self, raw) -> None:
         try:
@@ -146,8 +163,9 @@ class Stream:
         if not isinstance(raw, str):
             raise PlayError("binary messages are not understood: send JSON text")
         if len(raw.encode()) > MAX_MESSAGE_BYTES:
-            raise PlayError(f"message too long ({len(raw.encode())} bytes; the limit is "
-                            f"{MAX_MESSAGE_BYTES})")
+            raise PlayError(
+                f"message too long ({len(raw.encode())} bytes; the limit is {MAX_MESSAGE_BYTES})"
+            )
         try:
             message = json.loads(raw)
         except ValueError as exc:
@@ -178,8 +196,9 @@ class Stream:
             s.steps = s.check_steps(steps)
             return {"type": "steps", "steps": s.steps}
         elif kind == "snapshot":
-            name = self.server.check_name(message.get("name") or f"stream{self.number}-"
-                                          f"frame{s.frame}")
+            name = self.server.check_name(
+                message.get("name") or f"stream{self.number}-frame{s.frame}"
+            )
             await run_in_threadpool(s.save_state, self.server.snapshot_path(name))
             return {"type": "snapshot", "name": name, "frame": s.frame}
         elif kind == "restore":
@@ -204,15 +223,25 @@ class Stream:
         frames = upscale_frames(np.stack(self.recorded), 256)  # (T, H, W, 3), enlarged to be seen
         fps = float(self.server.pipe.default("fps", None, 8))
         await run_in_threadpool(write_video, self.server.videos / name, frames, fps)
-        return {"type": "video", "name": name, "url": f"/videos/{name}",
-                "frames": len(self.recorded)}
+        return {
+            "type": "video",
+            "name": name,
+            "url": f"/videos/{name}",
+            "frames": len(self.recorded),
+        }
 
 
 class PlayServer:
     """What all streams share: the pipeline, the output folder, the bound on live streams."""
 
-    def __init__(self, pipe: LongVideoPipeline, output, max_streams: int = 2, seed: int = 0,
-                 steps: int | None = None):
+    def __init__(
+        self,
+        pipe: LongVideoPipeline,
+        output,
+        max_streams: int = 2,
+        seed: int = 0,
+        steps: int | None = None,
+    ):
         if max_streams < 1:
             raise PlayError(f"max_streams must be >= 1, got {max_streams}")
         self.pipe, self.max_streams, self.seed = pipe, int(max_streams), int(seed)
@@ -225,8 +254,10 @@ class PlayServer:
     @staticmethod
     def check_name(name) -> str:
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise PlayError(f"a snapshot name is 1 to 64 letters, digits, '-' or '_' (the "
-                            f"server chooses where it is kept), got {name!r}")
+            raise PlayError(
+                f"a snapshot name is 1 to 64 letters, digits, '-' or '_' (the "
+                f"server chooses where it is kept), got {name!r}"
+            )
         return name
 
     def snapshot_path(self, name: str) -> Path:
@@ -248,8 +279,13 @@ class PlayServer:
     async def websocket(self, ws: WebSocket) -> None:
         await ws.accept()
         if self.live >= self.max_streams:  # no await since the check: no other tab can race
-            await ws.send_json({"type": "busy", "message": f"busy: all {self.max_streams} live "
-                                "streams are in use; close another tab or try again later"})
+            await ws.send_json(
+                {
+                    "type": "busy",
+                    "message": f"busy: all {self.max_streams} live "
+                    "streams are in use; close another tab or try again later",
+                }
+            )
             await ws.close()
             return
         self.live += 1
@@ -262,11 +298,22 @@ class PlayServer:
             self.live -= 1  # closing a tab frees its stream (its state goes with it)
 
 
-def create_app(pipe: LongVideoPipeline, output, *, max_streams: int = 2, seed: int = 0,
-               steps: int | None = None):
+def create_app(
+    pipe: LongVideoPipeline,
+    output,
+    *,
+    max_streams: int = 2,
+    seed: int = 0,
+    steps: int | None = None,
+):
     """The starlette app: ``/`` the page, ``/ws`` a stream, ``/videos/NAME`` a saved video."""
     server = PlayServer(pipe, output, max_streams=max_streams, seed=seed, steps=steps)
-    app = Starlette(routes=[Route("/", server.page), Route("/videos/{name}", server.video),
-                            WebSocketRoute("/ws", server.websocket)])
+    app = Starlette(
+        routes=[
+            Route("/", server.page),
+            Route("/videos/{name}", server.video),
+            WebSocketRoute("/ws", server.websocket),
+        ]
+    )
     app.state.server = server
     return app

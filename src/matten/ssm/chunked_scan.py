@@ -81,6 +81,7 @@ def chunked_scan(u, delta, A, B, C, h0, chunk: int | None = None):
 
 def _refined(at, G):
     """Make a per-step coefficient with g groups (g dividing G) broadcast over G groups."""
+
     def refined(t):
         X = at(t)  # (b, g, 1 or dim // G', nc or 1, N)
         g = X.shape[1]
@@ -89,4 +90,5 @@ def _refined(at, G):
         # Each of the g groups covers G // g of the finer ones, whose channels are contiguous.
         X = X.unsqueeze(2).expand(X.shape[0], g, G // g, *X.shape[2:])
         return X.reshape(X.shape[0], G, *X.shape[3:])
+
     return refined

@@ -41,8 +41,13 @@ from . import layouts, threads
 
 # Reassociation and contraction (FMA) help vectorise the loops over N; no-NaN/no-inf
 # assumptions are left out so that bad values still propagate.
-_JIT: dict[str, Any] = dict(nopython=True, nogil=True, cache=True, parallel=True,
-            fastmath={"nsz", "arcp", "contract", "reassoc"})
+_JIT: dict[str, Any] = dict(
+    nopython=True,
+    nogil=True,
+    cache=True,
+    parallel=True,
+    fastmath={"nsz", "arcp", "contract", "reassoc"},
+)
 
 
 def decay(x):
@@ -61,9 +66,18 @@ def _decay_impl(x):
         x = min(max(x, np.float32(-87.0)), np.float32(88.0))
         k = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
         r = x - k * np.float32(0.693145751953125) - k * np.float32(1.428606765330187e-06)
-        p = np.float32(1.0) + r * (np.float32(1.0) + r * (np.float32(0.5) + r * (
-            np.float32(1 / 6) + r * (np.float32(1 / 24) + r * (np.float32(1 / 120)
-                                                              + r * np.float32(1 / 720))))))
+        p = np.float32(1.0) + r * (
+            np.float32(1.0)
+            + r
+            * (
+                np.float32(0.5)
+                + r
+                * (
+                    np.float32(1 / 6)
+                    + r * (np.float32(1 / 24) + r * (np.float32(1 / 120) + r * np.float32(1 / 720)))
+                )
+            )
+        )
         return p * np.int32((np.int32(k) + np.int32(127)) << np.int32(23)).view(np.float32)
 
     return exp_float32
@@ -110,8 +124,28 @@ def _scan_forward(u, delta, A, Bt, Ct, h0, D, gate, reverse, groups, y, h_last):
 
 
 @numba.jit(**_JIT)
-def _scan_backward(u, delta, A, Bt, Ct, h0, D, gate, dgate, reverse, dy, dh_last,
-                   du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dh0):
+def _scan_backward(
+    u,
+    delta,
+    A,
+    Bt,
+    Ct,
+    h0,
+    D,
+    gate,
+    dgate,
+    reverse,
+    dy,
+    dh_last,
+    du,
+    ddelta,
+    dz,
+    dA_part,
+    dB_part,
+    dC_part,
+    dD_part,
+    dh0,
+):
     # dgate is silu'(z); dz receives the gradient of z, ddelta that of the step size.
     batch, dim, length = u.shape
     nstate = A.shape[1]
@@ -205,8 +239,9 @@ def _step_size(delta, delta_bias, softplus):
     return F.softplus(v.contiguous()) if softplus else v
 
 
-def scan_forward(u, delta, A, B, C, h0, D=None, z=None, delta_bias=None, softplus=False,
-                 reverse=False):
+def scan_forward(
+    u, delta, A, B, C, h0, D=None, z=None, delta_bias=None, softplus=False, reverse=False
+):
     """The gated output ``(<C_t, h_t> + D u_t) * silu(z_t)`` (batch, dim, L) and the last state
     (batch, dim, N), with delta = softplus(delta + delta_bias) when ``softplus``. ``reverse`` scans
     from the last time step to the first (the last state is then the one at t = 0). Inputs are
@@ -217,9 +252,20 @@ def scan_forward(u, delta, A, B, C, h0, D=None, z=None, delta_bias=None, softplu
     h_last = torch.empty_like(h0)
     dt = _step_size(delta, delta_bias, softplus)
     gate = _np(F.silu(z.contiguous())) if z is not None else _no_gate(u)  # as for delta
-    _scan_forward(_np(u), _np(dt), _np(A), _time_major(B), _time_major(C), _np(h0),
-                  _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype), gate,
-                  bool(reverse), groups, y.numpy(), h_last.numpy())
+    _scan_forward(
+        _np(u),
+        _np(dt),
+        _np(A),
+        _time_major(B),
+        _time_major(C),
+        _np(h0),
+        _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype),
+        gate,
+        bool(reverse),
+        groups,
+        y.numpy(),
+        h_last.numpy(),
+    )
     return y, h_last
 
 
@@ -241,8 +287,21 @@ def _softplus_grad(delta, delta_bias):
     return torch.where(v > 20.0, torch.ones_like(v), torch.sigmoid(v))
 
 
-def scan_backward(u, delta, A, B, C, h0, dy, dh_last, D=None, z=None, delta_bias=None,
-                  softplus=False, reverse=False):
+def scan_backward(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    h0,
+    dy,
+    dh_last,
+    D=None,
+    z=None,
+    delta_bias=None,
+    softplus=False,
+    reverse=False,
+):
     """Gradients of :func:`scan_forward`'s outputs with respect to u, delta, A, B, C, the initial
     state, D, z and delta_bias (None for those not given)."""
     batch, dim, length = u.shape
@@ -262,14 +321,38 @@ def scan_backward(u, delta, A, B, C, h0, dy, dh_last, D=None, z=None, delta_bias
         gate, dgate = _np(z * sig), _np(sig * (1 + z * (1 - sig)))  # silu(z) and its derivative
     else:
         gate = dgate = _no_gate(u)
-    _scan_backward(_np(u), _np(dt), _np(A), _time_major(B), _time_major(C), _np(h0),
-                   _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype), gate, dgate,
-                   bool(reverse), _np(dy), _np(dh_last), du.numpy(), ddelta.numpy(),
-                   dz.numpy() if dz is not None else _no_gate(u),
-                   dA_part.numpy(), dB_part.numpy(), dC_part.numpy(), dD_part.numpy(),
-                   dh0.numpy())
+    _scan_backward(
+        _np(u),
+        _np(dt),
+        _np(A),
+        _time_major(B),
+        _time_major(C),
+        _np(h0),
+        _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype),
+        gate,
+        dgate,
+        bool(reverse),
+        _np(dy),
+        _np(dh_last),
+        du.numpy(),
+        ddelta.numpy(),
+        dz.numpy() if dz is not None else _no_gate(u),
+        dA_part.numpy(),
+        dB_part.numpy(),
+        dC_part.numpy(),
+        dD_part.numpy(),
+        dh0.numpy(),
+    )
     if softplus:
         ddelta = ddelta * _softplus_grad(delta, delta_bias)
-    return (du, ddelta, dA_part.sum(0), _summed(dB_part, B), _summed(dC_part, C), dh0,
-            dD_part.sum(0) if D is not None else None, dz,
-            ddelta.sum((0, 2)) if delta_bias is not None else None)
+    return (
+        du,
+        ddelta,
+        dA_part.sum(0),
+        _summed(dB_part, B),
+        _summed(dC_part, C),
+        dh0,
+        dD_part.sum(0) if D is not None else None,
+        dz,
+        ddelta.sum((0, 2)) if delta_bias is not None else None,
+    )

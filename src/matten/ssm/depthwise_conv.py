@@ -36,26 +36,29 @@ class _DepthwiseConv1d(torch.autograd.Function):
         left, right = ctx.pads
         taps, length = weight.shape[-1], grad.shape[-1]
         padded = F.pad(x, (left, right))  # output t = sum_j weight[:, 0, j] * padded[..., t + j]
-        w = weight[:, 0]                                             # (channels, taps)
+        w = weight[:, 0]  # (channels, taps)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_padded = padded.new_zeros(padded.shape)
             for j in range(taps):
-                grad_padded[..., j:j + length] += grad * w[:, j, None]
-            grad_x = grad_padded[..., left:left + x.shape[-1]]
+                grad_padded[..., j : j + length] += grad * w[:, j, None]
+            grad_x = grad_padded[..., left : left + x.shape[-1]]
         if ctx.needs_input_grad[1]:
-            grad_w = torch.stack([(grad * padded[..., j:j + length]).sum((0, 2))
-                                  for j in range(taps)], dim=-1)[:, None]
+            grad_w = torch.stack(
+                [(grad * padded[..., j : j + length]).sum((0, 2)) for j in range(taps)], dim=-1
+            )[:, None]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2))
         return grad_x, grad_w, grad_b, None, None
 
 
-def depthwise_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                     padding: tuple[int, int] = (0, 0)) -> Tensor:
+def depthwise_conv1d(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: tuple[int, int] = (0, 0)
+) -> Tensor:
     """Depthwise conv1d of ``x`` (batch, channels, L) with ``weight`` (channels, 1, taps) after
     zero padding ``padding = (left, right)``: equal to ``F.conv1d`` with ``groups=channels``."""
     if weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"weight must have shape (channels={x.shape[1]}, 1, taps), "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape (channels={x.shape[1]}, 1, taps), got {tuple(weight.shape)}"
+        )
     return _DepthwiseConv1d.apply(x, weight, bias, *padding)

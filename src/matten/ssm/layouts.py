@@ -17,20 +17,24 @@ from torch import Tensor
 
 
 def layout(X: Tensor) -> str:
-    """"constant", "variable" or "grouped", from the number of dimensions."""
+    """ "constant", "variable" or "grouped", from the number of dimensions."""
     return {2: "constant", 3: "variable", 4: "grouped"}.get(X.dim(), "invalid")
 
 
 def check(name: str, X: Tensor, batch: int, dim: int, length: int, nstate: int) -> None:
     """Raise a ValueError naming ``name`` unless X has one of the three layouts."""
-    ok = {"constant": (dim, nstate), "variable": (batch, nstate, length),
-          "grouped": (batch, X.shape[1] if X.dim() == 4 else -1, nstate, length)}.get(layout(X))
+    ok = {
+        "constant": (dim, nstate),
+        "variable": (batch, nstate, length),
+        "grouped": (batch, X.shape[1] if X.dim() == 4 else -1, nstate, length),
+    }.get(layout(X))
     groups = X.shape[1] if X.dim() == 4 else 1
     if ok is None or tuple(X.shape) != ok or groups < 1 or dim % groups:
         raise ValueError(
             f"selective_scan: {name} must have shape (dim, N) = {(dim, nstate)}, (batch, N, L) = "
             f"{(batch, nstate, length)} or (batch, G, N, L) = {(batch, 'G', nstate, length)} "
-            f"with G dividing dim={dim}, got {tuple(X.shape)}")
+            f"with G dividing dim={dim}, got {tuple(X.shape)}"
+        )
 
 
 def as_grouped(X: Tensor) -> Tensor:

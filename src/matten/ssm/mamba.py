@@ -32,6 +32,7 @@ from .selective_scan import selective_scan
 class MambaState(NamedTuple):
     """What a causal scan needs to continue a sequence: the conv1d's last (d_conv - 1) inputs
     (batch, d_inner, d_conv - 1) and the scan's hidden state (batch, d_inner, d_state)."""
+
     conv: torch.Tensor
     ssm: torch.Tensor
 
@@ -39,13 +40,22 @@ class MambaState(NamedTuple):
 class SelectiveSSM(nn.Module):
     """One scan direction: causal conv, input-dependent (dt, B, C), and the selective scan."""
 
-    def __init__(self, d_inner: int, d_state: int = 16, d_conv: int = 4, dt_rank: int = 24,
-                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-                 conv_bias: bool = True):
+    def __init__(
+        self,
+        d_inner: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        dt_rank: int = 24,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+    ):
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
-        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1,
-                                bias=conv_bias)
+        self.conv1d = nn.Conv1d(
+            d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=conv_bias
+        )
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
         # S4D-real initialisation A_n = -(n + 1), stored as log(-A) to keep A negative.
@@ -61,9 +71,11 @@ class SelectiveSSM(nn.Module):
         if self.dt_proj.weight.is_meta:
             return
         dt_min, dt_max, floor = self._dt_init
-        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        dt = torch.exp(torch.rand_like(self.dt_proj.bias) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=floor)
+        nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
+        dt = torch.exp(
+            torch.rand_like(self.dt_proj.bias) * (math.log(dt_max) - math.log(dt_min))
+            + math.log(dt_min)
+        ).clamp(min=floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     @property
@@ -74,11 +86,19 @@ class SelectiveSSM(nn.Module):
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> MambaState:
         """The state before the first input: no past conv inputs, a zero hidden state."""
         d_inner = self.conv1d.in_channels
-        return MambaState(torch.zeros(batch, d_inner, self.conv_width, device=device, dtype=dtype),
-                          torch.zeros(batch, d_inner, self.d_state, device=device, dtype=dtype))
+        return MambaState(
+            torch.zeros(batch, d_inner, self.conv_width, device=device, dtype=dtype),
+            torch.zeros(batch, d_inner, self.d_state, device=device, dtype=dtype),
+        )
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, state: MambaState | None = None,
-                return_state: bool = False, reverse: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        state: MambaState | None = None,
+        return_state: bool = False,
+        reverse: bool = False,
+    ):
         """x, z: (batch, d_inner, L) -> gated scan output (batch, d_inner, L) [, new MambaState].
 
         Without ``state`` the sequence starts from nothing (zero conv padding, zero hidden
@@ -91,16 +111,21 @@ class SelectiveSSM(nn.Module):
                 raise ValueError("a reverse scan runs whole sequences only (no state)")
             # The causal conv of the flipped sequence, flipped back, is the anti-causal conv with
             # the kernel reversed: output t sees inputs t .. t + d_conv - 1.
-            conv = depthwise_conv1d(x, self.conv1d.weight.flip(-1), self.conv1d.bias,
-                                    padding=(self.conv_width, self.conv_width))
-            return self._scan(F.silu(conv[..., self.conv_width:]), z, reverse=True)
+            conv = depthwise_conv1d(
+                x,
+                self.conv1d.weight.flip(-1),
+                self.conv1d.bias,
+                padding=(self.conv_width, self.conv_width),
+            )
+            return self._scan(F.silu(conv[..., self.conv_width :]), z, reverse=True)
         if state is None and not return_state:
             # A whole sequence, as Mamba has always run it: the conv's own zero padding (at both
             # ends), cut back to L. The streaming path below pads the left only; the two agree to
             # rounding, not bit for bit, so each keeps the call its past outputs were made with.
-            conv = depthwise_conv1d(x, self.conv1d.weight, self.conv1d.bias,
-                                    padding=(self.conv_width, self.conv_width))
-            return self._scan(F.silu(conv[..., :x.shape[-1]]), z)
+            conv = depthwise_conv1d(
+                x, self.conv1d.weight, self.conv1d.bias, padding=(self.conv_width, self.conv_width)
+            )
+            return self._scan(F.silu(conv[..., : x.shape[-1]]), z)
         # The carried inputs take the place of the zero padding on the left. A fresh start
         # passes no initial state, so that backends which take none (mamba_ssm) still run it.
         if state is None:
@@ -113,31 +138,50 @@ class SelectiveSSM(nn.Module):
         y, h_last = self._scan(F.silu(conv_out), z, return_last_state=True, initial_state=h0)
         if not return_state:
             return y
-        return y, MambaState(conv_in[..., conv_in.shape[-1] - self.conv_width:], h_last)
+        return y, MambaState(conv_in[..., conv_in.shape[-1] - self.conv_width :], h_last)
 
     def _scan(self, x: torch.Tensor, z: torch.Tensor, **scan_kwargs):
         """The conv's activated output x -> (dt, B, C) -> selective_scan gated by silu(z)."""
         dt, B, C = self.x_proj(x.transpose(1, 2)).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)
-        return selective_scan(x, delta, -torch.exp(self.A_log.float()), B.transpose(1, 2),
-                              C.transpose(1, 2), self.D.float(), z,
-                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                              **scan_kwargs)
+        return selective_scan(
+            x,
+            delta,
+            -torch.exp(self.A_log.float()),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            self.D.float(),
+            z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            **scan_kwargs,
+        )
 
 
 class _MambaMixer(nn.Module):
     """in_proj -> the scan directions -> (their mean) -> out_proj; subclasses run the scans."""
 
-    def __init__(self, d_model: int, directions: int, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, dt_rank: int | None = None, bias: bool = False, **ssm_kwargs):
+    def __init__(
+        self,
+        d_model: int,
+        directions: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        bias: bool = False,
+        **ssm_kwargs,
+    ):
         super().__init__()
         self.d_model, self.d_inner = d_model, expand * d_model
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.ssms = nn.ModuleList(
             SelectiveSSM(self.d_inner, d_state, d_conv, self.dt_rank, **ssm_kwargs)
-            for _ in range(directions))
+            for _ in range(directions)
+        )
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     def direction(self, index: int) -> SelectiveSSM:
@@ -163,8 +207,9 @@ class Mamba(_MambaMixer):
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> MambaState:
         return self.direction(0).init_state(batch, device, dtype)
 
-    def forward(self, hidden: torch.Tensor, state: MambaState | None = None,
-                return_state: bool = False):
+    def forward(
+        self, hidden: torch.Tensor, state: MambaState | None = None, return_state: bool = False
+    ):
         """(batch, L, d_model) -> (batch, L, d_model) [, new MambaState]; ``state`` continues
         the sequence it ended (see :meth:`SelectiveSSM.forward`)."""
         x, z = self.project_in(hidden)

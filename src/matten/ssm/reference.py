@@ -22,8 +22,20 @@ def _per_channel(X, batch, dim, length):
     return X.repeat_interleave(dim // X.shape[1], dim=1)
 
 
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, initial_state=None, dtype=torch.float64):
+def selective_scan_ref(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    initial_state=None,
+    dtype=torch.float64,
+):
     """Mamba's S6 recurrence, step by step (same layouts as :func:`matten.ssm.selective_scan`).
 
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      (ZOH for A, Euler for B, as Mamba)
@@ -39,8 +51,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     B, C = _per_channel(B, batch, dim, length), _per_channel(C, batch, dim, length)
     deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
     deltaB_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
-    h = (u.new_zeros(batch, dim, A.shape[1]) if initial_state is None
-         else initial_state.to(dtype))
+    h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(dtype)
     ys = []
     for t in range(length):
         h = deltaA[:, :, t] * h + deltaB_u[:, :, t]

@@ -30,8 +30,10 @@ class TokenGrid:
 
     def check(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 3 or tokens.shape[1] != self.num_tokens:
-            raise ValueError(f"expected tokens (batch, {self.num_tokens}, dim) for grid "
-                             f"{self.frames}x{self.height}x{self.width}, got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"expected tokens (batch, {self.num_tokens}, dim) for grid "
+                f"{self.frames}x{self.height}x{self.width}, got {tuple(tokens.shape)}"
+            )
 
 
 def grid_to_global(grid_tokens: torch.Tensor) -> torch.Tensor:

@@ -75,18 +75,25 @@ def _unavailable(name: str, device: torch.device, initial_state: bool) -> str | 
             return "is not available: triton is not installed or does not import"
         if not module.runs_on(device):
             if device.type == "cpu":
-                return ("runs CPU tensors only through Triton's interpreter: set "
-                        "TRITON_INTERPRET=1 before triton is first imported (importing matten "
-                        "imports it)")
-            return (f"cannot run {device.type} tensors here (CUDA needed"
-                    + (", and Triton is in interpreter mode)" if module.INTERPRETED else ")"))
+                return (
+                    "runs CPU tensors only through Triton's interpreter: set "
+                    "TRITON_INTERPRET=1 before triton is first imported (importing matten "
+                    "imports it)"
+                )
+            return f"cannot run {device.type} tensors here (CUDA needed" + (
+                ", and Triton is in interpreter mode)" if module.INTERPRETED else ")"
+            )
     elif name == "cpu" and device.type not in ("cpu", "meta"):
         return "runs CPU (and meta) tensors only"
     return None
 
 
-def backend(device: str | torch.device | None = None, *, override: str | None = None,
-            initial_state: bool = False) -> str:
+def backend(
+    device: str | torch.device | None = None,
+    *,
+    override: str | None = None,
+    initial_state: bool = False,
+) -> str:
     """The backend :func:`selective_scan` uses for tensors on ``device`` (default: CUDA when there
     is one, else CPU): "mamba_ssm", "triton", "chunked", "cpu" or "reference".
 
@@ -98,8 +105,10 @@ def backend(device: str | torch.device | None = None, *, override: str | None = 
     device = torch.device(device)
     requested = (override or os.environ.get(ENV_VAR) or "auto").strip().lower()
     if requested not in BACKENDS:
-        raise ValueError(f"selective_scan: unknown backend {requested!r} "
-                         f"(from {'backend=' if override else ENV_VAR}); choose one of {BACKENDS}")
+        raise ValueError(
+            f"selective_scan: unknown backend {requested!r} "
+            f"(from {'backend=' if override else ENV_VAR}); choose one of {BACKENDS}"
+        )
     if requested != "auto":
         why = _unavailable(requested, device, initial_state)
         if why:
@@ -119,9 +128,19 @@ _choose = backend  # selective_scan's ``backend`` argument shadows the function'
 # take delta's bias and softplus, D, the gate z and the scan direction themselves, so that none
 # of those becomes a separate tensor op (and a saved tensor) of the autograd graph.
 @torch.library.custom_op("matten::scan_fwd", mutates_args=(), device_types="cpu")
-def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor,
-              D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, softplus: bool,
-              reverse: bool) -> tuple[Tensor, Tensor]:
+def _scan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    h0: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    softplus: bool,
+    reverse: bool,
+) -> tuple[Tensor, Tensor]:
     return cpu_kernel.scan_forward(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse)
 
 
@@ -131,19 +150,34 @@ def _(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse):
 
 
 @torch.library.custom_op("matten::scan_bwd", mutates_args=(), device_types="cpu")
-def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor,
-              D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, softplus: bool,
-              reverse: bool, dy: Tensor, dh_last: Tensor) -> list[Tensor]:
+def _scan_bwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    h0: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    softplus: bool,
+    reverse: bool,
+    dy: Tensor,
+    dh_last: Tensor,
+) -> list[Tensor]:
     # An operator returns tensors only: the gradients of absent D / z / delta_bias are empty.
-    grads = cpu_kernel.scan_backward(u, delta, A, B, C, h0, dy, dh_last, D, z, delta_bias,
-                                     softplus, reverse)
+    grads = cpu_kernel.scan_backward(
+        u, delta, A, B, C, h0, dy, dh_last, D, z, delta_bias, softplus, reverse
+    )
     return [u.new_empty(0) if g is None else g for g in grads]
 
 
 @_scan_bwd.register_fake
 def _(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse, dy, dh_last):
-    return [u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-            for t in (u, delta, A, B, C, h0, D, z, delta_bias)]
+    return [
+        u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in (u, delta, A, B, C, h0, D, z, delta_bias)
+    ]
 
 
 def _setup_context(ctx, inputs, output):
@@ -158,7 +192,11 @@ def _backward(ctx, dy, dh_last):
     dy = torch.zeros_like(u) if dy is None else dy
     dh_last = torch.zeros_like(h0) if dh_last is None else dh_last.contiguous()
     grads = _scan_bwd(u, delta, A, B, C, h0, D, z, delta_bias, *ctx.flags, dy, dh_last)
-    return (*(g if present else None for g, present in zip(grads, ctx.present, strict=True)), None, None)
+    return (
+        *(g if present else None for g, present in zip(grads, ctx.present, strict=True)),
+        None,
+        None,
+    )
 
 
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -187,8 +225,17 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
     """Raise an error naming the first argument of the wrong type, dtype, device or shape."""
-    tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z,
-               "delta_bias": delta_bias, "initial_state": initial_state}
+    tensors = {
+        "u": u,
+        "delta": delta,
+        "A": A,
+        "B": B,
+        "C": C,
+        "D": D,
+        "z": z,
+        "delta_bias": delta_bias,
+        "initial_state": initial_state,
+    }
     for name, t in tensors.items():
         if t is None:
             if name in ("u", "delta", "A", "B", "C"):
@@ -197,33 +244,60 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
         if not isinstance(t, Tensor):
             raise TypeError(f"selective_scan: {name} must be a tensor, got {type(t).__name__}")
         if t.is_complex():
-            raise TypeError(f"selective_scan: complex {name} is not supported (dtype {t.dtype}); "
-                            "only real-valued scans are implemented")
+            raise TypeError(
+                f"selective_scan: complex {name} is not supported (dtype {t.dtype}); "
+                "only real-valued scans are implemented"
+            )
         if t.dtype not in _DTYPES:
-            raise TypeError(f"selective_scan: {name} must be float16, bfloat16, float32 or "
-                            f"float64, got {t.dtype}")
+            raise TypeError(
+                f"selective_scan: {name} must be float16, bfloat16, float32 or "
+                f"float64, got {t.dtype}"
+            )
         if t.device != u.device:
             raise ValueError(f"selective_scan: {name} is on {t.device} but u is on {u.device}")
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {tuple(u.shape)}")
     if A.dim() != 2 or A.shape[0] != u.shape[1]:
-        raise ValueError(f"selective_scan: A must have shape (dim, N) = ({u.shape[1]}, N) for u of "
-                         f"shape {tuple(u.shape)}, got {tuple(A.shape)}")
+        raise ValueError(
+            f"selective_scan: A must have shape (dim, N) = ({u.shape[1]}, N) for u of "
+            f"shape {tuple(u.shape)}, got {tuple(A.shape)}"
+        )
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    expected = {"delta": (batch, dim, length), "D": (dim,), "z": (batch, dim, length),
-                "delta_bias": (dim,), "initial_state": (batch, dim, nstate)}
+    expected = {
+        "delta": (batch, dim, length),
+        "D": (dim,),
+        "z": (batch, dim, length),
+        "delta_bias": (dim,),
+        "initial_state": (batch, dim, nstate),
+    }
     for name, shape in expected.items():
         t = tensors[name]
         if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"selective_scan: {name} must have shape {shape} for u of shape "
-                             f"{tuple(u.shape)} and A of shape {tuple(A.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"selective_scan: {name} must have shape {shape} for u of shape "
+                f"{tuple(u.shape)} and A of shape {tuple(A.shape)}, got {tuple(t.shape)}"
+            )
     layouts.check("B", B, batch, dim, length, nstate)
     layouts.check("C", C, batch, dim, length, nstate)
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, *, backend=None, reverse=False):
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    initial_state=None,
+    *,
+    backend=None,
+    reverse=False,
+):
     """Selective scan ``y_t = <C_t, h_t> + D u_t`` with ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``.
 
     Layouts as in ``mamba_ssm``: u, delta, z: (batch, dim, L); A: (dim, N), real; D, delta_bias:
@@ -242,27 +316,56 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     name = _choose(u.device, override=backend, initial_state=initial_state is not None)
     if reverse and name != "cpu":  # the others scan forwards: run the reversed sequence
         fu, fdelta, fA, fB, fC, fD, fz = (_flip_time(t) for t in (u, delta, A, B, C, D, z))
-        y = selective_scan(fu, fdelta, fA, fB, fC, fD, fz, delta_bias, delta_softplus,
-                           return_last_state, initial_state, backend=name)
+        y = selective_scan(
+            fu,
+            fdelta,
+            fA,
+            fB,
+            fC,
+            fD,
+            fz,
+            delta_bias,
+            delta_softplus,
+            return_last_state,
+            initial_state,
+            backend=name,
+        )
         return (y[0].flip(-1), y[1]) if return_last_state else y.flip(-1)
     if name == "mamba_ssm":  # its own function, arguments unchanged
-        return mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                return_last_state)
+        return mamba_ssm_scan()(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+        )
     if name == "reference":
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                  return_last_state, initial_state)
+        return selective_scan_ref(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
+        )
     if name == "triton":  # fused: delta_bias, softplus, D and z inside the kernels
         y, h_last = triton_scan_module().selective_scan_triton(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
+        )
         return (y, h_last.to(u.dtype)) if return_last_state else y
 
     if name == "cpu":  # fused: delta_bias, softplus, D, z and the direction in the kernels
         compute = torch.float64 if u.dtype == torch.float64 else torch.float32
-        cast = (lambda t: None if t is None else t.to(compute))  # no copy when already compute
-        h0 = (u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=compute)
-              if initial_state is None else cast(initial_state))
-        y, h_last = _scan_fwd(cast(u), cast(delta), cast(A), cast(B), cast(C), h0, cast(D),
-                              cast(z), cast(delta_bias), bool(delta_softplus), reverse)
+        cast = lambda t: None if t is None else t.to(compute)  # no copy when already compute
+        h0 = (
+            u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=compute)
+            if initial_state is None
+            else cast(initial_state)
+        )
+        y, h_last = _scan_fwd(
+            cast(u),
+            cast(delta),
+            cast(A),
+            cast(B),
+            cast(C),
+            h0,
+            cast(D),
+            cast(z),
+            cast(delta_bias),
+            bool(delta_softplus),
+            reverse,
+        )
         y = y.to(u.dtype)
         return (y, h_last.to(u.dtype)) if return_last_state else y
 
@@ -273,8 +376,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta = delta + delta_bias.to(compute)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    h0 = (u32.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None
-          else initial_state.to(compute))
+    h0 = (
+        u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+        if initial_state is None
+        else initial_state.to(compute)
+    )
     y, h_last = chunked_scan(u32, delta, A32, B32, C32, h0)
     if D is not None:
         y = y + u32 * D.to(compute)[:, None]

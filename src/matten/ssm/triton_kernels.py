@@ -8,6 +8,7 @@ import triton.language as tl
 
 # -- small device functions ------------------------------------------------------------------------
 
+
 @triton.jit
 def _combine(a_first, b_first, a_then, b_then):
     """Two steps of h -> a h + b, the first applied first:
@@ -39,12 +40,16 @@ def _load_delta(row, t, mask, stride, bias, SOFTPLUS: tl.constexpr, COMPUTE: tl.
 
 
 @triton.jit
-def _load_coeff(ptr, offs_n, t, mask_n, mask_t, stride_n, stride_l, VARIES: tl.constexpr,
-                COMPUTE: tl.constexpr):
+def _load_coeff(
+    ptr, offs_n, t, mask_n, mask_t, stride_n, stride_l, VARIES: tl.constexpr, COMPUTE: tl.constexpr
+):
     """A channel's B or C over one chunk: (N, BLOCK_L), or (N, 1) when constant in time."""
     if VARIES:
-        x = tl.load(ptr + offs_n[:, None] * stride_n + t[None, :] * stride_l,
-                    mask=mask_n[:, None] & mask_t[None, :], other=0.0).to(COMPUTE)
+        x = tl.load(
+            ptr + offs_n[:, None] * stride_n + t[None, :] * stride_l,
+            mask=mask_n[:, None] & mask_t[None, :],
+            other=0.0,
+        ).to(COMPUTE)
     else:
         x = tl.load(ptr + offs_n * stride_n, mask=mask_n, other=0.0).to(COMPUTE)[:, None]
     return x
@@ -68,17 +73,57 @@ def _chunk_states(h_start, dt, u, A, Bt):
 
 # -- forward ---------------------------------------------------------------------------------------
 
+
 @triton.jit
 def scan_fwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-        out_ptr, h_last_ptr, h_chunks_ptr,
-        dim, length, nstate, per_gB, per_gC,
-        su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sA_d, sA_n,
-        sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-        SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, SAVE_CHUNKS: tl.constexpr,
-        B_VARIES: tl.constexpr, C_VARIES: tl.constexpr, COMPUTE: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    h0_ptr,
+    out_ptr,
+    h_last_ptr,
+    h_chunks_ptr,
+    dim,
+    length,
+    nstate,
+    per_gB,
+    per_gC,
+    su_b,
+    su_d,
+    su_l,
+    sdt_b,
+    sdt_d,
+    sdt_l,
+    sz_b,
+    sz_d,
+    sz_l,
+    sA_d,
+    sA_n,
+    sB_b,
+    sB_g,
+    sB_n,
+    sB_l,
+    sC_b,
+    sC_g,
+    sC_n,
+    sC_l,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    SAVE_CHUNKS: tl.constexpr,
+    B_VARIES: tl.constexpr,
+    C_VARIES: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch * dim * L may pass 2^31
     b, d = pid // dim, pid % dim
     offs_n, offs_l = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
@@ -121,19 +166,75 @@ def scan_fwd_kernel(
 
 # -- backward --------------------------------------------------------------------------------------
 
+
 @triton.jit
 def scan_bwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h_chunks_ptr,
-        dout_ptr, dh_last_ptr,
-        du_ptr, ddelta_ptr, dz_ptr, dh0_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-        dim, length, nstate, per_gB, per_gC,
-        su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sA_d, sA_n,
-        sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, so_b, so_d, so_l,
-        sdB_b, sdB_g, sdB_n, sdB_l, sdC_b, sdC_g, sdC_n, sdC_l,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-        SOFTPLUS: tl.constexpr, HAS_DH_LAST: tl.constexpr,
-        B_VARIES: tl.constexpr, C_VARIES: tl.constexpr, COMPUTE: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    h_chunks_ptr,
+    dout_ptr,
+    dh_last_ptr,
+    du_ptr,
+    ddelta_ptr,
+    dz_ptr,
+    dh0_ptr,
+    dA_ptr,
+    dB_ptr,
+    dC_ptr,
+    dD_ptr,
+    dbias_ptr,
+    dim,
+    length,
+    nstate,
+    per_gB,
+    per_gC,
+    su_b,
+    su_d,
+    su_l,
+    sdt_b,
+    sdt_d,
+    sdt_l,
+    sz_b,
+    sz_d,
+    sz_l,
+    sA_d,
+    sA_n,
+    sB_b,
+    sB_g,
+    sB_n,
+    sB_l,
+    sC_b,
+    sC_g,
+    sC_n,
+    sC_l,
+    so_b,
+    so_d,
+    so_l,
+    sdB_b,
+    sdB_g,
+    sdB_n,
+    sdB_l,
+    sdC_b,
+    sdC_g,
+    sdC_n,
+    sdC_l,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_DH_LAST: tl.constexpr,
+    B_VARIES: tl.constexpr,
+    C_VARIES: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     b, d = pid // dim, pid % dim
     offs_n, offs_l = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
@@ -165,8 +266,9 @@ def scan_bwd_kernel(
         c = n_chunks - 1 - i
         t = c * BLOCK_L + offs_l
         mask_t = t < length
-        h_start = tl.load(h_chunks_ptr + (pid * n_chunks + c) * nstate + offs_n, mask=mask_n,
-                          other=0.0)
+        h_start = tl.load(
+            h_chunks_ptr + (pid * n_chunks + c) * nstate + offs_n, mask=mask_n, other=0.0
+        )
         u = tl.load(u_row + t * su_l, mask=mask_t, other=0.0).to(COMPUTE)
         dt_pre, dt = _load_delta(dt_row, t, mask_t, sdt_l, bias, SOFTPLUS, COMPUTE)
         Bt = _load_coeff(B_row, offs_n, t, mask_n, mask_t, sB_n, sB_l, B_VARIES, COMPUTE)
@@ -179,9 +281,11 @@ def scan_bwd_kernel(
             z = tl.load(z_row + t * sz_l, mask=mask_t, other=0.0).to(COMPUTE)
             sig = tl.sigmoid(z)
             y = tl.sum(hs * Ct, axis=0) + D * u
-            tl.store(dz_ptr + pid * length + t,
-                     (dout * y * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
-                     mask=mask_t)
+            tl.store(
+                dz_ptr + pid * length + t,
+                (dout * y * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
+                mask=mask_t,
+            )
             dy = dout * z * sig
         else:
             dy = dout
@@ -193,8 +297,9 @@ def scan_bwd_kernel(
         # (1 past the end of the sequence, where g is the last state's gradient).
         _, dt_next = _load_delta(dt_row, t + 1, t + 1 < length, sdt_l, bias, SOFTPLUS, COMPUTE)
         a_next = tl.exp(dt_next[None, :] * A[:, None])
-        g_cum, g_local = tl.associative_scan((a_next, Ct * dy[None, :]), axis=1,
-                                             combine_fn=_combine, reverse=True)
+        g_cum, g_local = tl.associative_scan(
+            (a_next, Ct * dy[None, :]), axis=1, combine_fn=_combine, reverse=True
+        )
         gs = g_cum * g_next[:, None] + g_local
 
         # h_t = a_t h_{t-1} + b_t, so a_t h_{t-1} = h_t - b_t: no shifted states needed.
@@ -206,13 +311,19 @@ def scan_bwd_kernel(
         dB_tile = gs * (dt * u)[None, :]
         dC_tile = hs * dy[None, :]
         if B_VARIES:  # channels of a group add into the same (N, L) entries
-            tl.atomic_add(dB_row + offs_n[:, None] * sdB_n + t[None, :] * sdB_l, dB_tile,
-                          mask=mask_n[:, None] & mask_t[None, :])
+            tl.atomic_add(
+                dB_row + offs_n[:, None] * sdB_n + t[None, :] * sdB_l,
+                dB_tile,
+                mask=mask_n[:, None] & mask_t[None, :],
+            )
         else:
             dB_const += tl.sum(dB_tile, axis=1)
         if C_VARIES:
-            tl.atomic_add(dC_row + offs_n[:, None] * sdC_n + t[None, :] * sdC_l, dC_tile,
-                          mask=mask_n[:, None] & mask_t[None, :])
+            tl.atomic_add(
+                dC_row + offs_n[:, None] * sdC_n + t[None, :] * sdC_l,
+                dC_tile,
+                mask=mask_n[:, None] & mask_t[None, :],
+            )
         else:
             dC_const += tl.sum(dC_tile, axis=1)
         if SOFTPLUS:

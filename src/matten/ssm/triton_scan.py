@@ -96,19 +96,48 @@ class _TritonScan(torch.autograd.Function):
         n_chunks = triton.cdiv(length, block_l)
         out = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
         h_last = torch.empty(batch, dim, nstate, device=u.device, dtype=acc)
-        h_chunks = (torch.empty(batch, dim, n_chunks, nstate, device=u.device, dtype=acc)
-                    if save else h_last)
+        h_chunks = (
+            torch.empty(batch, dim, n_chunks, nstate, device=u.device, dtype=acc)
+            if save
+            else h_last
+        )
         scan_fwd_kernel[(batch * dim,)](
-            u, delta, A, B4, C4, _dummy(D, u), _dummy(z, u), _dummy(delta_bias, u),
-            _dummy(initial_state, u), out, h_last, h_chunks,
-            dim, length, nstate, layouts.channels_per_group(B4, dim),
+            u,
+            delta,
+            A,
+            B4,
+            C4,
+            _dummy(D, u),
+            _dummy(z, u),
+            _dummy(delta_bias, u),
+            _dummy(initial_state, u),
+            out,
+            h_last,
+            h_chunks,
+            dim,
+            length,
+            nstate,
+            layouts.channels_per_group(B4, dim),
             layouts.channels_per_group(C4, dim),
-            *u.stride(), *delta.stride(), *_strides(z), *A.stride(),
-            *_bc_args(B4), *_bc_args(C4),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=softplus, HAS_H0=initial_state is not None, SAVE_CHUNKS=save,
-            B_VARIES=B.dim() > 2, C_VARIES=C.dim() > 2, COMPUTE=acc_tl,
-            BLOCK_N=block_n, BLOCK_L=block_l, num_warps=4)
+            *u.stride(),
+            *delta.stride(),
+            *_strides(z),
+            *A.stride(),
+            *_bc_args(B4),
+            *_bc_args(C4),
+            HAS_D=D is not None,
+            HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=softplus,
+            HAS_H0=initial_state is not None,
+            SAVE_CHUNKS=save,
+            B_VARIES=B.dim() > 2,
+            C_VARIES=C.dim() > 2,
+            COMPUTE=acc_tl,
+            BLOCK_N=block_n,
+            BLOCK_L=block_l,
+            num_warps=4,
+        )
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, h_chunks)
@@ -125,6 +154,7 @@ class _TritonScan(torch.autograd.Function):
         B4, C4 = layouts.as_grouped(B), layouts.as_grouped(C)
         if dout is None:
             dout = torch.zeros(1, 1, 1, device=u.device, dtype=u.dtype).expand(u.shape)
+
         def new(*shape, dtype=acc):
             return torch.empty(*shape, device=u.device, dtype=dtype)
 
@@ -135,24 +165,63 @@ class _TritonScan(torch.autograd.Function):
         dD, dbias = new(batch, dim), new(batch, dim)
         # Variable B/C: atomics into a zeroed (batch, G, N, L) buffer; constant: one row per
         # (batch, channel), summed below.
-        dB4 = (torch.zeros(B4.shape, device=u.device, dtype=acc) if B.dim() > 2
-               else new(batch, dim, nstate))
-        dC4 = (torch.zeros(C4.shape, device=u.device, dtype=acc) if C.dim() > 2
-               else new(batch, dim, nstate))
+        dB4 = (
+            torch.zeros(B4.shape, device=u.device, dtype=acc)
+            if B.dim() > 2
+            else new(batch, dim, nstate)
+        )
+        dC4 = (
+            torch.zeros(C4.shape, device=u.device, dtype=acc)
+            if C.dim() > 2
+            else new(batch, dim, nstate)
+        )
         scan_bwd_kernel[(batch * dim,)](
-            u, delta, A, B4, C4, _dummy(D, u), _dummy(z, u), _dummy(delta_bias, u), h_chunks,
-            dout, _dummy(dh_last, u),
-            du, ddelta, dz, dh0, dA, dB4, dC4, dD, dbias,
-            dim, length, nstate, layouts.channels_per_group(B4, dim),
+            u,
+            delta,
+            A,
+            B4,
+            C4,
+            _dummy(D, u),
+            _dummy(z, u),
+            _dummy(delta_bias, u),
+            h_chunks,
+            dout,
+            _dummy(dh_last, u),
+            du,
+            ddelta,
+            dz,
+            dh0,
+            dA,
+            dB4,
+            dC4,
+            dD,
+            dbias,
+            dim,
+            length,
+            nstate,
+            layouts.channels_per_group(B4, dim),
             layouts.channels_per_group(C4, dim),
-            *u.stride(), *delta.stride(), *_strides(z), *A.stride(),
-            *_bc_args(B4), *_bc_args(C4), *dout.stride(),
+            *u.stride(),
+            *delta.stride(),
+            *_strides(z),
+            *A.stride(),
+            *_bc_args(B4),
+            *_bc_args(C4),
+            *dout.stride(),
             *(dB4.stride() if B.dim() > 2 else (0, 0, 0, 0)),
             *(dC4.stride() if C.dim() > 2 else (0, 0, 0, 0)),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.softplus, HAS_DH_LAST=dh_last is not None,
-            B_VARIES=B.dim() > 2, C_VARIES=C.dim() > 2, COMPUTE=acc_tl,
-            BLOCK_N=block_n, BLOCK_L=block_l, num_warps=8)  # about twice the live tiles
+            HAS_D=D is not None,
+            HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=ctx.softplus,
+            HAS_DH_LAST=dh_last is not None,
+            B_VARIES=B.dim() > 2,
+            C_VARIES=C.dim() > 2,
+            COMPUTE=acc_tl,
+            BLOCK_N=block_n,
+            BLOCK_L=block_l,
+            num_warps=8,
+        )  # about twice the live tiles
 
         def per_channel(grad, like):  # (batch, dim, ...) rows summed over the batch
             return None if like is None else grad.sum(0).to(like.dtype)
@@ -161,17 +230,39 @@ class _TritonScan(torch.autograd.Function):
             grad = grad4.sum(0) if like.dim() == 2 else grad4  # constant: (batch, dim, N) rows
             return grad.reshape(like.shape).to(like.dtype)
 
-        return (du, ddelta, per_channel(dA, A), bc_grad(dB4, B), bc_grad(dC4, C),
-                per_channel(dD, D), dz if z is not None else None, per_channel(dbias, delta_bias),
-                dh0.to(initial_state.dtype) if initial_state is not None else None, None, None)
+        return (
+            du,
+            ddelta,
+            per_channel(dA, A),
+            bc_grad(dB4, B),
+            bc_grad(dC4, C),
+            per_channel(dD, D),
+            dz if z is not None else None,
+            per_channel(dbias, delta_bias),
+            dh0.to(initial_state.dtype) if initial_state is not None else None,
+            None,
+            None,
+        )
 
 
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                          delta_softplus=False, initial_state=None, chunk: int | None = None):
+def selective_scan_triton(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    chunk: int | None = None,
+):
     """The fused scan: (out in u's dtype, last state in float32 or float64).
 
     Same arguments and layouts as :func:`matten.ssm.selective_scan` (checked there); ``chunk``
     (a power of two) overrides the number of steps per chunk.
     """
-    return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                             bool(delta_softplus), chunk)
+    return _TritonScan.apply(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk
+    )
