@@ -85,7 +85,8 @@ def plain_loop(u, delta, A, B, C, D):
 
 
 def mambapy_pscan(u, delta, A, B, C, D):
-    """mambapy's Blelloch parallel scan, on the same materialised tensors (its layout: B, L, ED, N)."""
+    """mambapy's Blelloch parallel scan, on the same materialised tensors (its layout: B, L, ED,
+    N)."""
     from mambapy.pscan import pscan
 
     deltaA, deltaB_u = _materialised(u, delta, A, B)

@@ -255,7 +255,8 @@ def preprocess_for_i3d(
     [-1, 1], Matten's convention; pass ``(0, 1)`` for [0, 1] videos).
     Single-channel videos are repeated to RGB. Values are mapped linearly to [-1, 1] (uint8:
     ``x / 127.5 - 1``) and clipped there, as uint8 quantisation would; every frame is then
-    resized to ``size x size`` (``None`` keeps the size) with bilinear interpolation, ``align_corners=False`` and no
+    resized to ``size x size`` (``None`` keeps the size) with bilinear interpolation,
+    ``align_corners=False`` and no
     antialiasing (aspect ratio is not kept: crop beforehand if that matters).
     """
     x = videos if torch.is_tensor(videos) else torch.from_numpy(np.ascontiguousarray(videos))

@@ -102,7 +102,8 @@ def retrieval_error(
 
     ``video`` is ``(3, F, H, W)`` (tensor or array, any value range; the dataset's is [-1, 1]);
     ``camera`` its ``(F, 2)`` top-left positions; ``visible`` (F,) its lit frames (for items with
-    a blackout: ``actions != DARK``). For every revisit pair (see :func:`revisit_pairs`; camera offsets up to ``max_shift`` whole pixels are aligned and only
+    a blackout: ``actions != DARK``). For every revisit pair (see :func:`revisit_pairs`; camera
+    offsets up to ``max_shift`` whole pixels are aligned and only
     the overlap compared) the mean absolute pixel difference is taken, and pairs are averaged
     within gap bins: ``bins`` equal-width bins over ``[min_gap, F)`` or a sequence of edges (a
     gap ``g`` falls in ``[edge_k, edge_k+1)``; gaps outside all bins count only in "mean").

@@ -289,7 +289,8 @@ def train_motion_net(
 
     ``steps`` defaults to :data:`DEFAULT_STEPS` of the version. Every step draws fresh clips
     (``resolution``, ``num_frames``) from a training seed range, so there is no overfitting to
-    a fixed set; accuracy is then measured on ``num_val`` clean clips from a separate range. Returns the net (in eval mode) and a dict with the settings, the losses, the
+    a fixed set; accuracy is then measured on ``num_val`` clean clips from a separate range. Returns
+    the net (in eval mode) and a dict with the settings, the losses, the
     held-out accuracy and the training time.
 
     ``num_threads`` caps torch's CPU threads during training only (restored afterwards; ``None``

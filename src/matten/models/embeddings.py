@@ -13,7 +13,8 @@ from torch import nn
 
 
 class PatchEmbed(nn.Module):
-    """(B, C, F, H, W) -> (B, F*h*w, D) tokens in spatial-first order; patches are p x p per frame."""
+    """(B, C, F, H, W) -> (B, F*h*w, D) tokens in spatial-first order; patches are p x p per
+    frame."""
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
@@ -46,7 +47,8 @@ def unpatchify(
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
-    """Transformer sin-cos embedding (len(positions), dim): sin on the first half, cos on the second."""
+    """Transformer sin-cos embedding (len(positions), dim): sin on the first half, cos on the
+    second."""
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
     angles = np.outer(positions.reshape(-1), omega)
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)

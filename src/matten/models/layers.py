@@ -20,7 +20,8 @@ Conditioning c (timestep + class) enters one of two ways, chosen per model:
   in front for attention, at both ends for Mamba so that the forward and the backward scan each
   meet them before any video token. Norms are ordinary affine LayerNorms.
 
-c may differ per frame (a (B, F, D) tensor, for per-frame noise levels); "tokens" takes one per clip.
+c may differ per frame (a (B, F, D) tensor, for per-frame noise levels); "tokens" takes one per
+clip.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ VIEWS = ("global", "spatial", "temporal")
 
 @dataclass
 class Condition:
-    """What a layer is conditioned on: a vector per frame (adan) or a few tokens per clip (tokens)."""
+    """What a layer is conditioned on: a vector per frame (adan) or a few tokens per clip
+    (tokens)."""
 
     vector: torch.Tensor | None = None  # (B, F, D)
     tokens: torch.Tensor | None = None  # (B, K, D)

@@ -213,7 +213,8 @@ def model_kwargs_for_run(
     ``model`` section as a dict (name, variant, conditioning, learn_sigma, class_dropout_prob,
     depth / hidden_size / num_heads (None: the size's), gradient_checkpointing, and ``causal``:
     window, sink, memory, num_actions, ssm_block_size, window_kind, malt_slots, malt_segment;
-    each family reads its own); the rest is the data's: latent channels, latent (H, W), class count and training
+    each family reads its own); the rest is the data's: latent channels, latent (H, W), class count
+    and training
     clip length."""
     return family_of(options["name"]).kwargs_for_run(
         options, in_channels, latent_hw, num_classes, num_frames

@@ -42,7 +42,8 @@ def _groups(X, dim):
 
 
 def chunked_scan(u, delta, A, B, C, h0, chunk: int | None = None):
-    """Bare recurrence (no D, no z): returns y (batch, dim, L) and the last state (batch, dim, N)."""
+    """Bare recurrence (no D, no z): returns y (batch, dim, L) and the last state (batch, dim,
+    N)."""
     batch, dim, length = u.shape
     nstate = A.shape[1]
     T = chunk or max(1, math.isqrt(length - 1) + 1)

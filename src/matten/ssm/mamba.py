@@ -224,7 +224,8 @@ class BiMamba(_MambaMixer):
 
     The forward direction scans the sequence as given; the backward direction scans it from the
     end (the same as scanning the flipped sequence and flipping the output back, but without the
-    copies: see ``SelectiveSSM.forward(reverse=True)``); the two are averaged before out_proj. Shared by the two
+    copies: see ``SelectiveSSM.forward(reverse=True)``); the two are averaged before out_proj.
+    Shared by the two
     directions: in_proj (so x and z) and out_proj. Separate per direction: conv1d, x_proj,
     dt_proj, A_log and D.
     """

@@ -1,4 +1,5 @@
-"""``selective_scan``: Mamba's S6 scan with the call signature of ``mamba_ssm``'s ``selective_scan_fn``.
+"""``selective_scan``: Mamba's S6 scan with the call signature of ``mamba_ssm``'s
+``selective_scan_fn``.
 
 Backends, chosen per call from the device of ``u`` (see :func:`backend`):
 
@@ -298,7 +299,8 @@ def selective_scan(
     backend=None,
     reverse=False,
 ):
-    """Selective scan ``y_t = <C_t, h_t> + D u_t`` with ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``.
+    """Selective scan ``y_t = <C_t, h_t> + D u_t`` with ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t
+    u_t``.
 
     Layouts as in ``mamba_ssm``: u, delta, z: (batch, dim, L); A: (dim, N), real; D, delta_bias:
     (dim,). B and C each: (batch, N, L) (shared by all channels), (batch, G, N, L) (channel d
