@@ -1,8 +1,9 @@
 """The run configuration's schema: six sections of typed fields with their defaults.
 
 A run config has six sections: ``model``, ``data``, ``autoencoder``, ``diffusion``, ``train`` and
-``sample``; ``model`` nests the long-video backbone's options in ``model.causal``. Reading YAML and ``key=value`` overrides is :mod:`.loader`; the checks a type alone
-cannot make are :mod:`.validation`.
+``sample``; ``model`` nests the long-video backbone's options in ``model.causal``. Reading YAML
+and ``key=value`` overrides is :mod:`.loader`; the checks a type alone cannot make are
+:mod:`.validation`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,25 @@ from dataclasses import dataclass, field
 
 from .validation import ConfigError, validate
 
-__all__ = ["ModelConfig", "CausalConfig", "DataConfig", "AutoencoderConfig", "DiffusionConfig", "TrainConfig",
-           "SampleConfig", "RunConfig", "ConfigError", "SECTIONS"]
+__all__ = [
+    "ModelConfig",
+    "CausalConfig",
+    "DataConfig",
+    "AutoencoderConfig",
+    "DiffusionConfig",
+    "TrainConfig",
+    "SampleConfig",
+    "RunConfig",
+    "ConfigError",
+    "SECTIONS",
+]
 
 
 @dataclass
 class CausalConfig:
     """Options of the long-video backbone, Matten-Causal (``model.causal.*``; the clip models
     ignore them)."""
+
     window: int = 8  # frames of the sliding attention window
     sink: int = 1  # first frames always attended to
     memory: str = "both"  # global memory: "ssm", "delta", "both" or "none", each optionally
@@ -36,6 +48,7 @@ class ModelConfig:
     """The backbone. Options every family reads, the clip models' own (``variant``,
     ``conditioning``, ``gradient_checkpointing``, the paper's model, so they stay at the top),
     and the long-video backbone's in ``causal``."""
+
     name: str = "Matten-S/2"  # Matten-S/B/L/XL/2, Latte-S/B/L/XL/2 (the attention baseline) or
     # Matten-Causal (the long-video backbone, options in `causal` below)
     variant: int = 3  # Matten variants 1-4 (paper Sec. 3.2); ignored by Latte

@@ -38,12 +38,15 @@ def _causal_problems(c) -> list[str]:
     if c.malt_slots < 1 or c.malt_segment < 1:
         problems.append("model.causal.malt_slots and model.causal.malt_segment must be >= 1")
     if c.window < 1 or c.sink < 0 or c.num_actions < 0:
-        problems.append("model.causal.window must be >= 1, model.causal.sink and "
-                        "model.causal.num_actions >= 0")
+        problems.append(
+            "model.causal.window must be >= 1, model.causal.sink and model.causal.num_actions >= 0"
+        )
     block = c.ssm_block_size
     if not (isinstance(block, int) and block >= 1 or isinstance(block, list) and block):
-        problems.append(f"model.causal.ssm_block_size must be a positive int, [b_h, b_w] or a "
-                        f"list of per-layer sizes, got {block!r}")
+        problems.append(
+            f"model.causal.ssm_block_size must be a positive int, [b_h, b_w] or a "
+            f"list of per-layer sizes, got {block!r}"
+        )
     return problems
 
 
@@ -52,26 +55,37 @@ def _memory_reg_problems(m, weight: float) -> list[str]:
     if weight < 0:
         return ["train.memory_reg_weight must be >= 0"]
     if weight > 0 and not (m.name == CAUSAL_NAME and m.causal.memory.startswith("malt")):
-        return [f"train.memory_reg_weight regularises the MALT memory: it needs model.name "
-                f"{CAUSAL_NAME} with model.causal.memory malt, malt+ssm, malt+delta or "
-                f"malt+both (got {m.name}, memory {m.causal.memory})"]
+        return [
+            f"train.memory_reg_weight regularises the MALT memory: it needs model.name "
+            f"{CAUSAL_NAME} with model.causal.memory malt, malt+ssm, malt+delta or "
+            f"malt+both (got {m.name}, memory {m.causal.memory})"
+        ]
     return []
 
 
 def _curriculum_problems(curriculum) -> list[str]:
     """``train.curriculum``: a list of [steps, num_frames] or [steps, num_frames, batch_size]."""
     if not isinstance(curriculum, (list, tuple)):
-        return [f"train.curriculum must be a list of stages [steps, num_frames] or [steps, "
-                f"num_frames, batch_size], got {curriculum!r}"]
+        return [
+            f"train.curriculum must be a list of stages [steps, num_frames] or [steps, "
+            f"num_frames, batch_size], got {curriculum!r}"
+        ]
     problems = []
     for i, stage in enumerate(curriculum):
-        if not (isinstance(stage, (list, tuple)) and len(stage) in (2, 3)
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in stage)):
-            problems.append(f"train.curriculum[{i}] must be [steps, num_frames] or [steps, "
-                            f"num_frames, batch_size] (integers), got {stage!r}")
+        if not (
+            isinstance(stage, (list, tuple))
+            and len(stage) in (2, 3)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in stage)
+        ):
+            problems.append(
+                f"train.curriculum[{i}] must be [steps, num_frames] or [steps, "
+                f"num_frames, batch_size] (integers), got {stage!r}"
+            )
         elif stage[0] < 1 or stage[1] < 2 or (len(stage) == 3 and stage[2] < 1):
-            problems.append(f"train.curriculum[{i}] = {list(stage)}: steps and batch_size must "
-                            "be >= 1 and num_frames >= 2")
+            problems.append(
+                f"train.curriculum[{i}] = {list(stage)}: steps and batch_size must "
+                "be >= 1 and num_frames >= 2"
+            )
     return problems
 
 
@@ -102,14 +116,17 @@ def validate(cfg) -> None:
     if not 0.0 <= cfg.diffusion.context_noise < 1.0:
         problems.append("diffusion.context_noise must be in [0, 1)")
     if cfg.diffusion.context_noise > 0 and cfg.diffusion.history_prob == 0:
-        problems.append("diffusion.context_noise noises the history frames: it needs "
-                        "diffusion.history_prob > 0 (and diffusion.forcing: true)")
+        problems.append(
+            "diffusion.context_noise noises the history frames: it needs "
+            "diffusion.history_prob > 0 (and diffusion.forcing: true)"
+        )
     for key in ("batch_size", "max_steps", "log_every", "checkpoint_every"):
         if getattr(t, key) < 1:
             problems.append(f"train.{key} must be >= 1")
     if t.keep_last < 0 or t.sample_every < 0 or t.ema_early_steps < 0:
-        problems.append("train.keep_last, train.sample_every and train.ema_early_steps must "
-                        "be >= 0")
+        problems.append(
+            "train.keep_last, train.sample_every and train.ema_early_steps must be >= 0"
+        )
     if t.lr <= 0:
         problems.append("train.lr must be > 0")
     for key in ("ema_decay", "ema_early_decay"):

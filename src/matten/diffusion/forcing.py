@@ -18,9 +18,14 @@ from __future__ import annotations
 import torch
 
 
-def forcing_timesteps(batch: int, frames: int, num_timesteps: int, history_prob: float = 0.0,
-                      device=None, context_noise: float = 0.0
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def forcing_timesteps(
+    batch: int,
+    frames: int,
+    num_timesteps: int,
+    history_prob: float = 0.0,
+    device=None,
+    context_noise: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-frame timesteps t (B, F) and per-frame loss weights (B, F), or None when every frame
     counts.
 
@@ -39,12 +44,13 @@ def forcing_timesteps(batch: int, frames: int, num_timesteps: int, history_prob:
         return t, None
     with_history = torch.rand(batch, device=device) < history_prob
     length = torch.randint(1, frames, (batch,), device=device) * with_history
-    history = torch.arange(frames, device=device)[None] < length[:, None]      # (B, F)
+    history = torch.arange(frames, device=device)[None] < length[:, None]  # (B, F)
     return history_levels(t, history, num_timesteps, context_noise), (~history).float()
 
 
-def history_levels(t: torch.Tensor, history: torch.Tensor, num_timesteps: int,
-                   context_noise: float) -> torch.Tensor:
+def history_levels(
+    t: torch.Tensor, history: torch.Tensor, num_timesteps: int, context_noise: float
+) -> torch.Tensor:
     """t with the history frames set to 0 (clean), or with ``context_noise`` to a small level
     of their own. Drawn after everything else, so the option changes no other draw."""
     if context_noise == 0.0:

@@ -33,8 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MaltState", "SegmentMemory", "memory_redundancy", "memory_diversity",
-           "memory_regularizer", "recording_writes", "memory_penalty", "DIVERSITY_WEIGHT"]
+__all__ = [
+    "MaltState",
+    "SegmentMemory",
+    "memory_redundancy",
+    "memory_diversity",
+    "memory_regularizer",
+    "recording_writes",
+    "memory_penalty",
+    "DIVERSITY_WEIGHT",
+]
 
 # The review's weight of the diversity reward against the redundancy penalty.
 DIVERSITY_WEIGHT = 0.1
@@ -46,6 +54,7 @@ class MaltState(NamedTuple):
     memory: (B, M, D); top: (B, H, M) the largest logit so far; total: (B, H, M) the sum of
     exp(logit - top); weighted: (B, H, M, d) the sum of exp(logit - top) * value.
     """
+
     memory: Tensor
     top: Tensor
     total: Tensor
@@ -87,28 +96,36 @@ class SegmentMemory(nn.Module):
         memory = self.initial.to(device=device, dtype=dtype).expand(batch, -1, -1)
         sums = (batch, self.num_heads, self.slots)
         head_dim = self.initial.shape[1] // self.num_heads
-        return MaltState(memory, torch.full(sums, -torch.inf, device=device, dtype=dtype),
-                         torch.zeros(sums, device=device, dtype=dtype),
-                         torch.zeros(*sums, head_dim, device=device, dtype=dtype))
+        return MaltState(
+            memory,
+            torch.full(sums, -torch.inf, device=device, dtype=dtype),
+            torch.zeros(sums, device=device, dtype=dtype),
+            torch.zeros(*sums, head_dim, device=device, dtype=dtype),
+        )
 
     def read(self, memory: Tensor, tokens: Tensor) -> Tensor:
         """Tokens (B, L, D) attend to the memory (B, M, D) -> (B, L, D)."""
         k, v = self.read_kv(self.norm(memory).to(tokens.dtype)).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(self._heads(self.read_q(tokens)), self._heads(k),
-                                             self._heads(v))
+        out = F.scaled_dot_product_attention(
+            self._heads(self.read_q(tokens)), self._heads(k), self._heads(v)
+        )
         return self.read_out(out.transpose(1, 2).flatten(2))
 
     def accumulate(self, state: MaltState, tokens: Tensor) -> MaltState:
         """Add tokens (B, L, D) of the current segment to the slots' running attention."""
         memory = state.memory
-        q = self._heads(self.write_q(self.norm(memory)))                  # (B, H, M, d)
+        q = self._heads(self.write_q(self.norm(memory)))  # (B, H, M, d)
         k, v = (self._heads(t) for t in self.write_kv(tokens).chunk(2, dim=-1))
         logits = (q @ k.transpose(-1, -2)).to(memory.dtype) * q.shape[-1] ** -0.5  # (B,H,M,L)
         top = torch.maximum(state.top, logits.amax(-1))
-        rescale = (state.top - top).exp()          # the old sums, re-expressed against the new max
+        rescale = (state.top - top).exp()  # the old sums, re-expressed against the new max
         weights = (logits - top[..., None]).exp()
-        return MaltState(memory, top, state.total * rescale + weights.sum(-1),
-                         state.weighted * rescale[..., None] + (weights @ v.to(memory.dtype)))
+        return MaltState(
+            memory,
+            top,
+            state.total * rescale + weights.sum(-1),
+            state.weighted * rescale[..., None] + (weights @ v.to(memory.dtype)),
+        )
 
     def write(self, state: MaltState) -> MaltState:
         """End of a segment: the gated update of every slot, then an empty write."""
@@ -119,11 +136,16 @@ class SegmentMemory(nn.Module):
         memory = (1 - z) * memory + z * update
         if self.recorded is not None:
             self.recorded.append(memory)
-        return MaltState(memory, torch.full_like(state.top, -torch.inf),
-                         torch.zeros_like(state.total), torch.zeros_like(state.weighted))
+        return MaltState(
+            memory,
+            torch.full_like(state.top, -torch.inf),
+            torch.zeros_like(state.total),
+            torch.zeros_like(state.weighted),
+        )
 
-    def forward(self, frames: Tensor, start: int, state: MaltState | None) -> tuple[Tensor,
-                                                                                  MaltState]:
+    def forward(
+        self, frames: Tensor, start: int, state: MaltState | None
+    ) -> tuple[Tensor, MaltState]:
         """frames (B, n, h*w, D): the inputs of frames start .. start + n - 1 -> (read-out
         (B, n*h*w, D), the state after them). Each run of frames inside one segment reads the
         same memory, then joins that segment's write; the memory changes at segment ends."""
@@ -132,7 +154,7 @@ class SegmentMemory(nn.Module):
             state = self.init_state(batch, frames.device)
         outs, f = [], 0
         while f < n:
-            end = min(n, f + self.segment - (start + f) % self.segment)   # this segment's end
+            end = min(n, f + self.segment - (start + f) % self.segment)  # this segment's end
             piece = frames[:, f:end].flatten(1, 2)
             outs.append(self.read(state.memory, piece))
             state = self.accumulate(state, piece)
@@ -146,11 +168,12 @@ class SegmentMemory(nn.Module):
 # The memory regulariser (training only)
 # --------------------------------------------------------------------------------------------
 
+
 def memory_redundancy(memory: Tensor) -> Tensor:
     """Mean squared cosine similarity between distinct slots of memory (B, M, D): 0 when the
     slots are orthogonal, 1 when they all point the same way (M = 1: 0)."""
     unit = F.normalize(memory, dim=-1)
-    cos = unit @ unit.transpose(-1, -2)                                       # (B, M, M)
+    cos = unit @ unit.transpose(-1, -2)  # (B, M, M)
     slots = memory.shape[-2]
     if slots < 2:
         return memory.new_zeros(())

@@ -7,5 +7,13 @@ from .loop import TrainResult, train
 from .resume import SetupError
 from .rng import capture_rng, restore_rng
 
-__all__ = ["SetupError", "TrainResult", "capture_rng", "create_ema", "ema_decay_at",
-           "restore_rng", "train", "update_ema"]
+__all__ = [
+    "SetupError",
+    "TrainResult",
+    "capture_rng",
+    "create_ema",
+    "ema_decay_at",
+    "restore_rng",
+    "train",
+    "update_ema",
+]

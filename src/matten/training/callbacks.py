@@ -52,8 +52,9 @@ class RunFiles:
             writer.writerow(["reason", "path"])
             writer.writerows(rows)
         if self.skipped_listed == 0:
-            logger.warning("skipped %d videos (%s): listed in %s", len(rows),
-                           dataset.skipped_summary(), path)
+            logger.warning(
+                "skipped %d videos (%s): listed in %s", len(rows), dataset.skipped_summary(), path
+            )
         self.skipped_listed = len(rows)
 
 
@@ -87,9 +88,12 @@ class LossRecord:
                 writer.writerow(["step", "loss"])
                 writer.writerows((s, f"{v:.6g}") for s, v in self.rows)
             if self.rows:
-                plot_loss_curve(self.run.output / "loss.png", [r[0] for r in self.rows],
-                                [r[1] for r in self.rows],
-                                title=f"training loss ({self.run.meta['model_config']['name']})")
+                plot_loss_curve(
+                    self.run.output / "loss.png",
+                    [r[0] for r in self.rows],
+                    [r[1] for r in self.rows],
+                    title=f"training loss ({self.run.meta['model_config']['name']})",
+                )
 
 
 def read_losses(path: Path, up_to: int) -> list[tuple[int, float]]:
@@ -124,15 +128,26 @@ class Checkpointer:
         states = gather_object([capture_rng()]) if run.world > 1 else [capture_rng()]
         self.saved_step, failed = step, None
         if run.main:
-            state = {"step": step, "optimizer": run.optimizer.state_dict(), "rng": states,
-                     "data": self.position(step), "config": config_to_dict(run.cfg),
-                     "world_size": run.world}
+            state = {
+                "step": step,
+                "optimizer": run.optimizer.state_dict(),
+                "rng": states,
+                "data": self.position(step),
+                "config": config_to_dict(run.cfg),
+                "world_size": run.world,
+            }
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()
             try:
-                self.last = save_checkpoint(run.output, step, run.raw_model.state_dict(),
-                                            run.ema.state_dict(), state, dict(run.meta),
-                                            keep_last=run.cfg.train.keep_last)
+                self.last = save_checkpoint(
+                    run.output,
+                    step,
+                    run.raw_model.state_dict(),
+                    run.ema.state_dict(),
+                    state,
+                    dict(run.meta),
+                    keep_last=run.cfg.train.keep_last,
+                )
             except CheckpointError as exc:
                 failed = exc
         if any_process(failed is not None, accelerator) and failed is None:
@@ -154,13 +169,24 @@ class Previews:
             s, n = run.cfg.sample, run.cfg.sample.num_samples
             labels = torch.arange(n) % run.num_classes if run.num_classes else None
             actions = clip_actions(run.dataset, n) if run.raw_model.takes_actions else None
-            videos = sample_videos(run.ema, run.autoencoder, n, run.cfg.data.num_frames,
-                                   run.latent_hw, labels=labels, sampler=s.sampler, steps=s.steps,
-                                   eta=s.eta, cfg_scale=s.cfg_scale if run.num_classes else 1.0,
-                                   seed=s.seed, learn_sigma=run.cfg.model.learn_sigma,
-                                   diffusion_steps=run.cfg.diffusion.steps,
-                                   prediction=run.cfg.diffusion.prediction, device=run.device,
-                                   actions=actions)
+            videos = sample_videos(
+                run.ema,
+                run.autoencoder,
+                n,
+                run.cfg.data.num_frames,
+                run.latent_hw,
+                labels=labels,
+                sampler=s.sampler,
+                steps=s.steps,
+                eta=s.eta,
+                cfg_scale=s.cfg_scale if run.num_classes else 1.0,
+                seed=s.seed,
+                learn_sigma=run.cfg.model.learn_sigma,
+                diffusion_steps=run.cfg.diffusion.steps,
+                prediction=run.cfg.diffusion.prediction,
+                device=run.device,
+                actions=actions,
+            )
             path = run.output / "samples" / f"{step_dirname(step)}.gif"
             self.written.extend(save_samples(videos, path, fps=s.fps))
         barrier(run.accelerator)

@@ -35,10 +35,10 @@ STAGE_SEED = 7919  # stage k's stream is seeded train.seed + k * STAGE_SEED (sta
 @dataclass(frozen=True)
 class Stage:
     index: int
-    start: int        # the steps done before it
-    steps: int        # as configured (the last stage runs on to train.max_steps)
+    start: int  # the steps done before it
+    steps: int  # as configured (the last stage runs on to train.max_steps)
     num_frames: int
-    batch_size: int   # global: split over the processes
+    batch_size: int  # global: split over the processes
 
 
 def curriculum_stages(cfg: RunConfig, world: int = 1) -> list[Stage]:
@@ -48,8 +48,10 @@ def curriculum_stages(cfg: RunConfig, world: int = 1) -> list[Stage]:
         steps, frames = int(entry[0]), int(entry[1])
         batch = int(entry[2]) if len(entry) > 2 else scaled_batch(cfg, frames, world)
         if batch % world:
-            raise SetupError(f"train.curriculum[{index}]: batch size {batch} is not divisible "
-                             f"by the {world} processes")
+            raise SetupError(
+                f"train.curriculum[{index}]: batch size {batch} is not divisible "
+                f"by the {world} processes"
+            )
         stages.append(Stage(index, start, steps, frames, batch))
         start += steps
     return stages
@@ -97,28 +99,50 @@ class RunBatches:
             return self.sampler.position(step)
         stage = stage_at(self.stages, max(step - 1, 0))
         sampler = self.sampler if stage == self.stage else self._sampler(stage, step)
-        return {"stage": stage.index, "stage_step": step - stage.start,
-                **sampler.position(step - stage.start)}
+        return {
+            "stage": stage.index,
+            "stage_step": step - stage.start,
+            **sampler.position(step - stage.start),
+        }
 
     def _enter(self, stage: Stage, step: int) -> None:
         self.stage, self.sampler = stage, self._sampler(stage, step)
-        self.batches = iter(build_loader(self.datasets[stage.index], self.sampler,
-                                         self.run.cfg.data.num_workers,
-                                         pin_memory=self.run.device.type == "cuda"))
+        self.batches = iter(
+            build_loader(
+                self.datasets[stage.index],
+                self.sampler,
+                self.run.cfg.data.num_workers,
+                pin_memory=self.run.device.type == "cuda",
+            )
+        )
         if self.run.main:
-            how = ("starts" if step == stage.start
-                   else f"continues at its step {step - stage.start + 1}")
-            logger.info("curriculum stage %d/%d %s (step %d): %d frames, batch %d, %s",
-                        stage.index + 1, len(self.stages), how, step + 1, stage.num_frames,
-                        stage.batch_size, self._until(stage))
+            how = (
+                "starts"
+                if step == stage.start
+                else f"continues at its step {step - stage.start + 1}"
+            )
+            logger.info(
+                "curriculum stage %d/%d %s (step %d): %d frames, batch %d, %s",
+                stage.index + 1,
+                len(self.stages),
+                how,
+                step + 1,
+                stage.num_frames,
+                stage.batch_size,
+                self._until(stage),
+            )
 
     def _sampler(self, stage: Stage, step: int) -> StreamSampler:
         """Stage ``stage``'s stream, positioned after ``step`` steps of the run."""
         run = self.run
-        return StreamSampler(len(self.datasets[stage.index]), stage.batch_size,
-                             run.accelerator.process_index, run.world,
-                             seed=run.cfg.train.seed + stage.index * STAGE_SEED,
-                             start=(step - stage.start) * stage.batch_size)
+        return StreamSampler(
+            len(self.datasets[stage.index]),
+            stage.batch_size,
+            run.accelerator.process_index,
+            run.world,
+            seed=run.cfg.train.seed + stage.index * STAGE_SEED,
+            start=(step - stage.start) * stage.batch_size,
+        )
 
     def _stage_datasets(self) -> list:
         """One dataset per stage (the run's own where the clip length is the same). Building
@@ -135,8 +159,10 @@ class RunBatches:
             restore_rng(state)
         for stage in self.stages:
             if len(built[stage.num_frames]) == 0:
-                raise SetupError(f"train.curriculum[{stage.index}]: the '{cfg.data.name}' data "
-                                 f"have no clips of {stage.num_frames} frames")
+                raise SetupError(
+                    f"train.curriculum[{stage.index}]: the '{cfg.data.name}' data "
+                    f"have no clips of {stage.num_frames} frames"
+                )
         return [built[stage.num_frames] for stage in self.stages]
 
     def _until(self, stage: Stage) -> str:
@@ -148,7 +174,10 @@ class RunBatches:
         max_steps = self.run.cfg.train.max_steps
         unreached = [s for s in self.stages if s.start >= max_steps]
         if unreached and self.run.main:
-            logger.warning("train.curriculum: stage(s) %s start at or after train.max_steps=%d "
-                           "and will not run (the curriculum has %d steps)",
-                           ", ".join(str(s.index + 1) for s in unreached), max_steps,
-                           sum(s.steps for s in self.stages))
+            logger.warning(
+                "train.curriculum: stage(s) %s start at or after train.max_steps=%d "
+                "and will not run (the curriculum has %d steps)",
+                ", ".join(str(s.index + 1) for s in unreached),
+                max_steps,
+                sum(s.steps for s in self.stages),
+            )

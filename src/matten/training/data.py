@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-
 __all__ = ["StreamSampler", "EpochDataset", "build_loader"]
 
 
@@ -26,16 +25,25 @@ class StreamSampler(Sampler):
     """Yields ``(epoch, index)`` pairs of this process's share of the stream, from global
     position ``start`` on (``start`` must be a multiple of ``global_batch``)."""
 
-    def __init__(self, num_items: int, global_batch: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, start: int = 0):
+    def __init__(
+        self,
+        num_items: int,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        start: int = 0,
+    ):
         if num_items < 1:
             raise ValueError("the dataset is empty")
         if global_batch % world_size:
-            raise ValueError(f"train.batch_size {global_batch} is not divisible by the "
-                             f"{world_size} processes")
+            raise ValueError(
+                f"train.batch_size {global_batch} is not divisible by the {world_size} processes"
+            )
         if start % global_batch:
-            raise ValueError(f"stream position {start} is not a multiple of the batch "
-                             f"{global_batch}")
+            raise ValueError(
+                f"stream position {start} is not a multiple of the batch {global_batch}"
+            )
         self.n, self.global_batch = int(num_items), int(global_batch)
         self.rank, self.world_size = int(rank), int(world_size)
         self.local_batch = self.global_batch // self.world_size
@@ -59,7 +67,7 @@ class StreamSampler(Sampler):
             pos += self.global_batch
 
     def __len__(self) -> int:  # endless; DataLoader only needs this for len(loader)
-        return 2 ** 62
+        return 2**62
 
 
 class EpochDataset(Dataset):
@@ -79,11 +87,18 @@ class EpochDataset(Dataset):
         return self.dataset[index]
 
 
-def build_loader(dataset: Dataset, sampler: StreamSampler, num_workers: int = 0,
-                 pin_memory: bool = False) -> DataLoader:
+def build_loader(
+    dataset: Dataset, sampler: StreamSampler, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
     # The loader gets its own generator: creating its iterator must not draw from the global
     # RNG, or a resumed run would see a different random stream than an uninterrupted one.
-    return DataLoader(EpochDataset(dataset), batch_size=sampler.local_batch, sampler=sampler,
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
-                      generator=torch.Generator().manual_seed(sampler.seed),
-                      persistent_workers=False)
+    return DataLoader(
+        EpochDataset(dataset),
+        batch_size=sampler.local_batch,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        generator=torch.Generator().manual_seed(sampler.seed),
+        persistent_workers=False,
+    )

@@ -17,8 +17,9 @@ def create_ema(model: nn.Module) -> nn.Module:
     return ema.eval()
 
 
-def ema_decay_at(step: int, decay: float, early_decay: float | None = None,
-                 early_steps: int = 0) -> float:
+def ema_decay_at(
+    step: int, decay: float, early_decay: float | None = None, early_steps: int = 0
+) -> float:
     """The decay used at ``step`` (0-based): ``early_decay`` for the first ``early_steps``
     steps when given (the paper uses 0.99 early in training), ``decay`` after."""
     if early_decay is not None and step < early_steps:
@@ -34,7 +35,9 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     if ema_params.keys() != model_params.keys():
         raise ValueError("the EMA copy and the model have different parameters")
     targets = [ema_params[k] for k in model_params]
-    sources = [p.detach().to(dtype=t.dtype) for p, t in zip(model_params.values(), targets)]
+    sources = [
+        p.detach().to(dtype=t.dtype) for p, t in zip(model_params.values(), targets, strict=True)
+    ]
     if targets:
         torch._foreach_lerp_(targets, sources, 1.0 - decay)
     model_buffers = dict(model.named_buffers())

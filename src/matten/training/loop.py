@@ -48,8 +48,9 @@ class TrainResult:
     nothing_to_do: bool = False  # resumed at train.max_steps already: nothing was trained
 
 
-def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool = True
-          ) -> TrainResult:
+def train(
+    cfg: RunConfig, output=None, resume: str | None = None, progress: bool = True
+) -> TrainResult:
     """Train the model ``cfg`` describes, writing into ``output`` (else ``cfg.train.output``).
 
     ``resume``: None starts a new run (refusing a folder that already has checkpoints),
@@ -67,8 +68,15 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
     try:
         checkpoint = checkpoint_to_resume(cfg, output, resume)
     except NothingToTrain as done:
-        return TrainResult(done.checkpoint.step, [], output, None, None,
-                           checkpoint=done.checkpoint.folder, nothing_to_do=True)
+        return TrainResult(
+            done.checkpoint.step,
+            [],
+            output,
+            None,
+            None,
+            checkpoint=done.checkpoint.folder,
+            nothing_to_do=True,
+        )
     run = build_run(cfg, output, checkpoint)
     batches = RunBatches(run, run.start_step)  # the data, stage by stage with a curriculum
     files, losses = RunFiles(run), LossRecord(run)
@@ -79,13 +87,27 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
         files.list_skipped()
         losses.write()
         params = sum(p.numel() for p in run.raw_model.parameters())
-        logger.info("training %s (%.2fM parameters) on %s x %d, steps %d -> %d, scan: %s",
-                    run.meta["model_config"]["name"], params / 1e6, run.device, run.world,
-                    run.start_step, cfg.train.max_steps, scan_backend(run.device))
+        logger.info(
+            "training %s (%.2fM parameters) on %s x %d, steps %d -> %d, scan: %s",
+            run.meta["model_config"]["name"],
+            params / 1e6,
+            run.device,
+            run.world,
+            run.start_step,
+            cfg.train.max_steps,
+            scan_backend(run.device),
+        )
     t = cfg.train
     result = TrainResult(run.start_step, losses.new, output, run.raw_model, run.ema)
-    bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not (run.main and progress),
-               unit="step", dynamic_ncols=True, desc="train", smoothing=0.05)
+    bar = tqdm(
+        total=t.max_steps,
+        initial=run.start_step,
+        disable=not (run.main and progress),
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
+        smoothing=0.05,
+    )
     step, last_curve = run.start_step, time.monotonic()
     run.model.train()
     with GracefulStop() as stop:
@@ -101,8 +123,9 @@ def train(cfg: RunConfig, output=None, resume: str | None = None, progress: bool
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
                 losses.flush()
-                bar.set_postfix(loss=f"{losses.recent_mean(max(t.log_every, 20)):.4f}",
-                                refresh=False)
+                bar.set_postfix(
+                    loss=f"{losses.recent_mean(max(t.log_every, 20)):.4f}", refresh=False
+                )
                 if time.monotonic() - last_curve > 30:  # keep loss.csv / loss.png current
                     losses.write()
                     last_curve = time.monotonic()

@@ -40,16 +40,20 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 def _log_ticks(lo: float, hi: float) -> list[float]:
     """log10 positions of 1-2-5 values (or decades only when there are many) in [lo, hi]."""
     for mantissas in ((1, 2, 5), (1,)):
-        ticks = [math.log10(m) + k for k in range(math.floor(lo) - 1, math.ceil(hi) + 1)
-                 for m in mantissas]
+        ticks = [
+            math.log10(m) + k
+            for k in range(math.floor(lo) - 1, math.ceil(hi) + 1)
+            for m in mantissas
+        ]
         ticks = [t for t in ticks if lo - 1e-9 <= t <= hi + 1e-9]
         if len(ticks) <= 8:
             break
     return ticks if len(ticks) >= 2 else _nice_ticks(lo, hi)
 
 
-def plot_loss_curve(path, steps, losses, title: str = "training loss", size=(800, 450),
-                    log_scale: bool = True) -> Path:
+def plot_loss_curve(
+    path, steps, losses, title: str = "training loss", size=(800, 450), log_scale: bool = True
+) -> Path:
     """Plot per-step losses (faint) and their moving average (bold) to a PNG, atomically."""
     from PIL import Image, ImageDraw
 
@@ -74,14 +78,16 @@ def plot_loss_curve(path, steps, losses, title: str = "training loss", size=(800
             y0, y1 = y0 - 0.5, y1 + 0.5
 
         def px(s, v):
-            return (left + (s - x0) / (x1 - x0) * (w - left - right),
-                    top + (y1 - v) / (y1 - y0) * (h - top - bottom))
+            return (
+                left + (s - x0) / (x1 - x0) * (w - left - right),
+                top + (y1 - v) / (y1 - y0) * (h - top - bottom),
+            )
 
         draw.rectangle([left, top, w - right, h - bottom], outline="black")
-        for tick in (_log_ticks(y0, y1) if log_scale else _nice_ticks(y0, y1)):
+        for tick in _log_ticks(y0, y1) if log_scale else _nice_ticks(y0, y1):
             _, y = px(x0, tick)
             draw.line([left, y, w - right, y], fill=(230, 230, 230))
-            label = f"{10 ** tick:.3g}" if log_scale else f"{tick:.3g}"
+            label = f"{10**tick:.3g}" if log_scale else f"{tick:.3g}"
             draw.text((5, y - 6), label, fill="black")
         for tick in _nice_ticks(x0, x1):
             x, _ = px(tick, y0)
@@ -89,8 +95,12 @@ def plot_loss_curve(path, steps, losses, title: str = "training loss", size=(800
             draw.text((x - 12, h - bottom + 8), f"{int(tick)}", fill="black")
         draw.text((w // 2 - 15, h - 18), "step", fill="black")
         if len(ys) > 1:
-            draw.line([px(s, v) for s, v in zip(steps, ys)], fill=(170, 190, 230), width=1)
-            draw.line([px(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
+            draw.line(
+                [px(s, v) for s, v in zip(steps, ys, strict=False)], fill=(170, 190, 230), width=1
+            )
+            draw.line(
+                [px(s, v) for s, v in zip(steps, smooth, strict=False)], fill=(20, 60, 160), width=2
+            )
         else:
             x, y = px(steps[0], ys[0])
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(20, 60, 160))

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 class Run:
     """A training run, ready to step. ``model`` is what accelerate wrapped (call it),
     ``raw_model`` the module itself (save it, inspect it)."""
+
     cfg: RunConfig
     output: Path
     accelerator: Accelerator
@@ -70,8 +71,9 @@ def build_run(cfg: RunConfig, output: Path, checkpoint: Checkpoint | None) -> Ru
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.train.batch_size % world:
-        raise SetupError(f"train.batch_size {cfg.train.batch_size} is not divisible by the "
-                         f"{world} processes")
+        raise SetupError(
+            f"train.batch_size {cfg.train.batch_size} is not divisible by the {world} processes"
+        )
     # Same seed on every process for the model's initial weights...
     seed_everything(cfg.train.seed)
     dataset = build_dataset(cfg)
@@ -82,16 +84,22 @@ def build_run(cfg: RunConfig, output: Path, checkpoint: Checkpoint | None) -> Ru
     ema = create_ema(model)
     start_step, rng_states = 0, None
     if checkpoint is not None:
-        check_same_model(checkpoint.meta.get("model_config", {}), dict(model.config),
-                         checkpoint.folder)
+        check_same_model(
+            checkpoint.meta.get("model_config", {}), dict(model.config), checkpoint.folder
+        )
         model.load_state_dict(checkpoint.model)
         ema.load_state_dict(checkpoint.ema)
         start_step, rng_states = checkpoint.step, checkpoint.state.get("rng")
     model.to(accelerator.device)
     ema.to(accelerator.device)
     t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
-                                  eps=t.adam_eps, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=t.lr,
+        betas=tuple(t.adam_betas),
+        eps=t.adam_eps,
+        weight_decay=t.weight_decay,
+    )
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint.state["optimizer"])
     wrapped, optimizer = accelerator.prepare(model, optimizer)
@@ -102,22 +110,51 @@ def build_run(cfg: RunConfig, output: Path, checkpoint: Checkpoint | None) -> Ru
         restore_rng(rng_states[rank])
     else:
         if rng_states is not None and accelerator.is_main_process:
-            logger.warning("the checkpoint was written by %d processes, this run has %d: the "
-                           "random streams are re-seeded, so the run will not match an "
-                           "uninterrupted one exactly", len(rng_states), world)
+            logger.warning(
+                "the checkpoint was written by %d processes, this run has %d: the "
+                "random streams are re-seeded, so the run will not match an "
+                "uninterrupted one exactly",
+                len(rng_states),
+                world,
+            )
         seed_everything(t.seed * 7919 + 1 + rank + start_step * 104729)
-    sampler = StreamSampler(len(dataset), t.batch_size, rank, world, seed=t.seed,
-                            start=start_step * t.batch_size)
-    loader = build_loader(dataset, sampler, cfg.data.num_workers,
-                          pin_memory=accelerator.device.type == "cuda")
-    diffusion = create_diffusion(cfg.diffusion.timestep_respacing, cfg.diffusion.steps,
-                                 learn_sigma=cfg.model.learn_sigma,
-                                 prediction=cfg.diffusion.prediction)
-    meta = checkpoint_meta(cfg, model, autoencoder, latent_hw,
-                           list(getattr(dataset, "class_names", []) or [])[:num_classes])
-    return Run(cfg, output, accelerator, dataset, sampler, loader, autoencoder, wrapped,
-               accelerator.unwrap_model(wrapped), ema, optimizer, diffusion, start_step,
-               num_classes, latent_hw, meta)
+    sampler = StreamSampler(
+        len(dataset), t.batch_size, rank, world, seed=t.seed, start=start_step * t.batch_size
+    )
+    loader = build_loader(
+        dataset, sampler, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda"
+    )
+    diffusion = create_diffusion(
+        cfg.diffusion.timestep_respacing,
+        cfg.diffusion.steps,
+        learn_sigma=cfg.model.learn_sigma,
+        prediction=cfg.diffusion.prediction,
+    )
+    meta = checkpoint_meta(
+        cfg,
+        model,
+        autoencoder,
+        latent_hw,
+        list(getattr(dataset, "class_names", []) or [])[:num_classes],
+    )
+    return Run(
+        cfg,
+        output,
+        accelerator,
+        dataset,
+        sampler,
+        loader,
+        autoencoder,
+        wrapped,
+        accelerator.unwrap_model(wrapped),
+        ema,
+        optimizer,
+        diffusion,
+        start_step,
+        num_classes,
+        latent_hw,
+        meta,
+    )
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -144,14 +181,18 @@ def build_dataset(cfg: RunConfig):
     except (ValueError, OSError) as exc:  # a missing root, a file where a folder is needed
         raise SetupError(f"data ({cfg.data.name}): {exc}") from exc
     except TypeError as exc:  # an unknown keyword in data.options
-        raise SetupError(f"data ({cfg.data.name}): {exc} (check data.options: "
-                         f"{cfg.data.options})") from exc
+        raise SetupError(
+            f"data ({cfg.data.name}): {exc} (check data.options: {cfg.data.options})"
+        ) from exc
 
 
 def build_frozen_autoencoder(cfg: RunConfig) -> tuple[Autoencoder, tuple[int, int]]:
     """The autoencoder and the latent size of a frame at ``data.resolution``."""
-    kwargs = {} if cfg.autoencoder.kind == "pixel" else \
-        {"frame_batch_size": cfg.autoencoder.frame_batch_size}
+    kwargs = (
+        {}
+        if cfg.autoencoder.kind == "pixel"
+        else {"frame_batch_size": cfg.autoencoder.frame_batch_size}
+    )
     try:
         autoencoder = build_autoencoder(cfg.autoencoder.kind, cfg.autoencoder.path, **kwargs)
         return autoencoder, tuple(autoencoder.latent_size(cfg.data.resolution))
@@ -161,9 +202,15 @@ def build_frozen_autoencoder(cfg: RunConfig) -> tuple[Autoencoder, tuple[int, in
 
 def build_denoiser(cfg: RunConfig, in_channels: int, latent_hw, num_classes: int) -> nn.Module:
     try:
-        model = build_model(**model_kwargs_for_run(
-            config_to_dict(cfg)["model"], in_channels=in_channels, latent_hw=latent_hw,
-            num_classes=num_classes, num_frames=cfg.data.num_frames))
+        model = build_model(
+            **model_kwargs_for_run(
+                config_to_dict(cfg)["model"],
+                in_channels=in_channels,
+                latent_hw=latent_hw,
+                num_classes=num_classes,
+                num_frames=cfg.data.num_frames,
+            )
+        )
     except (ValueError, TypeError) as exc:
         raise SetupError(f"model: {exc}") from exc
     # The latent must split into whole patches: say which resolution works, before any file
@@ -172,9 +219,11 @@ def build_denoiser(cfg: RunConfig, in_channels: int, latent_hw, num_classes: int
     h, w = latent_hw
     if h % patch or w % patch:
         factor = max(1, cfg.data.resolution // h)
-        raise SetupError(f"data.resolution={cfg.data.resolution} gives a {h}x{w} latent, which "
-                         f"the model's {patch}x{patch} patches do not divide: use a multiple of "
-                         f"{patch * factor}")
+        raise SetupError(
+            f"data.resolution={cfg.data.resolution} gives a {h}x{w} latent, which "
+            f"the model's {patch}x{patch} patches do not divide: use a multiple of "
+            f"{patch * factor}"
+        )
     return model
 
 
@@ -184,22 +233,34 @@ def model_num_classes(cfg: RunConfig, dataset) -> int:
     if wanted is None:
         return data_classes
     if wanted > 0 and wanted != data_classes:
-        raise SetupError(f"model.num_classes is {wanted} but the '{cfg.data.name}' data have "
-                         f"{data_classes} classes; set model.num_classes=null to use the data's "
-                         f"count or 0 for an unconditional model")
+        raise SetupError(
+            f"model.num_classes is {wanted} but the '{cfg.data.name}' data have "
+            f"{data_classes} classes; set model.num_classes=null to use the data's "
+            f"count or 0 for an unconditional model"
+        )
     return wanted
 
 
 def checkpoint_meta(cfg: RunConfig, model, autoencoder, latent_hw, class_names) -> dict:
     """What a checkpoint records so that sampling needs nothing else (checkpoint.json)."""
-    return {"model_config": dict(model.config), "run_config": config_to_dict(cfg),
-            "class_names": class_names, "diffusion_steps": cfg.diffusion.steps,
-            "prediction": cfg.diffusion.prediction,
-            "latent": {"channels": autoencoder.latent_channels, "size": list(latent_hw),
-                       "num_frames": cfg.data.num_frames},
-            "autoencoder": {"kind": autoencoder.kind, "path": cfg.autoencoder.path,
-                            "frame_batch_size": cfg.autoencoder.frame_batch_size},
-            "data": {"name": cfg.data.name, "resolution": cfg.data.resolution}}
+    return {
+        "model_config": dict(model.config),
+        "run_config": config_to_dict(cfg),
+        "class_names": class_names,
+        "diffusion_steps": cfg.diffusion.steps,
+        "prediction": cfg.diffusion.prediction,
+        "latent": {
+            "channels": autoencoder.latent_channels,
+            "size": list(latent_hw),
+            "num_frames": cfg.data.num_frames,
+        },
+        "autoencoder": {
+            "kind": autoencoder.kind,
+            "path": cfg.autoencoder.path,
+            "frame_batch_size": cfg.autoencoder.frame_batch_size,
+        },
+        "data": {"name": cfg.data.name, "resolution": cfg.data.resolution},
+    }
 
 
 def barrier(accelerator) -> None:

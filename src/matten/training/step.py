@@ -29,36 +29,49 @@ def train_step(run: Run, batch: dict, step: int) -> torch.Tensor:
     # given a history at any noise level (clean when generating autoregressively).
     frame_weight = None
     if cfg.diffusion.forcing:
-        t, frame_weight = forcing_timesteps(latents.shape[0], latents.shape[2],
-                                            diffusion.num_timesteps, cfg.diffusion.history_prob,
-                                            device, context_noise=cfg.diffusion.context_noise)
+        t, frame_weight = forcing_timesteps(
+            latents.shape[0],
+            latents.shape[2],
+            diffusion.num_timesteps,
+            cfg.diffusion.history_prob,
+            device,
+            context_noise=cfg.diffusion.context_noise,
+        )
     else:
         t = torch.randint(0, diffusion.num_timesteps, latents.shape[:1], device=device)
     kwargs = {"y": batch["label"].to(device)} if run.num_classes > 0 else {}
     if run.raw_model.takes_actions:
         if "actions" not in batch:
-            raise SetupError(f"model.causal.num_actions is set but the '{cfg.data.name}' data have no "
-                             "per-frame actions")
+            raise SetupError(
+                f"model.causal.num_actions is set but the '{cfg.data.name}' data have no "
+                "per-frame actions"
+            )
         kwargs["actions"] = batch["actions"].to(device)
     weight = cfg.train.memory_reg_weight
     recording = recording_writes(run.raw_model) if weight else contextlib.nullcontext([])
     with run.accelerator.autocast(), recording as malt_layers:
-        loss = diffusion.training_losses(run.model, latents, t, model_kwargs=kwargs or None,
-                                         frame_weight=frame_weight)["loss"].mean()
+        loss = diffusion.training_losses(
+            run.model, latents, t, model_kwargs=kwargs or None, frame_weight=frame_weight
+        )["loss"].mean()
         # MALT's memory regulariser: slots kept apart and diverse (off at weight 0)
         penalty = memory_penalty(malt_layers)
         if penalty is not None:
             loss = loss + weight * penalty
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; lower train.lr "
-                                 "or enable train.grad_clip")
+        raise FloatingPointError(
+            f"the loss is {loss.item()} at step {step + 1}; lower train.lr "
+            "or enable train.grad_clip"
+        )
     run.accelerator.backward(loss)
     t_cfg = cfg.train
     if t_cfg.grad_clip is not None and run.accelerator.sync_gradients:
         run.accelerator.clip_grad_norm_(run.model.parameters(), t_cfg.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    update_ema(run.ema, run.raw_model, ema_decay_at(step, t_cfg.ema_decay,
-                                                    t_cfg.ema_early_decay, t_cfg.ema_early_steps))
+    update_ema(
+        run.ema,
+        run.raw_model,
+        ema_decay_at(step, t_cfg.ema_decay, t_cfg.ema_early_decay, t_cfg.ema_early_steps),
+    )
     loss = loss.detach()
     return run.accelerator.reduce(loss, reduction="mean") if run.world > 1 else loss
