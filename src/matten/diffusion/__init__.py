@@ -6,8 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .forcing import forcing_timesteps
-from .gaussian_diffusion import (PREDICTIONS, SAMPLERS, GaussianDiffusion, check_eta,
-                                 linear_beta_schedule)
+from .gaussian_diffusion import (
+    PREDICTIONS,
+    SAMPLERS,
+    GaussianDiffusion,
+    check_eta,
+    linear_beta_schedule,
+)
 from .guidance import check_cfg_scale, classifier_free_guidance
 from .respace import SpacedDiffusion, space_timesteps
 

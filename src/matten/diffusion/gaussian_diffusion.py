@@ -24,8 +24,6 @@ import torch
 from .gaussian_math import discretized_gaussian_log_likelihood, normal_kl
 from .sampling_loops import Model, SamplingLoops, check_eta
 
-
-
 PREDICTIONS = ("eps", "velocity")
 SAMPLERS = ("ddpm", "ddim")  # ancestral steps with the learned variance, or DDIM steps
 
