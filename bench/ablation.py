@@ -72,9 +72,13 @@ class Setting:
         return f"v{self.variant}-d{self.depth}-h{self.hidden}-{self.conditioning}"
 
     def overrides(self) -> list[str]:
-        return [f"model.variant={self.variant}", f"model.depth={self.depth}",
-                f"model.hidden_size={self.hidden}", f"model.num_heads={self.heads}",
-                f"model.conditioning={self.conditioning}"]
+        return [
+            f"model.variant={self.variant}",
+            f"model.depth={self.depth}",
+            f"model.hidden_size={self.hidden}",
+            f"model.num_heads={self.heads}",
+            f"model.conditioning={self.conditioning}",
+        ]
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Row:
 # ----------------------------------------------------------------------------------------------
 # settings and parameter counts
 
+
 def parameter_count(config: str, overrides: list[str], cache: dict) -> int:
     """Parameters of the model a run of ``config`` with ``overrides`` trains (built as training
     builds it: the data's channels, latent size and class count)."""
@@ -100,6 +105,7 @@ def parameter_count(config: str, overrides: list[str], cache: dict) -> int:
             build_frozen_autoencoder,
             model_num_classes,
         )
+
         cfg = load_config(config, overrides)
         autoencoder, latent_hw = build_frozen_autoencoder(cfg)
         classes = model_num_classes(cfg, build_dataset(cfg))
@@ -131,14 +137,15 @@ def plan(config: str, groups: list[str], hiddens: list[int], base: list[str]) ->
     rows = []
     if "variants" in groups:
         for v in (1, 2, 3, 4):
-            depth = matched_depth(config, base,
-                                  lambda d, v=v: Setting(v, d, hidden0, "adan", heads),
-                                  target, cache)
+            depth = matched_depth(
+                config, base, lambda d, v=v: Setting(v, d, hidden0, "adan", heads), target, cache
+            )
             rows.append(Row("variants", f"variant {v}", Setting(v, depth, hidden0, "adan", heads)))
     if "conditioning" in groups:
         rows.append(Row("conditioning", "M-AdaN", reference))
-        depth = matched_depth(config, base, lambda d: Setting(3, d, hidden0, "tokens", heads),
-                              target, cache)
+        depth = matched_depth(
+            config, base, lambda d: Setting(3, d, hidden0, "tokens", heads), target, cache
+        )
         rows.append(Row("conditioning", "tokens", Setting(3, depth, hidden0, "tokens", heads)))
     if "size" in groups:
         for h in hiddens:
@@ -149,13 +156,17 @@ def plan(config: str, groups: list[str], hiddens: list[int], base: list[str]) ->
         row.params = parameter_count(config, base + row.setting.overrides(), cache)
         off = row.params / target - 1
         if row.group != "size" and abs(off) > MATCH_TOLERANCE:
-            print(f"warning: {row.label} has {row.params} parameters, {off:+.0%} from the "
-                  f"reference {target}", flush=True)
+            print(
+                f"warning: {row.label} has {row.params} parameters, {off:+.0%} from the "
+                f"reference {target}",
+                flush=True,
+            )
     return rows
 
 
 # ----------------------------------------------------------------------------------------------
 # training and evaluation
+
 
 def run_folder(root: Path, setting: Setting, steps: int, seed: int) -> Path:
     return root / setting.name / f"steps{steps}-seed{seed}"
@@ -174,8 +185,9 @@ def write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def train_run(config: str, run: Path, setting: Setting, steps: int, seed: int,
-              base: list[str]) -> dict:
+def train_run(
+    config: str, run: Path, setting: Setting, steps: int, seed: int, base: list[str]
+) -> dict:
     """Train (or finish) one run; returns its ``ablation.json`` with the training seconds."""
     from matten.training import train
 
@@ -183,17 +195,26 @@ def train_run(config: str, run: Path, setting: Setting, steps: int, seed: int,
     record = read_json(record_path)
     if record.get("trained_steps") == steps:
         return record
-    cfg = load_config(config, base + setting.overrides() + [
-        f"train.max_steps={steps}", f"train.seed={seed}",
-        f"train.checkpoint_every={max(50, steps // 3)}", "train.keep_last=1"])
+    cfg = load_config(
+        config,
+        base
+        + setting.overrides()
+        + [
+            f"train.max_steps={steps}",
+            f"train.seed={seed}",
+            f"train.checkpoint_every={max(50, steps // 3)}",
+            "train.keep_last=1",
+        ],
+    )
     print(f"training {run} ({steps} steps)", flush=True)
     start = time.perf_counter()
     result = train(cfg, output=run, resume="auto", progress=sys.stderr.isatty())
     if result.stopped_by:
         raise SystemExit(f"stopped by {result.stopped_by}; run again to resume")
     seconds = time.perf_counter() - start
-    record["train_seconds"] = round(record.get("train_seconds", 0.0)
-                                    + (0.0 if result.nothing_to_do else seconds), 1)
+    record["train_seconds"] = round(
+        record.get("train_seconds", 0.0) + (0.0 if result.nothing_to_do else seconds), 1
+    )
     record["trained_steps"] = steps
     record["setting"] = setting.name
     record["seed"] = seed
@@ -207,8 +228,9 @@ def eval_key(clips: int, sample_steps: int, steps: int) -> str:
     return f"step{steps}-clips{clips}-ddim{sample_steps}-seed0"
 
 
-def evaluate_run(run: Path, record: dict, clips: int, sample_steps: int, steps: int,
-                 cache_dir: Path) -> dict:
+def evaluate_run(
+    run: Path, record: dict, clips: int, sample_steps: int, steps: int, cache_dir: Path
+) -> dict:
     """The run's metrics at these evaluation settings: read from ``ablation.json``, or computed
     with :func:`matten.eval.evaluate` and written there."""
     key = eval_key(clips, sample_steps, steps)
@@ -219,16 +241,28 @@ def evaluate_run(run: Path, record: dict, clips: int, sample_steps: int, steps: 
 
     print(f"evaluating {run} ({clips} clips, DDIM {sample_steps})", flush=True)
     start = time.perf_counter()
-    report = evaluate(run, settings=EvalSettings(num_clips=clips, batch_size=min(64, clips),
-                                                 sampler="ddim", steps=sample_steps, seed=0),
-                      cache_dir=cache_dir, progress=False)
+    report = evaluate(
+        run,
+        settings=EvalSettings(
+            num_clips=clips, batch_size=min(64, clips), sampler="ddim", steps=sample_steps, seed=0
+        ),
+        cache_dir=cache_dir,
+        progress=False,
+    )
     seconds = time.perf_counter() - start
-    evals[key] = {"fd": report["fd"], "kid": report["kid"]["mean"] if report["kid"] else None,
-                  "kid_std_err": report["kid"]["std_err"] if report["kid"] else None,
-                  "precision": report["precision"], "recall": report["recall"],
-                  "extractor": report["extractor"], "step": report["step"],
-                  "num_clips": report["num_clips"], "warning": report["warning"],
-                  "report": report["output"], "seconds": round(seconds, 1)}
+    evals[key] = {
+        "fd": report["fd"],
+        "kid": report["kid"]["mean"] if report["kid"] else None,
+        "kid_std_err": report["kid"]["std_err"] if report["kid"] else None,
+        "precision": report["precision"],
+        "recall": report["recall"],
+        "extractor": report["extractor"],
+        "step": report["step"],
+        "num_clips": report["num_clips"],
+        "warning": report["warning"],
+        "report": report["output"],
+        "seconds": round(seconds, 1),
+    }
     write_json(run / "ablation.json", record)
     print(f"  FD {report['fd']:.3f}, KID {evals[key]['kid']:.4f} ({seconds:.0f} s)", flush=True)
     return evals[key]
@@ -236,6 +270,7 @@ def evaluate_run(run: Path, record: dict, clips: int, sample_steps: int, steps: 
 
 # ----------------------------------------------------------------------------------------------
 # statistics and the verdict
+
 
 def mean_ci(values: list[float]) -> tuple[float, float, float]:
     """Mean and the 95% Student-t confidence interval over seeds (nan bounds with one seed)."""
@@ -301,15 +336,19 @@ def ordering(metric: str, rows: list[Row], claim: str) -> str:
         if "M-AdaN" not in by or "tokens" not in by:
             return "not run"
         c = compare(values(by["M-AdaN"], metric), values(by["tokens"], metric))
-        verdict = {"better": "HOLDS (M-AdaN better, intervals apart)",
-                   "worse": "REVERSES (tokens better, intervals apart)",
-                   "tie": "TIE (intervals overlap)"}[c]
+        verdict = {
+            "better": "HOLDS (M-AdaN better, intervals apart)",
+            "worse": "REVERSES (tokens better, intervals apart)",
+            "tie": "TIE (intervals overlap)",
+        }[c]
     else:  # size: each larger model better than the next smaller one
         ladder = sorted(rows, key=lambda r: r.setting.hidden)
         if len(ladder) < 2:
             return "not run"
-        steps = [(a, b, compare(values(b, metric), values(a, metric)))
-                 for a, b in zip(ladder, ladder[1:], strict=False)]
+        steps = [
+            (a, b, compare(values(b, metric), values(a, metric)))
+            for a, b in zip(ladder, ladder[1:], strict=False)
+        ]
         text = ", ".join(f"{b.label} vs {a.label}: {c}" for a, b, c in steps)
         if all(c == "better" for *_, c in steps):
             verdict = f"HOLDS ({text})"
@@ -320,32 +359,59 @@ def ordering(metric: str, rows: list[Row], claim: str) -> str:
     return f"{verdict}; means: {ranked}"
 
 
-CLAIMS = {"variants": "variant 3 best of the four (Fig. 8a)",
-          "conditioning": "M-AdaN better than conditional tokens (Fig. 8b)",
-          "size": "larger is better (Fig. 9)"}
+CLAIMS = {
+    "variants": "variant 3 best of the four (Fig. 8a)",
+    "conditioning": "M-AdaN better than conditional tokens (Fig. 8b)",
+    "size": "larger is better (Fig. 9)",
+}
 
 
 def report(rows: list[Row], dataset: str, args, extractor: str | None) -> dict:
     print()
-    print(f"{dataset}: {args.steps} training steps per run, {args.seeds} seeds, {args.clips} "
-          f"generated clips per evaluation (DDIM {args.sample_steps}) against {args.clips} "
-          f"training clips, in {extractor or '?'} features; mean over seeds [95% t interval]; "
-          "FD and KID lower is better, precision and recall higher")
-    header = ["group", "setting", "depth", "hidden", "params", "seeds", "FD", "KID",
-              "precision", "recall", "train s/run"]
+    print(
+        f"{dataset}: {args.steps} training steps per run, {args.seeds} seeds, {args.clips} "
+        f"generated clips per evaluation (DDIM {args.sample_steps}) against {args.clips} "
+        f"training clips, in {extractor or '?'} features; mean over seeds [95% t interval]; "
+        "FD and KID lower is better, precision and recall higher"
+    )
+    header = [
+        "group",
+        "setting",
+        "depth",
+        "hidden",
+        "params",
+        "seeds",
+        "FD",
+        "KID",
+        "precision",
+        "recall",
+        "train s/run",
+    ]
     table = []
     for r in rows:
         secs = [x["train_seconds"] for x in r.runs if x.get("train_seconds")]
-        table.append([r.group, r.label, r.setting.depth, r.setting.hidden,
-                      f"{r.params / 1e6:.3f}M", len(r.runs), fmt_ci(values(r, "fd"), 3),
-                      fmt_ci(values(r, "kid"), 4), fmt_ci(values(r, "precision"), 2),
-                      fmt_ci(values(r, "recall"), 2),
-                      f"{np.mean(secs):.0f}" if secs else "-"])
+        table.append(
+            [
+                r.group,
+                r.label,
+                r.setting.depth,
+                r.setting.hidden,
+                f"{r.params / 1e6:.3f}M",
+                len(r.runs),
+                fmt_ci(values(r, "fd"), 3),
+                fmt_ci(values(r, "kid"), 4),
+                fmt_ci(values(r, "precision"), 2),
+                fmt_ci(values(r, "recall"), 2),
+                f"{np.mean(secs):.0f}" if secs else "-",
+            ]
+        )
     print_table(header, table)
     if args.clips < 1280:
-        print(f"note: FD at {args.clips} clips is biased upwards (it needs about 10 clips per "
-              "feature dimension); it compares only with FD at the same clip count. KID is "
-              "unbiased.")
+        print(
+            f"note: FD at {args.clips} clips is biased upwards (it needs about 10 clips per "
+            "feature dimension); it compares only with FD at the same clip count. KID is "
+            "unbiased."
+        )
     print()
     print(f"verdict ({dataset}, at {args.steps} steps; 'tie' = the 95% intervals overlap):")
     verdicts = {}
@@ -361,9 +427,17 @@ def report(rows: list[Row], dataset: str, args, extractor: str | None) -> dict:
 
 
 def summary(r: Row) -> dict:
-    out = {"group": r.group, "setting": r.label, "name": r.setting.name,
-           "variant": r.setting.variant, "depth": r.setting.depth, "hidden": r.setting.hidden,
-           "conditioning": r.setting.conditioning, "params": r.params, "runs": r.runs}
+    out = {
+        "group": r.group,
+        "setting": r.label,
+        "name": r.setting.name,
+        "variant": r.setting.variant,
+        "depth": r.setting.depth,
+        "hidden": r.setting.hidden,
+        "conditioning": r.setting.conditioning,
+        "params": r.params,
+        "runs": r.runs,
+    }
     for metric in ("fd", "kid", "precision", "recall"):
         m, lo, hi = mean_ci(values(r, metric))
         out[metric] = {"mean": m, "ci95": [lo, hi]}
@@ -372,33 +446,62 @@ def summary(r: Row) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="folder of the runs and results")
-    parser.add_argument("--dataset", default="synthetic",
-                        help="synthetic (config demo), digits (config digits) or both, "
-                             "comma-separated")
-    parser.add_argument("--groups", default=",".join(GROUPS),
-                        help=f"comma-separated, of {', '.join(GROUPS)}")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"training steps per run (default {DEFAULTS['steps']}; "
-                             f"--large {LARGE['steps']})")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help=f"seeds per setting (default {DEFAULTS['seeds']}; "
-                             f"--large {LARGE['seeds']})")
-    parser.add_argument("--clips", type=int, default=None,
-                        help=f"generated (and real) clips per evaluation (default "
-                             f"{DEFAULTS['clips']}; --large {LARGE['clips']})")
-    parser.add_argument("--sample-steps", type=int, default=None,
-                        help=f"DDIM steps when sampling for evaluation (default "
-                             f"{DEFAULTS['sample_steps']}; --large {LARGE['sample_steps']})")
+    parser.add_argument(
+        "--dataset",
+        default="synthetic",
+        help="synthetic (config demo), digits (config digits) or both, comma-separated",
+    )
+    parser.add_argument(
+        "--groups", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)}"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps per run (default {DEFAULTS['steps']}; --large {LARGE['steps']})",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help=f"seeds per setting (default {DEFAULTS['seeds']}; --large {LARGE['seeds']})",
+    )
+    parser.add_argument(
+        "--clips",
+        type=int,
+        default=None,
+        help=f"generated (and real) clips per evaluation (default "
+        f"{DEFAULTS['clips']}; --large {LARGE['clips']})",
+    )
+    parser.add_argument(
+        "--sample-steps",
+        type=int,
+        default=None,
+        help=f"DDIM steps when sampling for evaluation (default "
+        f"{DEFAULTS['sample_steps']}; --large {LARGE['sample_steps']})",
+    )
     parser.add_argument("--hidden", default="32,64,96", help="the size ladder's hidden sizes")
-    parser.add_argument("--large", action="store_true",
-                        help="a GPU setting: " + ", ".join(f"{k} {v}" for k, v in LARGE.items()))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every run (repeatable)")
-    parser.add_argument("--plan", action="store_true",
-                        help="print the settings and their parameter counts, train nothing")
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="a GPU setting: " + ", ".join(f"{k} {v}" for k, v in LARGE.items()),
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (repeatable)",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the settings and their parameter counts, train nothing",
+    )
     args = parser.parse_args()
     for name, value in (LARGE if args.large else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -421,16 +524,30 @@ def main() -> None:
         root = Path(args.output) / dataset
         rows = plan(config, groups, hiddens, args.set)
         if args.plan:
-            print_table(["group", "setting", "variant", "depth", "hidden", "conditioning",
-                         "params"],
-                        [[r.group, r.label, r.setting.variant, r.setting.depth, r.setting.hidden,
-                          r.setting.conditioning, r.params] for r in rows])
+            print_table(
+                ["group", "setting", "variant", "depth", "hidden", "conditioning", "params"],
+                [
+                    [
+                        r.group,
+                        r.label,
+                        r.setting.variant,
+                        r.setting.depth,
+                        r.setting.hidden,
+                        r.setting.conditioning,
+                        r.params,
+                    ]
+                    for r in rows
+                ],
+            )
             continue
         unique = list(dict.fromkeys(r.setting for r in rows))
         # every setting's seed 0 first, then seed 1, ...
         runs = [(s, seed) for seed in range(args.seeds) for s in unique]
-        print(f"{dataset}: {len(unique)} settings x {args.seeds} seeds = {len(runs)} runs of "
-              f"{args.steps} steps into {root}", flush=True)
+        print(
+            f"{dataset}: {len(unique)} settings x {args.seeds} seeds = {len(runs)} runs of "
+            f"{args.steps} steps into {root}",
+            flush=True,
+        )
         results: dict = {}
         extractor = None
         cache_dir = root / "eval-cache"
@@ -438,20 +555,35 @@ def main() -> None:
         for i, (setting, seed) in enumerate(runs):
             run = run_folder(root, setting, args.steps, seed)
             record = train_run(config, run, setting, args.steps, seed, args.set)
-            metrics = evaluate_run(run, record, args.clips, args.sample_steps, args.steps,
-                                   cache_dir)
+            metrics = evaluate_run(
+                run, record, args.clips, args.sample_steps, args.steps, cache_dir
+            )
             extractor = metrics.get("extractor", extractor)
-            results[(setting, seed)] = {"seed": seed, "run": str(run),
-                                        "train_seconds": record.get("train_seconds"), **metrics}
+            results[(setting, seed)] = {
+                "seed": seed,
+                "run": str(run),
+                "train_seconds": record.get("train_seconds"),
+                **metrics,
+            }
             print(f"[{i + 1}/{len(runs)}] {time.perf_counter() - start:.0f} s so far", flush=True)
         for r in rows:
             r.runs = [results[(r.setting, seed)] for seed in range(args.seeds)]
         verdicts = report(rows, dataset, args, extractor)
-        write_json(root / "results.json", {
-            "dataset": dataset, "config": config, "steps": args.steps, "seeds": args.seeds,
-            "clips": args.clips, "sample_steps": args.sample_steps, "extractor": extractor,
-            "overrides": args.set, "settings": [summary(r) for r in rows],
-            "verdict": verdicts})
+        write_json(
+            root / "results.json",
+            {
+                "dataset": dataset,
+                "config": config,
+                "steps": args.steps,
+                "seeds": args.seeds,
+                "clips": args.clips,
+                "sample_steps": args.sample_steps,
+                "extractor": extractor,
+                "overrides": args.set,
+                "settings": [summary(r) for r in rows],
+                "verdict": verdicts,
+            },
+        )
         print(f"results: {root / 'results.json'}")
 
 

@@ -25,8 +25,16 @@ from ..data import dataset_key
 from .schema import SECTIONS, CausalConfig, RunConfig
 from .validation import ConfigError
 
-__all__ = ["load_config", "packaged_configs", "apply_overrides", "config_from_dict",
-           "config_to_dict", "config_differences", "parse_override", "resolve_mixed_precision"]
+__all__ = [
+    "load_config",
+    "packaged_configs",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "config_differences",
+    "parse_override",
+    "resolve_mixed_precision",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +46,16 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.yaml_implicit_resolvers = {
     key: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
-    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
-                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
-                              list("-+0123456789."))
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _yaml_load(text: str):
@@ -57,6 +69,7 @@ def _section_classes() -> dict[str, type]:
 
 # ----------------------------------------------------------------------------------------------
 # typed values
+
 
 def _coerce(value: Any, hint, key: str) -> Any:
     """``value`` checked (and, where lossless, converted) against the annotation ``hint``."""
@@ -75,8 +88,11 @@ def _coerce(value: Any, hint, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"config key '{key}': {value!r} matches none of {hint}")
+        raise ConfigError(
+            errors[0]
+            if len(errors) == 1
+            else f"config key '{key}': {value!r} matches none of {hint}"
+        )
     if value is None:
         if hint is dict or origin is dict:  # `data.options=null`: no options
             return {}
@@ -111,9 +127,12 @@ def _coerce(value: Any, hint, key: str) -> Any:
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, "
-                              f"got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            raise ConfigError(
+                f"config key '{key}' must be a list of {len(args)} values, got {value!r}"
+            )
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     return value
 
 
@@ -127,8 +146,9 @@ def _unknown_key(key: str, known) -> ConfigError:
 
 def config_from_dict(data: dict | None, base: RunConfig | None = None) -> RunConfig:
     """A :class:`RunConfig` from nested dicts (missing keys keep ``base``'s or the defaults)."""
-    return config_from_dict_into(copy.deepcopy(base) if base is not None else RunConfig(),
-                                 data or {})
+    return config_from_dict_into(
+        copy.deepcopy(base) if base is not None else RunConfig(), data or {}
+    )
 
 
 # Keys that moved into a nested group, old spelling -> new: old run folders, checkpoints and
@@ -140,7 +160,9 @@ _noted_moves: set[str] = set()
 def _with_moved_keys(prefix: str, values: dict) -> dict:
     """``values`` of the group ``prefix`` with old spellings put where the keys live now (a key
     given in both spellings keeps the new one)."""
-    moved = {key: MOVED_KEYS[f"{prefix}.{key}"] for key in values if f"{prefix}.{key}" in MOVED_KEYS}
+    moved = {
+        key: MOVED_KEYS[f"{prefix}.{key}"] for key in values if f"{prefix}.{key}" in MOVED_KEYS
+    }
     if not moved:
         return values
     kept = {key: value for key, value in values.items() if key not in moved}
@@ -149,7 +171,7 @@ def _with_moved_keys(prefix: str, values: dict) -> dict:
         if old not in _noted_moves:
             _noted_moves.add(old)
             logger.warning("config key '%s' is now '%s'; read as that", old, new)
-        group, leaf = new[len(prefix) + 1:].split(".")
+        group, leaf = new[len(prefix) + 1 :].split(".")
         target = kept.get(group)
         target = dict(target) if isinstance(target, dict) else {}
         target.setdefault(leaf, values[key])
@@ -191,12 +213,14 @@ def config_from_dict_into(cfg: RunConfig, data: dict) -> RunConfig:
 
 def config_to_dict(cfg: RunConfig) -> dict:
     """Nested plain dicts (tuples become lists), ready for YAML/JSON."""
+
     def plain(v):
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
+
     return {name: plain(dataclasses.asdict(getattr(cfg, name))) for name in SECTIONS}
 
 
@@ -215,8 +239,9 @@ def _flat_fields(obj, prefix: str) -> dict[str, Any]:
 def parse_override(item: str) -> tuple[str, Any]:
     """``"train.batch_size=4"`` -> ``("train.batch_size", 4)`` (value parsed as YAML)."""
     if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like section.key=value, "
-                          "e.g. train.batch_size=4")
+        raise ConfigError(
+            f"override '{item}' must look like section.key=value, e.g. train.batch_size=4"
+        )
     key, raw = item.split("=", 1)
     key = key.strip()
     if key.count(".") not in (1, 2) or not all(key.split(".")):
@@ -248,9 +273,11 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict | None) -> RunCo
             entries.setdefault((section, name), {})[entry] = value
             continue
         if len(parts) != 2:
-            raise ConfigError(f"override key '{key}' must be section.key, e.g. train.batch_size "
-                              f"(or section.group.key, e.g. model.causal.window, or "
-                              f"section.key.entry for a dict such as data.options)")
+            raise ConfigError(
+                f"override key '{key}' must be section.key, e.g. train.batch_size "
+                f"(or section.group.key, e.g. model.causal.window, or "
+                f"section.key.entry for a dict such as data.options)"
+            )
         section, name = parts
         nested.setdefault(section, {})[name] = value
         entries.pop((section, name), None)  # a whole dict given later replaces earlier entries
@@ -270,10 +297,14 @@ def _drop_other_datasets_options(cfg: RunConfig, data_overrides: dict | None) ->
         return
     if dataset_key(data_overrides["name"]) == dataset_key(cfg.data.name) or not cfg.data.options:
         return
-    logger.warning("data.name changed from '%s' to '%s': dropping the options of '%s' (%s); "
-                   "set data.options.KEY=VALUE for the new dataset", cfg.data.name,
-                   data_overrides["name"], cfg.data.name,
-                   ", ".join(f"{k}={v!r}" for k, v in cfg.data.options.items()))
+    logger.warning(
+        "data.name changed from '%s' to '%s': dropping the options of '%s' (%s); "
+        "set data.options.KEY=VALUE for the new dataset",
+        cfg.data.name,
+        data_overrides["name"],
+        cfg.data.name,
+        ", ".join(f"{k}={v!r}" for k, v in cfg.data.options.items()),
+    )
     data_overrides["options"] = {}
 
 
@@ -295,17 +326,25 @@ def _read_yaml(name_or_path: str) -> tuple[dict, str]:
     path = Path(name_or_path).expanduser()
     # A bare name is a packaged config even when a folder of that name (say a run called
     # "demo") sits in the working directory; a file, a .yaml name or a path is a file.
-    if path.is_file() or path.suffix in (".yaml", ".yml") or os.sep in str(name_or_path) \
-            or "/" in str(name_or_path):
+    if (
+        path.is_file()
+        or path.suffix in (".yaml", ".yml")
+        or os.sep in str(name_or_path)
+        or "/" in str(name_or_path)
+    ):
         if not path.is_file():
-            raise FileNotFoundError(f"config file '{path}' not found (packaged configs: "
-                                    f"{', '.join(packaged_configs())})")
+            raise FileNotFoundError(
+                f"config file '{path}' not found (packaged configs: "
+                f"{', '.join(packaged_configs())})"
+            )
         text, where = path.read_text(), str(path)
     else:
         resource = resources.files("matten") / "configs" / f"{name_or_path}.yaml"
         if not resource.is_file():
-            raise FileNotFoundError(f"no packaged config '{name_or_path}' (choose one of "
-                                    f"{', '.join(packaged_configs())}, or give a YAML path)")
+            raise FileNotFoundError(
+                f"no packaged config '{name_or_path}' (choose one of "
+                f"{', '.join(packaged_configs())}, or give a YAML path)"
+            )
         text, where = resource.read_text(), f"matten/configs/{name_or_path}.yaml"
     try:
         data = _yaml_load(text)
@@ -314,8 +353,9 @@ def _read_yaml(name_or_path: str) -> tuple[dict, str]:
     return data or {}, where
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | dict | None = None
-                ) -> RunConfig:
+def load_config(
+    name_or_path: str | None = None, overrides: list[str] | dict | None = None
+) -> RunConfig:
     """Read a packaged config by name (``"demo"``) or a YAML file, then apply ``overrides``."""
     cfg = RunConfig()
     if name_or_path is not None:

@@ -22,10 +22,16 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     if ref is None:
         raise ValueError("normal_kl: at least one argument must be a tensor")
     # Numbers become tensors so that torch.exp accepts them.
-    logvar1, logvar2 = (a if isinstance(a, torch.Tensor) else torch.tensor(a).to(ref)
-                        for a in (logvar1, logvar2))
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    logvar1, logvar2 = (
+        a if isinstance(a, torch.Tensor) else torch.tensor(a).to(ref) for a in (logvar1, logvar2)
+    )
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -33,8 +39,9 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
-                                        log_scales: torch.Tensor) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
     """Elementwise log-probability, in nats, of the bin of width 2/255 centred on x under
     N(means, exp(log_scales)^2).
 
@@ -42,9 +49,11 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
     that the 256 probabilities sum to one.
     """
     if x.shape != means.shape or x.shape != log_scales.shape:
-        raise ValueError("discretized_gaussian_log_likelihood: x, means and log_scales must have "
-                         f"the same shape, got {tuple(x.shape)}, {tuple(means.shape)}, "
-                         f"{tuple(log_scales.shape)}")
+        raise ValueError(
+            "discretized_gaussian_log_likelihood: x, means and log_scales must have "
+            f"the same shape, got {tuple(x.shape)}, {tuple(means.shape)}, "
+            f"{tuple(log_scales.shape)}"
+        )
     centered = x - means
     inv_std = torch.exp(-log_scales)
     cdf_plus = approx_standard_normal_cdf(inv_std * (centered + _HALF_BIN))
@@ -53,5 +62,6 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -_EDGE, log_cdf_plus,
-                       torch.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta))
+    return torch.where(
+        x < -_EDGE, log_cdf_plus, torch.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta)
+    )

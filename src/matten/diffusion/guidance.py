@@ -11,13 +11,18 @@ from .gaussian_diffusion import Model
 
 def check_cfg_scale(cfg_scale) -> None:
     """A guidance scale is a finite number >= 0 (1: no guidance; 0: the unconditional model)."""
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) \
-            or not math.isfinite(cfg_scale) or cfg_scale < 0:
+    if (
+        isinstance(cfg_scale, bool)
+        or not isinstance(cfg_scale, (int, float))
+        or not math.isfinite(cfg_scale)
+        or cfg_scale < 0
+    ):
         raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
 
 
-def classifier_free_guidance(model: Model, cfg_scale: float, null_label: int,
-                             batched: tuple[str, ...] = ("actions",)) -> Model:
+def classifier_free_guidance(
+    model: Model, cfg_scale: float, null_label: int, batched: tuple[str, ...] = ("actions",)
+) -> Model:
     """Wrap a class-conditional ``model(x, t, y=labels)`` into a guided one with the same call.
 
     The guided model runs ``model`` once on the batch doubled: the first half with the labels,
@@ -35,8 +40,9 @@ def classifier_free_guidance(model: Model, cfg_scale: float, null_label: int,
             return model(x, t, y=y, **kwargs)
         batch, channels = x.shape[:2]
         labels = torch.cat([y, torch.full_like(y, null_label)])
-        kwargs = {k: torch.cat([v, v]) if k in batched and v is not None else v
-                  for k, v in kwargs.items()}
+        kwargs = {
+            k: torch.cat([v, v]) if k in batched and v is not None else v for k, v in kwargs.items()
+        }
         out = model(torch.cat([x, x]), torch.cat([t, t]), y=labels, **kwargs)
         cond, uncond = out[:batch], out[batch:]
         # lerp is exact at both ends: scale 0 gives uncond, scale 1 gives cond.

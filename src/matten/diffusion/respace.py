@@ -32,8 +32,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)  # the first sections take the remainder
         if count > size:
-            raise ValueError(f"section {i} has {size} timesteps, cannot keep {count} of them "
-                             f"(respacing {section_counts!r} of {num_timesteps} steps)")
+            raise ValueError(
+                f"section {i} has {size} timesteps, cannot keep {count} of them "
+                f"(respacing {section_counts!r} of {num_timesteps} steps)"
+            )
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         steps += [start + round(k * stride) for k in range(count)]
         start += size
@@ -42,14 +44,16 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
 
 def _ddim_steps(num_timesteps: int, spec: str) -> set[int]:
     try:
-        desired = int(spec[len("ddim"):])
+        desired = int(spec[len("ddim") :])
     except ValueError:
         raise ValueError(f"bad respacing {spec!r}: expected 'ddim' and an integer") from None
     for stride in range(1, num_timesteps):
         if len(range(0, num_timesteps, stride)) == desired:
             return set(range(0, num_timesteps, stride))
-    raise ValueError(f"cannot keep exactly {desired} of {num_timesteps} timesteps with an integer "
-                     f"stride (respacing {spec!r})")
+    raise ValueError(
+        f"cannot keep exactly {desired} of {num_timesteps} timesteps with an integer "
+        f"stride (respacing {spec!r})"
+    )
 
 
 def _parse_counts(section_counts) -> list[int]:
@@ -57,15 +61,19 @@ def _parse_counts(section_counts) -> list[int]:
         try:
             counts = [int(c) for c in section_counts.split(",")]
         except ValueError:
-            raise ValueError(f"bad respacing {section_counts!r}: expected 'ddimN', an integer or "
-                             "comma-separated integers") from None
+            raise ValueError(
+                f"bad respacing {section_counts!r}: expected 'ddimN', an integer or "
+                "comma-separated integers"
+            ) from None
     elif isinstance(section_counts, (int, np.integer)) and not isinstance(section_counts, bool):
         counts = [int(section_counts)]
     else:
         counts = [int(c) for c in section_counts]
     if not counts or any(c < 0 for c in counts) or sum(counts) == 0:
-        raise ValueError(f"bad respacing {section_counts!r}: counts must be non-negative integers "
-                         "keeping at least one step")
+        raise ValueError(
+            f"bad respacing {section_counts!r}: counts must be non-negative integers "
+            "keeping at least one step"
+        )
     return counts
 
 
@@ -87,18 +95,27 @@ class SpacedDiffusion(GaussianDiffusion):
     ``betas`` (default: 1000-step linear). Its timesteps are 0 .. len(use_timesteps) - 1; the model
     receives the matching original indices (``timestep_map``)."""
 
-    def __init__(self, use_timesteps: Iterable[int], betas=None, *, learn_sigma: bool = True,
-                 prediction: str = "eps"):
+    def __init__(
+        self,
+        use_timesteps: Iterable[int],
+        betas=None,
+        *,
+        learn_sigma: bool = True,
+        prediction: str = "eps",
+    ):
         base = GaussianDiffusion(betas, learn_sigma=learn_sigma, prediction=prediction)
         kept = sorted({int(s) for s in use_timesteps})
         if not kept:
             raise ValueError("use_timesteps is empty: keep at least one timestep")
         if kept[0] < 0 or kept[-1] >= base.num_timesteps:
-            raise ValueError(f"use_timesteps must lie in [0, {base.num_timesteps - 1}], got "
-                             f"[{kept[0]}, {kept[-1]}]")
+            raise ValueError(
+                f"use_timesteps must lie in [0, {base.num_timesteps - 1}], got "
+                f"[{kept[0]}, {kept[-1]}]"
+            )
         abar = base.alphas_cumprod[kept]
-        super().__init__(1.0 - abar / np.append(1.0, abar[:-1]), learn_sigma=learn_sigma,
-                         prediction=prediction)
+        super().__init__(
+            1.0 - abar / np.append(1.0, abar[:-1]), learn_sigma=learn_sigma, prediction=prediction
+        )
         self.use_timesteps = set(kept)
         self.timestep_map = np.array(kept, dtype=np.int64)
         self.original_num_steps = base.num_timesteps

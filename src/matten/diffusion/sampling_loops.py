@@ -30,52 +30,104 @@ class SamplingLoops:
     p_sample: Callable[..., dict[str, torch.Tensor]]
     ddim_sample: Callable[..., dict[str, torch.Tensor]]
 
-    def p_sample_loop_progressive(self, model: Model, shape: Sequence[int],
-                                  noise: torch.Tensor | None = None, *,
-                                  model_kwargs: dict | None = None, progress: bool = False,
-                                  generator: torch.Generator | None = None,
-                                  clip_denoised: bool = False, device=None
-                                  ) -> Iterator[dict[str, torch.Tensor]]:
+    def p_sample_loop_progressive(
+        self,
+        model: Model,
+        shape: Sequence[int],
+        noise: torch.Tensor | None = None,
+        *,
+        model_kwargs: dict | None = None,
+        progress: bool = False,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = False,
+        device=None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield each ancestral step's output, from t = T - 1 down to 0."""
+
         def step(x, t):
             return self.p_sample(model, x, t, clip_denoised, model_kwargs, generator)
+
         yield from self._loop(step, model, shape, noise, generator, progress, device, "DDPM")
 
-    def p_sample_loop(self, model: Model, shape: Sequence[int], noise: torch.Tensor | None = None,
-                      *, model_kwargs: dict | None = None, progress: bool = False,
-                      generator: torch.Generator | None = None, clip_denoised: bool = False,
-                      device=None) -> torch.Tensor:
+    def p_sample_loop(
+        self,
+        model: Model,
+        shape: Sequence[int],
+        noise: torch.Tensor | None = None,
+        *,
+        model_kwargs: dict | None = None,
+        progress: bool = False,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = False,
+        device=None,
+    ) -> torch.Tensor:
         """Sample with ancestral DDPM steps and the model's variance.
 
         All random draws use ``generator`` when given. The device is that of ``noise``, else
         ``device``, else the generator's, else the model's parameters', else the CPU.
         """
-        return _last(self.p_sample_loop_progressive(
-            model, shape, noise, model_kwargs=model_kwargs, progress=progress,
-            generator=generator, clip_denoised=clip_denoised, device=device))["sample"]
+        return _last(
+            self.p_sample_loop_progressive(
+                model,
+                shape,
+                noise,
+                model_kwargs=model_kwargs,
+                progress=progress,
+                generator=generator,
+                clip_denoised=clip_denoised,
+                device=device,
+            )
+        )["sample"]
 
-    def ddim_sample_loop_progressive(self, model: Model, shape: Sequence[int], eta: float = 0.0, *,
-                                     noise: torch.Tensor | None = None,
-                                     model_kwargs: dict | None = None, progress: bool = False,
-                                     generator: torch.Generator | None = None,
-                                     clip_denoised: bool = False, device=None
-                                     ) -> Iterator[dict[str, torch.Tensor]]:
+    def ddim_sample_loop_progressive(
+        self,
+        model: Model,
+        shape: Sequence[int],
+        eta: float = 0.0,
+        *,
+        noise: torch.Tensor | None = None,
+        model_kwargs: dict | None = None,
+        progress: bool = False,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = False,
+        device=None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield each DDIM step's output, from t = T - 1 down to 0."""
         check_eta(eta)
 
         def step(x, t):
             return self.ddim_sample(model, x, t, clip_denoised, model_kwargs, eta, generator)
+
         yield from self._loop(step, model, shape, noise, generator, progress, device, "DDIM")
 
-    def ddim_sample_loop(self, model: Model, shape: Sequence[int], eta: float = 0.0, *,
-                         noise: torch.Tensor | None = None, model_kwargs: dict | None = None,
-                         progress: bool = False, generator: torch.Generator | None = None,
-                         clip_denoised: bool = False, device=None) -> torch.Tensor:
+    def ddim_sample_loop(
+        self,
+        model: Model,
+        shape: Sequence[int],
+        eta: float = 0.0,
+        *,
+        noise: torch.Tensor | None = None,
+        model_kwargs: dict | None = None,
+        progress: bool = False,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = False,
+        device=None,
+    ) -> torch.Tensor:
         """Sample with DDIM steps; with eta = 0 the result is a function of the initial noise.
         Arguments as for :meth:`p_sample_loop`."""
-        return _last(self.ddim_sample_loop_progressive(
-            model, shape, eta, noise=noise, model_kwargs=model_kwargs, progress=progress,
-            generator=generator, clip_denoised=clip_denoised, device=device))["sample"]
+        return _last(
+            self.ddim_sample_loop_progressive(
+                model,
+                shape,
+                eta,
+                noise=noise,
+                model_kwargs=model_kwargs,
+                progress=progress,
+                generator=generator,
+                clip_denoised=clip_denoised,
+                device=device,
+            )
+        )["sample"]
 
     def _loop(self, step, model, shape, noise, generator, progress, device, name):
         x = _initial_noise(model, shape, noise, generator, device)
