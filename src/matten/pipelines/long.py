@@ -460,10 +460,10 @@ class LongVideoPipeline(MattenPipeline):
             yield LongVideoChunk(chunk.start, pixels, chunk.state)
 
     # A video of num_frames frames rather than num_samples clips: other arguments than the base's.
-    def __call__(
+    def __call__(  # type: ignore[override]
         self,
         num_frames: int,
-        chunk_size: int = 2,  # type: ignore[override]
+        chunk_size: int = 2,
         **kwargs,
     ) -> Tensor:
         """A whole video (B, 3, num_frames, H, W) in [-1, 1]; for long ones prefer
