@@ -167,16 +167,17 @@ def test_reverse_cpu_scan_is_the_flipped_scan_flipped_back(layout):
     assert rel_err(last, last_ref) < 1e-5
 
 
+@pytest.mark.parametrize("length", [45, 1])  # 1: a one-step stream, where no-gate was misread
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("drop", [None, "D", "z", "delta_bias"])
-def test_fused_cpu_scan_gradients_match_reference(reverse, drop):
+def test_fused_cpu_scan_gradients_match_reference(reverse, drop, length):
     """Every gradient of the fused kernel (softplus, delta_bias, D, z, direction), float32,
     against autograd through the float64 reference, with and without each optional input."""
-    x = {k: v for k, v in make_inputs(2, 8, 45, 16).items() if k != drop}
+    x = {k: v for k, v in make_inputs(2, 8, length, 16).items() if k != drop}
     h0 = torch.randn(2, 8, 16)
     leaves = {k: v.clone().requires_grad_() for k, v in {**x, "initial_state": h0}.items()}
     ref = {k: v.double().clone().requires_grad_() for k, v in {**x, "initial_state": h0}.items()}
-    w_y, w_last = torch.randn(2, 8, 45), torch.randn(2, 8, 16)
+    w_y, w_last = torch.randn(2, 8, length), torch.randn(2, 8, 16)
     y, last = selective_scan(
         **leaves, delta_softplus=True, return_last_state=True, reverse=reverse, backend="cpu"
     )

@@ -90,7 +90,7 @@ def _scan_forward(u, delta, A, Bt, Ct, h0, D, gate, reverse, groups, y, h_last):
     # delta is the step size itself (bias and softplus already applied), gate is silu(z).
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    has_gate = gate.shape[2] == length  # a (1, 1, 1) placeholder when there is no gate
+    has_gate = gate.shape[2] == length  # a (1, 1, 0) placeholder when there is no gate
     # Index steps that are 0 along a broadcast (size-1) batch or time axis of B and C.
     bB, tB, bC, tC = Bt.shape[0] > 1, Bt.shape[2] > 1, Ct.shape[0] > 1, Ct.shape[2] > 1
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
@@ -227,8 +227,9 @@ def _time_major(X: torch.Tensor) -> np.ndarray:
 
 
 def _no_gate(like: torch.Tensor) -> np.ndarray:
-    """The (1, 1, 1) placeholder that tells the kernels there is no gate."""
-    return np.zeros((1, 1, 1), dtype=_np(like).dtype)
+    """The (1, 1, 0) placeholder that tells the kernels there is no gate: its empty time axis
+    never matches a sequence's length (a (1, 1, 1) one would at L = 1)."""
+    return np.zeros((1, 1, 0), dtype=_np(like).dtype)
 
 
 def _step_size(delta, delta_bias, softplus):
