@@ -18,11 +18,13 @@ fighting over the cores:
 from __future__ import annotations
 
 import os
+import threading
 
 import numba
 import torch
 
 _pool_started = False
+_pool_lock = threading.Lock()  # two streams (threads) may launch their first kernel together
 
 
 def _start_pool() -> None:
@@ -34,15 +36,18 @@ def _start_pool() -> None:
     global _pool_started
     if _pool_started:
         return
-    chosen = "OMP_WAIT_POLICY" in os.environ
-    if not chosen:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        numba.get_num_threads()  # loads and starts the pool
-    finally:
+    with _pool_lock:
+        if _pool_started:
+            return
+        chosen = "OMP_WAIT_POLICY" in os.environ
         if not chosen:
-            del os.environ["OMP_WAIT_POLICY"]
-    _pool_started = True
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        try:
+            numba.get_num_threads()  # loads and starts the pool
+        finally:
+            if not chosen:
+                os.environ.pop("OMP_WAIT_POLICY", None)
+        _pool_started = True
 
 
 def kernel_threads() -> int:
