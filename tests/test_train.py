@@ -168,7 +168,20 @@ def test_the_long_video_options_live_in_model_causal_and_old_spellings_still_rea
     assert "'model.window' is now 'model.causal.window'" in caplog.text
     assert (
         config_from_dict({"model": {"window": 5, "causal": {"window": 6}}}).model.causal.window == 6
-    )  # both spellings: the new one wins
+    )  # both spellings in one file: the new one wins
+    # overrides apply in order, whichever spelling each uses
+    assert (
+        apply_overrides(cfg, ["model.causal.window=7", "model.window=5"]).model.causal.window == 5
+    )
+    assert (
+        apply_overrides(cfg, ["model.window=5", "model.causal.window=7"]).model.causal.window == 7
+    )
+    # a derived config shares nothing with its base
+    derived = apply_overrides(cfg, ["train.lr=0.5"])
+    assert derived.model is not cfg.model and derived.model.causal is not cfg.model.causal
+    derived.model.causal.window = 99
+    derived.data.options["step"] = 99
+    assert cfg.model.causal.window == 3 and cfg.data.options.get("step") != 99
     changed = config_differences(cfg, load_config("long", ["model.causal.window=5"]))
     assert changed == {"model.causal.window": (3, 5), "model.causal.memory": ("malt", "both")}
     assert config_from_dict(config_to_dict(cfg)) == cfg

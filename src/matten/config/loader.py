@@ -157,6 +157,15 @@ MOVED_KEYS = {f"model.{f.name}": f"model.causal.{f.name}" for f in dataclasses.f
 _noted_moves: set[str] = set()
 
 
+def _new_spelling(key: str) -> str:
+    """Where a dotted key lives now (itself unless it moved), with a note once per moved key."""
+    new = MOVED_KEYS.get(key, key)
+    if new != key and key not in _noted_moves:
+        _noted_moves.add(key)
+        logger.warning("config key '%s' is now '%s'; read as that", key, new)
+    return new
+
+
 def _with_moved_keys(prefix: str, values: dict) -> dict:
     """``values`` of the group ``prefix`` with old spellings put where the keys live now (a key
     given in both spellings keeps the new one)."""
@@ -166,11 +175,8 @@ def _with_moved_keys(prefix: str, values: dict) -> dict:
     if not moved:
         return values
     kept = {key: value for key, value in values.items() if key not in moved}
-    for key, new in moved.items():
-        old = f"{prefix}.{key}"
-        if old not in _noted_moves:
-            _noted_moves.add(old)
-            logger.warning("config key '%s' is now '%s'; read as that", old, new)
+    for key in moved:
+        new = _new_spelling(f"{prefix}.{key}")
         group, leaf = new[len(prefix) + 1 :].split(".")
         target = kept.get(group)
         target = dict(target) if isinstance(target, dict) else {}
@@ -202,7 +208,8 @@ def config_from_dict_into(cfg: RunConfig, data: dict) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
     classes = _section_classes()
-    sections = {name: getattr(cfg, name) for name in classes}
+    # copies: a derived config never shares a section (or a list or dict in one) with its base
+    sections = {name: copy.deepcopy(getattr(cfg, name)) for name in classes}
     for name, values in data.items():
         if name not in classes:
             raise _unknown_key(str(name), classes)
@@ -261,7 +268,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict | None) -> RunCo
     nested: dict[str, dict] = {}
     entries: dict[tuple[str, str], dict] = {}  # one-entry overrides of dict fields
     for key, value in items:
-        parts = key.split(".")
+        parts = _new_spelling(key).split(".")  # in order: a later override wins, old or new
         group = getattr(getattr(cfg, parts[0], None), parts[1], None) if len(parts) == 3 else None
         if dataclasses.is_dataclass(group):  # a field of a nested group: model.causal.window=4
             section, name, leaf = parts
