@@ -341,10 +341,13 @@ def test_the_memory_regulariser_equals_a_hand_computation():
     memory = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]], dtype=torch.float64)
     # cosines: slots 1,2 -> 0; 1,3 and 2,3 -> 1/sqrt(2); squared over the 6 ordered pairs
     assert malt.memory_redundancy(memory).item() == pytest.approx((0 + 0.5 + 0.5) * 2 / 6)
-    # per-slot std over 2 channels (unbiased): |a - b| / sqrt(2)
-    assert malt.memory_diversity(memory).item() == pytest.approx((2 + 1 + 0) / 2**0.5 / 3)
-    expected = 1 / 3 - malt.DIVERSITY_WEIGHT * 3 / 2**0.5 / 3
+    # per-slot std over 2 channels (unbiased) of the unit slots [1, 0], [0, 1], [1, 1]/sqrt(2):
+    # |a - b| / sqrt(2) = 1/sqrt(2), 1/sqrt(2), 0
+    assert malt.memory_diversity(memory).item() == pytest.approx((1 + 1 + 0) / 2**0.5 / 3)
+    expected = 1 / 3 - malt.DIVERSITY_WEIGHT * 2 / 2**0.5 / 3
     assert malt.memory_regularizer(memory).item() == pytest.approx(expected)
+    # scaling the memory up changes nothing: the loss cannot be lowered that way
+    assert malt.memory_regularizer(memory * 100).item() == pytest.approx(expected)
     assert malt.memory_redundancy(memory[:, :1]).item() == 0.0  # one slot: nothing to compare
     # orthogonal slots of equal spread: no redundancy
     assert malt.memory_redundancy(torch.eye(4)[None] * 3).item() == pytest.approx(0.0)

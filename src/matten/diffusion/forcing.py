@@ -52,9 +52,10 @@ def history_levels(
     t: torch.Tensor, history: torch.Tensor, num_timesteps: int, context_noise: float
 ) -> torch.Tensor:
     """t with the history frames set to 0 (clean), or with ``context_noise`` to a small level
-    of their own. Drawn after everything else, so the option changes no other draw."""
+    of their own in 0 .. bound: 0 stays among them, since sampling commits its history clean.
+    Drawn after everything else, so the option changes no other draw."""
     if context_noise == 0.0:
         return t.masked_fill(history, 0)
     bound = max(1, int(context_noise * num_timesteps))
-    noisy = torch.randint(1, bound + 1, t.shape, device=t.device)
+    noisy = torch.randint(0, bound + 1, t.shape, device=t.device)
     return torch.where(history, noisy, t)

@@ -183,13 +183,14 @@ def memory_redundancy(memory: Tensor) -> Tensor:
 
 def memory_diversity(memory: Tensor) -> Tensor:
     """The review's diversity: each slot's spread over its channels (std), averaged; a slot
-    that has collapsed to a constant vector carries no information."""
-    return memory.std(dim=-1).mean()
+    that has collapsed to a constant vector carries no information. Measured on unit-length
+    slots, so the reward cannot grow by scaling the memory up."""
+    return F.normalize(memory, dim=-1).std(dim=-1).mean()
 
 
 def memory_regularizer(memory: Tensor) -> Tensor:
     """Redundancy penalty minus the diversity reward (the review's memory_regularization_loss,
-    with cosine similarity so the penalty does not depend on the slots' scale)."""
+    both on unit-length slots, so the loss does not depend on the slots' scale and is bounded)."""
     return memory_redundancy(memory) - DIVERSITY_WEIGHT * memory_diversity(memory)
 
 
