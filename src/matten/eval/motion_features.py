@@ -21,12 +21,10 @@ from .motion_net import (
     DEFAULT_VERSION,
     MOTION_NET_NAMES,
     NETS,
-    TRAIN_PARAMS,
     MotionFeatureNet,
     check_version,
-    net_settings,
-    train_motion_net,
 )
+from .motion_training import TRAIN_PARAMS, net_settings, train_motion_net
 
 __all__ = ["MotionFeatureExtractor", "load_or_train_motion_net", "motion_net_cache_paths"]
 

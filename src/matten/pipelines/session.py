@@ -7,8 +7,8 @@ by the action and class given at that step, with a state that can be saved and l
     other = StreamingSession.start("runs/long")
     other.load_state("branch.safetensors")            # continues exactly where it was saved
 
-Each frame is one chunk of :func:`~matten.pipelines.long.sample_chunk`, the same sampling
-:func:`~matten.pipelines.long.iter_long` runs. A saved state is one safetensors file: every
+Each frame is one chunk of :func:`~matten.pipelines.long_sampling.sample_chunk`, the same sampling
+:func:`~matten.pipelines.long_sampling.iter_long` runs. A saved state is one safetensors file: every
 tensor of the :class:`~matten.models.causal.CausalState` (found by walking its dataclasses and
 named tuples, so a memory kind added later is saved too), the session's RNG state and the frame
 index, with JSON metadata naming the checkpoint (a hash of its weights, its step, its model
