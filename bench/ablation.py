@@ -264,7 +264,9 @@ def evaluate_run(
         "seconds": round(seconds, 1),
     }
     write_json(run / "ablation.json", record)
-    print(f"  FD {report['fd']:.3f}, KID {evals[key]['kid']:.4f} ({seconds:.0f} s)", flush=True)
+    kid = evals[key]["kid"]
+    kid_text = "n/a" if kid is None else f"{kid:.4f}"  # KID needs a few clips on each side
+    print(f"  FD {report['fd']:.3f}, KID {kid_text} ({seconds:.0f} s)", flush=True)
     return evals[key]
 
 
