@@ -31,6 +31,7 @@ the table; everything is also gathered into ``OUTPUT/<dataset>/results.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -168,8 +169,13 @@ def plan(config: str, groups: list[str], hiddens: list[int], base: list[str]) ->
 # training and evaluation
 
 
-def run_folder(root: Path, setting: Setting, steps: int, seed: int) -> Path:
-    return root / setting.name / f"steps{steps}-seed{seed}"
+def run_folder(root: Path, setting: Setting, steps: int, seed: int, extra: list[str]) -> Path:
+    """Where a run lives; ``--set`` options get a folder of their own (a short hash of them), so
+    a run trained with other options is never taken for this one."""
+    name = f"steps{steps}-seed{seed}"
+    if extra:
+        name += "-" + hashlib.sha256("\n".join(extra).encode()).hexdigest()[:8]
+    return root / setting.name / name
 
 
 def read_json(path: Path) -> dict:
@@ -555,7 +561,7 @@ def main() -> None:
         cache_dir = root / "eval-cache"
         start = time.perf_counter()
         for i, (setting, seed) in enumerate(runs):
-            run = run_folder(root, setting, args.steps, seed)
+            run = run_folder(root, setting, args.steps, seed, args.set)
             record = train_run(config, run, setting, args.steps, seed, args.set)
             metrics = evaluate_run(
                 run, record, args.clips, args.sample_steps, args.steps, cache_dir
