@@ -232,12 +232,17 @@ def _no_gate(like: torch.Tensor) -> np.ndarray:
     return np.zeros((1, 1, 0), dtype=_np(like).dtype)
 
 
-def _step_size(delta, delta_bias, softplus):
-    """delta + delta_bias, through softplus when asked: vectorised by torch, once per element, on
-    a contiguous copy (torch's vectorised and scalar paths may differ in the last bit, and which
-    elements take which path depends on the strides; the kernels also read it faster)."""
-    v = delta.contiguous() if delta_bias is None else delta + delta_bias[:, None]
-    return F.softplus(v.contiguous()) if softplus else v
+def _biased(delta, delta_bias):
+    """delta + delta_bias as a contiguous tensor: torch's vectorised and scalar paths may differ
+    in the last bit, and which elements take which path depends on the strides (the kernels also
+    read it faster)."""
+    return (delta if delta_bias is None else delta + delta_bias[:, None]).contiguous()
+
+
+def _step_size(v, softplus):
+    """The step size from v = delta + delta_bias: softplus(v) when asked, vectorised by torch
+    once per element."""
+    return F.softplus(v) if softplus else v
 
 
 def scan_forward(
@@ -251,7 +256,8 @@ def scan_forward(
     groups = max(1, min(threads.follow_torch(), batch * dim))  # one channel range per thread
     y = torch.empty(u.shape, dtype=u.dtype)
     h_last = torch.empty_like(h0)
-    dt = _step_size(delta, delta_bias, softplus)
+    v = _biased(delta, delta_bias)
+    dt = _step_size(v, softplus)
     gate = _np(F.silu(z.contiguous())) if z is not None else _no_gate(u)  # as for delta
     _scan_forward(
         _np(u),
@@ -281,10 +287,9 @@ def _summed(part, like):
     return part.sum(0).transpose(2, 3).reshape(like.shape)
 
 
-def _softplus_grad(delta, delta_bias):
-    """d softplus(v) / dv at v = delta + delta_bias: sigmoid(v), and 1 above F.softplus's
-    threshold of 20, where softplus is the identity."""
-    v = (delta if delta_bias is None else delta + delta_bias[:, None]).contiguous()
+def _softplus_grad(v):
+    """d softplus(v) / dv: sigmoid(v), and 1 above F.softplus's threshold of 20, where softplus
+    is the identity."""
     return torch.where(v > 20.0, torch.ones_like(v), torch.sigmoid(v))
 
 
@@ -315,7 +320,8 @@ def scan_backward(
     dD_part = torch.empty(batch, dim, dtype=u.dtype)
     dB_part, dC_part = _partials(B, groups, u.dtype), _partials(C, groups, u.dtype)
     dh0 = torch.empty_like(h0)
-    dt = _step_size(delta, delta_bias, softplus)
+    v = _biased(delta, delta_bias)
+    dt = _step_size(v, softplus)
     if z is not None:
         z = z.contiguous()
         sig = torch.sigmoid(z)
@@ -345,7 +351,7 @@ def scan_backward(
         dh0.numpy(),
     )
     if softplus:
-        ddelta = ddelta * _softplus_grad(delta, delta_bias)
+        ddelta = ddelta * _softplus_grad(v)
     return (
         du,
         ddelta,
