@@ -61,3 +61,21 @@ def test_shared_cpu_makes_waiting_threads_passive_and_keeps_the_user_s_choice():
     assert wait_policy_after_import() is None  # alone, spinning briefly is twice as fast
     assert wait_policy_after_import(MATTEN_SHARED_CPU="1") == "PASSIVE"
     assert wait_policy_after_import(MATTEN_SHARED_CPU="1", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+
+
+def test_starting_the_kernels_pool_keeps_the_users_torch_thread_count():
+    """numba's OpenMP pool shares libgomp with torch; starting it used to reset torch to
+    NUMBA_NUM_THREADS threads, so OMP_NUM_THREADS=1 ran on every core after the first kernel."""
+    code = (
+        "import torch, numba\n"
+        "from matten.ssm import selective_scan\n"
+        "u = torch.randn(2, 4, 9)\n"
+        "selective_scan(u, u.abs(), -torch.ones(4, 3), torch.randn(2, 3, 9),"
+        " torch.randn(2, 3, 9), backend='cpu')\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+    ).stdout.split()
+    assert out == ["1", "1"]

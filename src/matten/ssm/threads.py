@@ -13,6 +13,11 @@ fighting over the cores:
   for milliseconds, so waking sleeping threads costs nothing that shows, while torch's own pool
   keeps its default (its ops are many and short). A policy the user set (``OMP_WAIT_POLICY``)
   applies to both pools, as before.
+
+numba's pool and torch's share one libgomp in the same process (the soname is loaded once), and
+starting numba's pool sets that runtime's thread count to ``NUMBA_NUM_THREADS``: a process told
+``OMP_NUM_THREADS=1`` would run torch on every core after its first kernel. Starting the pool
+therefore puts torch's count back as it was.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def _start_pool() -> None:
         if _pool_started:
             return
         chosen = "OMP_WAIT_POLICY" in os.environ
+        torch_threads = torch.get_num_threads()
         if not chosen:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         try:
@@ -47,6 +53,8 @@ def _start_pool() -> None:
         finally:
             if not chosen:
                 os.environ.pop("OMP_WAIT_POLICY", None)
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
         _pool_started = True
 
 
