@@ -141,6 +141,7 @@ def drift(
         diffusion_steps=loaded.diffusion_steps,
         learn_sigma=loaded.learn_sigma,
         prediction=loaded.prediction,
+        schedule=loaded.schedule,
     )
     parts = [frame_stats(video[:, :, :context])]
     start = time.perf_counter()

@@ -51,7 +51,9 @@ def child(seconds: float) -> None:
             num_frames=cfg.data.num_frames,
         )
     )
-    diffusion = create_diffusion(prediction=cfg.diffusion.prediction)
+    diffusion = create_diffusion(
+        prediction=cfg.diffusion.prediction, schedule=cfg.diffusion.schedule
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     g = torch.Generator().manual_seed(0)
     batch, frames, res = cfg.train.batch_size, cfg.data.num_frames, cfg.data.resolution

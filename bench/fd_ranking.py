@@ -53,6 +53,7 @@ def sampled_clips(model, loaded, n, batch, seed) -> np.ndarray:
             learn_sigma=loaded.learn_sigma,
             diffusion_steps=loaded.diffusion_steps,
             prediction=loaded.prediction,
+            schedule=loaded.schedule,
         )
         out.append(video_to_uint8(videos))
     return np.concatenate(out)

@@ -163,6 +163,7 @@ def evaluate(
         diffusion_steps=loaded.diffusion_steps,
         learn_sigma=loaded.learn_sigma,
         prediction=loaded.prediction,
+        schedule=loaded.schedule,
     )
     errors, videos = {}, {}
     for mode in ("teacher-forced", "free-running"):

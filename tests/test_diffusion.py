@@ -13,6 +13,7 @@ from scipy.stats import norm
 from matten.diffusion import (
     GaussianDiffusion,
     SpacedDiffusion,
+    beta_schedule,
     classifier_free_guidance,
     create_diffusion,
     forcing_timesteps,
@@ -600,3 +601,65 @@ def test_velocity_prediction_survives_respacing():
         t,
     )
     torch.testing.assert_close(out["pred_xstart"], x0, rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- cosine, Min-SNR
+
+
+def test_cosine_schedule_follows_the_squared_cosine():
+    """IDDPM's cosine schedule: abar(t) = f(t + 1) / f(0), f(t) = cos((t/T + s)/(1 + s) pi/2)^2,
+    computed here directly (not as a product of betas), wherever the 0.999 cap does not bind."""
+    d = create_diffusion(schedule="cosine")
+    s = 0.008
+    f = np.cos((np.arange(T + 1) / T + s) / (1 + s) * np.pi / 2) ** 2
+    abar = f[1:] / f[0]
+    capped = np.flatnonzero(d.betas >= 0.999)
+    assert list(capped) == [T - 1]  # only the last step is capped
+    np.testing.assert_allclose(d.alphas_cumprod[:-1], abar[:-1], rtol=1e-10)
+    # noise comes more slowly than in the linear schedule: abar is larger at the midpoint
+    assert d.alphas_cumprod[T // 2] > 0.45 > GaussianDiffusion().alphas_cumprod[T // 2]
+    np.testing.assert_array_equal(beta_schedule("linear", T), GaussianDiffusion().betas)
+    with pytest.raises(ValueError, match="schedule"):
+        create_diffusion(schedule="quadratic")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "velocity"])
+def test_min_snr_weights_each_noise_level_as_hang_et_al(prediction):
+    """L_simple with Min-SNR-5 equals the uniform L_simple times min(SNR, 5) / SNR (eps) or
+    min(SNR, 5) / (SNR + 1) (velocity), SNR = abar / (1 - abar) of each sample's (and, under
+    forcing, each frame's) level; the variance term is unchanged."""
+    ref = reference_schedule()
+    uniform = GaussianDiffusion(prediction=prediction)
+    weighted = GaussianDiffusion(prediction=prediction, loss_weighting="min_snr")
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.rand(4, 3, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    for t in (
+        torch.tensor([0, 30, 300, 999]),
+        torch.tensor([[5, 900], [999, 0], [1, 2], [60, 61]]),
+    ):
+        a = uniform.training_losses(zero_variance_model, x0, t, noise=noise)
+        b = weighted.training_losses(zero_variance_model, x0, t, noise=noise)
+        snr = ref["abar"][t.numpy()] / (1 - ref["abar"][t.numpy()])
+        w = np.minimum(snr, 5.0) / (snr + 1 if prediction == "velocity" else snr)
+        if t.dim() == 1:
+            expected = a["mse"].numpy() * w
+        else:  # one level per frame: each frame's mean error weighted by its own level
+            x_t = uniform.q_sample(x0, t, noise=noise)
+            out = zero_variance_model(x_t, t)[:, :3]
+            target = (
+                noise
+                if prediction == "eps"
+                else (
+                    torch.from_numpy(ref["abar"][t.numpy()]).sqrt().view(4, 1, 2, 1, 1) * noise
+                    - torch.from_numpy(1 - ref["abar"][t.numpy()]).sqrt().view(4, 1, 2, 1, 1) * x0
+                )
+            )
+            per_frame = ((target - out) ** 2).mean(dim=(1, 3, 4)).numpy()
+            expected = (per_frame * w).mean(1)
+        np.testing.assert_allclose(b["mse"].numpy(), expected, rtol=1e-10)
+        torch.testing.assert_close(b["vb"], a["vb"])
+    with pytest.raises(ValueError, match="loss_weighting"):
+        GaussianDiffusion(loss_weighting="snr")
+    respaced = create_diffusion("10", loss_weighting="min_snr", min_snr_gamma=2.0)
+    assert respaced.loss_weighting == "min_snr" and respaced.min_snr_gamma == 2.0

@@ -572,3 +572,34 @@ def test_causal_model_trains_with_a_noise_level_per_frame(tmp_path, monkeypatch)
         loaded.model.state_dict().values(), result.ema.state_dict().values(), strict=True
     ):
         assert torch.equal(a.cpu(), b.cpu())
+
+
+def test_a_cosine_schedule_run_samples_with_the_cosine_schedule(tmp_path):
+    """The schedule is recorded in the checkpoint and sampling reads it: the pipeline's frames
+    equal sample_latents with the cosine chain and differ from the linear chain's."""
+    from matten.pipelines import MattenPipeline
+    from matten.pipelines.clip import sample_latents
+
+    run = tmp_path / "run"
+    train(
+        tiny_config(
+            "train.max_steps=2", "diffusion.schedule=cosine", "diffusion.loss_weighting=min_snr"
+        ),
+        output=run,
+        progress=False,
+    )
+    pipe = MattenPipeline.from_pretrained(run)
+    assert pipe.loaded.schedule == "cosine"
+    videos = pipe(2, [0, 1], steps=3, seed=1, cfg_scale=1.0)
+    shape = (2, 3, pipe.loaded.num_frames, *pipe.loaded.latent_size)
+    kwargs = dict(
+        labels=torch.tensor([0, 1]),
+        steps=3,
+        seed=1,
+        learn_sigma=pipe.loaded.learn_sigma,
+        prediction=pipe.loaded.prediction,
+    )
+    cosine = sample_latents(pipe.loaded.model, shape, schedule="cosine", **kwargs)
+    linear = sample_latents(pipe.loaded.model, shape, schedule="linear", **kwargs)
+    torch.testing.assert_close(videos, cosine.clamp(-1, 1), rtol=0, atol=1e-5)
+    assert (cosine - linear).abs().max() > 1e-3

@@ -64,6 +64,12 @@ class LoadedModel:
         return str(self.meta.get("prediction", "eps"))
 
     @property
+    def schedule(self) -> str:
+        """The noise schedule the model was trained on ("linear" for checkpoints older than the
+        option)."""
+        return str(self.meta.get("schedule", "linear"))
+
+    @property
     def step(self) -> int:
         return int(self.meta["step"])
 

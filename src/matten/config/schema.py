@@ -90,6 +90,9 @@ class DiffusionConfig:
     steps: int = 1000  # diffusion steps of the training chain
     timestep_respacing: str = ""  # training respacing ("" keeps all steps)
     prediction: str = "eps"  # what the model predicts: "eps" (the paper) or "velocity"
+    schedule: str = "linear"  # noise schedule: "linear" (the paper) or "cosine" (IDDPM)
+    loss_weighting: str = "uniform"  # L_simple per noise level: "uniform" or "min_snr"
+    min_snr_gamma: float = 5.0  # "min_snr": the SNR at which the weight stops growing
     forcing: bool = False  # diffusion forcing: an independent noise level per frame
     history_prob: float = 0.0  # forcing: chance a clip's first frames are clean history (no loss)
     context_noise: float = 0.0  # forcing: history frames get a level up to this fraction of

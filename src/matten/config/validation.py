@@ -4,7 +4,14 @@ again here)."""
 
 from __future__ import annotations
 
-from ..diffusion import PREDICTIONS, SAMPLERS, check_cfg_scale, check_eta
+from ..diffusion import (
+    LOSS_WEIGHTINGS,
+    PREDICTIONS,
+    SAMPLERS,
+    SCHEDULES,
+    check_cfg_scale,
+    check_eta,
+)
 from ..models import CAUSAL_NAME, CONDITIONING_MODES, LAYOUTS, MEMORY_KINDS, WINDOW_KINDS
 
 __all__ = ["ConfigError", "validate", "MIXED_PRECISIONS"]
@@ -109,6 +116,10 @@ def validate(cfg) -> None:
     if cfg.autoencoder.frame_batch_size < 1:
         problems.append("autoencoder.frame_batch_size must be >= 1")
     problems += _one_of("diffusion.prediction", cfg.diffusion.prediction, PREDICTIONS)
+    problems += _one_of("diffusion.schedule", cfg.diffusion.schedule, SCHEDULES)
+    problems += _one_of("diffusion.loss_weighting", cfg.diffusion.loss_weighting, LOSS_WEIGHTINGS)
+    if not cfg.diffusion.min_snr_gamma > 0:
+        problems.append("diffusion.min_snr_gamma must be > 0")
     if not 0.0 <= cfg.diffusion.history_prob <= 1.0:
         problems.append("diffusion.history_prob must be in [0, 1]")
     if cfg.diffusion.history_prob > 0 and not cfg.diffusion.forcing:

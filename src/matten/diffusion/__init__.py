@@ -7,10 +7,14 @@ from collections.abc import Sequence
 
 from .forcing import forcing_timesteps
 from .gaussian_diffusion import (
+    LOSS_WEIGHTINGS,
     PREDICTIONS,
     SAMPLERS,
+    SCHEDULES,
     GaussianDiffusion,
+    beta_schedule,
     check_eta,
+    cosine_beta_schedule,
     linear_beta_schedule,
 )
 from .guidance import check_cfg_scale, classifier_free_guidance
@@ -23,8 +27,12 @@ __all__ = [
     "classifier_free_guidance",
     "create_diffusion",
     "linear_beta_schedule",
+    "cosine_beta_schedule",
+    "beta_schedule",
     "forcing_timesteps",
     "PREDICTIONS",
+    "SCHEDULES",
+    "LOSS_WEIGHTINGS",
     "SAMPLERS",
     "check_eta",
     "check_cfg_scale",
@@ -36,11 +44,15 @@ def create_diffusion(
     diffusion_steps: int = 1000,
     learn_sigma: bool = True,
     prediction: str = "eps",
+    schedule: str = "linear",
+    loss_weighting: str = "uniform",
+    min_snr_gamma: float = 5.0,
 ) -> SpacedDiffusion:
-    """A linear-schedule diffusion of ``diffusion_steps`` steps, respaced by
-    ``timestep_respacing`` (see :func:`space_timesteps`; "" or None keeps every step). Train with
-    the default, sample with e.g. "250" or "ddim50". ``prediction``: "eps" or "velocity"."""
-    betas = linear_beta_schedule(diffusion_steps)
+    """A diffusion of ``diffusion_steps`` steps of the named noise ``schedule`` ("linear" or
+    "cosine"), respaced by ``timestep_respacing`` (see :func:`space_timesteps`; "" or None keeps
+    every step). Train with the default, sample with e.g. "250" or "ddim50". ``prediction``: "eps"
+    or "velocity"; ``loss_weighting`` ("uniform" or "min_snr") only changes training."""
+    betas = beta_schedule(schedule, diffusion_steps)
     if timestep_respacing is None or timestep_respacing == "":
         timestep_respacing = [diffusion_steps]
     return SpacedDiffusion(
@@ -48,4 +60,6 @@ def create_diffusion(
         betas,
         learn_sigma=learn_sigma,
         prediction=prediction,
+        loss_weighting=loss_weighting,
+        min_snr_gamma=min_snr_gamma,
     )

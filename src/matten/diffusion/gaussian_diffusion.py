@@ -10,7 +10,7 @@ variance to the interpolation between log beta-tilde_t (v = -1) and log beta_t (
 ``learn_sigma=False`` it returns eps only and the variance is fixed to beta_t ("fixed large").
 
 The training loss is IDDPM's hybrid objective L_simple + L_vlb, where the L_vlb term sees a detached
-eps so it trains only the variance.
+eps so it trains only the variance. L_simple's terms may be weighted by noise level (Min-SNR-gamma).
 """
 
 from __future__ import annotations
@@ -26,19 +26,47 @@ from .sampling_loops import Model, SamplingLoops, check_eta
 
 PREDICTIONS = ("eps", "velocity")
 SAMPLERS = ("ddpm", "ddim")  # ancestral steps with the learned variance, or DDIM steps
+SCHEDULES = ("linear", "cosine")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
 def linear_beta_schedule(num_timesteps: int) -> np.ndarray:
     """IDDPM's "linear" schedule: betas from 1e-4 to 0.02 for 1000 steps, both ends scaled by
     1000 / num_timesteps so that other step counts cover the same noise range. Float64."""
+    _check_num_timesteps(num_timesteps)
+    scale = 1000.0 / num_timesteps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def cosine_beta_schedule(num_timesteps: int, s: float = 0.008) -> np.ndarray:
+    """IDDPM's "cosine" schedule: abar(t) = cos((t / T + s) / (1 + s) * pi / 2)^2, betas capped at
+    0.999. Noise rises more slowly than in the linear schedule, so fewer of the steps sit at levels
+    where a small frame is already pure noise (IDDPM Sec. 3.2). Float64."""
+    _check_num_timesteps(num_timesteps)
+
+    def alpha_bar(i):
+        return np.cos((i / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+
+    steps = np.arange(num_timesteps, dtype=np.float64)
+    return np.minimum(1.0 - alpha_bar(steps + 1) / alpha_bar(steps), 0.999)
+
+
+def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
+    """The named noise schedule (:data:`SCHEDULES`) of ``num_timesteps`` steps."""
+    if name == "linear":
+        return linear_beta_schedule(num_timesteps)
+    if name == "cosine":
+        return cosine_beta_schedule(num_timesteps)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+
+
+def _check_num_timesteps(num_timesteps) -> None:
     if (
         isinstance(num_timesteps, bool)
         or not isinstance(num_timesteps, (int, np.integer))
         or num_timesteps < 1
     ):
         raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
-    scale = 1000.0 / num_timesteps
-    return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
 def mean_flat(x: torch.Tensor, frame_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,6 +109,12 @@ class GaussianDiffusion(SamplingLoops):
             (Salimans & Ho 2022, as Imagen Video uses). Velocity keeps x_0 well determined at high
             noise, where an eps error is multiplied by sqrt(1/abar - 1) (157 at t = 999), so
             small models learn the global layout of a clip in far fewer steps.
+        loss_weighting: ``"uniform"`` (L_simple as is) or ``"min_snr"``: each noise level's term
+            weighted so that it counts as an x_0 error of weight min(SNR, gamma) (Hang et al. 2023,
+            "Efficient Diffusion Training via Min-SNR Weighting"): low-noise levels, which are easy
+            and dominate an eps or velocity loss's gradients, are damped; for velocity the weight
+            is min(SNR, gamma) / (SNR + 1), for eps min(SNR, gamma) / SNR.
+        min_snr_gamma: gamma of ``"min_snr"`` (5 in the paper).
     """
 
     def __init__(
@@ -89,9 +123,17 @@ class GaussianDiffusion(SamplingLoops):
         *,
         learn_sigma: bool = True,
         prediction: str = "eps",
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
     ):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(
+                f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}"
+            )
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma!r}")
         self.prediction = prediction
         betas = linear_beta_schedule(1000) if betas is None else np.asarray(betas, np.float64)
         if betas.ndim != 1 or betas.size == 0:
@@ -126,6 +168,17 @@ class GaussianDiffusion(SamplingLoops):
         # "Fixed large" variance for models without a variance output: beta_t, but beta-tilde_1 at
         # t = 0 so the decoder's variance is not needlessly wide.
         self.fixed_log_variance = np.log(np.append(floor, betas[1:]))
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
+        self.mse_weights = self._mse_weights()
+
+    def _mse_weights(self) -> np.ndarray:
+        """Per-timestep weights of L_simple's terms (all 1 for ``"uniform"``)."""
+        if self.loss_weighting == "uniform":
+            return np.ones(self.num_timesteps)
+        snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        clipped = np.minimum(snr, self.min_snr_gamma)
+        return clipped / (snr + 1.0) if self.prediction == "velocity" else clipped / snr
 
     # ------------------------------------------------------------------ schedule look-ups
 
@@ -336,7 +389,10 @@ class GaussianDiffusion(SamplingLoops):
             )
         else:
             target = noise
-        terms = {"mse": mean_flat((target - pred) ** 2, frame_weight)}
+        squared = (target - pred) ** 2
+        if self.loss_weighting != "uniform":
+            squared = squared * self._extract(self.mse_weights, t, x_start)
+        terms = {"mse": mean_flat(squared, frame_weight)}
         if v is None:
             terms["loss"] = terms["mse"]
             return terms

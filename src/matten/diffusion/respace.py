@@ -102,6 +102,8 @@ class SpacedDiffusion(GaussianDiffusion):
         *,
         learn_sigma: bool = True,
         prediction: str = "eps",
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
     ):
         base = GaussianDiffusion(betas, learn_sigma=learn_sigma, prediction=prediction)
         kept = sorted({int(s) for s in use_timesteps})
@@ -114,7 +116,11 @@ class SpacedDiffusion(GaussianDiffusion):
             )
         abar = base.alphas_cumprod[kept]
         super().__init__(
-            1.0 - abar / np.append(1.0, abar[:-1]), learn_sigma=learn_sigma, prediction=prediction
+            1.0 - abar / np.append(1.0, abar[:-1]),
+            learn_sigma=learn_sigma,
+            prediction=prediction,
+            loss_weighting=loss_weighting,
+            min_snr_gamma=min_snr_gamma,
         )
         self.use_timesteps = set(kept)
         self.timestep_map = np.array(kept, dtype=np.int64)

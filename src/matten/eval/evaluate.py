@@ -162,6 +162,7 @@ def _sample_shard(
         learn_sigma=loaded.learn_sigma,
         diffusion_steps=loaded.diffusion_steps,
         prediction=loaded.prediction,
+        schedule=loaded.schedule,
         device=device,
     )
     return video_to_uint8(videos), labels

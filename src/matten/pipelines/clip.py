@@ -44,6 +44,7 @@ def sample_latents(
     learn_sigma: bool = True,
     diffusion_steps: int = 1000,
     prediction: str = "eps",
+    schedule: str = "linear",
     device=None,
     progress: bool = False,
     noise: torch.Tensor | None = None,
@@ -70,7 +71,11 @@ def sample_latents(
     if noise is None:
         noise = torch.randn(tuple(shape), generator=generator, device=device)
     diffusion = sampling_diffusion(
-        steps, diffusion_steps=diffusion_steps, learn_sigma=learn_sigma, prediction=prediction
+        steps,
+        diffusion_steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        prediction=prediction,
+        schedule=schedule,
     )
     net: Callable[..., torch.Tensor] = model
     if labels is not None and cfg_scale != 1.0:
@@ -210,6 +215,7 @@ class MattenPipeline:
             learn_sigma=loaded.learn_sigma,
             diffusion_steps=loaded.diffusion_steps,
             prediction=loaded.prediction,
+            schedule=loaded.schedule,
             actions=actions,
             device=self.device,
             progress=progress,

@@ -147,6 +147,7 @@ class LongVideoPipeline(MattenPipeline):
                 diffusion_steps=loaded.diffusion_steps,
                 learn_sigma=loaded.learn_sigma,
                 prediction=loaded.prediction,
+                schedule=loaded.schedule,
             ),
             batch=num_videos,
             y=labels,

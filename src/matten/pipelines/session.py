@@ -262,6 +262,7 @@ class StreamingSession:
                 diffusion_steps=loaded.diffusion_steps,
                 learn_sigma=loaded.learn_sigma,
                 prediction=loaded.prediction,
+                schedule=loaded.schedule,
             )
         number = self.frame
         latent, self.state = sample_chunk(

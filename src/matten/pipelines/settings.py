@@ -53,10 +53,22 @@ def check_sampling(
     return steps
 
 
-def sampling_diffusion(steps: int, *, diffusion_steps: int, learn_sigma: bool, prediction: str):
-    """The training chain respaced to ``steps`` evenly spaced steps."""
+def sampling_diffusion(
+    steps: int,
+    *,
+    diffusion_steps: int,
+    learn_sigma: bool,
+    prediction: str,
+    schedule: str = "linear",
+):
+    """The training chain (``diffusion_steps`` of ``schedule``) respaced to ``steps`` evenly
+    spaced steps."""
     return create_diffusion(
-        str(steps), diffusion_steps=diffusion_steps, learn_sigma=learn_sigma, prediction=prediction
+        str(steps),
+        diffusion_steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        prediction=prediction,
+        schedule=schedule,
     )
 
 

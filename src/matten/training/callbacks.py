@@ -184,6 +184,7 @@ class Previews:
                 learn_sigma=run.cfg.model.learn_sigma,
                 diffusion_steps=run.cfg.diffusion.steps,
                 prediction=run.cfg.diffusion.prediction,
+                schedule=run.cfg.diffusion.schedule,
                 device=run.device,
                 actions=actions,
             )

@@ -40,7 +40,13 @@ MODEL_KEYS = (
 ADDED_LATER = {"window_kind": "same_position", "malt_slots": 16, "malt_segment": 4}
 # Settings whose change on resume would change what the trained weights mean (the model's output
 # is read as another quantity, or its inputs live in another space): refused.
-MEANING_KEYS = ("diffusion.prediction", "diffusion.steps", "model.learn_sigma", "autoencoder.kind")
+MEANING_KEYS = (
+    "diffusion.prediction",
+    "diffusion.steps",
+    "diffusion.schedule",
+    "model.learn_sigma",
+    "autoencoder.kind",
+)
 # Settings that are expected to change on resume: not worth a warning.
 RESUME_FREE_KEYS = ("train.max_steps", "train.output")
 

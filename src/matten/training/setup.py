@@ -129,6 +129,9 @@ def build_run(cfg: RunConfig, output: Path, checkpoint: Checkpoint | None) -> Ru
         cfg.diffusion.steps,
         learn_sigma=cfg.model.learn_sigma,
         prediction=cfg.diffusion.prediction,
+        schedule=cfg.diffusion.schedule,
+        loss_weighting=cfg.diffusion.loss_weighting,
+        min_snr_gamma=cfg.diffusion.min_snr_gamma,
     )
     meta = checkpoint_meta(
         cfg,
@@ -249,6 +252,7 @@ def checkpoint_meta(cfg: RunConfig, model, autoencoder, latent_hw, class_names) 
         "class_names": class_names,
         "diffusion_steps": cfg.diffusion.steps,
         "prediction": cfg.diffusion.prediction,
+        "schedule": cfg.diffusion.schedule,
         "latent": {
             "channels": autoencoder.latent_channels,
             "size": list(latent_hw),
