@@ -1,0 +1,236 @@
+"""Does steering steer? Holding an action in a live stream should move the generated view the way
+the same action moves the real camera.
+
+A :class:`matten.pipelines.StreamingSession` (what ``matten play`` runs per tab) continues a
+few real frames of the training set, then each action is held for ``--frames`` frames in turn
+(by default right, left, down, up). The shift between consecutive frames is measured by phase
+correlation (the peak of the normalised cross-power spectrum, Hann-windowed, to the pixel), and
+compared with the same measurement on real clips of the training set, per action: the mean
+shift (dx, dy) and the share of transitions whose shift points the way the real camera's does.
+
+    python bench/steering.py --checkpoint runs/long
+    python bench/steering.py --checkpoint runs/long --figure docs/steering.png \
+        --screenshot docs/play.png
+
+``--figure`` writes the generated frames, a row per held action; ``--screenshot`` the page of
+``matten play`` in headless Chromium (chromium, chromium-driver and selenium) while "right" is
+held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import print_table  # noqa: E402
+
+from matten.data import make_grid, upscale_frames  # noqa: E402
+from matten.pipelines import LongVideoPipeline, StreamingSession  # noqa: E402
+
+HELD = ("right", "left", "down", "up")
+
+
+def phase_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """The integer (dx, dy) by which the content of frame ``a`` moved to give frame ``b``
+    (grey, float), by phase correlation; a content shift of +dx means it moved right."""
+    window = np.outer(np.hanning(a.shape[0]), np.hanning(a.shape[1]))
+    fa, fb = np.fft.fft2((a - a.mean()) * window), np.fft.fft2((b - b.mean()) * window)
+    cross = fb * np.conj(fa)
+    surface = np.fft.ifft2(cross / np.maximum(np.abs(cross), 1e-12)).real
+    dy, dx = np.unravel_index(np.argmax(surface), surface.shape)
+    h, w = surface.shape
+    return int(dx - w if dx > w // 2 else dx), int(dy - h if dy > h // 2 else dy)
+
+
+def grey(frame: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> float (H, W)."""
+    return frame.astype(np.float64).mean(-1)
+
+
+def real_shifts(
+    dataset, names: tuple[str, ...], held: tuple[str, ...], clips: int
+) -> dict[str, list[tuple[int, int]]]:
+    """Per action of ``held``, the shifts of the real transitions made with it (``names``: the
+    dataset's action vocabulary)."""
+    out: dict[str, list[tuple[int, int]]] = {n: [] for n in held}
+    for i in range(min(clips, len(dataset))):
+        item = dataset[i]
+        frames = ((item["video"].permute(1, 2, 3, 0).numpy() + 1) * 127.5).clip(0, 255)
+        for t in range(1, frames.shape[0]):
+            name = names[int(item["actions"][t])]
+            if name in out:
+                out[name].append(phase_shift(grey(frames[t - 1]), grey(frames[t])))
+    return out
+
+
+def expected_direction(shifts: list[tuple[int, int]]) -> np.ndarray:
+    """The direction (dx, dy) of the real content shift for one action: the sign on the axis
+    it moves along, 0 on the other."""
+    mean = np.mean(np.asarray(shifts, dtype=np.float64), axis=0)
+    direction = np.zeros(2, dtype=int)
+    axis = int(np.argmax(np.abs(mean)))
+    direction[axis] = int(np.sign(mean[axis]))
+    return direction
+
+
+def agreement(shifts: list[tuple[int, int]], direction: np.ndarray) -> float:
+    """Share of transitions whose shift has the expected sign on the moving axis."""
+    axis = int(np.argmax(np.abs(direction)))
+    values = np.asarray(shifts)[:, axis]
+    return float(np.mean(np.sign(values) == direction[axis]))
+
+
+def steer(pipe, context, seed: int, steps: int, frames: int, held: tuple[str, ...]):
+    """Frames generated while each action of ``held`` is held for ``frames`` frames in turn
+    -> {action: uint8 (frames + 1, H, W, 3)}, the first being the frame before it began."""
+    session = StreamingSession.start(pipe, seed=seed, steps=steps, context=context)
+    last = ((context[:, -1].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    out = {}
+    for name in held:
+        run = [last]
+        for _ in range(frames):
+            frame, meta = session.step(action=name)
+            assert meta["action_name"] == name
+            run.append(frame)
+        out[name] = np.stack(run)
+        last = run[-1]
+    return out
+
+
+def screenshot(checkpoint: str, path: str, steps: int, hold_seconds: float) -> None:
+    """The page of ``matten play`` in headless Chromium after holding "right"."""
+    import uvicorn
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from matten.play import create_app
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        raise SystemExit("--screenshot needs chromium and chromedriver")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tempfile.mkdtemp()
+    app = create_app(LongVideoPipeline.from_pretrained(checkpoint), out, steps=steps)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(
+        options=options, service=webdriver.ChromeService(executable_path=driver_path)
+    )
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        text = lambda id_: driver.find_element(By.ID, id_).text  # noqa: E731
+        WebDriverWait(driver, 120).until(lambda _: text("status").startswith("live"))
+        body = driver.find_element(By.TAG_NAME, "body")
+        webdriver.ActionChains(driver).key_down(Keys.ARROW_RIGHT, body).perform()
+        time.sleep(hold_seconds)
+        driver.save_screenshot(path)
+        webdriver.ActionChains(driver).key_up(Keys.ARROW_RIGHT, body).perform()
+        print(f"wrote {path} (fps {text('fps')}, p50 {text('p50')} ms, frames {text('frames')})")
+    finally:
+        driver.quit()
+        server.should_exit = True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a trained --config long run")
+    parser.add_argument("--frames", type=int, default=12, help="frames each action is held")
+    parser.add_argument("--seeds", type=int, default=4, help="streams (each its own real start)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: play's)")
+    parser.add_argument("--context", type=int, default=4, help="real frames a stream continues")
+    parser.add_argument("--real-clips", type=int, default=64, help="real clips for the reference")
+    parser.add_argument("--figure", help="PNG of the generated frames, a row per held action")
+    parser.add_argument("--screenshot", help="PNG of matten play's page with right held")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    pipe = LongVideoPipeline.from_pretrained(args.checkpoint)
+    names = tuple(pipe.loaded.action_names)
+    for name in HELD:
+        if name not in names:
+            raise SystemExit(f"the model has no action {name!r} (its actions: {names})")
+    from matten.config import config_from_dict
+    from matten.data import dataset_from_config
+
+    data = config_from_dict(pipe.loaded.run_config).data
+    dataset = dataset_from_config(data)
+    real = real_shifts(dataset, names, HELD, args.real_clips)
+    steps = args.steps if args.steps is not None else 4  # matten play's default
+    generated: dict[str, list[tuple[int, int]]] = {n: [] for n in HELD}
+    strips = []
+    for seed in range(args.seeds):
+        context = dataset[seed]["video"][:, : args.context]  # (3, n, H, W) in [-1, 1]
+        runs = steer(pipe, context, seed, steps, args.frames, HELD)
+        for name, frames in runs.items():
+            generated[name] += [
+                phase_shift(grey(frames[t - 1]), grey(frames[t])) for t in range(1, len(frames))
+            ]
+        if seed == 0:
+            strips = [runs[n][1:] for n in HELD]
+    rows = []
+    verdicts = []
+    for name in HELD:
+        direction = expected_direction(real[name])
+        g = np.asarray(generated[name], dtype=np.float64)
+        r = np.asarray(real[name], dtype=np.float64)
+        share = agreement(generated[name], direction)
+        rows.append(
+            [
+                name,
+                f"({direction[0]:+d}, {direction[1]:+d})",
+                f"({r[:, 0].mean():+.2f}, {r[:, 1].mean():+.2f})",
+                f"{agreement(real[name], direction):.0%}",
+                f"({g[:, 0].mean():+.2f}, {g[:, 1].mean():+.2f})",
+                f"{share:.0%}",
+                len(g),
+            ]
+        )
+        verdicts.append((name, share))
+    print(
+        f"{args.checkpoint}: {args.seeds} streams x {len(HELD)} actions x {args.frames} frames, "
+        f"DDIM {steps}, each from {args.context} real frames; shifts by phase correlation"
+    )
+    print_table(
+        [
+            "held",
+            "real direction",
+            "real mean shift",
+            "real agree",
+            "generated mean shift",
+            "generated agree",
+            "transitions",
+        ],
+        rows,
+    )
+    print("steering: " + ", ".join(f"{n} {s:.0%} the real way" for n, s in verdicts))
+    if args.figure:
+        grid = make_grid(upscale_frames(np.stack(strips), 64))
+        from PIL import Image
+
+        Image.fromarray(grid).save(args.figure)
+        print(f"wrote {args.figure}")
+    if args.screenshot:
+        screenshot(args.checkpoint, args.screenshot, steps, hold_seconds=6.0)
+
+
+if __name__ == "__main__":
+    main()
