@@ -4,10 +4,9 @@ settings on the best of them, scored with the project's offline metrics.
 Each candidate trains the demo config (``--config``, default ``demo``) with a few overrides for
 the config's own step count, into ``OUTPUT/<candidate>``, and is evaluated like ``matten eval``
 (FD, KID with its standard error, precision/recall in the motion net v2's features, against the
-run's training data), sampling as ``matten sample`` does (the config's sampler, steps and guidance
-scale). Then the best candidate (lowest KID) is sampled again with other guidance scales and
-DDIM step counts. Training time is printed per candidate, so recipes that cost more per step show
-it.
+run's training data), sampled with DDIM at the config's steps and guidance scale. Then the best
+candidate (lowest KID) is sampled again with other guidance scales and DDIM step counts.
+Training time is printed per candidate, so recipes that cost more per step show it.
 
     python bench/demo_tuning.py --output runs/demo-tuning            # ~1 h on 2 CPU cores
     python bench/demo_tuning.py --output runs/demo-tuning --candidates linear,cosine+min_snr
@@ -19,6 +18,7 @@ Resumable: a candidate's run resumes where it stopped, and every evaluation is k
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +56,14 @@ def write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def run_folder(root: Path, name: str, extra: list[str]) -> Path:
+    """Where a candidate lives; ``--set`` options get a folder of their own (a short hash), so
+    a run trained with other options is never taken for this one."""
+    if not extra:
+        return root / name
+    return root / f"{name}-{hashlib.sha256(chr(10).join(extra).encode()).hexdigest()[:8]}"
+
+
 def train_candidate(config: str, run: Path, overrides: list[str]) -> dict:
     """Train (or finish) one candidate; returns its record with the training seconds."""
     from matten.training import train
@@ -88,7 +96,7 @@ def evaluate_candidate(
     the real clips' statistics are cached once for all candidates (``OUTPUT/cache``)."""
     from matten.eval.evaluate import EvalSettings, evaluate
 
-    key = f"clips{clips}-ddim{steps or 'run'}-cfg{cfg_scale or 'run'}"
+    key = f"step{record['trained_steps']}-clips{clips}-ddim{steps or 'run'}-cfg{cfg_scale or 'run'}"
     evals = record.setdefault("evaluations", {})
     if key not in evals:
         print(f"evaluating {run} ({key})", flush=True)
@@ -158,7 +166,7 @@ def main() -> None:
     results: dict = {"config": args.config, "set": args.set, "clips": args.clips}
     records = {}
     for name in names:
-        run = root / name
+        run = run_folder(root, name, args.set)
         records[name] = train_candidate(args.config, run, CANDIDATES[name] + args.set)
         records[name]["default"] = evaluate_candidate(run, records[name], args.clips, None, None)
     print()
@@ -176,7 +184,9 @@ def main() -> None:
         sweep = []
         for steps in SAMPLE_STEPS:
             for scale in CFG_SCALES:
-                m = evaluate_candidate(root / best, records[best], args.clips, steps, scale)
+                m = evaluate_candidate(
+                    run_folder(root, best, args.set), records[best], args.clips, steps, scale
+                )
                 sweep.append(row(best, records[best], m, steps, scale))
         print()
         print_table(["recipe", "DDIM", "cfg", *headers[1:]], sweep)

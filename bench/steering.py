@@ -1,12 +1,15 @@
-"""Does steering steer? Holding an action in a live stream should move the generated view the way
-the same action moves the real camera.
+"""Does steering steer? Holding an action in a live stream should move the generated view the
+way the same action moves the real camera.
 
-A :class:`matten.pipelines.StreamingSession` (what ``matten play`` runs per tab) continues a
-few real frames of the training set, then each action is held for ``--frames`` frames in turn
-(by default right, left, down, up). The shift between consecutive frames is measured by phase
-correlation (the peak of the normalised cross-power spectrum, Hann-windowed, to the pixel), and
-compared with the same measurement on real clips of the training set, per action: the mean
-shift (dx, dy) and the share of transitions whose shift points the way the real camera's does.
+A :class:`matten.pipelines.StreamingSession` (what ``matten play`` runs per tab) starts from
+nothing, as a tab does (or, with ``--context N``, continues N real frames of a training clip
+that stays lit), makes one frame with the first action ("stay"), then holds each action for
+``--frames`` frames in turn (right, left, down, up). The shift between consecutive frames is
+measured by phase correlation (the peak of the normalised cross-power spectrum, Hann-windowed,
+to the pixel), and compared with the same measurement on real clips of the training set, per
+action: the mean shift (dx, dy) and the share of transitions whose shift points the way the real
+camera's does. Transitions into or out of the dark (the panning map's blackouts) are left out of
+the reference.
 
     python bench/steering.py --checkpoint runs/long
     python bench/steering.py --checkpoint runs/long --figure docs/steering.png \
@@ -68,33 +71,46 @@ def real_shifts(
         frames = ((item["video"].permute(1, 2, 3, 0).numpy() + 1) * 127.5).clip(0, 255)
         for t in range(1, frames.shape[0]):
             name = names[int(item["actions"][t])]
-            if name in out:
-                out[name].append(phase_shift(grey(frames[t - 1]), grey(frames[t])))
+            a, b = grey(frames[t - 1]), grey(frames[t])
+            if name in out and a.std() > 0 and b.std() > 0:  # not into or out of the dark
+                out[name].append(phase_shift(a, b))
     return out
 
 
 def expected_direction(shifts: list[tuple[int, int]]) -> np.ndarray:
     """The direction (dx, dy) of the real content shift for one action: the sign on the axis
     it moves along, 0 on the other."""
-    mean = np.mean(np.asarray(shifts, dtype=np.float64), axis=0)
     direction = np.zeros(2, dtype=int)
+    if not shifts:
+        return direction
+    mean = np.mean(np.asarray(shifts, dtype=np.float64), axis=0)
     axis = int(np.argmax(np.abs(mean)))
     direction[axis] = int(np.sign(mean[axis]))
     return direction
 
 
 def agreement(shifts: list[tuple[int, int]], direction: np.ndarray) -> float:
-    """Share of transitions whose shift has the expected sign on the moving axis."""
+    """Share of transitions whose shift has the expected sign on the moving axis (nan without
+    transitions or a direction)."""
+    if not shifts or not direction.any():
+        return float("nan")
     axis = int(np.argmax(np.abs(direction)))
     values = np.asarray(shifts)[:, axis]
     return float(np.mean(np.sign(values) == direction[axis]))
 
 
+def mean_shift(shifts: np.ndarray) -> str:
+    if not len(shifts):
+        return "n/a"
+    return f"({shifts[:, 0].mean():+.2f}, {shifts[:, 1].mean():+.2f})"
+
+
 def steer(pipe, context, seed: int, steps: int, frames: int, held: tuple[str, ...]):
-    """Frames generated while each action of ``held`` is held for ``frames`` frames in turn
-    -> {action: uint8 (frames + 1, H, W, 3)}, the first being the frame before it began."""
+    """Frames generated while each action of ``held`` is held for ``frames`` frames in turn,
+    after one "stay" frame -> {action: uint8 (frames + 1, H, W, 3)}, the first being the frame
+    before it began. ``context``: real frames (3, n, H, W) to continue, or None."""
     session = StreamingSession.start(pipe, seed=seed, steps=steps, context=context)
-    last = ((context[:, -1].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    last, _ = session.step(action=None)
     out = {}
     for name in held:
         run = [last]
@@ -157,7 +173,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12, help="frames each action is held")
     parser.add_argument("--seeds", type=int, default=4, help="streams (each its own real start)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: play's)")
-    parser.add_argument("--context", type=int, default=4, help="real frames a stream continues")
+    parser.add_argument(
+        "--context", type=int, default=0, help="real frames a stream continues (0: none)"
+    )
     parser.add_argument("--real-clips", type=int, default=64, help="real clips for the reference")
     parser.add_argument("--figure", help="PNG of the generated frames, a row per held action")
     parser.add_argument("--screenshot", help="PNG of matten play's page with right held")
@@ -174,11 +192,17 @@ def main() -> None:
     data = config_from_dict(pipe.loaded.run_config).data
     dataset = dataset_from_config(data)
     real = real_shifts(dataset, names, HELD, args.real_clips)
+    dark = names.index("dark") if "dark" in names else -1
     steps = args.steps if args.steps is not None else 4  # matten play's default
     generated: dict[str, list[tuple[int, int]]] = {n: [] for n in HELD}
     strips = []
+    lit = [  # training clips whose first --context frames are not dark
+        i
+        for i in range(len(dataset) if args.context else 0)
+        if not (dataset[i]["actions"][: args.context] == dark).any()
+    ]
     for seed in range(args.seeds):
-        context = dataset[seed]["video"][:, : args.context]  # (3, n, H, W) in [-1, 1]
+        context = dataset[lit[seed]]["video"][:, : args.context] if args.context else None
         runs = steer(pipe, context, seed, steps, args.frames, HELD)
         for name, frames in runs.items():
             generated[name] += [
@@ -190,16 +214,16 @@ def main() -> None:
     verdicts = []
     for name in HELD:
         direction = expected_direction(real[name])
-        g = np.asarray(generated[name], dtype=np.float64)
-        r = np.asarray(real[name], dtype=np.float64)
+        g = np.asarray(generated[name], dtype=np.float64).reshape(-1, 2)
+        r = np.asarray(real[name], dtype=np.float64).reshape(-1, 2)
         share = agreement(generated[name], direction)
         rows.append(
             [
                 name,
                 f"({direction[0]:+d}, {direction[1]:+d})",
-                f"({r[:, 0].mean():+.2f}, {r[:, 1].mean():+.2f})",
+                mean_shift(r),
                 f"{agreement(real[name], direction):.0%}",
-                f"({g[:, 0].mean():+.2f}, {g[:, 1].mean():+.2f})",
+                mean_shift(g),
                 f"{share:.0%}",
                 len(g),
             ]
@@ -207,7 +231,9 @@ def main() -> None:
         verdicts.append((name, share))
     print(
         f"{args.checkpoint}: {args.seeds} streams x {len(HELD)} actions x {args.frames} frames, "
-        f"DDIM {steps}, each from {args.context} real frames; shifts by phase correlation"
+        f"DDIM {steps}, "
+        + (f"each from {args.context} real frames" if args.context else "each from nothing")
+        + "; shifts by phase correlation"
     )
     print_table(
         [

@@ -59,7 +59,7 @@ def sampling_diffusion(
     diffusion_steps: int,
     learn_sigma: bool,
     prediction: str,
-    schedule: str = "linear",
+    schedule: str,
 ):
     """The training chain (``diffusion_steps`` of ``schedule``) respaced to ``steps`` evenly
     spaced steps."""
