@@ -111,9 +111,11 @@ class GaussianDiffusion(SamplingLoops):
             small models learn the global layout of a clip in far fewer steps.
         loss_weighting: ``"uniform"`` (L_simple as is) or ``"min_snr"``: each noise level's term
             weighted so that it counts as an x_0 error of weight min(SNR, gamma) (Hang et al. 2023,
-            "Efficient Diffusion Training via Min-SNR Weighting"): low-noise levels, which are easy
-            and dominate an eps or velocity loss's gradients, are damped; for velocity the weight
-            is min(SNR, gamma) / (SNR + 1), for eps min(SNR, gamma) / SNR.
+            "Efficient Diffusion Training via Min-SNR Weighting"): the x_0 weight SNR is capped
+            at gamma, so the easy low-noise levels stop dominating; for velocity the weight is
+            min(SNR, gamma) / (SNR + 1), for eps min(SNR, gamma) / SNR. With velocity this also
+            damps the high-noise levels (the weight falls like SNR there: 3e-4 at t = 900 of the
+            linear schedule), which velocity prediction otherwise trains at full weight.
         min_snr_gamma: gamma of ``"min_snr"`` (5 in the paper).
     """
 
