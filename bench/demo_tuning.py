@@ -39,8 +39,9 @@ CANDIDATES = {
     "cosine": ["diffusion.schedule=cosine", "diffusion.loss_weighting=uniform"],
     "cosine+min_snr": ["diffusion.schedule=cosine", "diffusion.loss_weighting=min_snr"],
 }
-CFG_SCALES = (1.0, 2.0, 3.0)
-SAMPLE_STEPS = (25, 50, 100)
+# The sampler sweep, one setting at a time from the config's (DDIM steps, guidance scale).
+CFG_SCALES = (1.0, 1.5, 3.0)
+SAMPLE_STEPS = (25, 100)
 
 
 def read_json(path: Path) -> dict:
@@ -181,13 +182,18 @@ def main() -> None:
     best = min(names, key=kid_of)
     print(f"\nbest recipe by KID: {best}")
     if not args.no_sampler_sweep:
+        sample = load_config(args.config, args.set).sample
+        settings = [(None, None)]  # the config's own: the evaluation above
+        settings += [(sample.steps, c) for c in CFG_SCALES if c != sample.cfg_scale]
+        settings += [(s, sample.cfg_scale) for s in SAMPLE_STEPS if s != sample.steps]
         sweep = []
-        for steps in SAMPLE_STEPS:
-            for scale in CFG_SCALES:
-                m = evaluate_candidate(
-                    run_folder(root, best, args.set), records[best], args.clips, steps, scale
-                )
-                sweep.append(row(best, records[best], m, steps, scale))
+        for steps, scale in settings:
+            m = evaluate_candidate(
+                run_folder(root, best, args.set), records[best], args.clips, steps, scale
+            )
+            sweep.append(
+                row(best, records[best], m, steps or sample.steps, scale or sample.cfg_scale)
+            )
         print()
         print_table(["recipe", "DDIM", "cfg", *headers[1:]], sweep)
         results["sampler_sweep"] = {"recipe": best, "evaluations": records[best]["evaluations"]}
