@@ -186,6 +186,8 @@ def main() -> None:
         print("ladder improves with every step:", all(a > b for a, b in itertools.pairwise(fds)))
     fds = [m["fd"] for m in results.values()]
     print("ordered as expected:", all(a < b for a, b in itertools.pairwise(fds)))
+    ratio = fds[1] / fds[2]
+    print(f"trained / untrained FD: {ratio:.2f} (clearly separated, at most 0.5: {ratio <= 0.5})")
     print(
         json.dumps(
             {
