@@ -46,7 +46,7 @@ def test_resume_refuses_changes_to_what_the_weights_mean(two_step_run):
     for change in (
         "diffusion.prediction=eps",
         "diffusion.steps=500",
-        "diffusion.schedule=cosine",
+        "diffusion.schedule=linear",
         "model.learn_sigma=false",
         "autoencoder.kind=sd-vae",
     ):
