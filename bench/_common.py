@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -89,3 +90,28 @@ def print_table(header: list[str], rows: list[list]) -> str:
     )
     print(text)
     return text
+
+
+def read_json(path) -> dict:
+    """A JSON record, or {} when it is missing or unreadable (a run not evaluated yet)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json(path, value: dict) -> None:
+    """Write a JSON record atomically (a temporary file renamed into place)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def options_suffix(extra: list[str]) -> str:
+    """ "" without options, else "-" and a short hash of them: runs trained with other ``--set``
+    options get folders of their own."""
+    if not extra:
+        return ""
+    return "-" + hashlib.sha256("\n".join(extra).encode()).hexdigest()[:8]

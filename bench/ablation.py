@@ -31,8 +31,6 @@ the table; everything is also gathered into ``OUTPUT/<dataset>/results.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import math
 import os
@@ -44,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import print_table  # noqa: E402
+from _common import options_suffix, print_table, read_json, write_json  # noqa: E402
 
 from matten.config import load_config  # noqa: E402
 
@@ -172,23 +170,7 @@ def plan(config: str, groups: list[str], hiddens: list[int], base: list[str]) ->
 def run_folder(root: Path, setting: Setting, steps: int, seed: int, extra: list[str]) -> Path:
     """Where a run lives; ``--set`` options get a folder of their own (a short hash of them), so
     a run trained with other options is never taken for this one."""
-    name = f"steps{steps}-seed{seed}"
-    if extra:
-        name += "-" + hashlib.sha256("\n".join(extra).encode()).hexdigest()[:8]
-    return root / setting.name / name
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    return root / setting.name / f"steps{steps}-seed{seed}{options_suffix(extra)}"
 
 
 def train_run(

@@ -18,8 +18,6 @@ Resumable: a candidate's run resumes where it stopped, and every evaluation is k
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -27,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import print_table  # noqa: E402
+from _common import options_suffix, print_table, read_json, write_json  # noqa: E402
 
 from matten.config import load_config  # noqa: E402
 
@@ -44,25 +42,10 @@ CFG_SCALES = (1.0, 1.5, 3.0)
 SAMPLE_STEPS = (25, 100)
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run_folder(root: Path, name: str, extra: list[str]) -> Path:
     """Where a candidate lives; ``--set`` options get a folder of their own (a short hash), so
     a run trained with other options is never taken for this one."""
-    if not extra:
-        return root / name
-    return root / f"{name}-{hashlib.sha256(chr(10).join(extra).encode()).hexdigest()[:8]}"
+    return root / f"{name}{options_suffix(extra)}"
 
 
 def train_candidate(config: str, run: Path, overrides: list[str]) -> dict:
