@@ -7,10 +7,13 @@ allocator), then waits for the go signal, so that side-by-side processes overlap
 measurement. The fair-share goal: each of two processes keeps at least 0.4x of its solo speed.
 
 Settings run in the same invocation:
-  * "defaults": the environment as it is (numba's threads follow torch's count, see
-    :mod:`matten.ssm.threads`; OpenMP's threads spin a while when they wait);
-  * "MATTEN_SHARED_CPU=1": waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``, see
-    ``matten/__init__.py``), for processes that share the cores;
+  * "defaults": the environment as it is: busy Matten processes split the cores between them
+    (:mod:`matten.cpu_share`), numba's threads follow torch's count (:mod:`matten.ssm.threads`),
+    OpenMP's threads spin a while when they wait;
+  * "MATTEN_SPLIT_CORES=0": the same without the split (each process runs on every core, as
+    torch does by default);
+  * "MATTEN_SPLIT_CORES=0 MATTEN_SHARED_CPU=1": no split, and waiting threads sleep
+    (``OMP_WAIT_POLICY=PASSIVE``, see ``matten/__init__.py``);
   * with ``--old-src DIR``: the code of another source tree (e.g. ``git archive <commit> src |
     tar -x -C DIR``), to compare with the code before these changes.
 
@@ -33,9 +36,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def child(seconds: float) -> None:
     """Build the demo model, warm up, say "ready", wait for a line on stdin, then step for
     ``seconds`` of wall time and print the steps/s as JSON."""
+    # isort: off
+    import matten  # noqa: F401  (first: MATTEN_SHARED_CPU must act before torch loads libgomp)
     import torch
 
-    import matten  # noqa: F401  (first, so that its thread defaults precede torch's start-up)
+    # isort: on
     from matten.config import config_to_dict, load_config
     from matten.diffusion import create_diffusion
     from matten.models import build_model, model_kwargs_for_run
@@ -111,10 +116,16 @@ def main() -> None:
 
     import torch  # only for the header
 
-    base = {k: v for k, v in os.environ.items() if k != "MATTEN_SHARED_CPU"}
-    shared = {**base, "MATTEN_SHARED_CPU": "1"}
+    ours = ("MATTEN_SHARED_CPU", "MATTEN_SPLIT_CORES", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")
+    base = {k: v for k, v in os.environ.items() if k not in ours}
+    no_split = {**base, "MATTEN_SPLIT_CORES": "0"}
+    shared = {**no_split, "MATTEN_SHARED_CPU": "1"}
     old = {**base, "PYTHONPATH": os.path.join(os.path.abspath(args.old_src or "."), "src")}
-    settings = [("defaults", base), ("MATTEN_SHARED_CPU=1", shared)]
+    settings = [
+        ("defaults", base),
+        ("MATTEN_SPLIT_CORES=0", no_split),
+        ("MATTEN_SPLIT_CORES=0 MATTEN_SHARED_CPU=1", shared),
+    ]
     if args.old_src:
         settings.append((f"old code ({args.old_src}), its defaults", old))
     print(
@@ -143,11 +154,12 @@ def main() -> None:
     (new_name, new), *others = solo_rates.items()
     for name, rate in others:
         print(f"solo speed, defaults vs {name}: {new / rate:.2f}x")
-    shared_pair = [float(r) for r in rows[1][2].split(" / ")]
-    print(
-        "each of two with MATTEN_SHARED_CPU=1, of the default solo speed: "
-        + " / ".join(f"{r / new:.2f}x" for r in shared_pair)
-    )
+    for name, row in zip(solo_rates, rows, strict=True):
+        pair = [float(r) for r in row[2].split(" / ")]
+        print(
+            f"each of two with {name}, of the default solo speed: "
+            + " / ".join(f"{r / new:.2f}x" for r in pair)
+        )
 
 
 if __name__ == "__main__":

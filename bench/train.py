@@ -24,10 +24,12 @@ import os
 import subprocess
 import sys
 
+# isort: off
+import matten  # noqa: F401  (before torch, as the matten command: its thread defaults)
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import matten  # noqa: F401, I001  (before torch, as the matten command: its thread defaults)
+# isort: on
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import MALLOC_ENV, best_time, print_table, sampled_peak  # noqa: E402

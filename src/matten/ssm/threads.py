@@ -7,7 +7,9 @@ which ``import matten`` turns into ``PASSIVE`` when torch is not loaded yet). Tw
 budget one:
 
 * the kernels run on as many threads as torch is set to use (``torch.set_num_threads``,
-  ``OMP_NUM_THREADS``), never more than numba's own limit (``NUMBA_NUM_THREADS``);
+  ``OMP_NUM_THREADS``), never more than numba's own limit (``NUMBA_NUM_THREADS``), and before a
+  launch torch's count is brought to this process's share of the machine beside other busy
+  processes (:mod:`matten.cpu_share`);
 * starting numba's pool sets the shared runtime's thread count to ``NUMBA_NUM_THREADS``, which
   would make a process told ``OMP_NUM_THREADS=1`` run torch on every core after its first
   kernel: starting the pool puts torch's count back as it was.
@@ -19,6 +21,8 @@ import threading
 
 import numba
 import torch
+
+from .. import cpu_share
 
 _pool_started = False
 _pool_lock = threading.Lock()  # two streams (threads) may launch their first kernel together
@@ -48,7 +52,10 @@ def kernel_threads() -> int:
 
 
 def follow_torch() -> int:
-    """Set numba's thread count (for launches from this thread) to :func:`kernel_threads`."""
+    """Set numba's thread count (for launches from this thread) to :func:`kernel_threads`,
+    after torch's count has been brought to this process's share of the machine
+    (:mod:`matten.cpu_share`)."""
+    cpu_share.update()
     _start_pool()
     n = kernel_threads()
     if numba.get_num_threads() != n:

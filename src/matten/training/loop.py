@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import cpu_share
 from ..checkpoint import CheckpointError, latest_checkpoint
 from ..config import RunConfig
 from ..interrupts import GracefulStop
@@ -118,6 +119,8 @@ def train(
                     losses.write()
                     checkpoints.save(step)
                 break
+            if run.device.type == "cpu":
+                cpu_share.update()  # our share of the cores, beside other busy processes
             losses.add(step + 1, train_step(run, batches.next(step), step))
             step += 1
             bar.update(1)
