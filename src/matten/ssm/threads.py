@@ -8,8 +8,8 @@ budget one:
 
 * the kernels run on as many threads as torch is set to use (``torch.set_num_threads``,
   ``OMP_NUM_THREADS``), never more than numba's own limit (``NUMBA_NUM_THREADS``), and before a
-  launch torch's count is brought to this process's share of the machine beside other busy
-  processes (:mod:`matten.cpu_share`);
+  launch torch's count in the launching thread is brought to this process's share of the
+  machine beside other busy processes (:mod:`matten.cpu_share`, looked at once a second);
 * starting numba's pool sets the shared runtime's thread count to ``NUMBA_NUM_THREADS``, which
   would make a process told ``OMP_NUM_THREADS=1`` run torch on every core after its first
   kernel: starting the pool puts torch's count back as it was.
