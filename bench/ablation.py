@@ -22,6 +22,11 @@ scale, is a tie (the intervals overlap) or reverses.
     python bench/ablation.py --output runs/ablation-gpu --large      # a GPU: longer, more clips
     python bench/ablation.py --output runs/ablation --plan           # settings and counts only
 
+Several processes: start the same command again (e.g. one per core, each with
+``OMP_NUM_THREADS=1``) and the copies share the runs: each run is claimed with a lock file
+beside its folder, a claimed run is left to its process and read back when done, and every copy
+prints the table at the end.
+
 Resumable: runs are trained with ``resume="auto"`` into
 ``OUTPUT/<dataset>/<setting>/steps<N>-seed<k>`` and each evaluation is written as JSON next to
 its run (``ablation.json``), so a re-run trains and evaluates only what is missing, then prints
@@ -31,6 +36,8 @@ the table; everything is also gathered into ``OUTPUT/<dataset>/results.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -210,6 +217,27 @@ def train_run(
     write_json(record_path, record)
     print(f"  trained in {seconds:.0f} s", flush=True)
     return record
+
+
+def run_and_evaluate(config, setting: Setting, seed: int, run: Path, args, cache_dir) -> dict:
+    """Train (or finish) one run and evaluate it (or read both back); its result row."""
+    record = train_run(config, run, setting, args.steps, seed, args.set)
+    metrics = evaluate_run(run, record, args.clips, args.sample_steps, args.steps, cache_dir)
+    return {"seed": seed, "run": str(run), "train_seconds": record.get("train_seconds"), **metrics}
+
+
+@contextlib.contextmanager
+def claimed(run: Path, wait: bool):
+    """An exclusive lock on ``run`` (a ``.lock`` file beside it) for the block; yields whether
+    it was taken (``wait=False`` gives up at once when another process holds it)."""
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.parent / f"{run.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def eval_key(clips: int, sample_steps: int, steps: int) -> str:
@@ -539,23 +567,28 @@ def main() -> None:
             flush=True,
         )
         results: dict = {}
-        extractor = None
         cache_dir = root / "eval-cache"
         start = time.perf_counter()
+        # Several copies of this command share the runs: each run is claimed with a lock, a
+        # claimed one is left to its process and read back when that process is done with it.
+        deferred = []
         for i, (setting, seed) in enumerate(runs):
             run = run_folder(root, setting, args.steps, seed, args.set)
-            record = train_run(config, run, setting, args.steps, seed, args.set)
-            metrics = evaluate_run(
-                run, record, args.clips, args.sample_steps, args.steps, cache_dir
-            )
-            extractor = metrics.get("extractor", extractor)
-            results[(setting, seed)] = {
-                "seed": seed,
-                "run": str(run),
-                "train_seconds": record.get("train_seconds"),
-                **metrics,
-            }
+            with claimed(run, wait=False) as mine:
+                if not mine:
+                    print(f"  {run}: another process has it; read back later", flush=True)
+                    deferred.append((setting, seed, run))
+                    continue
+                results[(setting, seed)] = run_and_evaluate(
+                    config, setting, seed, run, args, cache_dir
+                )
             print(f"[{i + 1}/{len(runs)}] {time.perf_counter() - start:.0f} s so far", flush=True)
+        for setting, seed, run in deferred:
+            with claimed(run, wait=True):
+                results[(setting, seed)] = run_and_evaluate(
+                    config, setting, seed, run, args, cache_dir
+                )
+        extractor = next((m["extractor"] for m in results.values() if m.get("extractor")), None)
         for r in rows:
             r.runs = [results[(r.setting, seed)] for seed in range(args.seeds)]
         verdicts = report(rows, dataset, args, extractor)
