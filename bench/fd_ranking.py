@@ -11,6 +11,10 @@ model), which should improve with the step. The last line reads
 
     python bench/fd_ranking.py --checkpoint runs/demo [--num-clips 256]
     python bench/fd_ranking.py --checkpoint runs/digits --data moving_digits --ladder
+    python bench/fd_ranking.py --checkpoint runs/demo --ladder --ladder-steps 250,500,1000 \
+        --num-clips 128 --sample-steps 25      # fewer checkpoints and sampler steps: faster
+
+The ladder reuses the samples of (b) and (c) for the run's last checkpoint and step 0.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +38,7 @@ from matten.pipelines import sample_videos
 DATA = ("synthetic", "moving_digits")
 
 
-def sampled_clips(model, loaded, n, batch, seed) -> np.ndarray:
+def sampled_clips(model, loaded, n, batch, seed, steps=50) -> np.ndarray:
     run = config_from_checkpoint(loaded.folder)
     out = []
     for lo in range(0, n, batch):
@@ -47,7 +52,7 @@ def sampled_clips(model, loaded, n, batch, seed) -> np.ndarray:
             loaded.latent_size,
             labels=labels,
             sampler="ddim",
-            steps=50,
+            steps=steps,
             cfg_scale=run.sample.cfg_scale if labels is not None else 1.0,
             seed=seed + lo,
             learn_sigma=loaded.learn_sigma,
@@ -78,22 +83,28 @@ def summary(m: dict) -> str:
 HEADER = f"{'FD':>10s} {'FD_inf':>10s} {'KID ± err':>20s} {'prec / rec':>12s}"
 
 
-def ladder(args, loaded, extractor, reference, n) -> list[tuple[int, dict]]:
-    """Every checkpoint kept in the run, and step 0 (fresh weights), scored the same way."""
+def ladder(args, loaded, extractor, reference, n, known) -> list[tuple[int, dict]]:
+    """Every checkpoint kept in the run (or those of ``--ladder-steps``), and step 0 (fresh
+    weights), scored the same way; ``known``: features already sampled, by step (step 0 and the
+    checkpoint scored above, sampled with the same weights and seeds)."""
     run_dir = loaded.folder.parent.parent
-    torch.manual_seed(0)
-    rows = [(0, build_model(**loaded.meta["model_config"]).eval())]
-    rows += [(step, load_for_sampling(folder).model) for step, folder in list_checkpoints(run_dir)]
-    return [
-        (
-            step,
-            quality_metrics(
-                reference,
-                clip_features(extractor, sampled_clips(model, loaded, n, args.batch_size, 10_000)),
-            ),
-        )
-        for step, model in rows
-    ]
+    wanted = {int(x) for x in args.ladder_steps.split(",")} if args.ladder_steps else None
+    steps = [0] + [step for step, _ in list_checkpoints(run_dir)]
+    folders = dict(list_checkpoints(run_dir))
+    if Path(folders.get(loaded.step, "")).resolve() != Path(loaded.folder).resolve():
+        known = {0: known[0]}  # the checkpoint scored above is not this run's
+    rows = []
+    for step in steps:
+        if wanted is not None and step not in wanted and step != 0:
+            continue
+        if step in known:
+            features = known[step]
+        else:
+            model = load_for_sampling(folders[step]).model
+            clips = sampled_clips(model, loaded, n, args.batch_size, 10_000, args.sample_steps)
+            features = clip_features(extractor, clips)
+        rows.append((step, quality_metrics(reference, features)))
+    return rows
 
 
 def main() -> None:
@@ -119,6 +130,12 @@ def main() -> None:
         "--ladder",
         action="store_true",
         help="also score every checkpoint kept in the run, and step 0",
+    )
+    parser.add_argument(
+        "--ladder-steps", default=None, help="the ladder's checkpoints only, e.g. 250,500,1000"
+    )
+    parser.add_argument(
+        "--sample-steps", type=int, default=50, help="DDIM steps when sampling (default 50)"
     )
     args = parser.parse_args()
 
@@ -158,10 +175,10 @@ def main() -> None:
             list(real_clips(dataset_from_config(held_out_data(data), seed=0), n))
         ),
         "(b) trained model samples": features(
-            sampled_clips(loaded.model, loaded, n, args.batch_size, 10_000)
+            sampled_clips(loaded.model, loaded, n, args.batch_size, 10_000, args.sample_steps)
         ),
         "(c) untrained model samples": features(
-            sampled_clips(untrained, loaded, n, args.batch_size, 10_000)
+            sampled_clips(untrained, loaded, n, args.batch_size, 10_000, args.sample_steps)
         ),
         "(d) uniform noise": features(noise),
     }
@@ -179,7 +196,12 @@ def main() -> None:
         print(f"  {name:30s} {summary(m)}")
     if args.ladder:
         print("checkpoint ladder (step 0: fresh weights)")
-        scored = ladder(args, loaded, extractor, reference, n)
+        # step 0 is the untrained model above, the run's last checkpoint the trained one
+        known = {
+            0: sets["(c) untrained model samples"],
+            loaded.step: sets["(b) trained model samples"],
+        }
+        scored = ladder(args, loaded, extractor, reference, n, known)
         for step, m in scored:
             print(f"  step {step:<25d} {summary(m)}")
         fds = [m["fd"] for _, m in scored]
