@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from test_train import tiny_config  # the tiny run the training tests share
 
 from matten.cpu_share import CPUShare
 
@@ -228,7 +229,6 @@ def test_the_training_loop_takes_its_share_each_step(tmp_path, monkeypatch):
     import types
 
     from matten import cpu_share
-    from matten.config import load_config
     from matten.ssm import threads
     from matten.training import train
 
@@ -236,22 +236,6 @@ def test_the_training_loop_takes_its_share_each_step(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_share, "update", lambda: calls.append(torch.get_num_threads()))
     # the scan launches' own updates go elsewhere: only the loop's are counted
     monkeypatch.setattr(threads, "cpu_share", types.SimpleNamespace(update=lambda: None))
-    cfg = load_config(
-        "demo",
-        [
-            "model.depth=1",
-            "model.hidden_size=32",
-            "model.num_heads=2",
-            "data.resolution=8",
-            "data.num_frames=4",
-            "data.num_videos=8",
-            "train.batch_size=2",
-            "train.max_steps=3",
-            "train.checkpoint_every=1000",
-            "sample.num_samples=1",
-            "sample.steps=1",
-            "train.cpu=true",
-        ],
-    )
+    cfg = tiny_config("train.max_steps=3")
     train(cfg, output=tmp_path / "run", progress=False)
     assert len(calls) == 3  # once per step
