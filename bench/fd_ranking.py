@@ -89,13 +89,12 @@ def ladder(args, loaded, extractor, reference, n, known) -> list[tuple[int, dict
     checkpoint scored above, sampled with the same weights and seeds)."""
     run_dir = loaded.folder.parent.parent
     wanted = {int(x) for x in args.ladder_steps.split(",")} if args.ladder_steps else None
-    steps = [0] + [step for step, _ in list_checkpoints(run_dir)]
     folders = dict(list_checkpoints(run_dir))
     if Path(folders.get(loaded.step, "")).resolve() != Path(loaded.folder).resolve():
         known = {0: known[0]}  # the checkpoint scored above is not this run's
     rows = []
-    for step in steps:
-        if wanted is not None and step not in wanted and step != 0:
+    for step in [0, *folders]:
+        if step != 0 and wanted is not None and step not in wanted:
             continue
         if step in known:
             features = known[step]
