@@ -11,7 +11,13 @@ action: the mean shift (dx, dy) and the share of transitions whose shift points 
 camera's does. Transitions into or out of the dark (the panning map's blackouts) are left out of
 the reference.
 
+``--one-step N`` adds a second table that leaves the rollout out: from the same N real frames of
+a lit clip, one frame is generated under each action in turn (a fresh stream per action, the same
+seed), and the shift is measured from the last real frame to it. A model that steers here but
+not in the rollout knows the actions but loses the view in its own frames.
+
     python bench/steering.py --checkpoint runs/long
+    python bench/steering.py --checkpoint runs/long --one-step 8 --steps 25
     python bench/steering.py --checkpoint runs/long --figure docs/steering.png \
         --screenshot docs/play.png
 
@@ -123,6 +129,54 @@ def steer(pipe, context, seed: int, steps: int, frames: int, held: tuple[str, ..
     return out
 
 
+def one_step(pipe, contexts, steps: int, held: tuple[str, ...]):
+    """From each real context (3, n, H, W), one frame per action of ``held`` (a fresh stream
+    each, seeded by the context's index) -> {action: [shift from the last real frame]}."""
+    out: dict[str, list[tuple[int, int]]] = {n: [] for n in held}
+    for seed, context in enumerate(contexts):
+        last = grey(((context[:, -1].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255))
+        for name in held:
+            session = StreamingSession.start(pipe, seed=seed, steps=steps, context=context)
+            frame, _ = session.step(action=name)
+            out[name].append(phase_shift(last, grey(frame)))
+    return out
+
+
+def steering_rows(real, generated, held: tuple[str, ...]) -> tuple[list[list], list]:
+    """Table rows (per held action: the real direction, mean shift and agreement, the same for
+    the generated transitions) and (action, agreement) pairs."""
+    rows, verdicts = [], []
+    for name in held:
+        direction = expected_direction(real[name])
+        g = np.asarray(generated[name], dtype=np.float64).reshape(-1, 2)
+        r = np.asarray(real[name], dtype=np.float64).reshape(-1, 2)
+        share = agreement(generated[name], direction)
+        rows.append(
+            [
+                name,
+                f"({direction[0]:+d}, {direction[1]:+d})",
+                mean_shift(r),
+                f"{agreement(real[name], direction):.0%}",
+                mean_shift(g),
+                f"{share:.0%}",
+                len(g),
+            ]
+        )
+        verdicts.append((name, share))
+    return rows, verdicts
+
+
+TABLE_HEADER = [
+    "held",
+    "real direction",
+    "real mean shift",
+    "real agree",
+    "generated mean shift",
+    "generated agree",
+    "transitions",
+]
+
+
 def screenshot(checkpoint: str, path: str, steps: int, hold_seconds: float) -> None:
     """The page of ``matten play`` in headless Chromium after holding "right"."""
     import uvicorn
@@ -176,6 +230,13 @@ def main() -> None:
     parser.add_argument(
         "--context", type=int, default=0, help="real frames a stream continues (0: none)"
     )
+    parser.add_argument(
+        "--one-step",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also one frame per action from N real frames of each of 16 lit clips (0: off)",
+    )
     parser.add_argument("--real-clips", type=int, default=64, help="real clips for the reference")
     parser.add_argument("--figure", help="PNG of the generated frames, a row per held action")
     parser.add_argument("--screenshot", help="PNG of matten play's page with right held")
@@ -196,10 +257,11 @@ def main() -> None:
     steps = args.steps if args.steps is not None else 4  # matten play's default
     generated: dict[str, list[tuple[int, int]]] = {n: [] for n in HELD}
     strips = []
-    lit = [  # training clips whose first --context frames are not dark
+    lit_frames = max(args.context, args.one_step)
+    lit = [  # training clips whose first frames (those a stream continues) are not dark
         i
-        for i in range(len(dataset) if args.context else 0)
-        if not (dataset[i]["actions"][: args.context] == dark).any()
+        for i in range(len(dataset) if lit_frames else 0)
+        if not (dataset[i]["actions"][:lit_frames] == dark).any()
     ]
     for seed in range(args.seeds):
         context = dataset[lit[seed]]["video"][:, : args.context] if args.context else None
@@ -210,44 +272,24 @@ def main() -> None:
             ]
         if seed == 0:
             strips = [runs[n][1:] for n in HELD]
-    rows = []
-    verdicts = []
-    for name in HELD:
-        direction = expected_direction(real[name])
-        g = np.asarray(generated[name], dtype=np.float64).reshape(-1, 2)
-        r = np.asarray(real[name], dtype=np.float64).reshape(-1, 2)
-        share = agreement(generated[name], direction)
-        rows.append(
-            [
-                name,
-                f"({direction[0]:+d}, {direction[1]:+d})",
-                mean_shift(r),
-                f"{agreement(real[name], direction):.0%}",
-                mean_shift(g),
-                f"{share:.0%}",
-                len(g),
-            ]
-        )
-        verdicts.append((name, share))
+    rows, verdicts = steering_rows(real, generated, HELD)
     print(
         f"{args.checkpoint}: {args.seeds} streams x {len(HELD)} actions x {args.frames} frames, "
         f"DDIM {steps}, "
         + (f"each from {args.context} real frames" if args.context else "each from nothing")
         + "; shifts by phase correlation"
     )
-    print_table(
-        [
-            "held",
-            "real direction",
-            "real mean shift",
-            "real agree",
-            "generated mean shift",
-            "generated agree",
-            "transitions",
-        ],
-        rows,
-    )
+    print_table(TABLE_HEADER, rows)
     print("steering: " + ", ".join(f"{n} {s:.0%} the real way" for n, s in verdicts))
+    if args.one_step:
+        contexts = [dataset[i]["video"][:, : args.one_step] for i in lit[:16]]
+        rows, verdicts = steering_rows(real, one_step(pipe, contexts, steps, HELD), HELD)
+        print(
+            f"\none frame per action from {args.one_step} real frames of {len(contexts)} lit "
+            f"clips, DDIM {steps}; shift from the last real frame"
+        )
+        print_table(TABLE_HEADER, rows)
+        print("one step: " + ", ".join(f"{n} {s:.0%} the real way" for n, s in verdicts))
     if args.figure:
         grid = make_grid(upscale_frames(np.stack(strips), 64))
         from PIL import Image
