@@ -37,19 +37,25 @@ Tables print as markdown; all results go to ``FOLDER/any_length.json``.
     python bench/any_length.py --train /tmp/anylen-tiny --steps 3 --clips 2 --drift-clips 2 \\
         --drift-frames 40 --sample-steps 4 model.depth=1 model.hidden_size=32 model.num_heads=2 \\
         sample.num_samples=1 sample.steps=4     # cheap end-of-training previews
-    # the full comparison (defaults: 3000 steps, 32 clips, 8 rollouts of 512 frames, 25 DDIM steps)
+    # the full comparison (defaults: 1000 steps, 32 clips, 4 rollouts of 512 frames, 10 DDIM steps)
     python bench/any_length.py --train runs/any-length
+    # the same on both cores: two commands, each its share of the memories, then one report
+    python bench/any_length.py --train runs/any-length --memories both,none,malt+delta \\
+        --json runs/any-length/part-a.json &
+    python bench/any_length.py --train runs/any-length --memories ssm,delta,malt \\
+        --json runs/any-length/part-b.json
+    python bench/any_length.py --checkpoint runs/any-length/*-{same_position,frame_local}
+    # a longer budget continues the same runs (and evaluates them again)
+    python bench/any_length.py --train runs/any-length --steps 3000 --sample-steps 25 \\
+        --drift-clips 8
     # evaluate trained runs only
     python bench/any_length.py --checkpoint runs/any-length/none-same_position runs/...
 
-Cost of the full default run (12 runs: 6 memories x 2 windows, the packaged ``long`` model, 2 CPU
-cores), an estimate extrapolated from tiny runs on a loaded machine, not a measurement: training
-took 0.5-0.65 s per step while the cores were nearly free (3-step runs, overheads included) and
-4-10 s per step while other jobs held them, so 3000 steps x 12 runs is about 5 h on free cores.
-Evaluation, per run: 25 DDIM steps x (40 chunks of 32 clips at about 0.15 s, 254 rollout chunks
-of 8 clips at about 0.04 s), about 7 min, 1.5 h in all. About 6.5 h in all on 2 free cores;
-several times that (up to ~10x) if other jobs share them. ``timing`` in the JSON has each run's
-measured seconds per training step and per generated chunk.
+Cost of the default run (12 runs: 6 memories x 2 windows, the packaged ``long`` model), measured
+on the 2-core CPU as the two commands above, one thread each: 1 h 31 min in all; training took
+0.36 s per step (``none``, same-position window) to 1.26 s (``both``, frame-local), an
+evaluation 1-3 min. ``timing`` in the JSON has each run's measured seconds per training step and
+per generated chunk.
 """
 
 from __future__ import annotations
@@ -401,7 +407,7 @@ def main() -> None:
         default=",".join(WINDOW_KINDS),
         help="comma-separated model.causal.window_kind values",
     )
-    parser.add_argument("--steps", type=int, default=3000, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps per run")
     parser.add_argument(
         "--set",
         action="append",
@@ -420,7 +426,7 @@ def main() -> None:
         "--lengths", default="1,4", help="test clip lengths, multiples of the training clip length"
     )
     parser.add_argument("--drift-frames", type=int, default=512, help="rollout length")
-    parser.add_argument("--drift-clips", type=int, default=8, help="rollouts per model")
+    parser.add_argument("--drift-clips", type=int, default=4, help="rollouts per model")
     parser.add_argument(
         "--drift-context",
         type=int,
@@ -432,7 +438,7 @@ def main() -> None:
         default="16,128,512",
         help="1-based frames at which the drift table is printed",
     )
-    parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per chunk")
+    parser.add_argument("--sample-steps", type=int, default=10, help="DDIM steps per chunk")
     parser.add_argument("--chunk-size", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
