@@ -66,6 +66,11 @@ def grey(frame: np.ndarray) -> np.ndarray:
     return frame.astype(np.float64).mean(-1)
 
 
+def grey_of(video_frame: torch.Tensor) -> np.ndarray:
+    """A dataset frame (3, H, W) in [-1, 1] -> float (H, W) on the scale of :func:`grey`."""
+    return grey(((video_frame.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255))
+
+
 def real_shifts(
     dataset, names: tuple[str, ...], held: tuple[str, ...], clips: int
 ) -> dict[str, list[tuple[int, int]]]:
@@ -74,10 +79,10 @@ def real_shifts(
     out: dict[str, list[tuple[int, int]]] = {n: [] for n in held}
     for i in range(min(clips, len(dataset))):
         item = dataset[i]
-        frames = ((item["video"].permute(1, 2, 3, 0).numpy() + 1) * 127.5).clip(0, 255)
-        for t in range(1, frames.shape[0]):
+        video = item["video"]
+        for t in range(1, video.shape[1]):
             name = names[int(item["actions"][t])]
-            a, b = grey(frames[t - 1]), grey(frames[t])
+            a, b = grey_of(video[:, t - 1]), grey_of(video[:, t])
             if name in out and a.std() > 0 and b.std() > 0:  # not into or out of the dark
                 out[name].append(phase_shift(a, b))
     return out
@@ -134,7 +139,7 @@ def one_step(pipe, contexts, steps: int, held: tuple[str, ...]):
     each, seeded by the context's index) -> {action: [shift from the last real frame]}."""
     out: dict[str, list[tuple[int, int]]] = {n: [] for n in held}
     for seed, context in enumerate(contexts):
-        last = grey(((context[:, -1].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255))
+        last = grey_of(context[:, -1])
         for name in held:
             session = StreamingSession.start(pipe, seed=seed, steps=steps, context=context)
             frame, _ = session.step(action=name)
