@@ -190,8 +190,9 @@ def save_drift_plot(
     frames = np.arange(1, real.shape[1] + 1)
     for k, (ax, name) in enumerate(zip(axes, STATS, strict=True)):
         ax.plot(frames, real[k], "k--", lw=2, label="real data")
-        for label, values in curves.items():
-            ax.plot(frames, values[k], lw=1, label=label)
+        colours = plt.cm.tab20(np.linspace(0, 1, 20))  # 12 runs: more than the default 10
+        for i, (label, values) in enumerate(curves.items()):
+            ax.plot(frames, values[k], lw=1, color=colours[i % 20], label=label)
         ax.axvline(context + 0.5, color="grey", lw=0.5)
         ax.set_xscale("log")
         ax.set_xlabel("frame")
