@@ -188,9 +188,9 @@ def save_drift_plot(
         return "no drift plot: matplotlib is not installed (the curves are in the JSON)"
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     frames = np.arange(1, real.shape[1] + 1)
+    colours = plt.cm.tab20(np.linspace(0, 1, 20))  # 12 runs: more than the default 10
     for k, (ax, name) in enumerate(zip(axes, STATS, strict=True)):
         ax.plot(frames, real[k], "k--", lw=2, label="real data")
-        colours = plt.cm.tab20(np.linspace(0, 1, 20))  # 12 runs: more than the default 10
         for i, (label, values) in enumerate(curves.items()):
             ax.plot(frames, values[k], lw=1, color=colours[i % 20], label=label)
         ax.axvline(context + 0.5, color="grey", lw=0.5)
