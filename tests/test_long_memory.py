@@ -60,7 +60,8 @@ def test_camera_stays_inside_the_map_moves_little_and_matches_the_actions(trajec
         assert actions[0] == 0
         assert np.array_equal(ACTION_DELTAS[actions[1:]] * step, delta)
         assert np.array_equal(actions_from_camera(camera, step), actions)
-        assert np.ptp(camera, axis=0).max() >= 8  # it pans well away, not just jitters
+        # it pans well away, not just jitters (a random agent's walk spreads less)
+        assert np.ptp(camera, axis=0).max() >= (3 * step if trajectory == "wander" else 8)
 
 
 def test_frames_are_crops_of_the_world_at_the_camera():
@@ -74,7 +75,7 @@ def test_frames_are_crops_of_the_world_at_the_camera():
     assert world.max() > 0.85 and np.median(world.max(axis=2)) < 0.7
 
 
-@pytest.mark.parametrize("trajectory", TRAJECTORIES)
+@pytest.mark.parametrize("trajectory", [t for t in TRAJECTORIES if t != "wander"])
 def test_every_path_revisits_after_at_least_half_the_clip(trajectory):
     ds = PanningMapDataset(20, resolution=16, num_frames=64, map_size=48, trajectory=trajectory)
     for i in range(len(ds)):
@@ -82,6 +83,24 @@ def test_every_path_revisits_after_at_least_half_the_clip(trajectory):
         pairs = revisit_pairs(camera, min_gap=32)
         assert pairs and all(later - earlier == gap >= 32 for earlier, later, gap in pairs)
         assert all(torch.equal(camera[a], camera[b]) for a, b, _ in pairs)
+
+
+def _same_as_previous(actions: np.ndarray) -> float:
+    moving = actions[1:] != 0
+    return float(np.mean(actions[1:][moving] == actions[:-1][moving]))
+
+
+def test_wander_moves_cannot_be_told_from_the_past_ones():
+    # a model learns to steer only if the next move is not a continuation of the last ones
+    wander = PanningMapDataset(40, num_frames=64, trajectory="wander", step=2)
+    walk = PanningMapDataset(40, num_frames=64, trajectory="out_and_back", step=2)
+    wander_actions = np.concatenate([wander.camera_path(i)[1] for i in range(len(wander))])
+    walk_actions = np.concatenate([walk.camera_path(i)[1] for i in range(len(walk))])
+    counts = np.bincount(wander_actions, minlength=6)
+    assert counts[5] == 0 and counts[:5].min() > 0.1 * counts[:5].sum()  # every move, often
+    # a move repeats the one before about as often as holding 1-3 frames implies (~0.6),
+    # much less than on the persistent walk
+    assert _same_as_previous(wander_actions) < 0.7 < _same_as_previous(walk_actions)
 
 
 def test_revisit_pairs_tolerance_and_excursion():

@@ -40,7 +40,7 @@ ACTION_NAMES = ("stay", "left", "right", "up", "down", "dark")
 DARK = 5  # the action of a frame where the camera stays and sees nothing
 # (dx, dy) of one move per action, in units of the dataset's ``step``.
 ACTION_DELTAS = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1], [0, 0]], dtype=np.int64)
-TRAJECTORIES = ("out_and_back", "loop", "mixed")
+TRAJECTORIES = ("out_and_back", "loop", "mixed", "wander")
 
 
 def _bilinear(grid: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -67,7 +67,12 @@ class PanningMapDataset(Dataset):
     * ``"loop"``: laps of a rectangle whose perimeter takes between ``F / 2`` and ``F - 1``
       frames where the map is big enough (otherwise the largest rectangle that fits), so every
       position of the first lap is revisited one lap later;
-    * ``"mixed"``: one of the two per item, at random.
+    * ``"mixed"``: one of the two per item, at random;
+    * ``"wander"``: a random agent's path (each move drawn anew among stay and the moves that
+      keep the window on the map, held for 1-3 frames), so the next move cannot be told from
+      the past ones: a model trained on it has to read its actions to move the view, which is
+      what live play needs (the persistent paths above can be continued from the frames alone).
+      Revisits happen, but at no guaranteed gap.
 
     The window can only get out of sight of where it started if the map is well over twice its
     size (the 48 x 48 default for 16 x 16 frames: 32 pixels of room per axis). ``step`` is the
@@ -247,6 +252,26 @@ class PanningMapDataset(Dataset):
             previous = a if a else previous
         return np.asarray(actions, dtype=np.int64)
 
+    def _wander(self, rng, f: int) -> np.ndarray:
+        """Positions ``(f, 2)`` of a random agent: each action uniform among stay and the moves
+        that stay on the map, held for 1-3 frames (or until it would leave the map)."""
+        limit = np.array([self.x_range, self.y_range])
+        pos = np.array([rng.integers(0, r // self.step + 1) for r in limit]) * self.step
+        path = [pos]
+        while len(path) < f:
+            allowed = [a for a in range(5) if self._on_map(pos + ACTION_DELTAS[a] * self.step)]
+            a = allowed[int(rng.integers(len(allowed)))]
+            for _ in range(int(rng.integers(1, 4))):
+                nxt = pos + ACTION_DELTAS[a] * self.step
+                if len(path) >= f or not self._on_map(nxt):
+                    break
+                pos = nxt
+                path.append(pos)
+        return np.stack(path)
+
+    def _on_map(self, pos: np.ndarray) -> bool:
+        return bool(np.all(pos >= 0) and pos[0] <= self.x_range and pos[1] <= self.y_range)
+
     def _loop(self, rng, f: int) -> np.ndarray:
         """Positions of one lap of a rectangle, ``(P, 2)``, sized so a lap takes ~f/2..f-1."""
         st = self.step
@@ -275,7 +300,9 @@ class PanningMapDataset(Dataset):
         kind = self.trajectory
         if kind == "mixed":
             kind = ("out_and_back", "loop")[int(rng.integers(2))]
-        if kind == "loop":
+        if kind == "wander":
+            camera = self._wander(rng, f)
+        elif kind == "loop":
             lap = self._loop(rng, f)
             camera = lap[np.arange(f) % len(lap)]
         else:
