@@ -635,17 +635,37 @@ def test_scan_runs_on_meta_device_and_is_counted_as_flops():
     assert counter.get_total_flops() >= 2 * 3 * 2 * 8 * 50 * 16
 
 
-@pytest.mark.parametrize("padding", [(3, 3), (0, 0), (3, 0)])
-def test_depthwise_conv_equals_torch_conv_and_its_gradients(padding):
-    """The Mamba conv's hand-written backward gives torch's conv1d gradients; the forward is
-    torch's own call, bit for bit."""
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-ops"])
+@pytest.mark.parametrize(
+    "padding, crop",
+    [
+        ((3, 3), (0, None)),
+        ((0, 0), (0, None)),
+        ((3, 0), (0, None)),
+        ((3, 3), (0, 11)),
+        ((3, 3), (3, None)),
+        ((2, 1), (1, -2)),
+    ],
+)
+def test_depthwise_conv_equals_torch_conv_and_its_gradients(padding, crop, compiled, monkeypatch):
+    """The Mamba conv's hand-written backward (compiled on CPU, torch ops elsewhere) gives
+    torch's conv1d gradients, cropped outputs included; the forward is torch's own call, bit for
+    bit."""
+    from matten.ssm import depthwise_conv
+
+    if not compiled:
+        monkeypatch.setattr(depthwise_conv, "_has_no_negative_strides", lambda t: False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, 11, dtype=torch.float64, generator=g)
     w = torch.randn(6, 1, 4, dtype=torch.float64, generator=g)
     b = torch.randn(6, dtype=torch.float64, generator=g)
     ours, theirs = [[t.clone().requires_grad_() for t in (x, w, b)] for _ in range(2)]
-    y = depthwise_conv1d(*ours, padding=padding)
+    # a strided input, as the Mamba layer's in_proj output is
+    y = depthwise_conv1d(
+        ours[0].transpose(1, 2).contiguous().transpose(1, 2), *ours[1:], padding=padding, crop=crop
+    )
     expected = F.conv1d(F.pad(theirs[0], padding), theirs[1], theirs[2], groups=6)
+    expected = expected[..., slice(*crop)]
     assert torch.equal(y, expected)
     grad = torch.randn(y.shape, dtype=torch.float64, generator=g)
     y.backward(grad)

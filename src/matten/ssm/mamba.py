@@ -116,16 +116,21 @@ class SelectiveSSM(nn.Module):
                 self.conv1d.weight.flip(-1),
                 self.conv1d.bias,
                 padding=(self.conv_width, self.conv_width),
+                crop=(self.conv_width, None),
             )
-            return self._scan(F.silu(conv[..., self.conv_width :]), z, reverse=True)
+            return self._scan(F.silu(conv), z, reverse=True)
         if state is None and not return_state:
             # A whole sequence, as Mamba has always run it: the conv's own zero padding (at both
             # ends), cut back to L. The streaming path below pads the left only; the two agree to
             # rounding, not bit for bit, so each keeps the call its past outputs were made with.
             conv = depthwise_conv1d(
-                x, self.conv1d.weight, self.conv1d.bias, padding=(self.conv_width, self.conv_width)
+                x,
+                self.conv1d.weight,
+                self.conv1d.bias,
+                padding=(self.conv_width, self.conv_width),
+                crop=(0, x.shape[-1]),
             )
-            return self._scan(F.silu(conv[..., : x.shape[-1]]), z)
+            return self._scan(F.silu(conv), z)
         # The carried inputs take the place of the zero padding on the left. A fresh start
         # passes no initial state, so that backends which take none (mamba_ssm) still run it.
         if state is None:
