@@ -119,8 +119,12 @@ def mean_shift(shifts: np.ndarray) -> str:
 def steer(pipe, context, seed: int, steps: int, frames: int, held: tuple[str, ...]):
     """Frames generated while each action of ``held`` is held for ``frames`` frames in turn,
     after one "stay" frame -> {action: uint8 (frames + 1, H, W, 3)}, the first being the frame
-    before it began. ``context``: real frames (3, n, H, W) to continue, or None."""
-    session = StreamingSession.start(pipe, seed=seed, steps=steps, context=context)
+    before it began. ``context``: real frames (3, n, H, W) and their (n,) actions to continue,
+    or None."""
+    frames_of, actions = context if context is not None else (None, None)
+    session = StreamingSession.start(
+        pipe, seed=seed, steps=steps, context=frames_of, context_actions=actions
+    )
     last, _ = session.step(action=None)
     out = {}
     for name in held:
@@ -135,13 +139,16 @@ def steer(pipe, context, seed: int, steps: int, frames: int, held: tuple[str, ..
 
 
 def one_step(pipe, contexts, steps: int, held: tuple[str, ...]):
-    """From each real context (3, n, H, W), one frame per action of ``held`` (a fresh stream
-    each, seeded by the context's index) -> {action: [shift from the last real frame]}."""
+    """From each real context ((3, n, H, W) frames, their (n,) actions), one frame per action
+    of ``held`` (a fresh stream each, seeded by the context's index) -> {action: [shift from
+    the last real frame]}."""
     out: dict[str, list[tuple[int, int]]] = {n: [] for n in held}
-    for seed, context in enumerate(contexts):
+    for seed, (context, actions) in enumerate(contexts):
         last = grey_of(context[:, -1])
         for name in held:
-            session = StreamingSession.start(pipe, seed=seed, steps=steps, context=context)
+            session = StreamingSession.start(
+                pipe, seed=seed, steps=steps, context=context, context_actions=actions
+            )
             frame, _ = session.step(action=name)
             out[name].append(phase_shift(last, grey(frame)))
     return out
@@ -269,7 +276,10 @@ def main() -> None:
         if not (dataset[i]["actions"][:lit_frames] == dark).any()
     ]
     for seed in range(args.seeds):
-        context = dataset[lit[seed]]["video"][:, : args.context] if args.context else None
+        item = dataset[lit[seed]] if args.context else None
+        context = (
+            (item["video"][:, : args.context], item["actions"][: args.context]) if item else None
+        )
         runs = steer(pipe, context, seed, steps, args.frames, HELD)
         for name, frames in runs.items():
             generated[name] += [
@@ -287,7 +297,10 @@ def main() -> None:
     print_table(TABLE_HEADER, rows)
     print("steering: " + ", ".join(f"{n} {s:.0%} the real way" for n, s in verdicts))
     if args.one_step:
-        contexts = [dataset[i]["video"][:, : args.one_step] for i in lit[:16]]
+        contexts = [
+            (dataset[i]["video"][:, : args.one_step], dataset[i]["actions"][: args.one_step])
+            for i in lit[:16]
+        ]
         rows, verdicts = steering_rows(real, one_step(pipe, contexts, steps, HELD), HELD)
         print(
             f"\none frame per action from {args.one_step} real frames of {len(contexts)} lit "

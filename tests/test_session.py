@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from matten.config import load_config
 from matten.pipelines import LongVideoPipeline, SamplingError
-from matten.pipelines.session import StateMismatchError, StreamingSession
+from matten.pipelines.session import StateMismatchError, StreamingSession, flatten_state
 from matten.training import train
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -140,6 +140,33 @@ def test_context_frames_start_the_stream(pipe):
     session = StreamingSession.start(pipe, steps=1, context=context)
     assert session.frame == 2
     assert session.step(action="stay")[1]["frame"] == 2
+
+
+def test_context_frames_carry_their_actions(pipe):
+    """A context that moved says how: its actions go into the stream's state as generated
+    frames' do (the fixture is barely trained, so the state shows it where frames cannot)."""
+    context = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def state(**kwargs):
+        session = StreamingSession.start(pipe, seed=3, steps=2, context=context, **kwargs)
+        tensors: dict = {}
+        flatten_state(session.state, "state", tensors)
+        return tensors
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    default = state()
+    assert same(state(context_actions=["stay", "stay"]), default)
+    moved = state(context_actions=["right", "right"])
+    assert same(state(context_actions=torch.tensor([2, 2])), moved)
+    assert not same(moved, default)
+    with pytest.raises(SamplingError, match="1 actions for 2 frames"):
+        StreamingSession.start(pipe, context=context, context_actions=["right"])
+    with pytest.raises(SamplingError, match="unknown action"):
+        StreamingSession.start(pipe, context=context, context_actions=["right", "jump"])
+    with pytest.raises(SamplingError, match="without context"):
+        StreamingSession.start(pipe, context_actions=["right"])
 
 
 @pytest.fixture(scope="module")

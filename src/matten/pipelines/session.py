@@ -159,10 +159,13 @@ class StreamingSession:
         steps: int | None = None,
         class_label=None,
         context: torch.Tensor | None = None,
+        context_actions=None,
     ) -> StreamingSession:
         """A new stream from a :class:`LongVideoPipeline` or a checkpoint path. ``context``:
         frames (3, n, H, W) or (1, 3, n, H, W) in [-1, 1] the stream continues (generated frames
-        are numbered from n). ``class_label``: index or name (default: class 0)."""
+        are numbered from n); ``context_actions``: their n actions (indices or names; default:
+        the first action for each; a model conditions on them as on its own, so a context
+        that moved should say how). ``class_label``: index or name (default: class 0)."""
         pipe = (
             pipe_or_path
             if isinstance(pipe_or_path, LongVideoPipeline)
@@ -170,7 +173,9 @@ class StreamingSession:
         )
         session = cls(pipe, seed=seed, steps=steps, class_label=class_label)
         if context is not None:
-            session._commit_context(context)
+            session._commit_context(context, context_actions)
+        elif context_actions is not None:
+            raise SamplingError("context_actions given without context frames")
         return session
 
     @property
@@ -226,11 +231,21 @@ class StreamingSession:
         acts = None if index is None else torch.full((1, frames), index, device=device)
         return labels, acts, index, label
 
-    def _commit_context(self, context: torch.Tensor) -> None:
+    def _commit_context(self, context: torch.Tensor, context_actions=None) -> None:
         context = context[None] if context.dim() == 4 else context
         with torch.no_grad():
             latents = self.pipe.autoencoder.encode(context.to(self.pipe.device))
         labels, acts, _, _ = self._conditions(None, None, latents.shape[2])
+        if context_actions is not None:
+            given = list(context_actions)
+            if not self.model.takes_actions:
+                raise SamplingError("this model takes no actions")
+            if len(given) != latents.shape[2]:
+                raise SamplingError(
+                    f"context_actions: {len(given)} actions for {latents.shape[2]} frames"
+                )
+            indices = [self.action_index(a.item() if torch.is_tensor(a) else a) for a in given]
+            acts = torch.tensor([indices], device=acts.device, dtype=acts.dtype)
         self.state = commit_frames(
             self.model,
             latents.to(next(self.model.parameters()).dtype),
