@@ -674,3 +674,21 @@ def test_depthwise_conv_equals_torch_conv_and_its_gradients(padding, crop, compi
         torch.testing.assert_close(a.grad, e.grad, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="weight must have shape"):
         depthwise_conv1d(x, w[:4])
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_channels_first_linear_equals_nn_linear_on_strided_input(with_bias):
+    from matten.ssm.mamba import channels_first_linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 5, bias=with_bias).double()
+    tokens = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    channels_first = tokens.transpose(1, 2)  # a strided view, as the Mamba layer passes it
+    out = channels_first_linear(linear.weight, linear.bias, channels_first)
+    expected = linear(tokens).transpose(1, 2)
+    assert out.shape == (3, 5, 7) and out.is_contiguous()
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), [tokens, linear.weight])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [tokens, linear.weight])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)

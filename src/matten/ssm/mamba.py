@@ -147,22 +147,33 @@ class SelectiveSSM(nn.Module):
 
     def _scan(self, x: torch.Tensor, z: torch.Tensor, **scan_kwargs):
         """The conv's activated output x -> (dt, B, C) -> selective_scan gated by silu(z)."""
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        dt, B, C = channels_first_linear(self.x_proj.weight, None, x).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=1
         )
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)
+        delta = channels_first_linear(self.dt_proj.weight, None, dt)
         return selective_scan(
             x,
             delta,
             -torch.exp(self.A_log.float()),
-            B.transpose(1, 2),
-            C.transpose(1, 2),
+            B,
+            C,
             self.D.float(),
             z,
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
             **scan_kwargs,
         )
+
+
+def channels_first_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
+    """A linear layer along dim 1: ``x`` (batch, in, L), any strides -> (batch, out, L),
+    contiguous. The scan, the conv and x_proj all work channels first; one batched matmul that
+    reads ``x`` transposed in place (BLAS takes either order) writes that layout directly, where
+    ``nn.Linear`` on a transposed view would first copy it and leave a transposed output."""
+    out = torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+    return out if bias is None else out + bias[:, None]
 
 
 class _MambaMixer(nn.Module):
@@ -195,12 +206,15 @@ class _MambaMixer(nn.Module):
 
     def project_in(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, L, d_model) -> the scan input x and the gate z, each (batch, d_inner, L)."""
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+        x, z = channels_first_linear(
+            self.in_proj.weight, self.in_proj.bias, hidden.transpose(1, 2)
+        ).chunk(2, dim=1)
         return x, z
 
     def project_out(self, y: torch.Tensor) -> torch.Tensor:
         """(batch, d_inner, L) -> (batch, L, d_model)."""
-        return self.out_proj(y.transpose(1, 2))
+        out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(y.shape[0], -1, -1))
+        return out if self.out_proj.bias is None else out + self.out_proj.bias
 
 
 class Mamba(_MambaMixer):
