@@ -690,5 +690,5 @@ def test_channels_first_linear_equals_nn_linear_on_strided_input(with_bias):
     torch.testing.assert_close(out, expected)
     grads = torch.autograd.grad(out.square().sum(), [tokens, linear.weight])
     expected_grads = torch.autograd.grad(expected.square().sum(), [tokens, linear.weight])
-    for got, want in zip(grads, expected_grads):
+    for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want)
