@@ -692,3 +692,27 @@ def test_channels_first_linear_equals_nn_linear_on_strided_input(with_bias):
     expected_grads = torch.autograd.grad(expected.square().sum(), [tokens, linear.weight])
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_scan_gradients_at_the_softplus_threshold_and_saturated_gates(dtype):
+    """delta + delta_bias past softplus's threshold of 20 (where it is the identity, gradient 1),
+    far below it (gradient ~0), and gates far in silu's tails: the kernel's own sigmoid must
+    agree with autograd through the float64 reference there too."""
+    x = make_inputs(1, 6, 9, 4, dtype=dtype)
+    x["delta"] = torch.tensor([-30.0, -5.0, 0.0, 19.9, 20.1, 40.0], dtype=dtype)[:, None].expand(
+        1, 6, 9
+    ) * torch.linspace(0.9, 1.1, 9, dtype=dtype)
+    x["delta"] = x["delta"] * 0.05 + torch.where(x["delta"].abs() > 10, x["delta"], 0.0)
+    x["z"] = torch.tensor([-120.0, -30.0, -1.0, 0.5, 30.0, 120.0], dtype=dtype)[:, None].expand(
+        1, 6, 9
+    ) + torch.randn(1, 6, 9, dtype=dtype)
+    x["delta_bias"] = torch.zeros(6, dtype=dtype)
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+    ref = {k: v.double().clone().requires_grad_() for k, v in x.items()}
+    w = torch.randn(1, 6, 9, dtype=torch.float64)
+    (selective_scan(**leaves, delta_softplus=True, backend="cpu") * w.to(dtype)).sum().backward()
+    (selective_scan_ref(**ref, delta_softplus=True) * w).sum().backward()
+    for name in leaves:
+        scale = ref[name].grad.abs().max().clamp_min(1e-12)
+        assert (leaves[name].grad.double() - ref[name].grad).abs().max() / scale < 1e-4, name
