@@ -206,9 +206,12 @@ class _MambaMixer(nn.Module):
 
     def project_in(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, L, d_model) -> the scan input x and the gate z, each (batch, d_inner, L)."""
-        x, z = channels_first_linear(
-            self.in_proj.weight, self.in_proj.bias, hidden.transpose(1, 2)
-        ).chunk(2, dim=1)
+        # Two products (the weight's halves) rather than one split in two: each half is then a
+        # contiguous tensor, which the conv and the scan would otherwise each copy.
+        channels = hidden.transpose(1, 2)
+        weights, bias = self.in_proj.weight.chunk(2), self.in_proj.bias
+        biases = bias.chunk(2) if bias is not None else (None, None)
+        x, z = (channels_first_linear(w, b, channels) for w, b in zip(weights, biases, strict=True))
         return x, z
 
     def project_out(self, y: torch.Tensor) -> torch.Tensor:
