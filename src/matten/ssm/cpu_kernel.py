@@ -326,8 +326,8 @@ def scan_backward(
     if z is not None:
         z = z.contiguous()
         sig = torch.sigmoid(z)
-        gate = z * sig  # silu(z); its derivative sig (1 + z (1 - sig)) = sig + silu(z) (1 - sig)
-        gate, dgate = _np(gate), _np(torch.addcmul(sig, gate, 1 - sig))
+        silu = z * sig  # its derivative sig (1 + z (1 - sig)) is sig + silu(z) (1 - sig)
+        gate, dgate = _np(silu), _np(torch.addcmul(sig, silu, 1 - sig))
     else:
         gate = dgate = _no_gate(u)
     _scan_backward(
