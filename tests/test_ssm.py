@@ -716,3 +716,16 @@ def test_cpu_scan_gradients_at_the_softplus_threshold_and_saturated_gates(dtype)
     for name in leaves:
         scale = ref[name].grad.abs().max().clamp_min(1e-12)
         assert (leaves[name].grad.double() - ref[name].grad).abs().max() / scale < 1e-4, name
+
+
+def test_channels_first_linear_keeps_autocast_dtype_like_nn_linear():
+    """A float32 bias added after a bfloat16 product would promote the output to float32."""
+    from matten.ssm.mamba import channels_first_linear
+
+    linear = torch.nn.Linear(6, 5)
+    x = torch.randn(3, 6, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = channels_first_linear(linear.weight, linear.bias, x)
+        expected = linear(x.transpose(1, 2)).transpose(1, 2)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)  # bfloat16 rounding

@@ -172,8 +172,10 @@ def channels_first_linear(
     contiguous. The scan, the conv and x_proj all work channels first; one batched matmul that
     reads ``x`` transposed in place (BLAS takes either order) writes that layout directly, where
     ``nn.Linear`` on a transposed view would first copy it and leave a transposed output."""
-    out = torch.bmm(weight.expand(x.shape[0], -1, -1), x)
-    return out if bias is None else out + bias[:, None]
+    weight = weight.expand(x.shape[0], -1, -1)
+    # baddbmm, not bmm + bias: under autocast it casts the bias with the product, as nn.Linear
+    # does, where a float32 bias added to a bfloat16 product would promote the output.
+    return torch.bmm(weight, x) if bias is None else torch.baddbmm(bias[:, None], weight, x)
 
 
 class _MambaMixer(nn.Module):
@@ -216,8 +218,11 @@ class _MambaMixer(nn.Module):
 
     def project_out(self, y: torch.Tensor) -> torch.Tensor:
         """(batch, d_inner, L) -> (batch, L, d_model)."""
-        out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(y.shape[0], -1, -1))
-        return out if self.out_proj.bias is None else out + self.out_proj.bias
+        weight = self.out_proj.weight.t().expand(y.shape[0], -1, -1)
+        bias = self.out_proj.bias
+        if bias is None:
+            return torch.bmm(y.transpose(1, 2), weight)
+        return torch.baddbmm(bias, y.transpose(1, 2), weight)
 
 
 class Mamba(_MambaMixer):
