@@ -22,6 +22,7 @@ from matten.ssm import (
 )
 from matten.ssm.chunked_scan import chunked_scan
 from matten.ssm.depthwise_conv import depthwise_conv1d
+from matten.ssm.mamba import channels_first_linear
 from matten.ssm.reference import selective_scan_ref
 
 # The module, not the function of the same name that matten.ssm exports.
@@ -678,8 +679,6 @@ def test_depthwise_conv_equals_torch_conv_and_its_gradients(padding, crop, compi
 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_channels_first_linear_equals_nn_linear_on_strided_input(with_bias):
-    from matten.ssm.mamba import channels_first_linear
-
     torch.manual_seed(0)
     linear = torch.nn.Linear(6, 5, bias=with_bias).double()
     tokens = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
@@ -700,10 +699,9 @@ def test_cpu_scan_gradients_at_the_softplus_threshold_and_saturated_gates(dtype)
     far below it (gradient ~0), and gates far in silu's tails: the kernel's own sigmoid must
     agree with autograd through the float64 reference there too."""
     x = make_inputs(1, 6, 9, 4, dtype=dtype)
-    x["delta"] = torch.tensor([-30.0, -5.0, 0.0, 19.9, 20.1, 40.0], dtype=dtype)[:, None].expand(
-        1, 6, 9
-    ) * torch.linspace(0.9, 1.1, 9, dtype=dtype)
-    x["delta"] = x["delta"] * 0.05 + torch.where(x["delta"].abs() > 10, x["delta"], 0.0)
+    # one level per channel, varied a little along time; 19.9 and 20.1 stay on their side of 20
+    levels = torch.tensor([-30.0, -5.0, 0.0, 19.9, 20.1, 40.0], dtype=dtype)[:, None]
+    x["delta"] = (levels + 0.05 * torch.linspace(-1, 1, 9, dtype=dtype)).expand(1, 6, 9)
     x["z"] = torch.tensor([-120.0, -30.0, -1.0, 0.5, 30.0, 120.0], dtype=dtype)[:, None].expand(
         1, 6, 9
     ) + torch.randn(1, 6, 9, dtype=dtype)
@@ -720,8 +718,6 @@ def test_cpu_scan_gradients_at_the_softplus_threshold_and_saturated_gates(dtype)
 
 def test_channels_first_linear_keeps_autocast_dtype_like_nn_linear():
     """A float32 bias added after a bfloat16 product would promote the output to float32."""
-    from matten.ssm.mamba import channels_first_linear
-
     linear = torch.nn.Linear(6, 5)
     x = torch.randn(3, 6, 7)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -172,10 +172,18 @@ def channels_first_linear(
     contiguous. The scan, the conv and x_proj all work channels first; one batched matmul that
     reads ``x`` transposed in place (BLAS takes either order) writes that layout directly, where
     ``nn.Linear`` on a transposed view would first copy it and leave a transposed output."""
-    weight = weight.expand(x.shape[0], -1, -1)
-    # baddbmm, not bmm + bias: under autocast it casts the bias with the product, as nn.Linear
-    # does, where a float32 bias added to a bfloat16 product would promote the output.
-    return torch.bmm(weight, x) if bias is None else torch.baddbmm(bias[:, None], weight, x)
+    return batched_matmul_plus(
+        weight.expand(x.shape[0], -1, -1), x, None if bias is None else bias[:, None]
+    )
+
+
+def batched_matmul_plus(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``a @ b + bias`` for batched matrices (bias broadcast). baddbmm, not bmm + bias: under
+    autocast it casts the bias with the product, as nn.Linear does, where a float32 bias added
+    to a bfloat16 product would promote the output to float32."""
+    return torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
 
 
 class _MambaMixer(nn.Module):
@@ -219,10 +227,7 @@ class _MambaMixer(nn.Module):
     def project_out(self, y: torch.Tensor) -> torch.Tensor:
         """(batch, d_inner, L) -> (batch, L, d_model)."""
         weight = self.out_proj.weight.t().expand(y.shape[0], -1, -1)
-        bias = self.out_proj.bias
-        if bias is None:
-            return torch.bmm(y.transpose(1, 2), weight)
-        return torch.baddbmm(bias, y.transpose(1, 2), weight)
+        return batched_matmul_plus(y.transpose(1, 2), weight, self.out_proj.bias)
 
 
 class Mamba(_MambaMixer):
