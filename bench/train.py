@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import MALLOC_ENV, best_time, print_table, sampled_peak  # noqa: E402
 
+from matten.allocator import keep_freed_memory  # noqa: E402
 from matten.config import load_config  # noqa: E402
 from matten.diffusion import create_diffusion  # noqa: E402
 from matten.models import create_model  # noqa: E402
@@ -138,6 +139,8 @@ def main() -> None:
         return child_peak(args)
 
     device = torch.device(args.device)
+    # as `matten train` does on a CPU (the peak-memory child keeps returning malloc, MALLOC_ENV)
+    kept = device.type == "cpu" and keep_freed_memory()
     peak_mm = matmul_flops_per_second(
         device, args.matmul_size or (8192 if device.type == "cuda" else 4096)
     )
@@ -151,6 +154,8 @@ def main() -> None:
         f"{args.resolution} (pixel space, patch 2), float32, {where}, torch {torch.__version__}"
     )
     print(f"large float32 matmul: {peak_mm / 1e9:.1f} GFLOP/s")
+    if device.type == "cpu":
+        print(f"malloc keeps freed memory (matten.allocator): {'yes' if kept else 'no'}")
     rows, results = [], {}
     for name, variant in MODELS:
         model = build(name, variant, args.frames, args.resolution, args.num_classes, device)

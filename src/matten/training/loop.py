@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import cpu_share
+from .. import allocator, cpu_share
 from ..checkpoint import CheckpointError, latest_checkpoint
 from ..config import RunConfig
 from ..interrupts import GracefulStop
@@ -79,6 +79,8 @@ def train(
             nothing_to_do=True,
         )
     run = build_run(cfg, output, checkpoint)
+    if run.device.type == "cpu":
+        allocator.keep_freed_memory()  # each step reuses the last one's pages (matten.allocator)
     batches = RunBatches(run, run.start_step)  # the data, stage by stage with a curriculum
     files, losses = RunFiles(run), LossRecord(run)
     checkpoints, previews = Checkpointer(run, batches.position), Previews(run)
