@@ -116,14 +116,19 @@ def mean_shift(shifts: np.ndarray) -> str:
     return f"({shifts[:, 0].mean():+.2f}, {shifts[:, 1].mean():+.2f})"
 
 
-def steer(pipe, context, seed: int, steps: int, frames: int, held: tuple[str, ...]):
+def steer(pipe, context, seed: int, steps: int, frames: int, held: tuple[str, ...], guidance):
     """Frames generated while each action of ``held`` is held for ``frames`` frames in turn,
     after one "stay" frame -> {action: uint8 (frames + 1, H, W, 3)}, the first being the frame
     before it began. ``context``: real frames (3, n, H, W) and their (n,) actions to continue,
-    or None."""
+    or None. ``guidance``: the sessions' action_cfg_scale (None: the run's)."""
     frames_of, actions = context if context is not None else (None, None)
     session = StreamingSession.start(
-        pipe, seed=seed, steps=steps, context=frames_of, context_actions=actions
+        pipe,
+        seed=seed,
+        steps=steps,
+        context=frames_of,
+        context_actions=actions,
+        action_cfg_scale=guidance,
     )
     last, _ = session.step(action=None)
     out = {}
@@ -138,7 +143,7 @@ def steer(pipe, context, seed: int, steps: int, frames: int, held: tuple[str, ..
     return out
 
 
-def one_step(pipe, contexts, steps: int, held: tuple[str, ...]):
+def one_step(pipe, contexts, steps: int, held: tuple[str, ...], guidance):
     """From each real context ((3, n, H, W) frames, their (n,) actions), one frame per action
     of ``held`` (a fresh stream each, seeded by the context's index) -> {action: [shift from
     the last real frame]}."""
@@ -147,11 +152,20 @@ def one_step(pipe, contexts, steps: int, held: tuple[str, ...]):
         last = grey_of(context[:, -1])
         for name in held:
             session = StreamingSession.start(
-                pipe, seed=seed, steps=steps, context=context, context_actions=actions
+                pipe,
+                seed=seed,
+                steps=steps,
+                context=context,
+                context_actions=actions,
+                action_cfg_scale=guidance,
             )
             frame, _ = session.step(action=name)
             out[name].append(phase_shift(last, grey(frame)))
     return out
+
+
+def guidance_of(pipe, asked) -> float:
+    return StreamingSession.start(pipe, action_cfg_scale=asked).action_cfg_scale
 
 
 def steering_rows(real, generated, held: tuple[str, ...]) -> tuple[list[list], list]:
@@ -249,6 +263,12 @@ def main() -> None:
         metavar="N",
         help="also one frame per action from N real frames of each of 16 lit clips (0: off)",
     )
+    parser.add_argument(
+        "--action-cfg",
+        type=float,
+        default=None,
+        help="guidance on actions (a model trained with action dropout; default: the run's)",
+    )
     parser.add_argument("--real-clips", type=int, default=64, help="real clips for the reference")
     parser.add_argument("--figure", help="PNG of the generated frames, a row per held action")
     parser.add_argument("--screenshot", help="PNG of matten play's page with right held")
@@ -280,7 +300,7 @@ def main() -> None:
         context = (
             (item["video"][:, : args.context], item["actions"][: args.context]) if item else None
         )
-        runs = steer(pipe, context, seed, steps, args.frames, HELD)
+        runs = steer(pipe, context, seed, steps, args.frames, HELD, args.action_cfg)
         for name, frames in runs.items():
             generated[name] += [
                 phase_shift(grey(frames[t - 1]), grey(frames[t])) for t in range(1, len(frames))
@@ -290,7 +310,7 @@ def main() -> None:
     rows, verdicts = steering_rows(real, generated, HELD)
     print(
         f"{args.checkpoint}: {args.seeds} streams x {len(HELD)} actions x {args.frames} frames, "
-        f"DDIM {steps}, "
+        f"DDIM {steps}, action guidance {guidance_of(pipe, args.action_cfg)}, "
         + (f"each from {args.context} real frames" if args.context else "each from nothing")
         + "; shifts by phase correlation"
     )
@@ -301,7 +321,9 @@ def main() -> None:
             (dataset[i]["video"][:, : args.one_step], dataset[i]["actions"][: args.one_step])
             for i in lit[:16]
         ]
-        rows, verdicts = steering_rows(real, one_step(pipe, contexts, steps, HELD), HELD)
+        rows, verdicts = steering_rows(
+            real, one_step(pipe, contexts, steps, HELD, args.action_cfg), HELD
+        )
         print(
             f"\none frame per action from {args.one_step} real frames of {len(contexts)} lit "
             f"clips, DDIM {steps}; shift from the last real frame"

@@ -41,6 +41,8 @@ class CausalConfig:
     window_kind: str = "same_position"  # the window: "same_position" or "frame_local"
     malt_slots: int = 16  # "malt": memory vectors per layer (fixed, never grows)
     malt_segment: int = 4  # "malt": frames per memory write
+    action_dropout_prob: float = 0.0  # each frame's action -> the null action, with this
+    # probability in training (> 0: guidance on actions, sample.action_cfg_scale, can be used)
 
 
 @dataclass
@@ -134,6 +136,8 @@ class SampleConfig:
     steps: int | None = None  # respaced steps; None: 250 (ddpm) / 50 (ddim)
     eta: float = 0.0
     cfg_scale: float = 1.0  # classifier-free guidance scale (1 = none)
+    action_cfg_scale: float = 1.0  # guidance on per-frame actions (1 = none; needs a model
+    # trained with model.causal.action_dropout_prob > 0)
     seed: int = 0
     fps: int = 8
 

@@ -48,6 +48,11 @@ def _causal_problems(c) -> list[str]:
         problems.append(
             "model.causal.window must be >= 1, model.causal.sink and model.causal.num_actions >= 0"
         )
+    if not 0.0 <= c.action_dropout_prob < 1.0 or (c.action_dropout_prob > 0 and not c.num_actions):
+        problems.append(
+            "model.causal.action_dropout_prob must be in [0, 1), and above 0 only with "
+            "model.causal.num_actions"
+        )
     block = c.ssm_block_size
     if not (isinstance(block, int) and block >= 1 or isinstance(block, list) and block):
         problems.append(

@@ -17,13 +17,14 @@ from .gaussian_diffusion import (
     cosine_beta_schedule,
     linear_beta_schedule,
 )
-from .guidance import check_cfg_scale, classifier_free_guidance
+from .guidance import action_guidance, check_cfg_scale, classifier_free_guidance
 from .respace import SpacedDiffusion, space_timesteps
 
 __all__ = [
     "GaussianDiffusion",
     "SpacedDiffusion",
     "space_timesteps",
+    "action_guidance",
     "classifier_free_guidance",
     "create_diffusion",
     "linear_beta_schedule",

@@ -122,6 +122,7 @@ class CausalVideoBackbone(Denoiser):
         class_dropout_prob: float = 0.1,
         num_actions: int = 0,
         action_dim: int = 0,
+        action_dropout_prob: float = 0.0,
         window: int = 8,
         sink: int = 1,
         memory: str = "both",
@@ -168,6 +169,7 @@ class CausalVideoBackbone(Denoiser):
             conditioning="adan",
             num_actions=num_actions,
             action_dim=action_dim,
+            action_dropout_prob=action_dropout_prob,
         )
         self.window, self.sink, self.memory = window, sink, memory
         self.window_kind = window_kind
@@ -247,6 +249,7 @@ def create_causal_model(
     class_dropout_prob: float = 0.1,
     num_actions: int = 0,
     action_dim: int = 0,
+    action_dropout_prob: float = 0.0,
     window: int = 8,
     sink: int = 1,
     memory: str = "both",
@@ -286,6 +289,7 @@ def create_causal_model(
         class_dropout_prob=class_dropout_prob,
         num_actions=num_actions,
         action_dim=action_dim,
+        action_dropout_prob=action_dropout_prob,
         window=window,
         sink=sink,
         memory=memory,

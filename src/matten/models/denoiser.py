@@ -72,6 +72,7 @@ class Denoiser(nn.Module):
         conditioning: str = "adan",
         num_actions: int = 0,
         action_dim: int = 0,
+        action_dropout_prob: float = 0.0,
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
@@ -85,7 +86,7 @@ class Denoiser(nn.Module):
             LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         )
         self.action_embedder = (
-            ActionEmbedder(hidden_size, num_actions, action_dim)
+            ActionEmbedder(hidden_size, num_actions, action_dim, action_dropout_prob)
             if num_actions > 0 or action_dim > 0
             else None
         )
@@ -102,6 +103,11 @@ class Denoiser(nn.Module):
     def null_class(self) -> int | None:
         """Label of the null class used for classifier-free guidance (None if unconditional)."""
         return self.y_embedder.null_class if self.y_embedder is not None else None
+
+    @property
+    def null_action(self) -> int | None:
+        """Index of the null action used for guidance on actions (None: not trained with one)."""
+        return self.action_embedder.null_action if self.action_embedder is not None else None
 
     @property
     def takes_actions(self) -> bool:

@@ -137,20 +137,37 @@ class LabelEmbedder(nn.Module):
 
 class ActionEmbedder(nn.Module):
     """Per-frame actions -> (B, F, D), added to the noise-level embedding: discrete actions
-    (B, F) through a table, continuous ones (B, F, action_dim) through an MLP."""
+    (B, F) through a table, continuous ones (B, F, action_dim) through an MLP.
 
-    def __init__(self, hidden_size: int, num_actions: int = 0, action_dim: int = 0):
+    With ``dropout_prob`` > 0 (discrete actions only) the table has one more row, the null
+    action (index ``num_actions``): during training each frame's action is replaced by it with
+    that probability, so that the model also learns frames whose action is unknown, what
+    classifier-free guidance on actions contrasts a held action with."""
+
+    def __init__(
+        self, hidden_size: int, num_actions: int = 0, action_dim: int = 0, dropout_prob=0.0
+    ):
         super().__init__()
         if (num_actions > 0) == (action_dim > 0):
             raise ValueError("give either num_actions (discrete) or action_dim (continuous)")
+        if not 0.0 <= dropout_prob < 1.0 or (dropout_prob > 0 and not num_actions):
+            raise ValueError(
+                f"action dropout must be in [0, 1), and only for discrete actions: {dropout_prob}"
+            )
         self.num_actions, self.action_dim = num_actions, action_dim
+        self.dropout_prob = dropout_prob
         self.embed: nn.Module
         if num_actions:
-            self.embed = nn.Embedding(num_actions, hidden_size)
+            self.embed = nn.Embedding(num_actions + (dropout_prob > 0), hidden_size)
         else:
             self.embed = nn.Sequential(
                 nn.Linear(action_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
             )
+
+    @property
+    def null_action(self) -> int | None:
+        """Index of the null action (None: the model was trained without action dropout)."""
+        return self.num_actions if self.dropout_prob > 0 else None
 
     def forward(self, actions: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
         if self.num_actions:
@@ -159,8 +176,13 @@ class ActionEmbedder(nn.Module):
                     f"expected integer actions of shape ({batch}, {frames}), got "
                     f"{actions.dtype} {tuple(actions.shape)}"
                 )
-            if actions.min() < 0 or actions.max() >= self.num_actions:
-                raise ValueError(f"actions must be in [0, {self.num_actions})")
+            rows = self.num_actions + (self.null_action is not None)
+            if actions.min() < 0 or actions.max() >= rows:
+                null = f" ({self.num_actions} is the null action)" if self.null_action else ""
+                raise ValueError(f"actions must be in [0, {rows}){null}")
+            if self.training and self.dropout_prob > 0:
+                drop = torch.rand(actions.shape, device=actions.device) < self.dropout_prob
+                actions = torch.where(drop, torch.full_like(actions, self.num_actions), actions)
             return self.embed(actions)
         if actions.shape != (batch, frames, self.action_dim):
             raise ValueError(

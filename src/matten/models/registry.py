@@ -146,7 +146,7 @@ def _clip_kwargs(
 
 # Causal options added later: read when the options have them (a run config always does), else
 # the model's defaults, which are how models ran before the options existed.
-_LATER_CAUSAL_OPTIONS = ("window_kind", "malt_slots", "malt_segment")
+_LATER_CAUSAL_OPTIONS = ("window_kind", "malt_slots", "malt_segment", "action_dropout_prob")
 
 
 def _causal_kwargs(
@@ -212,7 +212,8 @@ def model_kwargs_for_run(
     """The arguments of :func:`build_model` for a new run: ``options`` is the run config's
     ``model`` section as a dict (name, variant, conditioning, learn_sigma, class_dropout_prob,
     depth / hidden_size / num_heads (None: the size's), gradient_checkpointing, and ``causal``:
-    window, sink, memory, num_actions, ssm_block_size, window_kind, malt_slots, malt_segment;
+    window, sink, memory, num_actions, ssm_block_size, window_kind, malt_slots, malt_segment,
+    action_dropout_prob;
     each family reads its own); the rest is the data's: latent channels, latent (H, W), class count
     and training
     clip length."""

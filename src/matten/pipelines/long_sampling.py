@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..diffusion import classifier_free_guidance
+from ..diffusion import action_guidance, classifier_free_guidance
 from .settings import check_sampling, run_sampler
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ def iter_long(
     sampler: str = "ddim",
     eta: float = 0.0,
     cfg_scale: float = 1.0,
+    action_cfg_scale: float = 1.0,
     clip_denoised: bool = False,
     generator: torch.Generator | None = None,
     device=None,
@@ -117,7 +118,9 @@ def iter_long(
     what a model does with a given history, without its own errors piling up).
 
     ``diffusion`` is a (respaced) diffusion; every frame of a chunk shares the noise level of the
-    current step and the committed history is clean (t = 0). Random draws come from ``generator``
+    current step and the committed history is clean (t = 0). ``action_cfg_scale`` != 1 guides
+    each chunk on its actions (a model trained with action dropout; :func:`sample_chunk`).
+    Random draws come from ``generator``
     in a fixed order: per chunk, its initial noise, then any sampler noise (DDPM, DDIM eta > 0).
     """
     _check(num_frames, chunk_size, latent_shape, batch)
@@ -180,6 +183,7 @@ def iter_long(
             sampler=sampler,
             eta=eta,
             cfg_scale=cfg_scale,
+            action_cfg_scale=action_cfg_scale,
             clip_denoised=clip_denoised,
             generator=generator,
             device=device,
@@ -216,6 +220,7 @@ def sample_chunk(
     sampler: str = "ddim",
     eta: float = 0.0,
     cfg_scale: float = 1.0,
+    action_cfg_scale: float = 1.0,
     clip_denoised: bool = False,
     generator: torch.Generator | None = None,
     device=None,
@@ -225,11 +230,19 @@ def sample_chunk(
     with the sampler's own loop, then committed -> (frames (B, C, k, h, w), the advanced state).
 
     ``labels`` (B,) and ``actions`` (B, k[, dim]) are the chunk's; with guidance
-    (``cfg_scale`` != 1) ``state`` is of twice the batch. ``committed``: frames to commit in
-    place of the generated ones (teacher forcing)."""
+    (``cfg_scale`` != 1) ``state`` is of twice the batch. ``action_cfg_scale`` != 1: guidance
+    on the chunk's actions, against the null action (the history keeps its own, so the state
+    is not doubled for it; each denoising step runs the model twice). ``committed``: frames to
+    commit in place of the generated ones (teacher forcing)."""
     guided = cfg_scale != 1.0
     if guided and labels is None:
         raise ValueError("classifier-free guidance needs labels y")
+    action_guided = action_cfg_scale != 1.0
+    if action_guided and (actions is None or getattr(model, "null_action", None) is None):
+        raise ValueError(
+            "guidance on actions needs actions and a model trained with action dropout "
+            "(model.causal.action_dropout_prob > 0)"
+        )
     if device is None:
         device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -245,6 +258,8 @@ def sample_chunk(
         if guided
         else chunk_model
     )
+    if action_guided:
+        net = action_guidance(net, float(action_cfg_scale), int(model.null_action))
     shape = (batch, int(latent_shape[0]), k, *(int(n) for n in latent_shape[1:]))
     # Drawn on the generator's device so a CPU generator gives the same video anywhere.
     noise = torch.randn(

@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..data import atomic_write_path, video_to_uint8
+from ..diffusion import check_cfg_scale
 from ..latent import PixelAutoencoder
 from .long import LongVideoPipeline, commit_frames, sample_chunk
 from .settings import SamplingError, check_sampling, sampling_diffusion
@@ -134,7 +135,9 @@ def checkpoint_identity(pipe: LongVideoPipeline) -> dict:
 class StreamingSession:
     """One live stream; build it with :meth:`start`. Not thread-safe: one caller at a time."""
 
-    def __init__(self, pipe: LongVideoPipeline, *, seed: int, steps, class_label):
+    def __init__(
+        self, pipe: LongVideoPipeline, *, seed: int, steps, class_label, action_cfg_scale=None
+    ):
         self.pipe, self.model, self.seed = pipe, pipe.model, int(seed)
         self.action_names = tuple(pipe.loaded.action_names)
         self.class_names = tuple(pipe.loaded.class_names)
@@ -143,6 +146,9 @@ class StreamingSession:
         self.eta = float(pipe.default("eta", None, 0.0))
         self.cfg_scale = float(pipe.default("cfg_scale", None, 1.0)) if self.num_classes else 1.0
         self.guided = self.cfg_scale != 1.0
+        self.action_cfg_scale = self.check_action_cfg_scale(
+            pipe.default("action_cfg_scale", action_cfg_scale, 1.0), asked=action_cfg_scale
+        )
         self.steps = self.check_steps(pipe.default("steps", steps, None))
         self.class_label = None
         self.class_label = self.class_index(class_label) if self.num_classes else None
@@ -160,18 +166,28 @@ class StreamingSession:
         class_label=None,
         context: torch.Tensor | None = None,
         context_actions=None,
+        action_cfg_scale: float | None = None,
     ) -> StreamingSession:
         """A new stream from a :class:`LongVideoPipeline` or a checkpoint path. ``context``:
         frames (3, n, H, W) or (1, 3, n, H, W) in [-1, 1] the stream continues (generated frames
         are numbered from n); ``context_actions``: their n actions (indices or names; default:
         the first action for each; a model conditions on them as on its own, so a context
-        that moved should say how). ``class_label``: index or name (default: class 0)."""
+        that moved should say how). ``class_label``: index or name (default: class 0).
+        ``action_cfg_scale``: guidance on the held action (default: the run's
+        ``sample.action_cfg_scale``, else 1 = none); above 1 a frame costs two model runs per
+        denoising step and the held action weighs more."""
         pipe = (
             pipe_or_path
             if isinstance(pipe_or_path, LongVideoPipeline)
             else LongVideoPipeline.from_pretrained(pipe_or_path)
         )
-        session = cls(pipe, seed=seed, steps=steps, class_label=class_label)
+        session = cls(
+            pipe,
+            seed=seed,
+            steps=steps,
+            class_label=class_label,
+            action_cfg_scale=action_cfg_scale,
+        )
         if context is not None:
             session._commit_context(context, context_actions)
         elif context_actions is not None:
@@ -191,6 +207,22 @@ class StreamingSession:
         return check_sampling(
             self.sampler, steps, self.eta, 1.0, self.pipe.loaded.diffusion_steps, conditional=False
         )
+
+    def check_action_cfg_scale(self, scale, asked) -> float:
+        """The guidance scale on actions; a model trained without the null action has none
+        (an asked-for scale is refused, a run's stored default is ignored)."""
+        if self.model.null_action is None:
+            if asked is not None and asked != 1:
+                raise SamplingError(
+                    "guidance on actions needs a model trained with action dropout "
+                    "(model.causal.action_dropout_prob > 0); this one has no null action"
+                )
+            return 1.0
+        try:
+            check_cfg_scale(scale)
+        except ValueError as exc:
+            raise SamplingError(f"action_cfg_scale: {exc}") from None
+        return float(scale)
 
     def class_index(self, class_label) -> int:
         """A class (index or name) -> its index; None keeps the session's."""
@@ -270,19 +302,10 @@ class StreamingSession:
             self.steps = self.check_steps(steps)
         if label is not None:
             self.class_label = label
-        if self.steps not in self._diffusions:
-            loaded = self.pipe.loaded
-            self._diffusions[self.steps] = sampling_diffusion(
-                self.steps,
-                diffusion_steps=loaded.diffusion_steps,
-                learn_sigma=loaded.learn_sigma,
-                prediction=loaded.prediction,
-                schedule=loaded.schedule,
-            )
         number = self.frame
         latent, self.state = sample_chunk(
             self.model,
-            self._diffusions[self.steps],
+            self.diffusion(),
             self.state,
             1,
             self.pipe.latent_shape(),
@@ -291,6 +314,7 @@ class StreamingSession:
             sampler=self.sampler,
             eta=self.eta,
             cfg_scale=self.cfg_scale,
+            action_cfg_scale=self.action_cfg_scale,
             clip_denoised=isinstance(self.pipe.autoencoder, PixelAutoencoder),
             generator=self.generator,
             device=self.pipe.device,
@@ -309,6 +333,19 @@ class StreamingSession:
         }
         return frame, meta
 
+    def diffusion(self):
+        """The checkpoint's diffusion respaced to the session's steps (built once per count)."""
+        if self.steps not in self._diffusions:
+            loaded = self.pipe.loaded
+            self._diffusions[self.steps] = sampling_diffusion(
+                self.steps,
+                diffusion_steps=loaded.diffusion_steps,
+                learn_sigma=loaded.learn_sigma,
+                prediction=loaded.prediction,
+                schedule=loaded.schedule,
+            )
+        return self._diffusions[self.steps]
+
     @staticmethod
     def _name(names, index):
         return names[index] if index is not None and index < len(names) else None
@@ -321,6 +358,7 @@ class StreamingSession:
             "sampler": self.sampler,
             "eta": self.eta,
             "cfg_scale": self.cfg_scale,
+            "action_cfg_scale": self.action_cfg_scale,
             "frame": self.frame,
         }
 
@@ -375,6 +413,7 @@ class StreamingSession:
                 f"{settings['cfg_scale']}, this session uses {self.cfg_scale}"
             )
         self.state = state
+        self.action_cfg_scale = settings.get("action_cfg_scale", 1.0)  # older states: none
         self.generator.set_state(tensors["rng"])
         self.seed, self.steps = settings["seed"], settings["steps"]
         self.class_label, self.sampler, self.eta = (

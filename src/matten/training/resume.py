@@ -35,9 +35,15 @@ MODEL_KEYS = (
     "window_kind",
     "malt_slots",
     "malt_segment",
+    "action_dropout_prob",
 )
 # Model options added after checkpoints were written: an older checkpoint had their default.
-ADDED_LATER = {"window_kind": "same_position", "malt_slots": 16, "malt_segment": 4}
+ADDED_LATER = {
+    "window_kind": "same_position",
+    "malt_slots": 16,
+    "malt_segment": 4,
+    "action_dropout_prob": 0.0,
+}
 # Settings whose change on resume would change what the trained weights mean (the model's output
 # is read as another quantity, or its inputs live in another space): refused.
 MEANING_KEYS = (

@@ -1,0 +1,154 @@
+"""Guidance on per-frame actions: action dropout teaches a null action, and sampling moves each
+denoising step away from it, in a stream that still continues exactly after save and load."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from matten.config import ConfigError, load_config
+from matten.diffusion import action_guidance
+from matten.models.embeddings import ActionEmbedder
+from matten.pipelines import LongVideoPipeline, SamplingError
+from matten.pipelines.long_sampling import sample_chunk
+from matten.pipelines.session import StreamingSession
+from matten.training import train
+
+CAUSAL = Path(__file__).parent / "fixtures" / "causal_run"  # trained without action dropout
+
+
+def test_action_dropout_adds_a_null_action_used_in_training_only():
+    torch.manual_seed(0)
+    embedder = ActionEmbedder(8, num_actions=3, dropout_prob=0.5)
+    assert embedder.null_action == 3 and embedder.embed.num_embeddings == 4
+    actions = torch.ones(4, 16, dtype=torch.long)
+    weight = embedder.embed.weight
+    out = embedder(actions, 4, 16)
+    is_null = (out == weight[3]).all(-1)
+    assert ((out == weight[1]).all(-1) | is_null).all()  # each frame: its action or the null
+    assert 0.3 < is_null.float().mean() < 0.7
+    embedder.eval()
+    assert (embedder(actions, 4, 16) == weight[1]).all()  # never dropped when sampling
+    assert (embedder(torch.full((1, 2), 3), 1, 2) == weight[3]).all()  # the null, asked for
+
+    plain = ActionEmbedder(8, num_actions=3)
+    assert plain.null_action is None and plain.embed.num_embeddings == 3
+    with pytest.raises(ValueError, match=r"actions must be in \[0, 3\)"):
+        plain(torch.full((1, 2), 3), 1, 2)
+    with pytest.raises(ValueError, match="only for discrete"):
+        ActionEmbedder(8, action_dim=2, dropout_prob=0.1)
+
+
+def test_action_guidance_extrapolates_eps_from_the_null_action():
+    calls = []
+
+    def model(x, t, actions, y=None):
+        calls.append(actions.clone())
+        eps = actions.float().mean(1).view(-1, 1, 1, 1, 1).expand_as(x)
+        variance = torch.full_like(x, 7.0) + actions.float().sum()  # conditional's kept
+        return torch.cat([eps, variance], dim=1)
+
+    x, t = torch.zeros(2, 3, 1, 2, 2), torch.zeros(2, dtype=torch.long)
+    actions = torch.tensor([[2], [4]])
+    out = action_guidance(model, 3.0, null_action=5)(x, t, actions=actions, y=None)
+    assert torch.equal(calls[1], torch.full_like(actions, 5))
+    cond, uncond = actions.float().view(-1, 1, 1, 1, 1), 5.0
+    assert torch.allclose(out[:, :3], (uncond + 3.0 * (cond - uncond)).expand(-1, 3, 1, 2, 2))
+    assert torch.equal(out[:, 3:], model(x, t, actions)[:, 3:])
+    calls.clear()
+    action_guidance(model, 1.0, null_action=5)(x, t, actions=actions)
+    assert len(calls) == 1  # scale 1: the conditional model alone
+
+
+@pytest.fixture(scope="module")
+def dropout_run(tmp_path_factory):
+    """A 1-step tiny long-video run trained with action dropout, sampled with guidance 3."""
+    overrides = [
+        "model.depth=1",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.causal.window=2",
+        "model.causal.memory=none",
+        "model.causal.action_dropout_prob=0.2",
+        "data.num_frames=4",
+        "data.num_videos=2",
+        "data.resolution=8",
+        "data.options.map_size=16",
+        "data.options.blackout=0",
+        "train.batch_size=2",
+        "train.max_steps=1",
+        "train.cpu=true",
+        "train.sample_every=0",
+        "sample.action_cfg_scale=3.0",
+    ]
+    run = tmp_path_factory.mktemp("action-dropout") / "run"
+    train(load_config("long", overrides), output=run, progress=False)
+    return run
+
+
+def test_scale_zero_is_the_null_action_and_other_scales_steer(dropout_run):
+    pipe = LongVideoPipeline.from_pretrained(dropout_run, device="cpu")
+    model, null = pipe.model, pipe.model.null_action
+    torch.manual_seed(0)
+    with torch.no_grad():  # after one step adaLN-Zero's gates are near 0: actions barely count
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert null == 6  # after stay, left, right, up, down, dark
+    diffusion = StreamingSession.start(pipe, steps=2).diffusion()
+
+    def frame(actions, scale):
+        generator = torch.Generator().manual_seed(0)
+        return sample_chunk(
+            model,
+            diffusion,
+            model.init_state(1),
+            1,
+            pipe.latent_shape(),
+            actions=torch.tensor([[actions]]),
+            action_cfg_scale=scale,
+            generator=generator,
+        )[0]
+
+    assert torch.equal(frame(2, 0.0), frame(null, 1.0))  # scale 0: the unconditional model
+    assert not torch.equal(frame(2, 3.0), frame(2, 1.0))
+    with pytest.raises(ValueError, match="action dropout"):
+        no_null = LongVideoPipeline.from_pretrained(CAUSAL, device="cpu").model
+        sample_chunk(
+            no_null,
+            diffusion,
+            no_null.init_state(1),
+            1,
+            pipe.latent_shape(),
+            actions=torch.tensor([[2]]),
+            action_cfg_scale=2.0,
+        )
+
+
+def test_a_guided_stream_continues_exactly_and_refuses_where_it_cannot_guide(dropout_run, tmp_path):
+    session = StreamingSession.start(dropout_run, seed=5, steps=1)
+    assert session.action_cfg_scale == 3.0  # the run's sample.action_cfg_scale
+    assert session.state.batch == 1  # guidance on actions does not double the state
+    for action in ("right", "right"):
+        session.step(action=action)
+    session.save_state(tmp_path / "s.safetensors")
+    whole = [session.step(action=a, output_type="pt")[0] for a in ("left", "up")]
+    other = StreamingSession.start(dropout_run, seed=0, steps=1, action_cfg_scale=1.0)
+    other.load_state(tmp_path / "s.safetensors")
+    assert other.action_cfg_scale == 3.0
+    continued = [other.step(action=a, output_type="pt")[0] for a in ("left", "up")]
+    assert all(torch.equal(a, b) for a, b in zip(whole, continued, strict=True))
+
+    with pytest.raises(SamplingError, match="action_cfg_scale"):
+        StreamingSession.start(dropout_run, action_cfg_scale=-1.0)
+    with pytest.raises(SamplingError, match="no null action"):
+        StreamingSession.start(CAUSAL, action_cfg_scale=2.0)
+    assert StreamingSession.start(CAUSAL).action_cfg_scale == 1.0
+
+
+def test_action_dropout_is_checked_in_the_config():
+    with pytest.raises(ConfigError, match="action_dropout_prob"):
+        load_config("long", ["model.causal.action_dropout_prob=1.0"]).validate()
+    with pytest.raises(ConfigError, match="action_dropout_prob"):
+        load_config(
+            "long", ["model.causal.num_actions=0", "model.causal.action_dropout_prob=0.1"]
+        ).validate()
