@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from matten import cli
 from matten.config import ConfigError, load_config
+from matten.data import read_video
 from matten.diffusion import action_guidance
 from matten.models.embeddings import ActionEmbedder
 from matten.pipelines import LongVideoPipeline, SamplingError
@@ -152,3 +154,20 @@ def test_action_dropout_is_checked_in_the_config():
         load_config(
             "long", ["model.causal.num_actions=0", "model.causal.action_dropout_prob=0.1"]
         ).validate()
+
+
+def test_matten_sample_guides_a_long_video_on_its_actions(dropout_run, tmp_path, capsys):
+    def sample(run, *extra):
+        args = ["sample", "--checkpoint", str(run), "--output", str(tmp_path / "v.mp4")]
+        return cli.main(args + ["-n", "1", "--steps", "1", "--no-progress", *extra])
+
+    guided = ["--frames", "3", "--chunk-size", "1", "--action-cfg-scale", "2"]
+    assert sample(dropout_run, *guided) == 0
+    assert len(read_video(tmp_path / "v.mp4")) == 3
+    for run, extra, message in (
+        (CAUSAL, guided, "no null action"),
+        (dropout_run, ["--action-cfg-scale", "2"], "it needs --frames"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            sample(run, *extra)
+        assert info.value.code == 2 and message in capsys.readouterr().err

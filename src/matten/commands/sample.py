@@ -73,6 +73,13 @@ def add_parser(subparsers):
         default=None,
         help="classifier-free guidance scale (1 = none; default: the config's)",
     )
+    parser.add_argument(
+        "--action-cfg-scale",
+        type=float,
+        default=None,
+        help="long videos: guidance on the actions (1 = none; a model trained with "
+        "model.causal.action_dropout_prob > 0; default: the config's)",
+    )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -150,6 +157,10 @@ def run(args, parser) -> int:
             return run_long(args, parser, LongVideoPipeline(pipe.loaded, pipe.device))
         if args.class_at:
             raise SamplingError("--class-at switches classes mid-stream: it needs --frames")
+        if args.action_cfg_scale not in (None, 1.0):
+            raise SamplingError(
+                "--action-cfg-scale guides a long video's actions: it needs --frames"
+            )
         labels = pipe.labels(args.classes, args.num_samples)
         actions = frame_actions(args, pipe)
         if actions is not None:
@@ -222,6 +233,7 @@ def run_long(args, parser, pipe: LongVideoPipeline) -> int:
                 steps=args.steps,
                 eta=args.eta,
                 cfg_scale=args.cfg_scale,
+                action_cfg_scale=args.action_cfg_scale,
                 seed=args.seed,
             )
     except LongVideoInterrupted as stop:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..data import StreamingVideoWriter, tile_videos, upscale_frames, video_to_uint8
+from ..diffusion import check_cfg_scale
 from ..latent import PixelAutoencoder
 from .clip import MattenPipeline
 from .settings import SamplingError, check_sampling, sampling_diffusion
@@ -118,6 +119,7 @@ class LongVideoPipeline(MattenPipeline):
         steps=None,
         eta=None,
         cfg_scale=None,
+        action_cfg_scale=None,
         seed=None,
         actions=None,
     ) -> dict:
@@ -155,10 +157,29 @@ class LongVideoPipeline(MattenPipeline):
             sampler=sampler,
             eta=float(self.default("eta", eta, 0.0)),
             cfg_scale=cfg_scale,
+            action_cfg_scale=self.action_guidance_scale(action_cfg_scale),
             clip_denoised=isinstance(self.autoencoder, PixelAutoencoder),
             generator=torch.Generator().manual_seed(seed),
             device=self.device,
         )
+
+    def action_guidance_scale(self, asked=None) -> float:
+        """The guidance scale on actions: ``asked``, else the run's ``sample.action_cfg_scale``,
+        else 1 (none). A model trained without the null action has none: a scale asked of it
+        is refused, a stored default ignored."""
+        if self.model.null_action is None:
+            if asked is not None and asked != 1:
+                raise SamplingError(
+                    "guidance on actions needs a model trained with action dropout "
+                    "(model.causal.action_dropout_prob > 0); this one has no null action"
+                )
+            return 1.0
+        scale = self.default("action_cfg_scale", asked, 1.0)
+        try:
+            check_cfg_scale(scale)
+        except ValueError as exc:
+            raise SamplingError(f"action_cfg_scale: {exc}") from None
+        return float(scale)
 
     def latent_shape(self) -> tuple[int, int, int]:
         h, w = self.loaded.latent_size

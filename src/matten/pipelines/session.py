@@ -30,7 +30,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..data import atomic_write_path, video_to_uint8
-from ..diffusion import check_cfg_scale
 from ..latent import PixelAutoencoder
 from .long import LongVideoPipeline, commit_frames, sample_chunk
 from .settings import SamplingError, check_sampling, sampling_diffusion
@@ -146,9 +145,7 @@ class StreamingSession:
         self.eta = float(pipe.default("eta", None, 0.0))
         self.cfg_scale = float(pipe.default("cfg_scale", None, 1.0)) if self.num_classes else 1.0
         self.guided = self.cfg_scale != 1.0
-        self.action_cfg_scale = self.check_action_cfg_scale(
-            pipe.default("action_cfg_scale", action_cfg_scale, 1.0), asked=action_cfg_scale
-        )
+        self.action_cfg_scale = pipe.action_guidance_scale(action_cfg_scale)
         self.steps = self.check_steps(pipe.default("steps", steps, None))
         self.class_label = None
         self.class_label = self.class_index(class_label) if self.num_classes else None
@@ -207,22 +204,6 @@ class StreamingSession:
         return check_sampling(
             self.sampler, steps, self.eta, 1.0, self.pipe.loaded.diffusion_steps, conditional=False
         )
-
-    def check_action_cfg_scale(self, scale, asked) -> float:
-        """The guidance scale on actions; a model trained without the null action has none
-        (an asked-for scale is refused, a run's stored default is ignored)."""
-        if self.model.null_action is None:
-            if asked is not None and asked != 1:
-                raise SamplingError(
-                    "guidance on actions needs a model trained with action dropout "
-                    "(model.causal.action_dropout_prob > 0); this one has no null action"
-                )
-            return 1.0
-        try:
-            check_cfg_scale(scale)
-        except ValueError as exc:
-            raise SamplingError(f"action_cfg_scale: {exc}") from None
-        return float(scale)
 
     def class_index(self, class_label) -> int:
         """A class (index or name) -> its index; None keeps the session's."""
