@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from starlette.testclient import TestClient
 
 from matten import cli
+from matten.commands import play as play_command
 from matten.config import ConfigError, load_config
 from matten.data import read_video
 from matten.diffusion import action_guidance
@@ -171,3 +173,15 @@ def test_matten_sample_guides_a_long_video_on_its_actions(dropout_run, tmp_path,
         with pytest.raises(SystemExit) as info:
             sample(run, *extra)
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_matten_play_streams_with_the_guidance_asked(dropout_run, tmp_path, monkeypatch, capsys):
+    served = {}
+    monkeypatch.setattr(play_command.uvicorn, "run", lambda app, **kw: served.update(app=app))
+    play = ["play", "--output", str(tmp_path), "--device", "cpu", "--action-cfg-scale", "2"]
+    assert cli.main(play + ["--checkpoint", str(dropout_run)]) == 0
+    with TestClient(served["app"]) as client, client.websocket_connect("/ws") as ws:
+        assert ws.receive_json()["action_cfg_scale"] == 2.0  # the hello
+        assert ws.receive_json()["type"] == "frame"
+    assert cli.main(play + ["--checkpoint", str(CAUSAL)]) == 2
+    assert "no null action" in capsys.readouterr().err

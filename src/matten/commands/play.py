@@ -49,6 +49,13 @@ def add_parser(subparsers):
         default=4,
         help="DDIM steps per frame to start with (default 4; the page changes it)",
     )
+    parser.add_argument(
+        "--action-cfg-scale",
+        type=float,
+        default=None,
+        help="guidance on the held action (a model trained with model.causal."
+        "action_dropout_prob > 0; 1 = none; default: the run's sample.action_cfg_scale)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if any)")
     parser.set_defaults(run=run)
@@ -59,7 +66,12 @@ def run(args) -> int:
     try:
         pipe = load_playable(args.checkpoint, device=args.device)
         app = create_app(
-            pipe, args.output, max_streams=args.max_streams, seed=args.seed, steps=args.steps
+            pipe,
+            args.output,
+            max_streams=args.max_streams,
+            seed=args.seed,
+            steps=args.steps,
+            action_cfg_scale=args.action_cfg_scale,
         )
     except (PlayError, SamplingError, CheckpointError, DeviceError, FileNotFoundError) as exc:
         print(f"matten play: {exc}", file=sys.stderr)

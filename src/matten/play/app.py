@@ -1,8 +1,8 @@
 """The web app of ``matten play``: one page and a websocket per browser tab, each tab its own
 :class:`~matten.pipelines.StreamingSession`.
 
-The protocol is JSON text. The server sends ``hello`` (the model's actions, classes, steps and
-the saved snapshots) once, then a ``frame`` per generated frame (its metadata and a base64 PNG),
+The protocol is JSON text. The server sends ``hello`` (the model's actions, classes, steps, the
+guidance scale on actions and the saved snapshots) once, then a ``frame`` per generated frame (its metadata and a base64 PNG),
 and a reply to some commands. The client sends ``{"type": ...}`` with type one of
 
     action {"action": name | index | null}     the action applied from the next frame on
@@ -76,7 +76,10 @@ class Stream:
     def __init__(self, server: PlayServer, ws: WebSocket, number: int):
         self.server, self.ws, self.number = server, ws, number
         self.session = StreamingSession.start(
-            server.pipe, seed=server.seed + number, steps=server.steps
+            server.pipe,
+            seed=server.seed + number,
+            steps=server.steps,
+            action_cfg_scale=server.action_cfg_scale,
         )
         self.action = self.class_label = None
         self.paused = False
@@ -123,6 +126,7 @@ class Stream:
             "classes": classes,
             "steps": s.steps,
             "max_steps": self.server.pipe.loaded.diffusion_steps,
+            "action_cfg_scale": s.action_cfg_scale,
             "snapshots": self.server.snapshot_names(),
             "stream": self.number,
         }
@@ -241,12 +245,15 @@ class PlayServer:
         max_streams: int = 2,
         seed: int = 0,
         steps: int | None = None,
+        action_cfg_scale: float | None = None,
     ):
         if max_streams < 1:
             raise PlayError(f"max_streams must be >= 1, got {max_streams}")
         self.pipe, self.max_streams, self.seed = pipe, int(max_streams), int(seed)
         self.steps = steps  # the streams' DDIM steps to start with (None: the run's)
-        StreamingSession.start(pipe, steps=steps)  # refuses bad steps now, not in every tab
+        self.action_cfg_scale = action_cfg_scale  # guidance on actions (None: the run's)
+        # refuses bad settings now, not in every tab
+        StreamingSession.start(pipe, steps=steps, action_cfg_scale=action_cfg_scale)
         self.output = Path(output)
         self.snapshots, self.videos = self.output / "snapshots", self.output / "videos"
         self.live = self.opened = 0
@@ -305,9 +312,17 @@ def create_app(
     max_streams: int = 2,
     seed: int = 0,
     steps: int | None = None,
+    action_cfg_scale: float | None = None,
 ):
     """The starlette app: ``/`` the page, ``/ws`` a stream, ``/videos/NAME`` a saved video."""
-    server = PlayServer(pipe, output, max_streams=max_streams, seed=seed, steps=steps)
+    server = PlayServer(
+        pipe,
+        output,
+        max_streams=max_streams,
+        seed=seed,
+        steps=steps,
+        action_cfg_scale=action_cfg_scale,
+    )
     app = Starlette(
         routes=[
             Route("/", server.page),
