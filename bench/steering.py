@@ -164,10 +164,6 @@ def one_step(pipe, contexts, steps: int, held: tuple[str, ...], guidance):
     return out
 
 
-def guidance_of(pipe, asked) -> float:
-    return StreamingSession.start(pipe, action_cfg_scale=asked).action_cfg_scale
-
-
 def steering_rows(real, generated, held: tuple[str, ...]) -> tuple[list[list], list]:
     """Table rows (per held action: the real direction, mean shift and agreement, the same for
     the generated transitions) and (action, agreement) pairs."""
@@ -310,7 +306,7 @@ def main() -> None:
     rows, verdicts = steering_rows(real, generated, HELD)
     print(
         f"{args.checkpoint}: {args.seeds} streams x {len(HELD)} actions x {args.frames} frames, "
-        f"DDIM {steps}, action guidance {guidance_of(pipe, args.action_cfg)}, "
+        f"DDIM {steps}, action guidance {pipe.action_guidance_scale(args.action_cfg)}, "
         + (f"each from {args.context} real frames" if args.context else "each from nothing")
         + "; shifts by phase correlation"
     )

@@ -139,7 +139,8 @@ def main() -> None:
         return child_peak(args)
 
     device = torch.device(args.device)
-    # as `matten train` does on a CPU (the peak-memory child keeps returning malloc, MALLOC_ENV)
+    # as `matten train` does on a CPU; the peak-memory child does not (it returns freed memory
+    # to the system, MALLOC_ENV, so that its resident-memory peak can be read)
     kept = device.type == "cpu" and keep_freed_memory()
     peak_mm = matmul_flops_per_second(
         device, args.matmul_size or (8192 if device.type == "cuda" else 4096)

@@ -11,7 +11,8 @@ from matten import cli
 from matten.commands import play as play_command
 from matten.config import ConfigError, load_config
 from matten.data import read_video
-from matten.diffusion import action_guidance
+from matten.diffusion import action_guidance, create_diffusion
+from matten.models.causal import create_causal_model
 from matten.models.embeddings import ActionEmbedder
 from matten.pipelines import LongVideoPipeline, SamplingError
 from matten.pipelines.long_sampling import sample_chunk
@@ -31,6 +32,8 @@ def test_action_dropout_adds_a_null_action_used_in_training_only():
     is_null = (out == weight[3]).all(-1)
     assert ((out == weight[1]).all(-1) | is_null).all()  # each frame: its action or the null
     assert 0.3 < is_null.float().mean() < 0.7
+    with pytest.raises(ValueError, match=r"actions must be in \[0, 3\)"):
+        embedder(torch.full((1, 2), 3), 1, 2)  # training data never carry the null action
     embedder.eval()
     assert (embedder(actions, 4, 16) == weight[1]).all()  # never dropped when sampling
     assert (embedder(torch.full((1, 2), 3), 1, 2) == weight[3]).all()  # the null, asked for
@@ -64,29 +67,31 @@ def test_action_guidance_extrapolates_eps_from_the_null_action():
     assert len(calls) == 1  # scale 1: the conditional model alone
 
 
+DROPOUT_RUN = [
+    "model.depth=1",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.causal.window=2",
+    "model.causal.memory=none",
+    "model.causal.action_dropout_prob=0.2",
+    "data.num_frames=4",
+    "data.num_videos=2",
+    "data.resolution=8",
+    "data.options.map_size=16",
+    "data.options.blackout=0",
+    "train.batch_size=2",
+    "train.max_steps=1",
+    "train.cpu=true",
+    "train.sample_every=0",
+    "sample.action_cfg_scale=3.0",
+]
+
+
 @pytest.fixture(scope="module")
 def dropout_run(tmp_path_factory):
     """A 1-step tiny long-video run trained with action dropout, sampled with guidance 3."""
-    overrides = [
-        "model.depth=1",
-        "model.hidden_size=32",
-        "model.num_heads=2",
-        "model.causal.window=2",
-        "model.causal.memory=none",
-        "model.causal.action_dropout_prob=0.2",
-        "data.num_frames=4",
-        "data.num_videos=2",
-        "data.resolution=8",
-        "data.options.map_size=16",
-        "data.options.blackout=0",
-        "train.batch_size=2",
-        "train.max_steps=1",
-        "train.cpu=true",
-        "train.sample_every=0",
-        "sample.action_cfg_scale=3.0",
-    ]
     run = tmp_path_factory.mktemp("action-dropout") / "run"
-    train(load_config("long", overrides), output=run, progress=False)
+    train(load_config("long", DROPOUT_RUN), output=run, progress=False)
     return run
 
 
@@ -142,20 +147,99 @@ def test_a_guided_stream_continues_exactly_and_refuses_where_it_cannot_guide(dro
     continued = [other.step(action=a, output_type="pt")[0] for a in ("left", "up")]
     assert all(torch.equal(a, b) for a, b in zip(whole, continued, strict=True))
 
-    with pytest.raises(SamplingError, match="action_cfg_scale"):
+    with pytest.raises(SamplingError, match="unknown action"):
+        session.step(action=session.model.null_action)  # the null is guidance's, not a move
+    with pytest.raises(SamplingError, match="--action-cfg-scale"):
         StreamingSession.start(dropout_run, action_cfg_scale=-1.0)
     with pytest.raises(SamplingError, match="no null action"):
         StreamingSession.start(CAUSAL, action_cfg_scale=2.0)
     assert StreamingSession.start(CAUSAL).action_cfg_scale == 1.0
 
 
-def test_action_dropout_is_checked_in_the_config():
-    with pytest.raises(ConfigError, match="action_dropout_prob"):
-        load_config("long", ["model.causal.action_dropout_prob=1.0"]).validate()
-    with pytest.raises(ConfigError, match="action_dropout_prob"):
+def test_action_dropout_and_its_guidance_are_checked_in_the_config():
+    for overrides in (
+        ["model.causal.action_dropout_prob=1.0"],
+        ["model.causal.num_actions=0", "model.causal.action_dropout_prob=0.1"],
+        ["sample.action_cfg_scale=2.0"],  # no null action to guide against
+    ):
+        with pytest.raises(ConfigError, match="action_dropout_prob"):
+            load_config("long", overrides).validate()
+    with pytest.raises(ConfigError, match="sample.action_cfg_scale"):
         load_config(
-            "long", ["model.causal.num_actions=0", "model.causal.action_dropout_prob=0.1"]
+            "long", ["model.causal.action_dropout_prob=0.1", "sample.action_cfg_scale=-1"]
         ).validate()
+
+
+def test_a_run_resumes_with_another_dropout_but_not_without_the_null_action(dropout_run):
+    from matten.training import SetupError
+
+    resumed = train(
+        load_config(
+            "long", [*DROPOUT_RUN, "model.causal.action_dropout_prob=0.1", "train.max_steps=2"]
+        ),
+        output=dropout_run.parent / "resumed",
+        resume=str(dropout_run),
+        progress=False,
+    )
+    assert resumed.step == 2  # accepted: the same weights, trained on with the new dropout
+    with pytest.raises(SetupError, match="action_dropout_prob"):
+        train(
+            load_config(
+                "long",
+                [*DROPOUT_RUN, "model.causal.action_dropout_prob=0", "sample.action_cfg_scale=1"]
+                + ["train.max_steps=2"],
+            ),
+            output=dropout_run.parent / "refused",
+            resume=str(dropout_run),
+            progress=False,
+        )
+
+
+def test_action_guidance_composes_with_class_guidance_on_a_doubled_state():
+    torch.manual_seed(0)
+    model = create_causal_model(
+        in_channels=3,
+        depth=1,
+        hidden_size=32,
+        num_heads=2,
+        num_classes=3,
+        num_actions=4,
+        action_dropout_prob=0.1,
+        window=2,
+        memory="none",
+        input_size=[8, 8],
+    ).eval()
+    with torch.no_grad():  # a fresh adaLN-Zero ignores its conditions: make them count
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    diffusion = create_diffusion("2", learn_sigma=True)
+    labels, history = torch.tensor([1]), torch.randn(1, 3, 2, 8, 8)
+    state = model.init_state(2)  # the class guidance's unconditional half
+    state = model.commit(
+        history.repeat(2, 1, 1, 1, 1),
+        torch.zeros(2, 2, dtype=torch.long),
+        state,
+        y=torch.tensor([1, 3]),
+        actions=torch.tensor([[2, 2], [2, 2]]),
+    )
+
+    def frames(actions, scale):
+        return sample_chunk(
+            model,
+            diffusion,
+            state,
+            2,
+            (3, 8, 8),
+            labels=labels,
+            actions=torch.tensor([actions]),
+            cfg_scale=2.0,
+            action_cfg_scale=scale,
+            generator=torch.Generator().manual_seed(0),
+        )[0]
+
+    null = model.null_action
+    assert torch.equal(frames([2, 1], 0.0), frames([null, null], 1.0))
+    assert not torch.equal(frames([2, 1], 2.0), frames([2, 1], 1.0))
 
 
 def test_matten_sample_guides_a_long_video_on_its_actions(dropout_run, tmp_path, capsys):

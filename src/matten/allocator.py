@@ -67,12 +67,11 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    _applied = all(
-        libc.mallopt(param, value) == 1
-        for param, value in (
-            (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-            (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-            (_M_TOP_PAD, TOP_PAD),
-        )
+    settings = (
+        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (_M_TOP_PAD, TOP_PAD),
     )
+    results = [libc.mallopt(param, value) == 1 for param, value in settings]  # each one tried
+    _applied = all(results)
     return _applied

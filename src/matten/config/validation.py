@@ -159,5 +159,11 @@ def validate(cfg) -> None:
         problems.append("sample.num_samples, sample.steps and sample.fps must be >= 1")
     problems += _passes("sample.eta", check_eta, s.eta)
     problems += _passes("sample.cfg_scale", check_cfg_scale, s.cfg_scale)
+    problems += _passes("sample.action_cfg_scale", check_cfg_scale, s.action_cfg_scale)
+    if s.action_cfg_scale != 1 and not m.causal.action_dropout_prob:
+        problems.append(
+            "sample.action_cfg_scale other than 1 needs model.causal.action_dropout_prob > 0 "
+            "(guidance on actions contrasts them with the null action the dropout trains)"
+        )
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))

@@ -176,9 +176,13 @@ class ActionEmbedder(nn.Module):
                     f"expected integer actions of shape ({batch}, {frames}), got "
                     f"{actions.dtype} {tuple(actions.shape)}"
                 )
-            rows = self.num_actions + (self.null_action is not None)
+            # The null action is for sampling (guidance); training data never carry it, so
+            # that an off-by-one action count fails here instead of training as "unknown".
+            rows = self.num_actions + (self.null_action is not None and not self.training)
             if actions.min() < 0 or actions.max() >= rows:
-                null = f" ({self.num_actions} is the null action)" if self.null_action else ""
+                null = (
+                    f" ({self.num_actions} is the null action)" if rows > self.num_actions else ""
+                )
                 raise ValueError(f"actions must be in [0, {rows}){null}")
             if self.training and self.dropout_prob > 0:
                 drop = torch.rand(actions.shape, device=actions.device) < self.dropout_prob

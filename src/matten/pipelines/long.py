@@ -177,8 +177,11 @@ class LongVideoPipeline(MattenPipeline):
         scale = self.default("action_cfg_scale", asked, 1.0)
         try:
             check_cfg_scale(scale)
-        except ValueError as exc:
-            raise SamplingError(f"action_cfg_scale: {exc}") from None
+        except ValueError:
+            raise SamplingError(
+                f"the guidance scale on actions (--action-cfg-scale, sample.action_cfg_scale) "
+                f"must be a finite number >= 0, got {scale!r}"
+            ) from None
         return float(scale)
 
     def latent_shape(self) -> tuple[int, int, int]:

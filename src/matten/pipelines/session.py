@@ -394,7 +394,10 @@ class StreamingSession:
                 f"{settings['cfg_scale']}, this session uses {self.cfg_scale}"
             )
         self.state = state
-        self.action_cfg_scale = settings.get("action_cfg_scale", 1.0)  # older states: none
+        # the state's sampling settings, as its steps (older states: no guidance on actions)
+        self.action_cfg_scale = self.pipe.action_guidance_scale(
+            settings.get("action_cfg_scale", 1.0)
+        )
         self.generator.set_state(tensors["rng"])
         self.seed, self.steps = settings["seed"], settings["steps"]
         self.class_label, self.sampler, self.eta = (

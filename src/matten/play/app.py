@@ -2,8 +2,9 @@
 :class:`~matten.pipelines.StreamingSession`.
 
 The protocol is JSON text. The server sends ``hello`` (the model's actions, classes, steps, the
-guidance scale on actions and the saved snapshots) once, then a ``frame`` per generated frame (its metadata and a base64 PNG),
-and a reply to some commands. The client sends ``{"type": ...}`` with type one of
+guidance scale on actions and the saved snapshots) once, then a ``frame`` per generated frame
+(its metadata and a base64 PNG), and a reply to some commands. The client sends
+``{"type": ...}`` with type one of
 
     action {"action": name | index | null}     the action applied from the next frame on
     class {"class": name | index}              the class, for a class-conditional model
@@ -211,7 +212,12 @@ class Stream:
                 raise PlayError(f"no snapshot named {message.get('name')!r}")
             await run_in_threadpool(s.load_state, path)
             self.class_label = s.class_label
-            return {"type": "restored", "name": message["name"], "frame": s.frame}
+            return {
+                "type": "restored",
+                "name": message["name"],
+                "frame": s.frame,
+                "action_cfg_scale": s.action_cfg_scale,  # the state's, as its steps
+            }
         elif kind == "list":
             return {"type": "snapshots", "names": self.server.snapshot_names()}
         elif kind == "save_video":

@@ -143,11 +143,14 @@ def check_same_model(saved: dict, built: dict, where: Path) -> None:
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs config {built.get(k)!r}"
         for k in MODEL_KEYS
-        if _as_list(saved.get(k)) != _as_list(built.get(k))
+        if _compared(k, saved.get(k)) != _compared(k, built.get(k))
     ]
     if diffs:
         raise SetupError(f"cannot resume from '{where}': the model differs ({'; '.join(diffs)})")
 
 
-def _as_list(value):
+def _compared(key, value):
+    """What of a model option the weights depend on."""
+    if key == "action_dropout_prob":  # only whether the null action's row exists
+        return bool(value)
     return list(value) if isinstance(value, tuple) else value
