@@ -199,7 +199,7 @@ TABLE_HEADER = [
 ]
 
 
-def screenshot(checkpoint: str, path: str, steps: int, hold_seconds: float) -> None:
+def screenshot(checkpoint: str, path: str, steps: int, hold_seconds: float, guidance) -> None:
     """The page of ``matten play`` in headless Chromium after holding "right"."""
     import uvicorn
     from selenium import webdriver
@@ -216,7 +216,8 @@ def screenshot(checkpoint: str, path: str, steps: int, hold_seconds: float) -> N
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tempfile.mkdtemp()
-    app = create_app(LongVideoPipeline.from_pretrained(checkpoint), out, steps=steps)
+    pipe = LongVideoPipeline.from_pretrained(checkpoint)
+    app = create_app(pipe, out, steps=steps, action_cfg_scale=guidance)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
@@ -333,7 +334,7 @@ def main() -> None:
         Image.fromarray(grid).save(args.figure)
         print(f"wrote {args.figure}")
     if args.screenshot:
-        screenshot(args.checkpoint, args.screenshot, steps, hold_seconds=6.0)
+        screenshot(args.checkpoint, args.screenshot, steps, 6.0, args.action_cfg)
 
 
 if __name__ == "__main__":
