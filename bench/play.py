@@ -66,26 +66,26 @@ def percentile(values, q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(pipe, streams: int, steps: int, frames: int, warmup: int) -> list:
-    with (
-        tempfile.TemporaryDirectory() as out,
-        TestClient(create_app(pipe, out, max_streams=streams, steps=steps)) as client,
-    ):
-        results = [{} for _ in range(streams)]
-        threads = [
-            threading.Thread(target=stream, args=(client, steps, frames, warmup, r))
-            for r in results
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+def measure(pipe, streams: int, steps: int, frames: int, warmup: int, guidance=None) -> list:
+    results: list[dict] = [{} for _ in range(streams)]
+    with tempfile.TemporaryDirectory() as out:
+        app = create_app(pipe, out, max_streams=streams, steps=steps, action_cfg_scale=guidance)
+        with TestClient(app) as client:
+            threads = [
+                threading.Thread(target=stream, args=(client, steps, frames, warmup, r))
+                for r in results
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
     if any("fps" not in r for r in results):
         raise RuntimeError("a stream did not finish")
     latencies = [ms for r in results for ms in r["ms"]]
     return [
         streams,
         steps,
+        pipe.action_guidance_scale(guidance),
         f"{statistics.mean(r['fps'] for r in results):.1f}",
         f"{percentile(latencies, 0.5):.1f}",
         f"{percentile(latencies, 0.99):.1f}",
@@ -100,13 +100,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="DDIM steps (matten play's default)")
     parser.add_argument("--frames", type=int, default=200, help="timed frames per stream")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument(
+        "--action-cfg", type=float, default=None, help="guidance on actions (default: the run's)"
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = args.checkpoint or untrained_long_run(os.path.join(folder, "long"))
         pipe = LongVideoPipeline.from_pretrained(checkpoint, device=args.device)
-        rows = [measure(pipe, n, args.steps, args.frames, args.warmup) for n in (1, 2)]
-    print_table(["streams", "steps", "fps per stream", "p50 ms", "p99 ms"], rows)
+        rows = [
+            measure(pipe, n, args.steps, args.frames, args.warmup, args.action_cfg) for n in (1, 2)
+        ]
+    headers = ["streams", "steps", "action guidance", "fps per stream", "p50 ms", "p99 ms"]
+    print_table(headers, rows)
 
 
 if __name__ == "__main__":
