@@ -65,7 +65,7 @@ def weights_digest(state: dict) -> str:
 
 
 def test_packaged_configs_and_the_paper_settings():
-    assert {"demo", "ffs", "sky", "ucf101", "taichi"} <= set(packaged_configs())
+    assert {"demo", "ffs", "sky", "ucf101", "taichi", "long", "play"} <= set(packaged_configs())
     demo = load_config("demo")
     assert demo.model.variant == 3 and demo.model.conditioning == "adan"
     assert demo.autoencoder.kind == "pixel" and demo.data.name == "synthetic"
@@ -84,6 +84,36 @@ def test_packaged_configs_and_the_paper_settings():
         assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 0.0
         assert cfg.train.ema_decay == 0.9999
         assert cfg.model.num_classes == (101 if name == "ucf101" else 0)
+
+
+def test_a_config_extends_its_base(tmp_path):
+    play = load_config("play")  # the long config with what differs
+    expected = load_config(
+        "long",
+        [
+            "model.causal.window_kind=frame_local",
+            "model.causal.memory=none",
+            "model.causal.action_dropout_prob=0.15",
+            "data.options.trajectory=wander",
+            "data.options.blackout=0",
+            "diffusion.history_prob=0.9",
+            "train.max_steps=8000",
+            "train.checkpoint_every=1000",
+            "train.keep_last=0",
+            "sample.action_cfg_scale=3.0",
+        ],
+    )
+    assert config_to_dict(play) == config_to_dict(expected)
+    (tmp_path / "mine.yaml").write_text("base: demo\ntrain:\n  lr: 0.5\n")
+    mine = load_config(str(tmp_path / "mine.yaml"))
+    assert mine.train.lr == 0.5 and mine.model == load_config("demo").model
+    (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="each other as base"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "bad.yaml").write_text("base: [demo]\n")
+    with pytest.raises(ConfigError, match="base must name a config"):
+        load_config(str(tmp_path / "bad.yaml"))
 
 
 def test_config_overrides_types_and_bad_keys(tmp_path):

@@ -360,13 +360,38 @@ def _read_yaml(name_or_path: str) -> tuple[dict, str]:
     return data or {}, where
 
 
+def _read_with_bases(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, str]:
+    """A config's sections with those of the config it names as ``base`` (a packaged name or a
+    path) underneath: mappings merge key by key, anything else the derived config gives wins."""
+    data, where = _read_yaml(name_or_path)
+    if not isinstance(data, dict) or "base" not in data:
+        return data, where
+    data = dict(data)
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{where}: base must name a config, got {base!r}")
+    if where in seen:
+        raise ConfigError(f"{where}: configs name each other as base ({' -> '.join(seen)})")
+    below, _ = _read_with_bases(base, (*seen, where))
+    return _merged(below, data), where
+
+
+def _merged(below, above):
+    if not (isinstance(below, dict) and isinstance(above, dict)):
+        return copy.deepcopy(above)
+    out = copy.deepcopy(below)
+    for key, value in above.items():
+        out[key] = _merged(out.get(key), value) if key in out else copy.deepcopy(value)
+    return out
+
+
 def load_config(
     name_or_path: str | None = None, overrides: list[str] | dict | None = None
 ) -> RunConfig:
     """Read a packaged config by name (``"demo"``) or a YAML file, then apply ``overrides``."""
     cfg = RunConfig()
     if name_or_path is not None:
-        data, where = _read_yaml(str(name_or_path))
+        data, where = _read_with_bases(str(name_or_path))
         try:
             cfg = config_from_dict_into(cfg, data)
         except ConfigError as exc:
