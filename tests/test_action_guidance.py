@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from starlette.testclient import TestClient
+from test_session import TINY_LONG  # the tiny long-video run the session tests share
 
 from matten import cli
 from matten.commands import play as play_command
@@ -68,21 +69,9 @@ def test_action_guidance_extrapolates_eps_from_the_null_action():
 
 
 DROPOUT_RUN = [
-    "model.depth=1",
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.causal.window=2",
+    *TINY_LONG,
     "model.causal.memory=none",
     "model.causal.action_dropout_prob=0.2",
-    "data.num_frames=4",
-    "data.num_videos=2",
-    "data.resolution=8",
-    "data.options.map_size=16",
-    "data.options.blackout=0",
-    "train.batch_size=2",
-    "train.max_steps=1",
-    "train.cpu=true",
-    "train.sample_every=0",
     "sample.action_cfg_scale=3.0",
 ]
 
@@ -103,7 +92,7 @@ def test_scale_zero_is_the_null_action_and_other_scales_steer(dropout_run):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     assert null == 6  # after stay, left, right, up, down, dark
-    diffusion = StreamingSession.start(pipe, steps=2).diffusion()
+    diffusion = pipe.respaced_diffusion(2)
 
     def frame(actions, scale):
         generator = torch.Generator().manual_seed(0)

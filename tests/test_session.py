@@ -169,27 +169,33 @@ def test_context_frames_carry_their_actions(pipe):
         StreamingSession.start(pipe, context_actions=["right"])
 
 
+# A 1-step tiny run of the long config on the panning map (memory and options added per test).
+TINY_LONG = [
+    "model.depth=1",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.causal.window=2",
+    "data.num_frames=4",
+    "data.num_videos=2",
+    "data.resolution=8",
+    "data.options.map_size=16",
+    "data.options.blackout=0",
+    "train.batch_size=2",
+    "train.max_steps=1",
+    "train.cpu=true",
+    "train.sample_every=0",
+]
+
+
 @pytest.fixture(scope="module")
 def malt_run(tmp_path_factory):
     """A 1-step tiny run with MALT's memory besides the SSM and delta memories: a memory kind
     the state file must carry without being told about it."""
     overrides = [
-        "model.depth=1",
-        "model.hidden_size=32",
-        "model.num_heads=2",
-        "model.causal.window=2",
+        *TINY_LONG,
         "model.causal.memory=malt+both",
         "model.causal.malt_slots=4",
         "model.causal.malt_segment=2",
-        "data.num_frames=4",
-        "data.num_videos=2",
-        "data.resolution=8",
-        "data.options.map_size=16",
-        "data.options.blackout=0",
-        "train.batch_size=2",
-        "train.max_steps=1",
-        "train.cpu=true",
-        "train.sample_every=0",
     ]
     run = tmp_path_factory.mktemp("malt") / "run"
     train(load_config("long", overrides), output=run, progress=False)

@@ -129,10 +129,18 @@ class LabelEmbedder(nn.Module):
                 f"class labels must be in [0, {self.num_classes}] "
                 f"({self.num_classes} is the null class), got {labels.tolist()}"
             )
-        if self.training and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        if self.training:
+            labels = dropped_to_null(labels, self.null_class, self.dropout_prob)
         return self.embedding(labels)
+
+
+def dropped_to_null(indices: torch.Tensor, null: int, prob: float) -> torch.Tensor:
+    """``indices`` with each one replaced by ``null`` with probability ``prob``: the condition
+    dropout that teaches a model the "no condition" classifier-free guidance contrasts with."""
+    if prob <= 0:
+        return indices
+    drop = torch.rand(indices.shape, device=indices.device) < prob
+    return torch.where(drop, torch.full_like(indices, null), indices)
 
 
 class ActionEmbedder(nn.Module):
@@ -184,9 +192,8 @@ class ActionEmbedder(nn.Module):
                     f" ({self.num_actions} is the null action)" if rows > self.num_actions else ""
                 )
                 raise ValueError(f"actions must be in [0, {rows}){null}")
-            if self.training and self.dropout_prob > 0:
-                drop = torch.rand(actions.shape, device=actions.device) < self.dropout_prob
-                actions = torch.where(drop, torch.full_like(actions, self.num_actions), actions)
+            if self.training:
+                actions = dropped_to_null(actions, self.num_actions, self.dropout_prob)
             return self.embed(actions)
         if actions.shape != (batch, frames, self.action_dim):
             raise ValueError(

@@ -144,13 +144,7 @@ class LongVideoPipeline(MattenPipeline):
                 actions = lambda frame: clips[:, frame % clips.shape[1]]  # noqa: E731
         seed = int(self.default("seed", seed, 0))
         return dict(
-            diffusion=sampling_diffusion(
-                steps,
-                diffusion_steps=loaded.diffusion_steps,
-                learn_sigma=loaded.learn_sigma,
-                prediction=loaded.prediction,
-                schedule=loaded.schedule,
-            ),
+            diffusion=self.respaced_diffusion(steps),
             batch=num_videos,
             y=labels,
             actions=actions,
@@ -161,6 +155,18 @@ class LongVideoPipeline(MattenPipeline):
             clip_denoised=isinstance(self.autoencoder, PixelAutoencoder),
             generator=torch.Generator().manual_seed(seed),
             device=self.device,
+        )
+
+    def respaced_diffusion(self, steps: int):
+        """The checkpoint's diffusion (its steps, schedule, prediction, variance) respaced to
+        ``steps`` sampling steps."""
+        loaded = self.loaded
+        return sampling_diffusion(
+            steps,
+            diffusion_steps=loaded.diffusion_steps,
+            learn_sigma=loaded.learn_sigma,
+            prediction=loaded.prediction,
+            schedule=loaded.schedule,
         )
 
     def action_guidance_scale(self, asked=None) -> float:

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from ..data import atomic_write_path, video_to_uint8
 from ..latent import PixelAutoencoder
 from .long import LongVideoPipeline, commit_frames, sample_chunk
-from .settings import SamplingError, check_sampling, sampling_diffusion
+from .settings import SamplingError, check_sampling
 
 __all__ = [
     "StreamingSession",
@@ -317,14 +317,7 @@ class StreamingSession:
     def diffusion(self):
         """The checkpoint's diffusion respaced to the session's steps (built once per count)."""
         if self.steps not in self._diffusions:
-            loaded = self.pipe.loaded
-            self._diffusions[self.steps] = sampling_diffusion(
-                self.steps,
-                diffusion_steps=loaded.diffusion_steps,
-                learn_sigma=loaded.learn_sigma,
-                prediction=loaded.prediction,
-                schedule=loaded.schedule,
-            )
+            self._diffusions[self.steps] = self.pipe.respaced_diffusion(self.steps)
         return self._diffusions[self.steps]
 
     @staticmethod
