@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from starlette.testclient import TestClient
+from test_sample import sample_cli  # the sample command as the sampling tests run it
 from test_session import TINY_LONG  # the tiny long-video run the session tests share
 
 from matten import cli
@@ -232,9 +233,8 @@ def test_action_guidance_composes_with_class_guidance_on_a_doubled_state():
 
 
 def test_matten_sample_guides_a_long_video_on_its_actions(dropout_run, tmp_path, capsys):
-    def sample(run, *extra):
-        args = ["sample", "--checkpoint", str(run), "--output", str(tmp_path / "v.mp4")]
-        return cli.main(args + ["-n", "1", "--steps", "1", "--no-progress", *extra])
+    def sample(run, *extra):  # one video, one step (given after sample_cli's, they win)
+        return sample_cli(run, tmp_path / "v.mp4", "--num-samples", "1", "--steps", "1", *extra)
 
     guided = ["--frames", "3", "--chunk-size", "1", "--action-cfg-scale", "2"]
     assert sample(dropout_run, *guided) == 0
