@@ -626,6 +626,38 @@ def test_float32_decay_is_an_accurate_exp():
     assert np.allclose(apply(x64), np.exp(x64), rtol=1e-14, atol=0)  # float64: libm exp
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_activations_equal_torch(dtype):
+    """The kernels' own softplus, sigmoid, silu and silu' (vectorised float32 polynomials) equal
+    the float64 functions to float32 rounding, across softplus's threshold and silu's tails
+    (softplus exactly: torch's returns its input above 20, 2e-9 off in float64)."""
+    import numpy as np
+
+    from matten.ssm.cpu_kernel import _activate_channel
+
+    v = torch.cat([torch.linspace(-100, 100, 4001), torch.linspace(-1e-3, 1e-3, 101)]).to(dtype)
+    z = v.flip(0).contiguous() * 1.3
+    bias = 0.25
+    dts, dsoftplus, gates, dgates = (np.full(v.numel(), np.nan, v.numpy().dtype) for _ in "1234")
+    scalar = v.numpy().dtype.type
+    _activate_channel(v.numpy(), scalar(bias), True, z.numpy(), True, dts, dsoftplus, gates, dgates)
+    x = (v + bias).double()
+    sig_z = torch.sigmoid(z.double())
+    tol = dict(rtol=2e-6, atol=1e-30) if dtype == torch.float32 else dict(rtol=1e-12, atol=0)
+    for got, want in [
+        (dts, x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))),
+        (dsoftplus, torch.sigmoid(x)),
+        (gates, F.silu(z.double())),
+        (dgates, sig_z * (1 + z.double() * (1 - sig_z))),
+    ]:
+        torch.testing.assert_close(torch.from_numpy(got).double(), want, **tol)
+    no_softplus, unused = np.empty_like(dts), np.empty(0, dts.dtype)
+    _activate_channel(
+        v.numpy(), scalar(bias), False, z.numpy(), False, no_softplus, unused, gates, unused
+    )
+    assert np.array_equal(no_softplus, (v + scalar(bias)).numpy())
+
+
 def test_scan_runs_on_meta_device_and_is_counted_as_flops():
     from torch.utils.flop_counter import FlopCounterMode
 

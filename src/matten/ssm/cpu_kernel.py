@@ -15,15 +15,16 @@ reads group d // (dim // G): one kernel serves the variable, grouped and constan
 
 The kernels also apply the skip term D * u and the gate, and can scan from the last time step to
 the first (``reverse``, the backward direction of a bidirectional Mamba), so that neither becomes a
-flipped copy around the scan. delta's bias and softplus and the gate's silu(z) are computed first
-by torch, once per element and vectorised: inside the loop over time each was a scalar libm call
-per step, and together they doubled the scan's time. u, delta, the gate and the output gradient
-are read with their strides, one value per step. Threads: as many as torch uses
-(:mod:`matten.ssm.threads`).
+flipped copy around the scan. delta's bias and softplus and the gate's silu(z) (and, for the
+backward, softplus' and silu') are taken inside the kernels too, a channel at a time in loops over
+time that vectorise (:func:`_activate_channel`), before its scan: as scalar libm calls inside the
+loop over time they had doubled the scan's time, and as torch passes over whole tensors they were
+a fifth of it (memory traffic and temporaries). u and the output gradient are read with their
+strides, one value per step. Threads: as many as torch uses (:mod:`matten.ssm.threads`).
 
 Most of the time goes into exp(delta * A): L x dim x N of them. In float32 they use
-:func:`decay`, an exp that LLVM can vectorise over the N states (libm's expf cannot be); float64
-keeps math.exp.
+:func:`decay`, an exp that LLVM can vectorise over the N states (libm's expf cannot be), and the
+softplus its :func:`log1p_unit`; float64 keeps libm's math.exp and math.log1p.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from typing import Any
 import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numba import types
 from numba.extending import overload
 
@@ -48,6 +48,9 @@ _JIT: dict[str, Any] = dict(
     cache=True,
     parallel=True,
     fastmath={"nsz", "arcp", "contract", "reassoc"},
+    # Float division by zero gives inf/nan as in numpy instead of raising: the check Python's
+    # semantics need is a branch that keeps the loop over time from vectorising.
+    error_model="numpy",
 )
 
 
@@ -86,14 +89,75 @@ def _decay_impl(x):
     return exp_float32
 
 
+def log1p_unit(x):
+    """log(1 + x) for x in [0, 1]; compiled kernels get the type-specific version below."""
+    return math.log1p(x)
+
+
+@overload(log1p_unit, inline="always", fastmath=_JIT["fastmath"])  # type: ignore[call-arg]
+def _log1p_unit_impl(x):
+    if not (isinstance(x, types.Float) and x.bitwidth == 32):
+        return lambda x: math.log1p(x)
+
+    def log1p_float32(x):
+        # log(1 + x) = 2 atanh(w), w = x / (2 + x) in [0, 1/3]: the odd series to w^15 (the next
+        # term is under 2e-9 of the sum), relatively exact for small x (no 1 + x rounding), and
+        # vectorisable where libm's log1pf is not.
+        w = x / (np.float32(2.0) + x)
+        w2 = w * w
+        p = np.float32(1 / 13) + w2 * np.float32(1 / 15)
+        p = np.float32(1 / 11) + w2 * p
+        p = np.float32(1 / 9) + w2 * p
+        p = np.float32(1 / 7) + w2 * p
+        p = np.float32(1 / 5) + w2 * p
+        p = np.float32(1 / 3) + w2 * p
+        return np.float32(2.0) * w * (np.float32(1.0) + w2 * p)
+
+    return log1p_float32
+
+
+@numba.njit(nogil=True, cache=True, fastmath=_JIT["fastmath"], error_model="numpy")
+def _activate_channel(v_row, bias, softplus, z_row, has_gate, dts, dsoftplus, gates, dgates):
+    """One channel's per-step activations, in loops over time that vectorise (the scans' loops
+    run over the states): the step size ``dts`` = softplus(v + bias) (or v + bias), and, when
+    ``dsoftplus`` / ``dgates`` have the sequence's length, softplus' (sigmoid) and silu'(z);
+    ``gates`` = silu(z) when ``has_gate``. exp is :func:`decay`, as in the scans."""
+    one = dts.dtype.type(1.0)
+    zero = dts.dtype.type(0.0)
+    length = v_row.shape[0]
+    if softplus:
+        for t in range(length):
+            v = v_row[t] + bias
+            e = decay(-abs(v))  # softplus(v) = max(v, 0) + log1p(exp(-|v|)), never overflows
+            dts[t] = max(v, zero) + log1p_unit(e)
+        if dsoftplus.shape[0] == length:
+            for t in range(length):
+                v = v_row[t] + bias
+                e = decay(-abs(v))
+                dsoftplus[t] = (one if v >= zero else e) / (one + e)  # sigmoid(v)
+    else:
+        for t in range(length):
+            dts[t] = v_row[t] + bias
+    if has_gate:
+        for t in range(length):
+            zt = z_row[t]
+            sig = one / (one + decay(-zt))
+            gates[t] = zt * sig
+        if dgates.shape[0] == length:
+            for t in range(length):
+                zt = z_row[t]
+                sig = one / (one + decay(-zt))
+                dgates[t] = sig + zt * sig * (one - sig)  # silu'(z) = sig (1 + z (1 - sig))
+
+
 @numba.jit(**_JIT)
-def _scan_forward(u, delta, A, Bt, Ct, h0, D, gate, reverse, groups, y, h_last):
-    # u, delta, gate and y may be strided views (e.g. delta is a transposed matmul output): they
-    # are read one value per step, so strides cost nothing there and copies are not needed.
-    # delta is the step size itself (bias and softplus already applied), gate is silu(z).
+def _scan_forward(u, delta, bias, softplus, A, Bt, Ct, h0, D, z, reverse, groups, y, h_last):
+    # u and y may be strided views: they are read and written one value per step, so strides
+    # cost nothing there. delta and z (contiguous) become the step size and the gate silu(z)
+    # first, a channel at a time (_activate_channel).
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    has_gate = gate.shape[2] == length  # a (1, 1, 0) placeholder when there is no gate
+    has_gate = z.shape[2] == length  # a (1, 1, 0) placeholder when there is no gate
     # Index steps that are 0 along a broadcast (size-1) batch or time axis of B and C.
     bB, tB, bC, tC = Bt.shape[0] > 1, Bt.shape[2] > 1, Ct.shape[0] > 1, Ct.shape[2] > 1
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
@@ -101,16 +165,23 @@ def _scan_forward(u, delta, A, Bt, Ct, h0, D, gate, reverse, groups, y, h_last):
     for g in numba.prange(groups):
         h = np.empty(nstate, dtype=u.dtype)
         decays = np.empty(nstate, dtype=u.dtype)
+        dts = np.empty(length, dtype=u.dtype)
+        gates = np.empty(length, dtype=u.dtype)
+        unused = np.empty(0, dtype=u.dtype)
         for bd in range(g * per_group, min(batch * dim, (g + 1) * per_group)):
             b = bd // dim
             d = bd % dim
+            z_bd = z[b * has_gate, d * has_gate]  # the placeholder's empty row without a gate
+            _activate_channel(
+                delta[b, d], bias[d], softplus, z_bd, has_gate, dts, unused, gates, unused
+            )
             B_bd = Bt[b * bB, d // per_gB]  # (L or 1, N): this channel's B
             C_bd = Ct[b * bC, d // per_gC]
             h[:] = h0[b, d]
             a = A[d]
             for s in range(length):
                 t = length - 1 - s if reverse else s  # reverse: scan from the last step back
-                dt = delta[b, d, t]
+                dt = dts[t]
                 ut = u[b, d, t]
                 dtu = dt * ut
                 for n in range(nstate):
@@ -121,7 +192,7 @@ def _scan_forward(u, delta, A, Bt, Ct, h0, D, gate, reverse, groups, y, h_last):
                     acc += h[n] * C_bd[t * tC, n]
                 out = acc + D[d] * ut
                 if has_gate:
-                    out = out * gate[b, d, t]
+                    out = out * gates[t]
                 y[b, d, t] = out
             h_last[b, d] = h
 
@@ -130,13 +201,14 @@ def _scan_forward(u, delta, A, Bt, Ct, h0, D, gate, reverse, groups, y, h_last):
 def _scan_backward(
     u,
     delta,
+    bias,
+    softplus,
     A,
     Bt,
     Ct,
     h0,
     D,
-    gate,
-    dgate,
+    z,
     reverse,
     dy,
     dh_last,
@@ -147,12 +219,14 @@ def _scan_backward(
     dB_part,
     dC_part,
     dD_part,
+    dbias_part,
     dh0,
 ):
-    # dgate is silu'(z); dz receives the gradient of z, ddelta that of the step size.
+    # delta and z as _scan_forward takes them; ddelta and dbias_part receive the gradients of
+    # delta (through the softplus) and of the bias (per channel and batch), dz that of z.
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    has_gate = gate.shape[2] == length
+    has_gate = z.shape[2] == length
     bB, tB, bC, tC = Bt.shape[0] > 1, Bt.shape[2] > 1, Ct.shape[0] > 1, Ct.shape[2] > 1
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     groups = dB_part.shape[0]
@@ -167,9 +241,25 @@ def _scan_backward(
         decays = np.empty((length + 1, nstate), dtype=u.dtype)
         grads = np.empty((length + 1, nstate), dtype=u.dtype)
         gA = np.empty(nstate, dtype=u.dtype)
+        # Per time step t: the step size, softplus' (when softplus), the gate silu(z) and silu'.
+        dts = np.empty(length, dtype=u.dtype)
+        dsoftplus = np.empty(length if softplus else 0, dtype=u.dtype)
+        gates = np.empty(length, dtype=u.dtype)
+        dgates = np.empty(length, dtype=u.dtype)
         for bd in range(g * per_group, min(total, (g + 1) * per_group)):
             b = bd // dim
             d = bd % dim
+            _activate_channel(
+                delta[b, d],
+                bias[d],
+                softplus,
+                z[b * has_gate, d * has_gate],
+                has_gate,
+                dts,
+                dsoftplus,
+                gates,
+                dgates,
+            )
             B_bd, dB_bd = Bt[b * bB, d // per_gB], dB_part[g, b * bB, d // per_gB]
             C_bd, dC_bd = Ct[b * bC, d // per_gC], dC_part[g, b * bC, d // per_gC]
             a = A[d]
@@ -178,7 +268,7 @@ def _scan_backward(
             states[0] = h0[b, d]
             for s in range(length):
                 t = length - 1 - s if reverse else s
-                dt = delta[b, d, t]
+                dt = dts[t]
                 dtu = dt * u[b, d, t]
                 for n in range(nstate):
                     decays[s, n] = decay(dt * a[n])
@@ -192,7 +282,7 @@ def _scan_backward(
             decays[length] = 1.0
             for s in range(length - 1, -1, -1):
                 t = length - 1 - s if reverse else s
-                g_y = dy[b, d, t] * gate[b, d, t] if has_gate else dy[b, d, t]
+                g_y = dy[b, d, t] * gates[t] if has_gate else dy[b, d, t]
                 for n in range(nstate):
                     grads[s, n] = grads[s + 1, n] * decays[s + 1, n] + g_y * C_bd[t * tC, n]
             for n in range(nstate):
@@ -200,12 +290,13 @@ def _scan_backward(
             # 3. Every other gradient, step by step; no step depends on another.
             gA[:] = 0.0
             gD = u.dtype.type(0.0)
+            gbias = u.dtype.type(0.0)
             for s in range(length):
                 t = length - 1 - s if reverse else s
-                dt = delta[b, d, t]
+                dt = dts[t]
                 ut = u[b, d, t]
                 g_out = dy[b, d, t]
-                g_y = g_out * gate[b, d, t] if has_gate else g_out
+                g_y = g_out * gates[t] if has_gate else g_out
                 dtu = dt * ut
                 gu = u.dtype.type(0.0)
                 gdt = u.dtype.type(0.0)
@@ -221,12 +312,17 @@ def _scan_backward(
                     gdt += g_decay * a[n]
                     gA[n] += g_decay * dt
                 if has_gate:
-                    dz[b, d, t] = g_out * (acc + Dd * ut) * dgate[b, d, t]
+                    dz[b, d, t] = g_out * (acc + Dd * ut) * dgates[t]
                 gD += g_y * ut
                 du[b, d, t] = gu * dt + g_y * Dd
-                ddelta[b, d, t] = gdt + gu * ut
+                g_v = gdt + gu * ut  # the step size's gradient, then through the softplus
+                if softplus:
+                    g_v *= dsoftplus[t]
+                ddelta[b, d, t] = g_v
+                gbias += g_v
             dA_part[b, d] = gA
             dD_part[b, d] = gD
+            dbias_part[b, d] = gbias
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -247,17 +343,17 @@ def _no_gate(like: torch.Tensor) -> np.ndarray:
     return np.zeros((1, 1, 0), dtype=_np(like).dtype)
 
 
-def _biased(delta, delta_bias):
-    """delta + delta_bias as a contiguous tensor: torch's vectorised and scalar paths may differ
-    in the last bit, and which elements take which path depends on the strides (the kernels also
-    read it faster)."""
-    return (delta if delta_bias is None else delta + delta_bias[:, None]).contiguous()
+def _contiguous(t: torch.Tensor) -> np.ndarray:
+    """A contiguous numpy array of ``t`` (no copy when it already is): the kernels read delta
+    and z in loops over time that vectorise only over contiguous memory."""
+    return t.detach().contiguous().numpy()
 
 
-def _step_size(v, softplus):
-    """The step size from v = delta + delta_bias: softplus(v) when asked, vectorised by torch
-    once per element."""
-    return F.softplus(v) if softplus else v
+def _bias_of(delta_bias, like: torch.Tensor) -> np.ndarray:
+    """delta's per-channel bias, zeros when there is none."""
+    if delta_bias is None:
+        return np.zeros(like.shape[1], dtype=_np(like).dtype)
+    return _contiguous(delta_bias)
 
 
 def scan_forward(
@@ -265,24 +361,24 @@ def scan_forward(
 ):
     """The gated output ``(<C_t, h_t> + D u_t) * silu(z_t)`` (batch, dim, L) and the last state
     (batch, dim, N), with delta = softplus(delta + delta_bias) when ``softplus``. ``reverse`` scans
-    from the last time step to the first (the last state is then the one at t = 0). Inputs are
-    read with their strides; every tensor has the dtype of u (float32 or float64)."""
+    from the last time step to the first (the last state is then the one at t = 0). u is read
+    with its strides (delta and z contiguous, a copy only when they are not); every tensor has
+    the dtype of u (float32 or float64)."""
     batch, dim, _ = u.shape
     groups = max(1, min(threads.follow_torch(), batch * dim))  # one channel range per thread
     y = torch.empty(u.shape, dtype=u.dtype)
     h_last = torch.empty_like(h0)
-    v = _biased(delta, delta_bias)
-    dt = _step_size(v, softplus)
-    gate = _np(F.silu(z.contiguous())) if z is not None else _no_gate(u)  # as for delta
     _scan_forward(
         _np(u),
-        _np(dt),
+        _contiguous(delta),
+        _bias_of(delta_bias, u),
+        bool(softplus),
         _np(A),
         _time_major(B),
         _time_major(C),
         _np(h0),
         _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype),
-        gate,
+        _contiguous(z) if z is not None else _no_gate(u),
         bool(reverse),
         groups,
         y.numpy(),
@@ -300,13 +396,6 @@ def _partials(X, groups, dtype):
 def _summed(part, like):
     """Sum of the per-thread partials, back in the layout of ``like``."""
     return part.sum(0).transpose(2, 3).reshape(like.shape)
-
-
-def _softplus_grad(v):
-    """d softplus(v) / dv: sigmoid(v). Above F.softplus's threshold of 20, where softplus is the
-    identity and its gradient 1, sigmoid(v) is 1 - 2e-9 or closer: 1 in float32, and well within
-    rounding in float64, so no separate branch (a where and a filled tensor of ones) is needed."""
-    return torch.sigmoid(v)
 
 
 def scan_backward(
@@ -335,26 +424,19 @@ def scan_backward(
     dA_part = torch.empty(batch, dim, nstate, dtype=u.dtype)
     dD_part = torch.empty(batch, dim, dtype=u.dtype)
     dB_part, dC_part = _partials(B, groups, u.dtype), _partials(C, groups, u.dtype)
+    dbias_part = torch.empty(batch, dim, dtype=u.dtype)
     dh0 = torch.empty_like(h0)
-    v = _biased(delta, delta_bias)
-    dt = _step_size(v, softplus)
-    if z is not None:
-        z = z.contiguous()
-        sig = torch.sigmoid(z)
-        silu = z * sig  # its derivative sig (1 + z (1 - sig)) is sig + silu(z) (1 - sig)
-        gate, dgate = _np(silu), _np(torch.addcmul(sig, silu, 1 - sig))
-    else:
-        gate = dgate = _no_gate(u)
     _scan_backward(
         _np(u),
-        _np(dt),
+        _contiguous(delta),
+        _bias_of(delta_bias, u),
+        bool(softplus),
         _np(A),
         _time_major(B),
         _time_major(C),
         _np(h0),
         _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype),
-        gate,
-        dgate,
+        _contiguous(z) if z is not None else _no_gate(u),
         bool(reverse),
         _np(dy),
         _np(dh_last),
@@ -365,10 +447,9 @@ def scan_backward(
         dB_part.numpy(),
         dC_part.numpy(),
         dD_part.numpy(),
+        dbias_part.numpy(),
         dh0.numpy(),
     )
-    if softplus:
-        ddelta.mul_(_softplus_grad(v))
     return (
         du,
         ddelta,
@@ -378,5 +459,5 @@ def scan_backward(
         dh0,
         dD_part.sum(0) if D is not None else None,
         dz,
-        ddelta.sum((0, 2)) if delta_bias is not None else None,
+        dbias_part.sum(0) if delta_bias is not None else None,
     )
