@@ -150,50 +150,68 @@ def _activate_channel(v_row, bias, softplus, z_row, has_gate, dts, dsoftplus, ga
                 dgates[t] = sig + zt * sig * (one - sig)  # silu'(z) = sig (1 + z (1 - sig))
 
 
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _in_scan_order(src, reverse, dst):
+    """dst[s] = src[t] for the time t of scan step s (L - 1 - s in reverse; its own inverse, so
+    it also puts scan-ordered values back in time order)."""
+    length = dst.shape[0]
+    if reverse:
+        for s in range(length):
+            dst[s] = src[length - 1 - s]
+    else:
+        for s in range(length):
+            dst[s] = src[s]
+
+
 @numba.jit(**_JIT)
 def _scan_forward(u, delta, bias, softplus, A, Bt, Ct, h0, D, z, reverse, groups, y, h_last):
-    # u and y may be strided views: they are read and written one value per step, so strides
-    # cost nothing there. delta and z (contiguous) become the step size and the gate silu(z)
-    # first, a channel at a time (_activate_channel).
+    # Each channel's inputs are first gathered in scan order (the step size and gate computed
+    # on the way, _activate_channel), and its outputs put back after its scan, so that the loops
+    # over steps index every array by the step itself: with a computed time index (reversed, or
+    # 0 for a time-invariant B) LLVM checked the arrays against each other at every step, and
+    # the loops ran at half speed. Bt and Ct come in scan order, broadcast axes with stride 0.
     batch, dim, length = u.shape
     nstate = A.shape[1]
     has_gate = z.shape[2] == length  # a (1, 1, 0) placeholder when there is no gate
-    # Index steps that are 0 along a broadcast (size-1) batch or time axis of B and C.
-    bB, tB, bC, tC = Bt.shape[0] > 1, Bt.shape[2] > 1, Ct.shape[0] > 1, Ct.shape[2] > 1
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     per_group = (batch * dim + groups - 1) // groups
     for g in numba.prange(groups):
         h = np.empty(nstate, dtype=u.dtype)
         decays = np.empty(nstate, dtype=u.dtype)
+        # One channel's per-step values, in scan order.
+        vs = np.empty(length, dtype=u.dtype)
+        zs = np.empty(length, dtype=u.dtype)
+        us = np.empty(length, dtype=u.dtype)
         dts = np.empty(length, dtype=u.dtype)
         gates = np.empty(length, dtype=u.dtype)
+        ys = np.empty(length, dtype=u.dtype)
         unused = np.empty(0, dtype=u.dtype)
         for bd in range(g * per_group, min(batch * dim, (g + 1) * per_group)):
             b = bd // dim
             d = bd % dim
-            z_bd = z[b * has_gate, d * has_gate]  # the placeholder's empty row without a gate
-            _activate_channel(
-                delta[b, d], bias[d], softplus, z_bd, has_gate, dts, unused, gates, unused
-            )
-            B_bd = Bt[b * bB, d // per_gB]  # (L or 1, N): this channel's B
-            C_bd = Ct[b * bC, d // per_gC]
+            _in_scan_order(delta[b, d], reverse, vs)
+            _in_scan_order(u[b, d], reverse, us)
+            if has_gate:
+                _in_scan_order(z[b, d], reverse, zs)
+            _activate_channel(vs, bias[d], softplus, zs, has_gate, dts, unused, gates, unused)
+            B_bd = Bt[b, d // per_gB]  # (L, N): this channel's B, in scan order
+            C_bd = Ct[b, d // per_gC]
             h[:] = h0[b, d]
             a = A[d]
             for s in range(length):
-                t = length - 1 - s if reverse else s  # reverse: scan from the last step back
-                dt = dts[t]
-                ut = u[b, d, t]
-                dtu = dt * ut
+                dt = dts[s]
+                dtu = dt * us[s]
                 for n in range(nstate):
                     decays[n] = decay(dt * a[n])
                 acc = u.dtype.type(0.0)
                 for n in range(nstate):
-                    h[n] = decays[n] * h[n] + dtu * B_bd[t * tB, n]
-                    acc += h[n] * C_bd[t * tC, n]
-                out = acc + D[d] * ut
-                if has_gate:
-                    out = out * gates[t]
-                y[b, d, t] = out
+                    h[n] = decays[n] * h[n] + dtu * B_bd[s, n]
+                    acc += h[n] * C_bd[s, n]
+                ys[s] = acc + D[d] * us[s]
+            if has_gate:
+                for s in range(length):
+                    ys[s] *= gates[s]
+            _in_scan_order(ys, reverse, y[b, d])
             h_last[b, d] = h
 
 
@@ -222,58 +240,64 @@ def _scan_backward(
     dbias_part,
     dh0,
 ):
-    # delta and z as _scan_forward takes them; ddelta and dbias_part receive the gradients of
-    # delta (through the softplus) and of the bias (per channel and batch), dz that of z.
+    # Inputs as _scan_forward takes them (dB_part and dC_part in scan order too, like Bt and
+    # Ct); ddelta and dbias_part receive the gradients of delta (through the softplus) and of
+    # the bias (per batch and channel), dz that of z.
     batch, dim, length = u.shape
     nstate = A.shape[1]
     has_gate = z.shape[2] == length
-    bB, tB, bC, tC = Bt.shape[0] > 1, Bt.shape[2] > 1, Ct.shape[0] > 1, Ct.shape[2] > 1
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     groups = dB_part.shape[0]
     total = batch * dim
     per_group = (total + groups - 1) // groups
     for g in numba.prange(groups):
-        # Indexed by scan step s (time t = s, or L - 1 - s in reverse): states[s + 1] is the
-        # state after step s, states[0] the initial state; decays[s] multiplies states[s] in
-        # step s; grads[s] is dLoss/d states[s + 1]. Row L of decays and grads starts the
-        # walk back: grads[L] * decays[L] = dh_last.
+        # Indexed by scan step s: states[s + 1] is the state after step s, states[0] the
+        # initial state; decays[s] multiplies states[s] in step s; grads[s] is
+        # dLoss/d states[s + 1]. Row L of decays and grads starts the walk back:
+        # grads[L] * decays[L] = dh_last.
         states = np.empty((length + 1, nstate), dtype=u.dtype)
         decays = np.empty((length + 1, nstate), dtype=u.dtype)
         grads = np.empty((length + 1, nstate), dtype=u.dtype)
         gA = np.empty(nstate, dtype=u.dtype)
-        # Per time step t: the step size, softplus' (when softplus), the gate silu(z) and silu'.
+        # One channel's per-step values, in scan order: inputs, the step size, softplus'
+        # (when softplus), the gate silu(z), silu', the gated output gradient, and the
+        # gradients of u, delta and z.
+        vs = np.empty(length, dtype=u.dtype)
+        zs = np.empty(length, dtype=u.dtype)
+        us = np.empty(length, dtype=u.dtype)
+        dys = np.empty(length, dtype=u.dtype)
         dts = np.empty(length, dtype=u.dtype)
-        dsoftplus = np.empty(length if softplus else 0, dtype=u.dtype)
         gates = np.empty(length, dtype=u.dtype)
         dgates = np.empty(length, dtype=u.dtype)
+        gys = np.empty(length, dtype=u.dtype)
+        dsoftplus = np.empty(length if softplus else 0, dtype=u.dtype)
+        dus = np.empty(length, dtype=u.dtype)
+        dvs = np.empty(length, dtype=u.dtype)
+        dzs = np.empty(length, dtype=u.dtype)
         for bd in range(g * per_group, min(total, (g + 1) * per_group)):
             b = bd // dim
             d = bd % dim
-            _activate_channel(
-                delta[b, d],
-                bias[d],
-                softplus,
-                z[b * has_gate, d * has_gate],
-                has_gate,
-                dts,
-                dsoftplus,
-                gates,
-                dgates,
-            )
-            B_bd, dB_bd = Bt[b * bB, d // per_gB], dB_part[g, b * bB, d // per_gB]
-            C_bd, dC_bd = Ct[b * bC, d // per_gC], dC_part[g, b * bC, d // per_gC]
+            _in_scan_order(delta[b, d], reverse, vs)
+            _in_scan_order(u[b, d], reverse, us)
+            _in_scan_order(dy[b, d], reverse, dys)
+            if has_gate:
+                _in_scan_order(z[b, d], reverse, zs)
+            _activate_channel(vs, bias[d], softplus, zs, has_gate, dts, dsoftplus, gates, dgates)
+            for s in range(length):
+                gys[s] = dys[s] * gates[s] if has_gate else dys[s]
+            B_bd, dB_bd = Bt[b, d // per_gB], dB_part[g, b, d // per_gB]
+            C_bd, dC_bd = Ct[b, d // per_gC], dC_part[g, b, d // per_gC]
             a = A[d]
             Dd = D[d]
             # 1. The forward recurrence again, as _scan_forward runs it.
             states[0] = h0[b, d]
             for s in range(length):
-                t = length - 1 - s if reverse else s
-                dt = dts[t]
-                dtu = dt * u[b, d, t]
+                dt = dts[s]
+                dtu = dt * us[s]
                 for n in range(nstate):
                     decays[s, n] = decay(dt * a[n])
                 for n in range(nstate):
-                    states[s + 1, n] = decays[s, n] * states[s, n] + dtu * B_bd[t * tB, n]
+                    states[s + 1, n] = decays[s, n] * states[s, n] + dtu * B_bd[s, n]
             # 2. Back through time: the state gradients alone, the only sequential part.
             # Loops that write one array and reduce nothing vectorise over the N states; with
             # the per-step gradients below folded in (four arrays written, three sums) the
@@ -281,22 +305,18 @@ def _scan_backward(
             grads[length] = dh_last[b, d]
             decays[length] = 1.0
             for s in range(length - 1, -1, -1):
-                t = length - 1 - s if reverse else s
-                g_y = dy[b, d, t] * gates[t] if has_gate else dy[b, d, t]
+                g_y = gys[s]
                 for n in range(nstate):
-                    grads[s, n] = grads[s + 1, n] * decays[s + 1, n] + g_y * C_bd[t * tC, n]
+                    grads[s, n] = grads[s + 1, n] * decays[s + 1, n] + g_y * C_bd[s, n]
             for n in range(nstate):
                 dh0[b, d, n] = grads[0, n] * decays[0, n]
             # 3. Every other gradient, step by step; no step depends on another.
             gA[:] = 0.0
             gD = u.dtype.type(0.0)
-            gbias = u.dtype.type(0.0)
             for s in range(length):
-                t = length - 1 - s if reverse else s
-                dt = dts[t]
-                ut = u[b, d, t]
-                g_out = dy[b, d, t]
-                g_y = g_out * gates[t] if has_gate else g_out
+                dt = dts[s]
+                ut = us[s]
+                g_y = gys[s]
                 dtu = dt * ut
                 gu = u.dtype.type(0.0)
                 gdt = u.dtype.type(0.0)
@@ -304,22 +324,29 @@ def _scan_backward(
                 for n in range(nstate):
                     g_h = grads[s, n]
                     h_n = states[s + 1, n]
-                    acc += h_n * C_bd[t * tC, n]
-                    gu += g_h * B_bd[t * tB, n]
-                    dB_bd[t * tB, n] += g_h * dtu
-                    dC_bd[t * tC, n] += g_y * h_n
+                    acc += h_n * C_bd[s, n]
+                    gu += g_h * B_bd[s, n]
+                    dB_bd[s, n] += g_h * dtu
+                    dC_bd[s, n] += g_y * h_n
                     g_decay = g_h * states[s, n] * decays[s, n]
                     gdt += g_decay * a[n]
                     gA[n] += g_decay * dt
-                if has_gate:
-                    dz[b, d, t] = g_out * (acc + Dd * ut) * dgates[t]
+                dzs[s] = dys[s] * (acc + Dd * ut)
                 gD += g_y * ut
-                du[b, d, t] = gu * dt + g_y * Dd
-                g_v = gdt + gu * ut  # the step size's gradient, then through the softplus
-                if softplus:
-                    g_v *= dsoftplus[t]
-                ddelta[b, d, t] = g_v
-                gbias += g_v
+                dus[s] = gu * dt + g_y * Dd
+                dvs[s] = gdt + gu * ut  # the step size's gradient; the softplus' follows
+            if softplus:
+                for s in range(length):
+                    dvs[s] *= dsoftplus[s]
+            gbias = u.dtype.type(0.0)
+            for s in range(length):
+                gbias += dvs[s]
+            _in_scan_order(dus, reverse, du[b, d])
+            _in_scan_order(dvs, reverse, ddelta[b, d])
+            if has_gate:
+                for s in range(length):
+                    dzs[s] *= dgates[s]
+                _in_scan_order(dzs, reverse, dz[b, d])
             dA_part[b, d] = gA
             dD_part[b, d] = gD
             dbias_part[b, d] = gbias
@@ -331,10 +358,14 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if all(st >= 0 for st in t.stride()) else t.contiguous().numpy()
 
 
-def _time_major(X: torch.Tensor) -> np.ndarray:
-    """B or C in any layout -> contiguous (batch or 1, G, L or 1, N), small next to u: the loops
-    over the N states read it, and they vectorise only over contiguous memory."""
-    return layouts.as_grouped(X).transpose(2, 3).contiguous().numpy()
+def _time_major(X: torch.Tensor, reverse: bool, batch: int, length: int) -> np.ndarray:
+    """B or C in any layout -> (batch, G, L, N) in scan order (time flipped when ``reverse``),
+    contiguous over the N states (the loops over them vectorise only over contiguous memory);
+    a size-1 batch or time axis is broadcast with stride 0, so a time-invariant B is never
+    copied along time."""
+    X4 = layouts.as_grouped(X).transpose(2, 3)
+    X4 = (X4.flip(2) if reverse else X4).contiguous()
+    return X4.expand(batch, X4.shape[1], length, X4.shape[3]).numpy()
 
 
 def _no_gate(like: torch.Tensor) -> np.ndarray:
@@ -364,7 +395,7 @@ def scan_forward(
     from the last time step to the first (the last state is then the one at t = 0). u is read
     with its strides (delta and z contiguous, a copy only when they are not); every tensor has
     the dtype of u (float32 or float64)."""
-    batch, dim, _ = u.shape
+    batch, dim, length = u.shape
     groups = max(1, min(threads.follow_torch(), batch * dim))  # one channel range per thread
     y = torch.empty(u.shape, dtype=u.dtype)
     h_last = torch.empty_like(h0)
@@ -374,8 +405,8 @@ def scan_forward(
         _bias_of(delta_bias, u),
         bool(softplus),
         _np(A),
-        _time_major(B),
-        _time_major(C),
+        _time_major(B, reverse, batch, length),
+        _time_major(C, reverse, batch, length),
         _np(h0),
         _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype),
         _contiguous(z) if z is not None else _no_gate(u),
@@ -387,15 +418,23 @@ def scan_forward(
     return y, h_last
 
 
-def _partials(X, groups, dtype):
-    """One zeroed time-major gradient buffer of B or C per thread group."""
+def _partials(X, groups, dtype) -> torch.Tensor:
+    """One zeroed gradient buffer of B or C per thread group: (groups, batch or 1, G, L or 1, N),
+    in scan order like :func:`_time_major`'s view."""
     X4 = layouts.as_grouped(X)
     return torch.zeros(groups, X4.shape[0], X4.shape[1], X4.shape[3], X4.shape[2], dtype=dtype)
 
 
-def _summed(part, like):
-    """Sum of the per-thread partials, back in the layout of ``like``."""
-    return part.sum(0).transpose(2, 3).reshape(like.shape)
+def _partials_view(part: torch.Tensor, batch: int, length: int) -> np.ndarray:
+    """The kernels' (groups, batch, G, L, N) view of :func:`_partials`' buffer: broadcast axes
+    have stride 0, so their steps add up in place."""
+    return part.expand(part.shape[0], batch, part.shape[2], length, part.shape[4]).numpy()
+
+
+def _summed(part, like, reverse):
+    """Sum of the per-thread partials, back in time order and in the layout of ``like``."""
+    total = part.sum(0)
+    return (total.flip(2) if reverse else total).transpose(2, 3).reshape(like.shape)
 
 
 def scan_backward(
@@ -432,8 +471,8 @@ def scan_backward(
         _bias_of(delta_bias, u),
         bool(softplus),
         _np(A),
-        _time_major(B),
-        _time_major(C),
+        _time_major(B, reverse, batch, length),
+        _time_major(C, reverse, batch, length),
         _np(h0),
         _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype),
         _contiguous(z) if z is not None else _no_gate(u),
@@ -444,8 +483,8 @@ def scan_backward(
         ddelta.numpy(),
         dz.numpy() if dz is not None else _no_gate(u),
         dA_part.numpy(),
-        dB_part.numpy(),
-        dC_part.numpy(),
+        _partials_view(dB_part, batch, length),
+        _partials_view(dC_part, batch, length),
         dD_part.numpy(),
         dbias_part.numpy(),
         dh0.numpy(),
@@ -454,8 +493,8 @@ def scan_backward(
         du,
         ddelta,
         dA_part.sum(0),
-        _summed(dB_part, B),
-        _summed(dC_part, C),
+        _summed(dB_part, B, reverse),
+        _summed(dC_part, C, reverse),
         dh0,
         dD_part.sum(0) if D is not None else None,
         dz,
