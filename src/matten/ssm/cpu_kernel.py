@@ -9,18 +9,19 @@ threads with ``prange``; the gradients of B and C, which sum over channels, go t
 buffer per thread and are summed afterwards (extra memory: threads x the size of B and C).
 
 B and C come in any of ``mamba_ssm``'s layouts (:mod:`matten.ssm.layouts`) and reach the kernels
-time-major, as (batch or 1, G, L or 1, N), so that the inner loop over the N states reads
-contiguous memory. A size-1 batch or time axis is read at index 0 (its step is 0), and channel d
-reads group d // (dim // G): one kernel serves the variable, grouped and constant layouts.
+as (batch, G, L, N) views in scan order, so that the inner loop over the N states reads contiguous
+memory; a size-1 batch or time axis is broadcast with stride 0 (never copied), and channel d reads
+group d // (dim // G): one kernel serves the variable, grouped and constant layouts.
 
 The kernels also apply the skip term D * u and the gate, and can scan from the last time step to
 the first (``reverse``, the backward direction of a bidirectional Mamba), so that neither becomes a
-flipped copy around the scan. delta's bias and softplus and the gate's silu(z) (and, for the
-backward, softplus' and silu') are taken inside the kernels too, a channel at a time in loops over
-time that vectorise (:func:`_activate_channel`), before its scan: as scalar libm calls inside the
-loop over time they had doubled the scan's time, and as torch passes over whole tensors they were
-a fifth of it (memory traffic and temporaries). u and the output gradient are read with their
-strides, one value per step. Threads: as many as torch uses (:mod:`matten.ssm.threads`).
+flipped copy of a whole tensor around the scan. Each channel's inputs are first gathered into
+per-step vectors in scan order (and its outputs put back after its scan), so that every loop over
+steps indexes its arrays by the step itself (:func:`_in_scan_order`). delta's bias and softplus and
+the gate's silu(z) (and, for the backward, softplus' and silu') are taken there too, in loops over
+time that vectorise (:func:`_activate_channel`): as scalar libm calls inside the loop over time
+they had doubled the scan's time, and as torch passes over whole tensors they were a fifth of it.
+Threads: as many as torch uses (:mod:`matten.ssm.threads`).
 
 Most of the time goes into exp(delta * A): L x dim x N of them. In float32 they use
 :func:`decay`, an exp that LLVM can vectorise over the N states (libm's expf cannot be), and the
