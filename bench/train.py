@@ -11,7 +11,7 @@ selective scan's registered formula); it is reported as a fraction of the FLOP/s
 float32 matmul measured in the same run. Peak memory: growth of resident memory during one step
 in a fresh process (CPU) or the CUDA allocator's peak (GPU). The models' steps are timed in
 turns, one step of each per round (``--repeats`` rounds), and each model's best step is reported,
-with the ratio of every round's pair.
+with the ratio of every round's pair (the order alternating from round to round).
 
     python bench/train.py                  # CPU
     python bench/train.py --device cuda    # GPU
@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=None)
     parser.add_argument("--peak-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.peak_memory:
         return child_peak(args)
 
@@ -169,9 +171,10 @@ def main() -> None:
         )
         runs.append((name, variant, model, step, step_flops(forward)))
         step()  # warm-up
-    times = {name: [] for name, *_ in runs}
-    for _ in range(args.repeats):
-        for name, _, _, step, _ in runs:
+    times: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    for round_ in range(args.repeats):
+        # the order alternates, so that neither model always runs right after the other
+        for name, _, _, step, _ in runs[:: -1 if round_ % 2 else 1]:
             times[name].append(best_time(step, repeats=1, warmup=0))
     rows, results = [], {}
     for name, variant, model, step, flops in runs:

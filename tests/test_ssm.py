@@ -171,7 +171,8 @@ def test_reverse_cpu_scan_is_the_flipped_scan_flipped_back(layout):
 @pytest.mark.parametrize("length", [45, 1])  # 1: a one-step stream, where no-gate was misread
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("drop", [None, "D", "z", "delta_bias"])
-def test_fused_cpu_scan_gradients_match_reference(reverse, drop, length):
+@pytest.mark.parametrize("softplus", [True, False])
+def test_fused_cpu_scan_gradients_match_reference(reverse, drop, length, softplus):
     """Every gradient of the fused kernel (softplus, delta_bias, D, z, direction), float32,
     against autograd through the float64 reference, with and without each optional input."""
     x = {k: v for k, v in make_inputs(2, 8, length, 16).items() if k != drop}
@@ -180,11 +181,11 @@ def test_fused_cpu_scan_gradients_match_reference(reverse, drop, length):
     ref = {k: v.double().clone().requires_grad_() for k, v in {**x, "initial_state": h0}.items()}
     w_y, w_last = torch.randn(2, 8, length), torch.randn(2, 8, 16)
     y, last = selective_scan(
-        **leaves, delta_softplus=True, return_last_state=True, reverse=reverse, backend="cpu"
+        **leaves, delta_softplus=softplus, return_last_state=True, reverse=reverse, backend="cpu"
     )
     ((y * w_y).sum() + (last * w_last).sum()).backward()
     ref_in = flipped(ref) if reverse else ref
-    y_ref, last_ref = selective_scan_ref(**ref_in, delta_softplus=True, return_last_state=True)
+    y_ref, last_ref = selective_scan_ref(**ref_in, delta_softplus=softplus, return_last_state=True)
     y_ref = y_ref.flip(-1) if reverse else y_ref
     ((y_ref * w_y.double()).sum() + (last_ref * w_last.double()).sum()).backward()
     assert rel_err(y, y_ref) < 1e-5
@@ -221,9 +222,10 @@ def test_reverse_on_other_backends_flips_around_the_forward_scan(name):
     assert rel_err(y, expected) < 1e-5
 
 
-def test_cpu_scan_reads_strided_inputs_as_given():
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpu_scan_reads_strided_inputs_as_given(reverse):
     """u, delta and z as the Mamba layer passes them (transposed and sliced views) give what
-    their contiguous copies give, gradients included."""
+    their contiguous copies give, gradients included, in either direction."""
     x = make_inputs(2, 8, 30, 16)
     views = {k: x[k].transpose(1, 2).contiguous().transpose(1, 2) for k in ("u", "delta")}
     views["z"] = torch.cat([x["z"], x["z"]], dim=2)[..., :30]  # row stride 60
@@ -232,7 +234,7 @@ def test_cpu_scan_reads_strided_inputs_as_given():
     grads = []
     for inputs in ({k: x[k] for k in views}, views):
         leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}  # strides kept
-        y = selective_scan(**{**x, **leaves}, delta_softplus=True, backend="cpu")
+        y = selective_scan(**{**x, **leaves}, delta_softplus=True, reverse=reverse, backend="cpu")
         (y * w).sum().backward()
         grads.append((y.detach(), [leaves[k].grad for k in views]))
     (y0, g0), (y1, g1) = grads
@@ -626,11 +628,36 @@ def test_float32_decay_is_an_accurate_exp():
     assert np.allclose(apply(x64), np.exp(x64), rtol=1e-14, atol=0)  # float64: libm exp
 
 
+def test_float32_log1p_is_accurate_on_the_unit_interval():
+    import numba
+    import numpy as np
+
+    from matten.ssm.cpu_kernel import log1p_unit
+
+    @numba.njit
+    def apply(x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = log1p_unit(x[i])
+        return out
+
+    x = np.concatenate([np.linspace(0, 1, 20001), np.geomspace(1e-30, 1e-3, 200)]).astype(
+        np.float32
+    )
+    exact = np.log1p(x.astype(np.float64))
+    rel = np.abs(apply(x) - exact) / np.maximum(exact, 1e-300)
+    assert rel.max() < 3e-7  # relatively exact down to tiny x, where log(1 + x) would round
+    x64 = np.linspace(0, 1, 1001)
+    assert np.allclose(apply(x64), np.log1p(x64), rtol=1e-15, atol=0)  # float64: libm log1p
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kernel_activations_equal_torch(dtype):
-    """The kernels' own softplus, sigmoid, silu and silu' (vectorised float32 polynomials) equal
-    the float64 functions to float32 rounding, across softplus's threshold and silu's tails
-    (softplus exactly: torch's returns its input above 20, 2e-9 off in float64)."""
+def test_kernel_activations_equal_the_float64_functions(dtype):
+    """The kernels' own softplus, sigmoid, silu and silu' equal the float64 functions to float32
+    rounding (2e-6, near silu's zero too), across softplus's threshold and silu's tails, with
+    and without the derivatives (softplus exactly: torch's returns its input above 20, 2e-9 off
+    in float64). Below exp(-87) the float32 exp's clamp leaves a floor of 1.6e-38 (times |z| for
+    silu), hence the absolute tolerance."""
     import numpy as np
 
     from matten.ssm.cpu_kernel import _activate_channel
@@ -640,10 +667,12 @@ def test_kernel_activations_equal_torch(dtype):
     bias = 0.25
     dts, dsoftplus, gates, dgates = (np.full(v.numel(), np.nan, v.numpy().dtype) for _ in "1234")
     scalar = v.numpy().dtype.type
-    _activate_channel(v.numpy(), scalar(bias), True, z.numpy(), True, dts, dsoftplus, gates, dgates)
+    _activate_channel(
+        v.numpy(), scalar(bias), True, z.numpy(), True, True, dts, dsoftplus, gates, dgates
+    )
     x = (v + bias).double()
     sig_z = torch.sigmoid(z.double())
-    tol = dict(rtol=2e-6, atol=1e-30) if dtype == torch.float32 else dict(rtol=1e-12, atol=0)
+    tol = dict(rtol=2e-6, atol=1e-35) if dtype == torch.float32 else dict(rtol=1e-12, atol=0)
     for got, want in [
         (dts, x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))),
         (dsoftplus, torch.sigmoid(x)),
@@ -651,9 +680,15 @@ def test_kernel_activations_equal_torch(dtype):
         (dgates, sig_z * (1 + z.double() * (1 - sig_z))),
     ]:
         torch.testing.assert_close(torch.from_numpy(got).double(), want, **tol)
-    no_softplus, unused = np.empty_like(dts), np.empty(0, dts.dtype)
+    # without the derivatives: the same values
+    dts2, gates2, unused = np.empty_like(dts), np.empty_like(dts), np.empty(0, dts.dtype)
     _activate_channel(
-        v.numpy(), scalar(bias), False, z.numpy(), False, no_softplus, unused, gates, unused
+        v.numpy(), scalar(bias), True, z.numpy(), True, False, dts2, unused, gates2, unused
+    )
+    assert np.array_equal(dts2, dts) and np.allclose(gates2, gates, rtol=1e-6, atol=0)
+    no_softplus = np.empty_like(dts)
+    _activate_channel(
+        v.numpy(), scalar(bias), False, z.numpy(), False, False, no_softplus, unused, gates, unused
     )
     assert np.array_equal(no_softplus, (v + scalar(bias)).numpy())
 

@@ -118,37 +118,36 @@ def _log1p_unit_impl(x):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=_JIT["fastmath"], error_model="numpy")
-def _activate_channel(v_row, bias, softplus, z_row, has_gate, dts, dsoftplus, gates, dgates):
+def _activate_channel(vs, bias, softplus, zs, has_gate, derivatives, dts, dsoftplus, gates, dgates):
     """One channel's per-step activations, in loops over time that vectorise (the scans' loops
-    run over the states): the step size ``dts`` = softplus(v + bias) (or v + bias), and, when
-    ``dsoftplus`` / ``dgates`` have the sequence's length, softplus' (sigmoid) and silu'(z);
-    ``gates`` = silu(z) when ``has_gate``. exp is :func:`decay`, as in the scans."""
+    run over the states): the step size ``dts`` = softplus(v + bias) (or v + bias) and, with
+    ``has_gate``, the gate ``gates`` = silu(z); with ``derivatives`` also softplus' (sigmoid) into
+    ``dsoftplus`` and silu'(z) into ``dgates``. exp is :func:`decay`, as in the scans: in float32
+    its clamp puts a floor of exp(-87) = 1.6e-38 under softplus(v) and sigmoid(v) for v < -87."""
     one = dts.dtype.type(1.0)
     zero = dts.dtype.type(0.0)
-    length = v_row.shape[0]
-    if softplus:
+    length = vs.shape[0]
+    if softplus and derivatives:
         for t in range(length):
-            v = v_row[t] + bias
+            v = vs[t] + bias
             e = decay(-abs(v))  # softplus(v) = max(v, 0) + log1p(exp(-|v|)), never overflows
             dts[t] = max(v, zero) + log1p_unit(e)
-        if dsoftplus.shape[0] == length:
-            for t in range(length):
-                v = v_row[t] + bias
-                e = decay(-abs(v))
-                dsoftplus[t] = (one if v >= zero else e) / (one + e)  # sigmoid(v)
+            dsoftplus[t] = (one if v >= zero else e) / (one + e)  # sigmoid(v)
+    elif softplus:
+        for t in range(length):
+            v = vs[t] + bias
+            dts[t] = max(v, zero) + log1p_unit(decay(-abs(v)))
     else:
         for t in range(length):
-            dts[t] = v_row[t] + bias
-    if has_gate:
+            dts[t] = vs[t] + bias
+    if has_gate and derivatives:
         for t in range(length):
-            zt = z_row[t]
-            sig = one / (one + decay(-zt))
-            gates[t] = zt * sig
-        if dgates.shape[0] == length:
-            for t in range(length):
-                zt = z_row[t]
-                sig = one / (one + decay(-zt))
-                dgates[t] = sig + zt * sig * (one - sig)  # silu'(z) = sig (1 + z (1 - sig))
+            sig = one / (one + decay(-zs[t]))
+            gates[t] = zs[t] * sig
+            dgates[t] = sig + gates[t] * (one - sig)  # silu'(z) = sig (1 + z (1 - sig))
+    elif has_gate:
+        for t in range(length):
+            gates[t] = zs[t] / (one + decay(-zs[t]))
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -165,15 +164,16 @@ def _in_scan_order(src, reverse, dst):
 
 
 @numba.jit(**_JIT)
-def _scan_forward(u, delta, bias, softplus, A, Bt, Ct, h0, D, z, reverse, groups, y, h_last):
+def _scan_forward(
+    u, delta, bias, softplus, A, Bt, Ct, h0, D, z, has_gate, reverse, groups, y, h_last
+):
     # Each channel's inputs are first gathered in scan order (the step size and gate computed
     # on the way, _activate_channel), and its outputs put back after its scan, so that the loops
     # over steps index every array by the step itself: with a computed time index (reversed, or
-    # 0 for a time-invariant B) LLVM checked the arrays against each other at every step, and
-    # the loops ran at half speed. Bt and Ct come in scan order, broadcast axes with stride 0.
+    # 0 for a time-invariant B) the same loops ran at half the speed (bench/RESULTS.md). Bt and
+    # Ct come in scan order, broadcast axes with stride 0.
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    has_gate = z.shape[2] == length  # a (1, 1, 0) placeholder when there is no gate
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     per_group = (batch * dim + groups - 1) // groups
     for g in numba.prange(groups):
@@ -194,7 +194,9 @@ def _scan_forward(u, delta, bias, softplus, A, Bt, Ct, h0, D, z, reverse, groups
             _in_scan_order(u[b, d], reverse, us)
             if has_gate:
                 _in_scan_order(z[b, d], reverse, zs)
-            _activate_channel(vs, bias[d], softplus, zs, has_gate, dts, unused, gates, unused)
+            _activate_channel(
+                vs, bias[d], softplus, zs, has_gate, False, dts, unused, gates, unused
+            )
             B_bd = Bt[b, d // per_gB]  # (L, N): this channel's B, in scan order
             C_bd = Ct[b, d // per_gC]
             h[:] = h0[b, d]
@@ -228,6 +230,7 @@ def _scan_backward(
     h0,
     D,
     z,
+    has_gate,
     reverse,
     dy,
     dh_last,
@@ -246,7 +249,6 @@ def _scan_backward(
     # the bias (per batch and channel), dz that of z.
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    has_gate = z.shape[2] == length
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     groups = dB_part.shape[0]
     total = batch * dim
@@ -283,7 +285,9 @@ def _scan_backward(
             _in_scan_order(dy[b, d], reverse, dys)
             if has_gate:
                 _in_scan_order(z[b, d], reverse, zs)
-            _activate_channel(vs, bias[d], softplus, zs, has_gate, dts, dsoftplus, gates, dgates)
+            _activate_channel(
+                vs, bias[d], softplus, zs, has_gate, True, dts, dsoftplus, gates, dgates
+            )
             for s in range(length):
                 gys[s] = dys[s] * gates[s] if has_gate else dys[s]
             B_bd, dB_bd = Bt[b, d // per_gB], dB_part[g, b, d // per_gB]
@@ -364,28 +368,22 @@ def _time_major(X: torch.Tensor, reverse: bool, batch: int, length: int) -> np.n
     contiguous over the N states (the loops over them vectorise only over contiguous memory);
     a size-1 batch or time axis is broadcast with stride 0, so a time-invariant B is never
     copied along time."""
-    X4 = layouts.as_grouped(X).transpose(2, 3)
+    X4 = layouts.as_grouped(X.detach()).transpose(2, 3)
     X4 = (X4.flip(2) if reverse else X4).contiguous()
     return X4.expand(batch, X4.shape[1], length, X4.shape[3]).numpy()
 
 
 def _no_gate(like: torch.Tensor) -> np.ndarray:
-    """The (1, 1, 0) placeholder that tells the kernels there is no gate: its empty time axis
-    never matches a sequence's length (a (1, 1, 1) one would at L = 1)."""
+    """The (1, 1, 0) placeholder for z and dz when there is no gate (the kernels are told so by
+    ``has_gate`` and never index it)."""
     return np.zeros((1, 1, 0), dtype=_np(like).dtype)
-
-
-def _contiguous(t: torch.Tensor) -> np.ndarray:
-    """A contiguous numpy array of ``t`` (no copy when it already is): the kernels read delta
-    and z in loops over time that vectorise only over contiguous memory."""
-    return t.detach().contiguous().numpy()
 
 
 def _bias_of(delta_bias, like: torch.Tensor) -> np.ndarray:
     """delta's per-channel bias, zeros when there is none."""
     if delta_bias is None:
         return np.zeros(like.shape[1], dtype=_np(like).dtype)
-    return _contiguous(delta_bias)
+    return _np(delta_bias)
 
 
 def scan_forward(
@@ -393,16 +391,15 @@ def scan_forward(
 ):
     """The gated output ``(<C_t, h_t> + D u_t) * silu(z_t)`` (batch, dim, L) and the last state
     (batch, dim, N), with delta = softplus(delta + delta_bias) when ``softplus``. ``reverse`` scans
-    from the last time step to the first (the last state is then the one at t = 0). u is read
-    with its strides (delta and z contiguous, a copy only when they are not); every tensor has
-    the dtype of u (float32 or float64)."""
+    from the last time step to the first (the last state is then the one at t = 0). Inputs are
+    read with their strides; every tensor has the dtype of u (float32 or float64)."""
     batch, dim, length = u.shape
     groups = max(1, min(threads.follow_torch(), batch * dim))  # one channel range per thread
     y = torch.empty(u.shape, dtype=u.dtype)
     h_last = torch.empty_like(h0)
     _scan_forward(
         _np(u),
-        _contiguous(delta),
+        _np(delta),
         _bias_of(delta_bias, u),
         bool(softplus),
         _np(A),
@@ -410,7 +407,8 @@ def scan_forward(
         _time_major(C, reverse, batch, length),
         _np(h0),
         _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype),
-        _contiguous(z) if z is not None else _no_gate(u),
+        _np(z) if z is not None else _no_gate(u),
+        z is not None,
         bool(reverse),
         groups,
         y.numpy(),
@@ -468,7 +466,7 @@ def scan_backward(
     dh0 = torch.empty_like(h0)
     _scan_backward(
         _np(u),
-        _contiguous(delta),
+        _np(delta),
         _bias_of(delta_bias, u),
         bool(softplus),
         _np(A),
@@ -476,7 +474,8 @@ def scan_backward(
         _time_major(C, reverse, batch, length),
         _np(h0),
         _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype),
-        _contiguous(z) if z is not None else _no_gate(u),
+        _np(z) if z is not None else _no_gate(u),
+        z is not None,
         bool(reverse),
         _np(dy),
         _np(dh_last),
