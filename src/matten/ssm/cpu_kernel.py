@@ -178,7 +178,6 @@ def _scan_forward(
     per_group = (batch * dim + groups - 1) // groups
     for g in numba.prange(groups):
         h = np.empty(nstate, dtype=u.dtype)
-        decays = np.empty(nstate, dtype=u.dtype)
         # One channel's per-step values, in scan order.
         vs = np.empty(length, dtype=u.dtype)
         zs = np.empty(length, dtype=u.dtype)
@@ -204,12 +203,11 @@ def _scan_forward(
             for s in range(length):
                 dt = dts[s]
                 dtu = dt * us[s]
-                for n in range(nstate):
-                    decays[n] = decay(dt * a[n])
                 acc = u.dtype.type(0.0)
-                for n in range(nstate):
-                    h[n] = decays[n] * h[n] + dtu * B_bd[s, n]
-                    acc += h[n] * C_bd[s, n]
+                for n in range(nstate):  # one loop: split in two (decays first) it was 15% slower
+                    h_n = decay(dt * a[n]) * h[n] + dtu * B_bd[s, n]
+                    h[n] = h_n
+                    acc += h_n * C_bd[s, n]
                 ys[s] = acc + D[d] * us[s]
             if has_gate:
                 for s in range(length):
@@ -300,9 +298,9 @@ def _scan_backward(
                 dt = dts[s]
                 dtu = dt * us[s]
                 for n in range(nstate):
-                    decays[s, n] = decay(dt * a[n])
-                for n in range(nstate):
-                    states[s + 1, n] = decays[s, n] * states[s, n] + dtu * B_bd[s, n]
+                    e = decay(dt * a[n])
+                    decays[s, n] = e
+                    states[s + 1, n] = e * states[s, n] + dtu * B_bd[s, n]
             # 2. Back through time: the state gradients alone, the only sequential part.
             # Loops that write one array and reduce nothing vectorise over the N states; with
             # the per-step gradients below folded in (four arrays written, three sums) the
