@@ -607,19 +607,27 @@ def test_scan_orders_round_trip_and_group_the_right_tokens():
         global_to_spatial(tokens[:, :-1], grid)
 
 
-def test_float32_decay_is_an_accurate_exp():
+def compiled_elementwise(fn):
+    """``fn`` (a function the kernels call) applied to every element of an array, in numba."""
     import numba
     import numpy as np
-
-    from matten.ssm.cpu_kernel import decay
 
     @numba.njit
     def apply(x):
         out = np.empty_like(x)
         for i in range(x.size):
-            out[i] = decay(x[i])
+            out[i] = fn(x[i])
         return out
 
+    return apply
+
+
+def test_float32_decay_is_an_accurate_exp():
+    import numpy as np
+
+    from matten.ssm.cpu_kernel import decay
+
+    apply = compiled_elementwise(decay)
     x = np.concatenate([-np.linspace(0, 80, 20001), np.linspace(0, 5, 101)]).astype(np.float32)
     exact = np.exp(x.astype(np.float64))
     assert np.max(np.abs(apply(x) - exact) / exact) < 5e-7
@@ -629,18 +637,11 @@ def test_float32_decay_is_an_accurate_exp():
 
 
 def test_float32_log1p_is_accurate_on_the_unit_interval():
-    import numba
     import numpy as np
 
     from matten.ssm.cpu_kernel import log1p_unit
 
-    @numba.njit
-    def apply(x):
-        out = np.empty_like(x)
-        for i in range(x.size):
-            out[i] = log1p_unit(x[i])
-        return out
-
+    apply = compiled_elementwise(log1p_unit)
     x = np.concatenate([np.linspace(0, 1, 20001), np.geomspace(1e-30, 1e-3, 200)]).astype(
         np.float32
     )
