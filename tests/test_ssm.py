@@ -306,6 +306,42 @@ def test_every_layout_matches_reference_with_gradients(name, layout_b, layout_c)
         assert rel_err(got[key], value) < 1e-5, key
 
 
+@pytest.mark.parametrize(
+    "groups_b,groups_c,reverse",
+    [(1, 1, False), (2, 2, True), (2, 5, False), (4, 1, True)],
+)
+def test_cpu_scan_blocks_of_lanes_match_reference_with_gradients(groups_b, groups_c, reverse):
+    """The CPU kernels scan LANES channels at a time, in blocks that never cross a group of B
+    or C, over chunks of CHUNK steps: 40 channels in groups of 40, 20, 10 or 8 (full, part-idle
+    and several blocks per batch element), 3 batch elements, a length of two chunks and a bit,
+    in both directions."""
+    from matten.ssm import cpu_kernel
+
+    length = 2 * cpu_kernel.CHUNK + 7
+    x = make_inputs(3, 40, length, 16, B="grouped", C="grouped", groups=groups_b)
+    x["C"] = coefficients("grouped", 3, 40, length, 16, torch.randn, groups_c)
+    h0 = torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(1))
+    weights = (
+        torch.randn(3, 40, length, dtype=torch.float64),
+        torch.randn(3, 40, 16, dtype=torch.float64),
+    )
+
+    def reference(**kw):  # reverse: the forward scan of the flipped sequence, flipped back
+        if not reverse:
+            return selective_scan_ref(**kw)
+        tensors = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
+        flags = {k: v for k, v in kw.items() if k not in tensors}
+        y, last = selective_scan_ref(**flipped(tensors), **flags)
+        return y.flip(-1), last
+
+    got = leaves_and_grads(
+        lambda **kw: selective_scan(**kw, reverse=reverse, backend="cpu"), x, h0, weights
+    )
+    ref = leaves_and_grads(reference, {k: v.double() for k, v in x.items()}, h0.double(), weights)
+    for key, value in ref.items():
+        assert rel_err(got[key], value) < 1e-5, key
+
+
 def test_reference_layouts_mean_what_mamba_ssm_says():
     """Grouped B/C: channel d uses group d // (dim // G); constant: one per channel, every step."""
     x = make_inputs(2, 6, 9, 3, B="grouped", C="constant", groups=3)
@@ -657,20 +693,19 @@ def test_kernel_activations_equal_the_float64_functions(dtype):
     """The kernels' own softplus, sigmoid, silu and silu' equal the float64 functions to float32
     rounding (2e-6, near silu's zero too), across softplus's threshold and silu's tails, with
     and without the derivatives (softplus exactly: torch's returns its input above 20, 2e-9 off
-    in float64). Below exp(-87) the float32 exp's clamp leaves a floor of 1.6e-38 (times |z| for
-    silu), hence the absolute tolerance."""
+    in float64), with a bias per lane. Below exp(-87) the float32 exp's clamp leaves a floor of
+    1.6e-38 (times |z| for silu), hence the absolute tolerance."""
     import numpy as np
 
-    from matten.ssm.cpu_kernel import _activate_channel
+    from matten.ssm.cpu_kernel import _activate
 
     v = torch.cat([torch.linspace(-100, 100, 4001), torch.linspace(-1e-3, 1e-3, 101)]).to(dtype)
+    v = v.reshape(-1, 2)  # (steps, lanes)
     z = v.flip(0).contiguous() * 1.3
-    bias = 0.25
-    dts, dsoftplus, gates, dgates = (np.full(v.numel(), np.nan, v.numpy().dtype) for _ in "1234")
-    scalar = v.numpy().dtype.type
-    _activate_channel(
-        v.numpy(), scalar(bias), True, z.numpy(), True, True, dts, dsoftplus, gates, dgates
-    )
+    bias = torch.tensor([0.25, -0.5], dtype=dtype)
+    dts, dsoftplus, gates, dgates = (np.full(v.shape, np.nan, v.numpy().dtype) for _ in "1234")
+    args = (v.numpy(), bias.numpy(), True, z.numpy(), True)
+    _activate(*args, True, dts, dsoftplus, gates, dgates)
     x = (v + bias).double()
     sig_z = torch.sigmoid(z.double())
     tol = dict(rtol=2e-6, atol=1e-35) if dtype == torch.float32 else dict(rtol=1e-12, atol=0)
@@ -682,16 +717,12 @@ def test_kernel_activations_equal_the_float64_functions(dtype):
     ]:
         torch.testing.assert_close(torch.from_numpy(got).double(), want, **tol)
     # without the derivatives: the same values
-    dts2, gates2, unused = np.empty_like(dts), np.empty_like(dts), np.empty(0, dts.dtype)
-    _activate_channel(
-        v.numpy(), scalar(bias), True, z.numpy(), True, False, dts2, unused, gates2, unused
-    )
+    dts2, gates2, unused = np.empty_like(dts), np.empty_like(dts), np.empty((0, 2), dts.dtype)
+    _activate(*args, False, dts2, unused, gates2, unused)
     assert np.array_equal(dts2, dts) and np.allclose(gates2, gates, rtol=1e-6, atol=0)
     no_softplus = np.empty_like(dts)
-    _activate_channel(
-        v.numpy(), scalar(bias), False, z.numpy(), False, False, no_softplus, unused, gates, unused
-    )
-    assert np.array_equal(no_softplus, (v + scalar(bias)).numpy())
+    _activate(args[0], args[1], False, args[3], False, False, no_softplus, unused, gates, unused)
+    assert np.array_equal(no_softplus, (v + bias).numpy())
 
 
 def test_scan_runs_on_meta_device_and_is_counted_as_flops():

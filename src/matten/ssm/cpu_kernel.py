@@ -1,31 +1,32 @@
-"""Fast CPU selective scan: a compiled (numba) loop over time, one channel at a time.
+"""Fast CPU selective scan: compiled (numba) loops over time, LANES channels side by side.
 
-Each (batch, channel) pair owns an N-vector state that stays in cache, so the discretised
-(batch, dim, L, N) tensors are never built. The backward kernel re-runs the forward recurrence of
-one channel into private (L, N) buffers (states and decays), walks back through time for the state
-gradients alone, and then takes every other gradient step by step; peak extra memory is
-threads x 3 x L x N values, not batch x dim x L x N. Channels are split across
+The channels of one batch element are scanned in blocks of LANES, one channel per vector lane:
+a block's per-step values are (L, LANES) arrays and its states (N, LANES), so that every loop
+over lanes vectorises and each step's sums over the N states are vertical adds of lane vectors
+(scanned one channel at a time, those sums were horizontal, and the backward took 3.4x the
+forward). The discretised (batch, dim, L, N) tensors are never built. A block never crosses a
+group of B or C, so one kernel serves mamba_ssm's variable, grouped and constant layouts
+(:mod:`matten.ssm.layouts`); B and C reach the kernels as (batch, G, L, N) views in scan order,
+contiguous over the N states, with stride 0 on a broadcast batch or time axis (never copied).
+
+The forward also returns the state before every CHUNK-th step. The backward recomputes one
+chunk's states and decays from its checkpoint into cache-sized buffers, then walks back through
+the chunk, taking the state gradient and every other gradient in the same loop; peak extra
+memory is per thread a few (L, LANES) arrays and the per-lane gradients of B and C, (L, N,
+LANES) each, and the checkpoints are L / CHUNK states per channel. Blocks are split across
 threads with ``prange``; the gradients of B and C, which sum over channels, go to one partial
-buffer per thread and are summed afterwards (extra memory: threads x the size of B and C).
+buffer per thread and are summed afterwards.
 
-B and C come in any of ``mamba_ssm``'s layouts (:mod:`matten.ssm.layouts`) and reach the kernels
-as (batch, G, L, N) views in scan order, so that the inner loop over the N states reads contiguous
-memory; a size-1 batch or time axis is broadcast with stride 0 (never copied), and channel d reads
-group d // (dim // G): one kernel serves the variable, grouped and constant layouts.
-
-The kernels also apply the skip term D * u and the gate, and can scan from the last time step to
-the first (``reverse``, the backward direction of a bidirectional Mamba), so that neither becomes a
-flipped copy of a whole tensor around the scan. Each channel's inputs are first gathered into
-per-step vectors in scan order (and its outputs put back after its scan), so that every loop over
-steps indexes its arrays by the step itself (:func:`_in_scan_order`). delta's bias and softplus and
-the gate's silu(z) (and, for the backward, softplus' and silu') are taken there too, in loops over
-time that vectorise (:func:`_activate_channel`): as scalar libm calls inside the loop over time
-they had doubled the scan's time, and as torch passes over whole tensors they were a fifth of it.
-Threads: as many as torch uses (:mod:`matten.ssm.threads`).
+The kernels also apply delta's bias and softplus, the skip term D * u and the gate silu(z), and
+can scan from the last time step to the first (``reverse``, the backward direction of a
+bidirectional Mamba), so that none of these becomes a torch pass or a flipped copy of a whole
+tensor around the scan: each block's inputs are gathered into lanes in scan order, and its
+outputs put back in time order, so that every loop over steps indexes its arrays by the step
+itself. Threads: as many as torch uses (:mod:`matten.ssm.threads`).
 
 Most of the time goes into exp(delta * A): L x dim x N of them. In float32 they use
-:func:`decay`, an exp that LLVM can vectorise over the N states (libm's expf cannot be), and the
-softplus its :func:`log1p_unit`; float64 keeps libm's math.exp and math.log1p.
+:func:`decay`, an exp that LLVM can vectorise (libm's expf cannot be), and the softplus its
+:func:`log1p_unit`; float64 keeps libm's math.exp and math.log1p.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ import numba
 import numpy as np
 import torch
 from numba import types
+from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.extending import overload
 
 from . import layouts, threads
 
-# Reassociation and contraction (FMA) help vectorise the loops over N; no-NaN/no-inf
+# Reassociation and contraction (FMA) help vectorise the loops; no-NaN/no-inf
 # assumptions are left out so that bad values still propagate.
 _JIT: dict[str, Any] = dict(
     nopython=True,
@@ -117,103 +119,317 @@ def _log1p_unit_impl(x):
     return log1p_float32
 
 
-@numba.njit(nogil=True, cache=True, fastmath=_JIT["fastmath"], error_model="numpy")
-def _activate_channel(vs, bias, softplus, zs, has_gate, derivatives, dts, dsoftplus, gates, dgates):
-    """One channel's per-step activations, in loops over time that vectorise (the scans' loops
-    run over the states): the step size ``dts`` = softplus(v + bias) (or v + bias) and, with
-    ``has_gate``, the gate ``gates`` = silu(z); with ``derivatives`` also softplus' (sigmoid) into
-    ``dsoftplus`` and silu'(z) into ``dgates``. exp is :func:`decay`, as in the scans: in float32
-    its clamp puts a floor of exp(-87) = 1.6e-38 under softplus(v) and sigmoid(v) for v < -87."""
+# Channels scanned side by side, one per vector lane: each block of up to LANES channels of one
+# batch element keeps its per-step values as (L, LANES) arrays and its states as (N, LANES), so
+# that the loops over lanes vectorise and each step's sums over the N states are vertical adds
+# of lane vectors (with one channel per loop they were horizontal sums, and each step's scalar
+# work was not shared). A block of fewer channels leaves its last lanes idle: their inputs are
+# zero, so their states and gradients stay zero.
+LANES = 16
+# The backward recomputes the states chunk by chunk from checkpoints (one every CHUNK steps),
+# so that its buffers stay in cache at any length.
+CHUNK = 64
+
+
+class _NoAliasCompiler(CompilerBase):
+    """numba's nopython pipeline with every array argument marked ``noalias``. LLVM vectorises a
+    loop over arrays that might overlap only behind runtime overlap checks, and refuses those
+    checks in short loops such as the ones over lanes: they stayed scalar. The functions
+    compiled with it must never be given two arrays that overlap where either is written."""
+
+    def define_pipelines(self):
+        self.state.flags.noalias = True
+        return [DefaultPassBuilder.define_nopython_pipeline(self.state)]
+
+
+_LANE_JIT: dict[str, Any] = dict(
+    nopython=True,
+    nogil=True,
+    cache=True,
+    fastmath=_JIT["fastmath"],
+    error_model="numpy",
+    pipeline_class=_NoAliasCompiler,
+)
+
+
+@numba.jit(**_LANE_JIT)
+def _activate(vs, bias, softplus, zs, has_gate, derivatives, dts, dsoftplus, gates, dgates):
+    """A block's per-step activations, (L, LANES) arrays: the step size ``dts`` =
+    softplus(v + bias) (or v + bias; bias per lane) and, with ``has_gate``, the gate ``gates``
+    = silu(z); with ``derivatives`` also softplus' (sigmoid) into ``dsoftplus`` and silu'(z)
+    into ``dgates``. exp is :func:`decay`, as in the scans: in float32 its clamp puts a floor of
+    exp(-87) = 1.6e-38 under softplus(v) and sigmoid(v) for v < -87."""
     one = dts.dtype.type(1.0)
     zero = dts.dtype.type(0.0)
-    length = vs.shape[0]
-    if softplus and derivatives:
-        for t in range(length):
-            v = vs[t] + bias
-            e = decay(-abs(v))  # softplus(v) = max(v, 0) + log1p(exp(-|v|)), never overflows
-            dts[t] = max(v, zero) + log1p_unit(e)
-            dsoftplus[t] = (one if v >= zero else e) / (one + e)  # sigmoid(v)
-    elif softplus:
-        for t in range(length):
-            v = vs[t] + bias
-            dts[t] = max(v, zero) + log1p_unit(decay(-abs(v)))
-    else:
-        for t in range(length):
-            dts[t] = vs[t] + bias
-    if has_gate and derivatives:
-        for t in range(length):
-            sig = one / (one + decay(-zs[t]))
-            gates[t] = zs[t] * sig
-            dgates[t] = sig + gates[t] * (one - sig)  # silu'(z) = sig (1 + z (1 - sig))
-    elif has_gate:
-        for t in range(length):
-            gates[t] = zs[t] / (one + decay(-zs[t]))
+    length, lanes = vs.shape
+    for s in range(length):
+        if softplus and derivatives:
+            for k in range(lanes):
+                v = vs[s, k] + bias[k]
+                e = decay(-abs(v))  # softplus(v) = max(v, 0) + log1p(exp(-|v|)), never overflows
+                dts[s, k] = max(v, zero) + log1p_unit(e)
+                dsoftplus[s, k] = (one if v >= zero else e) / (one + e)  # sigmoid(v)
+        elif softplus:
+            for k in range(lanes):
+                v = vs[s, k] + bias[k]
+                dts[s, k] = max(v, zero) + log1p_unit(decay(-abs(v)))
+        else:
+            for k in range(lanes):
+                dts[s, k] = vs[s, k] + bias[k]
+        if has_gate and derivatives:
+            for k in range(lanes):
+                sig = one / (one + decay(-zs[s, k]))
+                gates[s, k] = zs[s, k] * sig
+                dgates[s, k] = sig + gates[s, k] * (one - sig)  # silu'(z) = sig (1 + z (1 - sig))
+        elif has_gate:
+            for k in range(lanes):
+                gates[s, k] = zs[s, k] / (one + decay(-zs[s, k]))
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _in_scan_order(src, reverse, dst):
-    """dst[s] = src[t] for the time t of scan step s (L - 1 - s in reverse; its own inverse, so
-    it also puts scan-ordered values back in time order)."""
-    length = dst.shape[0]
-    if reverse:
-        for s in range(length):
-            dst[s] = src[length - 1 - s]
-    else:
-        for s in range(length):
-            dst[s] = src[s]
+def _rows_to_lanes(rows, first, count, reverse, lanes):
+    """lanes[s, k] = rows[first + k, t] for the time t of scan step s (L - 1 - s when
+    ``reverse``), for the block's ``count`` channels; idle lanes get zeros."""
+    length = lanes.shape[0]
+    for s in range(length):  # one step's lanes at a time: 2x faster than a lane at a time
+        t = length - 1 - s if reverse else s
+        for k in range(LANES):
+            lanes[s, k] = rows[first + k, t] if k < count else 0.0
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _lanes_to_rows(lanes, first, count, reverse, rows):
+    """The inverse of :func:`_rows_to_lanes` for the block's channels: back in time order."""
+    length = lanes.shape[0]
+    for s in range(length):
+        t = length - 1 - s if reverse else s
+        for k in range(count):
+            rows[first + k, t] = lanes[s, k]
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _per_lane(values, first, count, lanes):
+    """lanes[..., k] = values[first + k] (a (dim,) or (dim, N) array), idle lanes zero."""
+    for k in range(LANES):
+        if k < count:
+            lanes[..., k] = values[first + k]
+        else:
+            lanes[..., k] = 0.0
+
+
+@numba.jit(**_LANE_JIT)
+def _lanes_forward(dt_l, u_l, gate_l, a_l, d_l, B_b, C_b, h, y_l, checkpoints, dtu, acc):
+    """A block's scan: states h (N, LANES) carried through every step, outputs into y_l, and
+    the state before every CHUNK-th step into checkpoints, for the backward."""
+    for s in range(dt_l.shape[0]):
+        if s % CHUNK == 0:
+            checkpoints[s // CHUNK] = h
+        for k in range(LANES):
+            dtu[k] = dt_l[s, k] * u_l[s, k]
+            acc[k] = 0.0
+        for n in range(h.shape[0]):
+            b_n = B_b[s, n]
+            c_n = C_b[s, n]
+            for k in range(LANES):
+                h_nk = decay(dt_l[s, k] * a_l[n, k]) * h[n, k] + dtu[k] * b_n
+                h[n, k] = h_nk
+                acc[k] += h_nk * c_n
+        for k in range(LANES):
+            y_l[s, k] = (acc[k] + d_l[k] * u_l[s, k]) * gate_l[s, k]
+
+
+@numba.jit(**_LANE_JIT)
+def _lanes_chunk_states(s0, m, dt_l, u_l, a_l, B_b, states, decays, dtu):
+    """Steps s0 .. s0 + m - 1 again from states[0]: states[j + 1] after step s0 + j, decays[j]
+    the factor on states[j] there."""
+    for j in range(m):
+        s = s0 + j
+        for k in range(LANES):
+            dtu[k] = dt_l[s, k] * u_l[s, k]
+        for n in range(states.shape[1]):
+            b_n = B_b[s, n]
+            for k in range(LANES):
+                e = decay(dt_l[s, k] * a_l[n, k])
+                decays[j, n, k] = e
+                states[j + 1, n, k] = e * states[j, n, k] + dtu[k] * b_n
+
+
+@numba.jit(**_LANE_JIT)
+def _lanes_gradients(
+    s0,
+    m,
+    dt_l,
+    u_l,
+    gy_l,
+    gz_l,
+    dsp_l,
+    a_l,
+    d_l,
+    B_b,
+    C_b,
+    states,
+    decays,
+    carry,
+    dB_l,
+    dC_l,
+    gA,
+    gD,
+    du_l,
+    dv_l,
+    dz_l,
+    dtu,
+    acc,
+    gu,
+    gdt,
+):
+    """A chunk's gradients, from its last step back to its first: the state gradient (carry:
+    dLoss/d the state after the chunk, through the next step's decay, on entry; the same for the
+    chunk before on exit), and from it those of u, the step size (through softplus' dsp_l) and
+    the gate's input into du_l, dv_l and dz_l, those of B and C per lane into dB_l and dC_l, and
+    those of A and D summed into gA and gD. dtu, acc, gu and gdt (LANES,) hold each step's dt u
+    and sums over the states; their own arguments, so that LLVM knows they overlap nothing."""
+    # The lanes are counted at run time (LANES read from a shape): with the constant, LLVM
+    # unrolled the loops over lanes and then left them scalar (2.5x slower), where the exp-bound
+    # loops above are faster with it.
+    lanes = gA.shape[1]
+    for j in range(m - 1, -1, -1):
+        s = s0 + j
+        for k in range(lanes):
+            dtu[k] = dt_l[s, k] * u_l[s, k]
+            acc[k] = 0.0  # <C_t, h_t>, for the gate's gradient
+            gu[k] = 0.0
+            gdt[k] = 0.0
+        for n in range(states.shape[1]):
+            b_n = B_b[s, n]
+            c_n = C_b[s, n]
+            for k in range(lanes):
+                g_h = carry[n, k] + gy_l[s, k] * c_n  # dLoss/d states[j + 1]
+                carry[n, k] = g_h * decays[j, n, k]
+                h_n = states[j + 1, n, k]
+                acc[k] += h_n * c_n
+                gu[k] += g_h * b_n
+                dB_l[s, n, k] += g_h * dtu[k]
+                dC_l[s, n, k] += gy_l[s, k] * h_n
+                g_decay = g_h * states[j, n, k] * decays[j, n, k]
+                gdt[k] += g_decay * a_l[n, k]
+                gA[n, k] += g_decay * dt_l[s, k]
+        for k in range(lanes):
+            ut = u_l[s, k]
+            g_y = gy_l[s, k]
+            dz_l[s, k] = gz_l[s, k] * (acc[k] + d_l[k] * ut)
+            gD[k] += g_y * ut
+            du_l[s, k] = gu[k] * dt_l[s, k] + g_y * d_l[k]
+            dv_l[s, k] = (gdt[k] + gu[k] * ut) * dsp_l[s, k]
+
+
+@numba.jit(**_LANE_JIT)
+def _gate_gradients(dy_l, gate_l, dgate_l, has_gate, gy_l, gz_l):
+    """The output gradient through the gate (gy = dy silu(z)) and the gate's own factor
+    (gz = dy silu'(z), times <C, h> + D u later)."""
+    length, lanes = dy_l.shape
+    for s in range(length):
+        for k in range(lanes):
+            gy_l[s, k] = dy_l[s, k] * gate_l[s, k]
+            gz_l[s, k] = dy_l[s, k] * dgate_l[s, k] if has_gate else 0.0
+
+
+@numba.njit(nogil=True, cache=True)
+def _block_of(index, dim, span):
+    """The batch element, first channel and channel count of block ``index``: blocks of up to
+    LANES channels that never cross a span of ``span`` channels (within a span every channel
+    reads the same group of B and of C)."""
+    per_span = (span + LANES - 1) // LANES
+    per_batch = (dim // span) * per_span
+    b = index // per_batch
+    span_index = (index % per_batch) // per_span
+    first = (index % per_span) * LANES
+    return b, span_index * span + first, min(LANES, span - first)
+
+
+@numba.njit(nogil=True, cache=True)
+def _block_count(batch, dim, span):
+    return batch * (dim // span) * ((span + LANES - 1) // LANES)
 
 
 @numba.jit(**_JIT)
 def _scan_forward(
-    u, delta, bias, softplus, A, Bt, Ct, h0, D, z, has_gate, reverse, groups, y, h_last
+    u,
+    delta,
+    bias,
+    softplus,
+    A,
+    Bt,
+    Ct,
+    h0,
+    D,
+    z,
+    has_gate,
+    reverse,
+    span,
+    groups,
+    y,
+    h_last,
+    checkpoints,
 ):
-    # Each channel's inputs are first gathered in scan order (the step size and gate computed
-    # on the way, _activate_channel), and its outputs put back after its scan, so that the loops
-    # over steps index every array by the step itself: with a computed time index (reversed, or
-    # 0 for a time-invariant B) the same loops ran at half the speed (bench/RESULTS.md). Bt and
-    # Ct come in scan order, broadcast axes with stride 0.
+    # Each block's inputs are gathered into lanes in scan order (_rows_to_lanes), its outputs
+    # put back in time order after its scan, so that the loops over steps index every array by
+    # the step itself (bench/RESULTS.md). Bt and Ct come in scan order, broadcast axes with
+    # stride 0. checkpoints (batch, dim, chunks, N) receives the state before every CHUNK-th
+    # step, from which the backward recomputes the states.
     batch, dim, length = u.shape
     nstate = A.shape[1]
+    dtype = u.dtype
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
-    per_group = (batch * dim + groups - 1) // groups
+    blocks = _block_count(batch, dim, span)
+    per_group = (blocks + groups - 1) // groups
+    chunks = checkpoints.shape[2]
     for g in numba.prange(groups):
-        h = np.empty(nstate, dtype=u.dtype)
-        # One channel's per-step values, in scan order.
-        vs = np.empty(length, dtype=u.dtype)
-        zs = np.empty(length, dtype=u.dtype)
-        us = np.empty(length, dtype=u.dtype)
-        dts = np.empty(length, dtype=u.dtype)
-        gates = np.empty(length, dtype=u.dtype)
-        ys = np.empty(length, dtype=u.dtype)
-        unused = np.empty(0, dtype=u.dtype)
-        for bd in range(g * per_group, min(batch * dim, (g + 1) * per_group)):
-            b = bd // dim
-            d = bd % dim
-            _in_scan_order(delta[b, d], reverse, vs)
-            _in_scan_order(u[b, d], reverse, us)
+        v_l = np.empty((length, LANES), dtype=dtype)  # delta, before bias and softplus
+        z_l = np.empty((length, LANES), dtype=dtype)
+        dt_l = np.empty((length, LANES), dtype=dtype)
+        u_l = np.empty((length, LANES), dtype=dtype)
+        gate_l = np.ones((length, LANES), dtype=dtype)
+        y_l = np.empty((length, LANES), dtype=dtype)
+        bias_l = np.empty(LANES, dtype=dtype)
+        a_l = np.empty((nstate, LANES), dtype=dtype)
+        h = np.empty((nstate, LANES), dtype=dtype)
+        d_l = np.empty(LANES, dtype=dtype)
+        checkpoints_l = np.empty((chunks, nstate, LANES), dtype=dtype)
+        dtu = np.empty(LANES, dtype=dtype)
+        acc = np.empty(LANES, dtype=dtype)
+        unused = np.empty((0, LANES), dtype=dtype)
+        for block in range(g * per_group, min(blocks, (g + 1) * per_group)):
+            b, first, count = _block_of(block, dim, span)
+            _rows_to_lanes(delta[b], first, count, reverse, v_l)
+            _rows_to_lanes(u[b], first, count, reverse, u_l)
             if has_gate:
-                _in_scan_order(z[b, d], reverse, zs)
-            _activate_channel(
-                vs, bias[d], softplus, zs, has_gate, False, dts, unused, gates, unused
-            )
-            B_bd = Bt[b, d // per_gB]  # (L, N): this channel's B, in scan order
-            C_bd = Ct[b, d // per_gC]
-            h[:] = h0[b, d]
-            a = A[d]
-            for s in range(length):
-                dt = dts[s]
-                dtu = dt * us[s]
-                acc = u.dtype.type(0.0)
-                for n in range(nstate):  # one loop: split in two (decays first) it was 15% slower
-                    h_n = decay(dt * a[n]) * h[n] + dtu * B_bd[s, n]
-                    h[n] = h_n
-                    acc += h_n * C_bd[s, n]
-                ys[s] = acc + D[d] * us[s]
-            if has_gate:
-                for s in range(length):
-                    ys[s] *= gates[s]
-            _in_scan_order(ys, reverse, y[b, d])
-            h_last[b, d] = h
+                _rows_to_lanes(z[b], first, count, reverse, z_l)
+            _per_lane(bias, first, count, bias_l)
+            _activate(v_l, bias_l, softplus, z_l, has_gate, False, dt_l, unused, gate_l, unused)
+            _per_lane(A, first, count, a_l)
+            _per_lane(h0[b], first, count, h)
+            _per_lane(D, first, count, d_l)
+            B_b = Bt[b, first // per_gB]  # (L, N): the block's B, in scan order
+            C_b = Ct[b, first // per_gC]
+            _lanes_forward(dt_l, u_l, gate_l, a_l, d_l, B_b, C_b, h, y_l, checkpoints_l, dtu, acc)
+            _lanes_to_rows(y_l, first, count, reverse, y[b])
+            for k in range(count):
+                h_last[b, first + k] = h[:, k]
+                checkpoints[b, first + k] = checkpoints_l[:, :, k]
+
+
+@numba.njit(nogil=True, cache=True)
+def _add_lanes(part, lanes):
+    """part[s, n] += the sum over lanes of lanes[s, n, :] (stride 0 on a broadcast axis of part
+    adds its steps up in place), then lanes = 0."""
+    length, nstate, _ = lanes.shape
+    for s in range(length):
+        for n in range(nstate):
+            total = lanes.dtype.type(0.0)
+            for k in range(LANES):
+                total += lanes[s, n, k]
+                lanes[s, n, k] = 0.0
+            part[s, n] += total
 
 
 @numba.jit(**_JIT)
@@ -230,6 +446,8 @@ def _scan_backward(
     z,
     has_gate,
     reverse,
+    span,
+    checkpoints,
     dy,
     dh_last,
     du,
@@ -242,117 +460,125 @@ def _scan_backward(
     dbias_part,
     dh0,
 ):
-    # Inputs as _scan_forward takes them (dB_part and dC_part in scan order too, like Bt and
-    # Ct); ddelta and dbias_part receive the gradients of delta (through the softplus) and of
-    # the bias (per batch and channel), dz that of z.
+    # Inputs as _scan_forward takes them, with the forward's checkpoints (dB_part and dC_part
+    # in scan order too, like Bt and Ct); ddelta and dbias_part receive the gradients of delta
+    # (through the softplus) and of the bias (per batch and channel), dz that of z.
     batch, dim, length = u.shape
     nstate = A.shape[1]
+    dtype = u.dtype
     per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     groups = dB_part.shape[0]
-    total = batch * dim
-    per_group = (total + groups - 1) // groups
+    blocks = _block_count(batch, dim, span)
+    per_group = (blocks + groups - 1) // groups
+    chunks = (length + CHUNK - 1) // CHUNK
     for g in numba.prange(groups):
-        # Indexed by scan step s: states[s + 1] is the state after step s, states[0] the
-        # initial state; decays[s] multiplies states[s] in step s; grads[s] is
-        # dLoss/d states[s + 1]. Row L of decays and grads starts the walk back:
-        # grads[L] * decays[L] = dh_last.
-        states = np.empty((length + 1, nstate), dtype=u.dtype)
-        decays = np.empty((length + 1, nstate), dtype=u.dtype)
-        grads = np.empty((length + 1, nstate), dtype=u.dtype)
-        gA = np.empty(nstate, dtype=u.dtype)
-        # One channel's per-step values, in scan order: inputs, the step size, softplus'
-        # (when softplus), the gate silu(z), silu', the gated output gradient, and the
-        # gradients of u, delta and z.
-        vs = np.empty(length, dtype=u.dtype)
-        zs = np.empty(length, dtype=u.dtype)
-        us = np.empty(length, dtype=u.dtype)
-        dys = np.empty(length, dtype=u.dtype)
-        dts = np.empty(length, dtype=u.dtype)
-        gates = np.empty(length, dtype=u.dtype)
-        dgates = np.empty(length, dtype=u.dtype)
-        gys = np.empty(length, dtype=u.dtype)
-        dsoftplus = np.empty(length if softplus else 0, dtype=u.dtype)
-        dus = np.empty(length, dtype=u.dtype)
-        dvs = np.empty(length, dtype=u.dtype)
-        dzs = np.empty(length, dtype=u.dtype)
-        for bd in range(g * per_group, min(total, (g + 1) * per_group)):
-            b = bd // dim
-            d = bd % dim
-            _in_scan_order(delta[b, d], reverse, vs)
-            _in_scan_order(u[b, d], reverse, us)
-            _in_scan_order(dy[b, d], reverse, dys)
+        # The block's per-step values, a lane per channel: delta before its activation, z, the
+        # step size, input and output gradient, the gate and its derivative, softplus' (1
+        # without softplus), the output gradient through the gate and the gate's own factor
+        # (_gate_gradients), and the gradients of u, delta and z.
+        v_l = np.empty((length, LANES), dtype=dtype)
+        z_l = np.empty((length, LANES), dtype=dtype)
+        dt_l = np.empty((length, LANES), dtype=dtype)
+        u_l = np.empty((length, LANES), dtype=dtype)
+        dy_l = np.empty((length, LANES), dtype=dtype)
+        gate_l = np.ones((length, LANES), dtype=dtype)
+        dgate_l = np.empty((length, LANES), dtype=dtype)
+        dsp_l = np.ones((length, LANES), dtype=dtype)
+        gy_l = np.empty((length, LANES), dtype=dtype)
+        gz_l = np.empty((length, LANES), dtype=dtype)
+        du_l = np.empty((length, LANES), dtype=dtype)
+        dv_l = np.empty((length, LANES), dtype=dtype)
+        dz_l = np.empty((length, LANES), dtype=dtype)
+        bias_l = np.empty(LANES, dtype=dtype)
+        a_l = np.empty((nstate, LANES), dtype=dtype)
+        d_l = np.empty(LANES, dtype=dtype)
+        # The state before every CHUNK-th step, and one chunk's states and decays (see
+        # _lanes_chunk_states).
+        checkpoints_l = np.empty((chunks, nstate, LANES), dtype=dtype)
+        states = np.empty((CHUNK + 1, nstate, LANES), dtype=dtype)
+        decays = np.empty((CHUNK, nstate, LANES), dtype=dtype)
+        carry = np.empty((nstate, LANES), dtype=dtype)
+        gA = np.empty((nstate, LANES), dtype=dtype)
+        gD = np.empty(LANES, dtype=dtype)
+        sums = np.empty((4, LANES), dtype=dtype)
+        # The gradients of B and C, per lane, for the batch element and group of key_B /
+        # key_C; added into the thread's partials when that changes and at the end.
+        dB_l = np.zeros((length, nstate, LANES), dtype=dtype)
+        dC_l = np.zeros((length, nstate, LANES), dtype=dtype)
+        key_B = (-1, -1)
+        key_C = (-1, -1)
+        for block in range(g * per_group, min(blocks, (g + 1) * per_group)):
+            b, first, count = _block_of(block, dim, span)
+            if (b, first // per_gB) != key_B:
+                if key_B[0] >= 0:
+                    _add_lanes(dB_part[g, key_B[0], key_B[1]], dB_l)
+                key_B = (b, first // per_gB)
+            if (b, first // per_gC) != key_C:
+                if key_C[0] >= 0:
+                    _add_lanes(dC_part[g, key_C[0], key_C[1]], dC_l)
+                key_C = (b, first // per_gC)
+            _rows_to_lanes(delta[b], first, count, reverse, v_l)
+            _rows_to_lanes(u[b], first, count, reverse, u_l)
+            _rows_to_lanes(dy[b], first, count, reverse, dy_l)
             if has_gate:
-                _in_scan_order(z[b, d], reverse, zs)
-            _activate_channel(
-                vs, bias[d], softplus, zs, has_gate, True, dts, dsoftplus, gates, dgates
-            )
-            for s in range(length):
-                gys[s] = dys[s] * gates[s] if has_gate else dys[s]
-            B_bd, dB_bd = Bt[b, d // per_gB], dB_part[g, b, d // per_gB]
-            C_bd, dC_bd = Ct[b, d // per_gC], dC_part[g, b, d // per_gC]
-            a = A[d]
-            Dd = D[d]
-            # 1. The forward recurrence again, as _scan_forward runs it.
-            states[0] = h0[b, d]
-            for s in range(length):
-                dt = dts[s]
-                dtu = dt * us[s]
-                for n in range(nstate):
-                    e = decay(dt * a[n])
-                    decays[s, n] = e
-                    states[s + 1, n] = e * states[s, n] + dtu * B_bd[s, n]
-            # 2. Back through time: the state gradients alone, the only sequential part.
-            # Loops that write one array and reduce nothing vectorise over the N states; with
-            # the per-step gradients below folded in (four arrays written, three sums) the
-            # loop ran scalar and took 1.6x as long.
-            grads[length] = dh_last[b, d]
-            decays[length] = 1.0
-            for s in range(length - 1, -1, -1):
-                g_y = gys[s]
-                for n in range(nstate):
-                    grads[s, n] = grads[s + 1, n] * decays[s + 1, n] + g_y * C_bd[s, n]
-            for n in range(nstate):
-                dh0[b, d, n] = grads[0, n] * decays[0, n]
-            # 3. Every other gradient, step by step; no step depends on another.
+                _rows_to_lanes(z[b], first, count, reverse, z_l)
+            _per_lane(bias, first, count, bias_l)
+            _activate(v_l, bias_l, softplus, z_l, has_gate, True, dt_l, dsp_l, gate_l, dgate_l)
+            _gate_gradients(dy_l, gate_l, dgate_l, has_gate, gy_l, gz_l)
+            _per_lane(A, first, count, a_l)
+            _per_lane(D, first, count, d_l)
+            _per_lane(checkpoints[b], first, count, checkpoints_l)
+            _per_lane(dh_last[b], first, count, carry)
+            B_b = Bt[b, first // per_gB]
+            C_b = Ct[b, first // per_gC]
             gA[:] = 0.0
-            gD = u.dtype.type(0.0)
-            for s in range(length):
-                dt = dts[s]
-                ut = us[s]
-                g_y = gys[s]
-                dtu = dt * ut
-                gu = u.dtype.type(0.0)
-                gdt = u.dtype.type(0.0)
-                acc = u.dtype.type(0.0)  # <C_t, h_t>, for the gate's gradient
-                for n in range(nstate):
-                    g_h = grads[s, n]
-                    h_n = states[s + 1, n]
-                    acc += h_n * C_bd[s, n]
-                    gu += g_h * B_bd[s, n]
-                    dB_bd[s, n] += g_h * dtu
-                    dC_bd[s, n] += g_y * h_n
-                    g_decay = g_h * states[s, n] * decays[s, n]
-                    gdt += g_decay * a[n]
-                    gA[n] += g_decay * dt
-                dzs[s] = dys[s] * (acc + Dd * ut)
-                gD += g_y * ut
-                dus[s] = gu * dt + g_y * Dd
-                dvs[s] = gdt + gu * ut  # the step size's gradient; the softplus' follows
-            if softplus:
-                for s in range(length):
-                    dvs[s] *= dsoftplus[s]
-            gbias = u.dtype.type(0.0)
-            for s in range(length):
-                gbias += dvs[s]
-            _in_scan_order(dus, reverse, du[b, d])
-            _in_scan_order(dvs, reverse, ddelta[b, d])
+            gD[:] = 0.0
+            for c in range(chunks - 1, -1, -1):
+                s0 = c * CHUNK
+                m = min(CHUNK, length - s0)
+                states[0] = checkpoints_l[c]
+                _lanes_chunk_states(s0, m, dt_l, u_l, a_l, B_b, states, decays, sums[0])
+                _lanes_gradients(
+                    s0,
+                    m,
+                    dt_l,
+                    u_l,
+                    gy_l,
+                    gz_l,
+                    dsp_l,
+                    a_l,
+                    d_l,
+                    B_b,
+                    C_b,
+                    states,
+                    decays,
+                    carry,
+                    dB_l,
+                    dC_l,
+                    gA,
+                    gD,
+                    du_l,
+                    dv_l,
+                    dz_l,
+                    sums[0],
+                    sums[1],
+                    sums[2],
+                    sums[3],
+                )
+            _lanes_to_rows(du_l, first, count, reverse, du[b])
+            _lanes_to_rows(dv_l, first, count, reverse, ddelta[b])
             if has_gate:
-                for s in range(length):
-                    dzs[s] *= dgates[s]
-                _in_scan_order(dzs, reverse, dz[b, d])
-            dA_part[b, d] = gA
-            dD_part[b, d] = gD
-            dbias_part[b, d] = gbias
+                _lanes_to_rows(dz_l, first, count, reverse, dz[b])
+            for k in range(count):
+                d = first + k
+                dbias_part[b, d] = ddelta[b, d].sum()
+                dA_part[b, d] = gA[:, k]
+                dD_part[b, d] = gD[k]
+                dh0[b, d] = carry[:, k]
+        if key_B[0] >= 0:
+            _add_lanes(dB_part[g, key_B[0], key_B[1]], dB_l)
+        if key_C[0] >= 0:
+            _add_lanes(dC_part[g, key_C[0], key_C[1]], dC_l)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -371,6 +597,17 @@ def _time_major(X: torch.Tensor, reverse: bool, batch: int, length: int) -> np.n
     return X4.expand(batch, X4.shape[1], length, X4.shape[3]).numpy()
 
 
+def _span(B: torch.Tensor, C: torch.Tensor, dim: int) -> int:
+    """The largest run of channels that all read one group of B and one of C."""
+    groups_B, groups_C = layouts.as_grouped(B).shape[1], layouts.as_grouped(C).shape[1]
+    return math.gcd(dim // groups_B, dim // groups_C)
+
+
+def _thread_groups(batch: int, dim: int, span: int) -> int:
+    """Blocks are split into this many ranges, one per thread (never more than blocks)."""
+    return max(1, min(threads.follow_torch(), _block_count(batch, dim, span)))
+
+
 def _no_gate(like: torch.Tensor) -> np.ndarray:
     """The (1, 1, 0) placeholder for z and dz when there is no gate (the kernels are told so by
     ``has_gate`` and never index it)."""
@@ -387,14 +624,17 @@ def _bias_of(delta_bias, like: torch.Tensor) -> np.ndarray:
 def scan_forward(
     u, delta, A, B, C, h0, D=None, z=None, delta_bias=None, softplus=False, reverse=False
 ):
-    """The gated output ``(<C_t, h_t> + D u_t) * silu(z_t)`` (batch, dim, L) and the last state
-    (batch, dim, N), with delta = softplus(delta + delta_bias) when ``softplus``. ``reverse`` scans
-    from the last time step to the first (the last state is then the one at t = 0). Inputs are
-    read with their strides; every tensor has the dtype of u (float32 or float64)."""
+    """The gated output ``(<C_t, h_t> + D u_t) * silu(z_t)`` (batch, dim, L), the last state
+    (batch, dim, N) and the states the backward starts from (:func:`checkpoints_shape`), with
+    delta = softplus(delta + delta_bias) when ``softplus``. ``reverse`` scans from the last time
+    step to the first (the last state is then the one at t = 0). Inputs are read with their
+    strides; every tensor has the dtype of u (float32 or float64)."""
     batch, dim, length = u.shape
-    groups = max(1, min(threads.follow_torch(), batch * dim))  # one channel range per thread
+    span = _span(B, C, dim)
+    groups = _thread_groups(batch, dim, span)
     y = torch.empty(u.shape, dtype=u.dtype)
     h_last = torch.empty_like(h0)
+    checkpoints = torch.empty(checkpoints_shape(batch, dim, length, A.shape[1]), dtype=u.dtype)
     _scan_forward(
         _np(u),
         _np(delta),
@@ -408,11 +648,18 @@ def scan_forward(
         _np(z) if z is not None else _no_gate(u),
         z is not None,
         bool(reverse),
+        span,
         groups,
         y.numpy(),
         h_last.numpy(),
+        checkpoints.numpy(),
     )
-    return y, h_last
+    return y, h_last, checkpoints
+
+
+def checkpoints_shape(batch: int, dim: int, length: int, nstate: int) -> tuple[int, ...]:
+    """(batch, dim, chunks, N): the state before every CHUNK-th step of each channel."""
+    return (batch, dim, (length + CHUNK - 1) // CHUNK, nstate)
 
 
 def _partials(X, groups, dtype) -> torch.Tensor:
@@ -441,6 +688,7 @@ def scan_backward(
     B,
     C,
     h0,
+    checkpoints,
     dy,
     dh_last,
     D=None,
@@ -449,11 +697,12 @@ def scan_backward(
     softplus=False,
     reverse=False,
 ):
-    """Gradients of :func:`scan_forward`'s outputs with respect to u, delta, A, B, C, the initial
-    state, D, z and delta_bias (None for those not given)."""
+    """Gradients of :func:`scan_forward`'s first two outputs with respect to u, delta, A, B, C,
+    the initial state, D, z and delta_bias (None for those not given), given its checkpoints."""
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    groups = max(1, min(threads.follow_torch(), batch * dim))
+    span = _span(B, C, dim)
+    groups = _thread_groups(batch, dim, span)
     du = torch.empty(u.shape, dtype=u.dtype)
     ddelta = torch.empty(u.shape, dtype=u.dtype)
     dz = torch.empty(u.shape, dtype=u.dtype) if z is not None else None
@@ -475,6 +724,8 @@ def scan_backward(
         _np(z) if z is not None else _no_gate(u),
         z is not None,
         bool(reverse),
+        span,
+        _np(checkpoints),
         _np(dy),
         _np(dh_last),
         du.numpy(),

@@ -141,13 +141,16 @@ def _scan_fwd(
     delta_bias: Tensor | None,
     softplus: bool,
     reverse: bool,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
+    # The third output: the states the backward recomputes the others from.
     return cpu_kernel.scan_forward(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse)
 
 
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse):
-    return u.new_empty(u.shape), torch.empty_like(h0)
+    batch, dim, length = u.shape
+    checkpoints = u.new_empty(cpu_kernel.checkpoints_shape(batch, dim, length, A.shape[1]))
+    return u.new_empty(u.shape), torch.empty_like(h0), checkpoints
 
 
 @torch.library.custom_op("matten::scan_bwd", mutates_args=(), device_types="cpu")
@@ -163,18 +166,19 @@ def _scan_bwd(
     delta_bias: Tensor | None,
     softplus: bool,
     reverse: bool,
+    checkpoints: Tensor,
     dy: Tensor,
     dh_last: Tensor,
 ) -> list[Tensor]:
     # An operator returns tensors only: the gradients of absent D / z / delta_bias are empty.
     grads = cpu_kernel.scan_backward(
-        u, delta, A, B, C, h0, dy, dh_last, D, z, delta_bias, softplus, reverse
+        u, delta, A, B, C, h0, checkpoints, dy, dh_last, D, z, delta_bias, softplus, reverse
     )
     return [u.new_empty(0) if g is None else g for g in grads]
 
 
 @_scan_bwd.register_fake
-def _(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse, dy, dh_last):
+def _(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse, checkpoints, dy, dh_last):
     return [
         u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
         for t in (u, delta, A, B, C, h0, D, z, delta_bias)
@@ -185,14 +189,15 @@ def _setup_context(ctx, inputs, output):
     *tensors, softplus, reverse = inputs
     ctx.flags = (softplus, reverse)
     ctx.present = [t is not None for t in tensors]
-    ctx.save_for_backward(*tensors)
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(*tensors, output[2])
 
 
-def _backward(ctx, dy, dh_last):
-    u, delta, A, B, C, h0, D, z, delta_bias = ctx.saved_tensors
+def _backward(ctx, dy, dh_last, _):
+    u, delta, A, B, C, h0, D, z, delta_bias, checkpoints = ctx.saved_tensors
     dy = torch.zeros_like(u) if dy is None else dy
     dh_last = torch.zeros_like(h0) if dh_last is None else dh_last.contiguous()
-    grads = _scan_bwd(u, delta, A, B, C, h0, D, z, delta_bias, *ctx.flags, dy, dh_last)
+    grads = _scan_bwd(u, delta, A, B, C, h0, D, z, delta_bias, *ctx.flags, checkpoints, dy, dh_last)
     return (
         *(g if present else None for g, present in zip(grads, ctx.present, strict=True)),
         None,
@@ -355,7 +360,7 @@ def selective_scan(
             if initial_state is None
             else cast(initial_state)
         )
-        y, h_last = _scan_fwd(
+        y, h_last, _ = _scan_fwd(
             cast(u),
             cast(delta),
             cast(A),
