@@ -419,17 +419,31 @@ def _scan_forward(
 
 
 @numba.njit(nogil=True, cache=True)
-def _add_lanes(part, lanes):
-    """part[s, n] += the sum over lanes of lanes[s, n, :] (stride 0 on a broadcast axis of part
-    adds its steps up in place), then lanes = 0."""
+def _add_lanes(part, lanes, used):
+    """part[s, n] += the sum over the first ``used`` lanes of lanes[s, n, :] (stride 0 on a
+    broadcast axis of part adds its steps up in place), then those lanes = 0."""
     length, nstate, _ = lanes.shape
     for s in range(length):
         for n in range(nstate):
             total = lanes.dtype.type(0.0)
-            for k in range(LANES):
+            for k in range(used):
                 total += lanes[s, n, k]
                 lanes[s, n, k] = 0.0
             part[s, n] += total
+
+
+@numba.njit(nogil=True, cache=True)
+def _lane_partials_for(part, lanes, held, block_group, used, count):
+    """The per-lane gradients of B or C hold those of group ``held`` (batch element x groups +
+    group) from blocks using ``used`` lanes: when the next block reads another group
+    (``block_group``; -1 at the end) they are added into the thread's partials ``part``
+    (batch, G, L, N). Returns the group and lane count they hold then."""
+    if block_group == held:
+        return held, max(used, count)
+    if held >= 0:
+        groups = part.shape[1]
+        _add_lanes(part[held // groups, held % groups], lanes, used)
+    return block_group, count
 
 
 @numba.jit(**_JIT)
@@ -501,22 +515,20 @@ def _scan_backward(
         gA = np.empty((nstate, LANES), dtype=dtype)
         gD = np.empty(LANES, dtype=dtype)
         sums = np.empty((4, LANES), dtype=dtype)
-        # The gradients of B and C, per lane, for the batch element and group of key_B /
-        # key_C; added into the thread's partials when that changes and at the end.
+        # The gradients of B and C, per lane, for the batch element and group held_B / held_C
+        # (see _lane_partials_for).
         dB_l = np.zeros((length, nstate, LANES), dtype=dtype)
         dC_l = np.zeros((length, nstate, LANES), dtype=dtype)
-        key_B = (-1, -1)
-        key_C = (-1, -1)
+        held_B, used_B = -1, 0
+        held_C, used_C = -1, 0
         for block in range(g * per_group, min(blocks, (g + 1) * per_group)):
             b, first, count = _block_of(block, dim, span)
-            if (b, first // per_gB) != key_B:
-                if key_B[0] >= 0:
-                    _add_lanes(dB_part[g, key_B[0], key_B[1]], dB_l)
-                key_B = (b, first // per_gB)
-            if (b, first // per_gC) != key_C:
-                if key_C[0] >= 0:
-                    _add_lanes(dC_part[g, key_C[0], key_C[1]], dC_l)
-                key_C = (b, first // per_gC)
+            held_B, used_B = _lane_partials_for(
+                dB_part[g], dB_l, held_B, b * Bt.shape[1] + first // per_gB, used_B, count
+            )
+            held_C, used_C = _lane_partials_for(
+                dC_part[g], dC_l, held_C, b * Ct.shape[1] + first // per_gC, used_C, count
+            )
             _rows_to_lanes(delta[b], first, count, reverse, v_l)
             _rows_to_lanes(u[b], first, count, reverse, u_l)
             _rows_to_lanes(dy[b], first, count, reverse, dy_l)
@@ -575,10 +587,8 @@ def _scan_backward(
                 dA_part[b, d] = gA[:, k]
                 dD_part[b, d] = gD[k]
                 dh0[b, d] = carry[:, k]
-        if key_B[0] >= 0:
-            _add_lanes(dB_part[g, key_B[0], key_B[1]], dB_l)
-        if key_C[0] >= 0:
-            _add_lanes(dC_part[g, key_C[0], key_C[1]], dC_l)
+        _lane_partials_for(dB_part[g], dB_l, held_B, -1, used_B, 0)
+        _lane_partials_for(dC_part[g], dC_l, held_C, -1, used_C, 0)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
