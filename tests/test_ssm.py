@@ -225,12 +225,14 @@ def test_reverse_on_other_backends_flips_around_the_forward_scan(name):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_cpu_scan_reads_strided_inputs_as_given(reverse):
     """u, delta and z as the Mamba layer passes them (transposed and sliced views) give what
-    their contiguous copies give, gradients included, in either direction."""
+    their contiguous copies give, gradients included, in either direction: the outputs exactly,
+    the gradients to float32 rounding (the strided kernels are compiled apart from the
+    contiguous ones, and fastmath leaves the order of their sums to LLVM)."""
     x = make_inputs(2, 8, 30, 16)
     views = {k: x[k].transpose(1, 2).contiguous().transpose(1, 2) for k in ("u", "delta")}
     views["z"] = torch.cat([x["z"], x["z"]], dim=2)[..., :30]  # row stride 60
     assert not any(v.is_contiguous() for v in views.values())
-    w = torch.randn(2, 8, 30)
+    w = torch.randn(2, 8, 30, generator=torch.Generator().manual_seed(3))
     grads = []
     for inputs in ({k: x[k] for k in views}, views):
         leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}  # strides kept
@@ -239,7 +241,8 @@ def test_cpu_scan_reads_strided_inputs_as_given(reverse):
         grads.append((y.detach(), [leaves[k].grad for k in views]))
     (y0, g0), (y1, g1) = grads
     assert torch.equal(y0, y1)
-    assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_shapes_are_reported_by_name():
@@ -307,24 +310,25 @@ def test_every_layout_matches_reference_with_gradients(name, layout_b, layout_c)
 
 
 @pytest.mark.parametrize(
-    "groups_b,groups_c,reverse",
-    [(1, 1, False), (2, 2, True), (2, 5, False), (4, 1, True)],
+    "groups_b,groups_c,reverse,chunks",
+    [(1, 1, False, 2.1), (2, 2, True, 2.1), (2, 5, False, 1), (4, 1, True, 2)],
 )
-def test_cpu_scan_blocks_of_lanes_match_reference_with_gradients(groups_b, groups_c, reverse):
+def test_cpu_scan_blocks_of_lanes_match_reference_with_gradients(
+    groups_b, groups_c, reverse, chunks
+):
     """The CPU kernels scan LANES channels at a time, in blocks that never cross a group of B
     or C, over chunks of CHUNK steps: 40 channels in groups of 40, 20, 10 or 8 (full, part-idle
-    and several blocks per batch element), 3 batch elements, a length of two chunks and a bit,
-    in both directions."""
+    and several blocks per batch element), 3 batch elements, a length of one or two chunks
+    exactly or two and a bit, in both directions."""
     from matten.ssm import cpu_kernel
 
-    length = 2 * cpu_kernel.CHUNK + 7
+    length = int(chunks * cpu_kernel.CHUNK)
+    g = torch.Generator().manual_seed(1)
     x = make_inputs(3, 40, length, 16, B="grouped", C="grouped", groups=groups_b)
-    x["C"] = coefficients("grouped", 3, 40, length, 16, torch.randn, groups_c)
-    h0 = torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(1))
-    weights = (
-        torch.randn(3, 40, length, dtype=torch.float64),
-        torch.randn(3, 40, 16, dtype=torch.float64),
-    )
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    x["C"] = coefficients("grouped", 3, 40, length, 16, r, groups_c)
+    h0 = r(3, 40, 16)
+    weights = (r(3, 40, length).double(), r(3, 40, 16).double())
 
     def reference(**kw):  # reverse: the forward scan of the flipped sequence, flipped back
         if not reverse:
@@ -340,6 +344,52 @@ def test_cpu_scan_blocks_of_lanes_match_reference_with_gradients(groups_b, group
     ref = leaves_and_grads(reference, {k: v.double() for k, v in x.items()}, h0.double(), weights)
     for key, value in ref.items():
         assert rel_err(got[key], value) < 1e-5, key
+
+
+def test_cpu_scan_gradients_do_not_depend_on_the_thread_count():
+    """Blocks are split across threads, each with its own buffers; the per-channel gradients
+    come out the same bit for bit on one thread or two, those of B and C (summed over the
+    threads' partials) to rounding. 3 x 20 channels: six blocks of 16 and 4, so that the second
+    thread starts on a block with idle lanes."""
+    x = make_inputs(3, 20, 45, 16)
+    weight = torch.randn(3, 20, 45, generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+            (selective_scan(**leaves, delta_softplus=True, backend="cpu") * weight).sum().backward()
+            grads.append({k: v.grad for k, v in leaves.items()})
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("u", "delta", "z", "A", "D", "delta_bias"):
+        assert torch.equal(grads[0][key], grads[1][key]), key
+    for key in ("B", "C"):
+        torch.testing.assert_close(grads[0][key], grads[1][key], rtol=1e-6, atol=1e-5)
+
+
+def test_cpu_scan_keeps_a_non_finite_B_to_its_own_batch_element():
+    """An inf in one batch element's B makes that element's outputs and gradients non-finite,
+    and no other's: its blocks' idle lanes (0 * inf) must not reach the next element's sums of
+    the per-lane gradients of B and C, whichever thread the blocks ran on."""
+    x = make_inputs(3, 20, 45, 16)
+    x["B"] = x["B"].clone()
+    x["B"][1, 3, 10] = float("inf")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the second thread starts on batch 1's block of 4 channels
+        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+        y = selective_scan(**leaves, delta_softplus=True, backend="cpu")
+        y[[0, 2]].sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.isfinite(y[1]).all()
+    assert torch.isfinite(y[[0, 2]]).all()
+    for key in ("u", "delta", "z"):
+        assert torch.isfinite(leaves[key].grad[[0, 2]]).all(), key
+    assert torch.isfinite(leaves["B"].grad[[0, 2]]).all()
+    assert torch.isfinite(leaves["C"].grad[[0, 2]]).all()
 
 
 def test_reference_layouts_mean_what_mamba_ssm_says():

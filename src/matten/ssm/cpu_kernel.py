@@ -3,19 +3,20 @@
 The channels of one batch element are scanned in blocks of LANES, one channel per vector lane:
 a block's per-step values are (L, LANES) arrays and its states (N, LANES), so that every loop
 over lanes vectorises and each step's sums over the N states are vertical adds of lane vectors
-(scanned one channel at a time, those sums were horizontal, and the backward took 3.4x the
-forward). The discretised (batch, dim, L, N) tensors are never built. A block never crosses a
-group of B or C, so one kernel serves mamba_ssm's variable, grouped and constant layouts
-(:mod:`matten.ssm.layouts`); B and C reach the kernels as (batch, G, L, N) views in scan order,
-contiguous over the N states, with stride 0 on a broadcast batch or time axis (never copied).
+(bench/RESULTS.md has what it replaced). The discretised (batch, dim, L, N) tensors are never
+built. A block never crosses a group of B or C, so one kernel serves mamba_ssm's variable,
+grouped and constant layouts (:mod:`matten.ssm.layouts`; constant B/C, one group per channel,
+run one channel per block); B and C reach the kernels as (batch, G, L, N) copies in scan order,
+contiguous over the N states, whose broadcast batch or time axis has stride 0 (is not
+materialised).
 
 The forward also returns the state before every CHUNK-th step. The backward recomputes one
-chunk's states and decays from its checkpoint into cache-sized buffers, then walks back through
-the chunk, taking the state gradient and every other gradient in the same loop; peak extra
-memory is per thread a few (L, LANES) arrays and the per-lane gradients of B and C, (L, N,
-LANES) each, and the checkpoints are L / CHUNK states per channel. Blocks are split across
-threads with ``prange``; the gradients of B and C, which sum over channels, go to one partial
-buffer per thread and are summed afterwards.
+chunk's states and decays from its checkpoint into buffers of CHUNK steps, then walks back
+through the chunk, taking the state gradient and every other gradient in the same loop. Extra
+memory per thread: a dozen (L, LANES) arrays and the per-lane gradients of B and C, (L, N,
+LANES) each; the checkpoints are L / CHUNK states per channel. Blocks are split across threads
+with ``prange``; the gradients of B and C, which sum over channels, go to one partial buffer per
+thread and are summed afterwards.
 
 The kernels also apply delta's bias and softplus, the skip term D * u and the gate silu(z), and
 can scan from the last time step to the first (``reverse``, the backward direction of a
@@ -119,15 +120,12 @@ def _log1p_unit_impl(x):
     return log1p_float32
 
 
-# Channels scanned side by side, one per vector lane: each block of up to LANES channels of one
-# batch element keeps its per-step values as (L, LANES) arrays and its states as (N, LANES), so
-# that the loops over lanes vectorise and each step's sums over the N states are vertical adds
-# of lane vectors (with one channel per loop they were horizontal sums, and each step's scalar
-# work was not shared). A block of fewer channels leaves its last lanes idle: their inputs are
-# zero, so their states and gradients stay zero.
+# Channels per block, one per vector lane (see the module's docstring). A block of fewer
+# channels leaves its last lanes idle: their inputs are zero, and so are their states and
+# gradients while B and C are finite.
 LANES = 16
 # The backward recomputes the states chunk by chunk from checkpoints (one every CHUNK steps),
-# so that its buffers stay in cache at any length.
+# so that its states and decays stay in cache at any length.
 CHUNK = 64
 
 
@@ -194,7 +192,7 @@ def _rows_to_lanes(rows, first, count, reverse, lanes):
     for s in range(length):  # one step's lanes at a time: 2x faster than a lane at a time
         t = length - 1 - s if reverse else s
         for k in range(LANES):
-            lanes[s, k] = rows[first + k, t] if k < count else 0.0
+            lanes[s, k] = rows[first + k, t] if k < count else lanes.dtype.type(0.0)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -397,7 +395,8 @@ def _scan_forward(
         checkpoints_l = np.empty((chunks, nstate, LANES), dtype=dtype)
         dtu = np.empty(LANES, dtype=dtype)
         acc = np.empty(LANES, dtype=dtype)
-        unused = np.empty((0, LANES), dtype=dtype)
+        unused_dsoftplus = np.empty((0, LANES), dtype=dtype)  # no derivatives in the forward
+        unused_dgates = np.empty((0, LANES), dtype=dtype)
         for block in range(g * per_group, min(blocks, (g + 1) * per_group)):
             b, first, count = _block_of(block, dim, span)
             _rows_to_lanes(delta[b], first, count, reverse, v_l)
@@ -405,7 +404,18 @@ def _scan_forward(
             if has_gate:
                 _rows_to_lanes(z[b], first, count, reverse, z_l)
             _per_lane(bias, first, count, bias_l)
-            _activate(v_l, bias_l, softplus, z_l, has_gate, False, dt_l, unused, gate_l, unused)
+            _activate(
+                v_l,
+                bias_l,
+                softplus,
+                z_l,
+                has_gate,
+                False,
+                dt_l,
+                unused_dsoftplus,
+                gate_l,
+                unused_dgates,
+            )
             _per_lane(A, first, count, a_l)
             _per_lane(h0[b], first, count, h)
             _per_lane(D, first, count, d_l)
@@ -421,15 +431,17 @@ def _scan_forward(
 @numba.njit(nogil=True, cache=True)
 def _add_lanes(part, lanes, used):
     """part[s, n] += the sum over the first ``used`` lanes of lanes[s, n, :] (stride 0 on a
-    broadcast axis of part adds its steps up in place), then those lanes = 0."""
-    length, nstate, _ = lanes.shape
+    broadcast axis of part adds its steps up in place), then lanes = 0: all of them, since an
+    idle lane's 0 * inf in a non-finite B or C must not reach a later block's sum."""
+    length, nstate, nlanes = lanes.shape
     for s in range(length):
         for n in range(nstate):
             total = lanes.dtype.type(0.0)
             for k in range(used):
                 total += lanes[s, n, k]
-                lanes[s, n, k] = 0.0
             part[s, n] += total
+            for k in range(nlanes):
+                lanes[s, n, k] = 0.0
 
 
 @numba.njit(nogil=True, cache=True)
@@ -441,8 +453,8 @@ def _lane_partials_for(part, lanes, held, block_group, used, count):
     if block_group == held:
         return held, max(used, count)
     if held >= 0:
-        groups = part.shape[1]
-        _add_lanes(part[held // groups, held % groups], lanes, used)
+        ngroups = part.shape[1]
+        _add_lanes(part[held // ngroups, held % ngroups], lanes, used)
     return block_group, count
 
 
@@ -514,7 +526,11 @@ def _scan_backward(
         carry = np.empty((nstate, LANES), dtype=dtype)
         gA = np.empty((nstate, LANES), dtype=dtype)
         gD = np.empty(LANES, dtype=dtype)
-        sums = np.empty((4, LANES), dtype=dtype)
+        # Each step's dt u and sums over the states (see _lanes_gradients).
+        dtu = np.empty(LANES, dtype=dtype)
+        acc = np.empty(LANES, dtype=dtype)
+        gu = np.empty(LANES, dtype=dtype)
+        gdt = np.empty(LANES, dtype=dtype)
         # The gradients of B and C, per lane, for the batch element and group held_B / held_C
         # (see _lane_partials_for).
         dB_l = np.zeros((length, nstate, LANES), dtype=dtype)
@@ -549,7 +565,7 @@ def _scan_backward(
                 s0 = c * CHUNK
                 m = min(CHUNK, length - s0)
                 states[0] = checkpoints_l[c]
-                _lanes_chunk_states(s0, m, dt_l, u_l, a_l, B_b, states, decays, sums[0])
+                _lanes_chunk_states(s0, m, dt_l, u_l, a_l, B_b, states, decays, dtu)
                 _lanes_gradients(
                     s0,
                     m,
@@ -572,10 +588,10 @@ def _scan_backward(
                     du_l,
                     dv_l,
                     dz_l,
-                    sums[0],
-                    sums[1],
-                    sums[2],
-                    sums[3],
+                    dtu,
+                    acc,
+                    gu,
+                    gdt,
                 )
             _lanes_to_rows(du_l, first, count, reverse, du[b])
             _lanes_to_rows(dv_l, first, count, reverse, ddelta[b])
@@ -621,14 +637,30 @@ def _thread_groups(batch: int, dim: int, span: int) -> int:
 def _no_gate(like: torch.Tensor) -> np.ndarray:
     """The (1, 1, 0) placeholder for z and dz when there is no gate (the kernels are told so by
     ``has_gate`` and never index it)."""
-    return np.zeros((1, 1, 0), dtype=_np(like).dtype)
+    return np.zeros((1, 1, 0), dtype=torch.empty(0, dtype=like.dtype).numpy().dtype)
 
 
-def _bias_of(delta_bias, like: torch.Tensor) -> np.ndarray:
-    """delta's per-channel bias, zeros when there is none."""
-    if delta_bias is None:
-        return np.zeros(like.shape[1], dtype=_np(like).dtype)
-    return _np(delta_bias)
+def _kernel_inputs(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse) -> tuple:
+    """The arguments both kernels start with: u, delta, its bias (zeros when there is none),
+    softplus, A, B and C in scan order (:func:`_time_major`), h0, D (zeros when absent), z (a
+    placeholder when absent), has_gate, reverse and the span of channels sharing B and C."""
+    batch, dim, length = u.shape
+    zeros = torch.zeros(dim, dtype=u.dtype)
+    return (
+        _np(u),
+        _np(delta),
+        _np(delta_bias if delta_bias is not None else zeros),
+        bool(softplus),
+        _np(A),
+        _time_major(B, reverse, batch, length),
+        _time_major(C, reverse, batch, length),
+        _np(h0),
+        _np(D if D is not None else zeros),
+        _np(z) if z is not None else _no_gate(u),
+        z is not None,
+        bool(reverse),
+        _span(B, C, dim),
+    )
 
 
 def scan_forward(
@@ -640,26 +672,13 @@ def scan_forward(
     step to the first (the last state is then the one at t = 0). Inputs are read with their
     strides; every tensor has the dtype of u (float32 or float64)."""
     batch, dim, length = u.shape
-    span = _span(B, C, dim)
-    groups = _thread_groups(batch, dim, span)
+    inputs = _kernel_inputs(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse)
     y = torch.empty(u.shape, dtype=u.dtype)
     h_last = torch.empty_like(h0)
     checkpoints = torch.empty(checkpoints_shape(batch, dim, length, A.shape[1]), dtype=u.dtype)
     _scan_forward(
-        _np(u),
-        _np(delta),
-        _bias_of(delta_bias, u),
-        bool(softplus),
-        _np(A),
-        _time_major(B, reverse, batch, length),
-        _time_major(C, reverse, batch, length),
-        _np(h0),
-        _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype),
-        _np(z) if z is not None else _no_gate(u),
-        z is not None,
-        bool(reverse),
-        span,
-        groups,
+        *inputs,
+        _thread_groups(batch, dim, inputs[-1]),
         y.numpy(),
         h_last.numpy(),
         checkpoints.numpy(),
@@ -711,8 +730,8 @@ def scan_backward(
     the initial state, D, z and delta_bias (None for those not given), given its checkpoints."""
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    span = _span(B, C, dim)
-    groups = _thread_groups(batch, dim, span)
+    inputs = _kernel_inputs(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse)
+    groups = _thread_groups(batch, dim, inputs[-1])
     du = torch.empty(u.shape, dtype=u.dtype)
     ddelta = torch.empty(u.shape, dtype=u.dtype)
     dz = torch.empty(u.shape, dtype=u.dtype) if z is not None else None
@@ -722,19 +741,7 @@ def scan_backward(
     dbias_part = torch.empty(batch, dim, dtype=u.dtype)
     dh0 = torch.empty_like(h0)
     _scan_backward(
-        _np(u),
-        _np(delta),
-        _bias_of(delta_bias, u),
-        bool(softplus),
-        _np(A),
-        _time_major(B, reverse, batch, length),
-        _time_major(C, reverse, batch, length),
-        _np(h0),
-        _np(D) if D is not None else np.zeros(dim, dtype=_np(u).dtype),
-        _np(z) if z is not None else _no_gate(u),
-        z is not None,
-        bool(reverse),
-        span,
+        *inputs,
         _np(checkpoints),
         _np(dy),
         _np(dh_last),
