@@ -215,6 +215,21 @@ def _per_lane(values, first, count, lanes):
             lanes[..., k] = 0.0
 
 
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _block_inputs(delta, u, z, bias, A, D, has_gate, reverse, b, first, count, lanes):
+    """A block's inputs into lanes, as both kernels start: ``lanes`` = (v_l, u_l, z_l, bias_l,
+    a_l, d_l), delta (before its bias and softplus), u and z in scan order, and the channels'
+    bias, A and D."""
+    v_l, u_l, z_l, bias_l, a_l, d_l = lanes
+    _rows_to_lanes(delta[b], first, count, reverse, v_l)
+    _rows_to_lanes(u[b], first, count, reverse, u_l)
+    if has_gate:
+        _rows_to_lanes(z[b], first, count, reverse, z_l)
+    _per_lane(bias, first, count, bias_l)
+    _per_lane(A, first, count, a_l)
+    _per_lane(D, first, count, d_l)
+
+
 @numba.jit(**_LANE_JIT)
 def _lanes_forward(dt_l, u_l, gate_l, a_l, d_l, B_b, C_b, h, y_l, checkpoints, dtu, acc):
     """A block's scan: states h (N, LANES) carried through every step, outputs into y_l, and
@@ -397,13 +412,10 @@ def _scan_forward(
         acc = np.empty(LANES, dtype=dtype)
         unused_dsoftplus = np.empty((0, LANES), dtype=dtype)  # no derivatives in the forward
         unused_dgates = np.empty((0, LANES), dtype=dtype)
+        inputs_l = (v_l, u_l, z_l, bias_l, a_l, d_l)  # filled by _block_inputs
         for block in range(g * per_group, min(blocks, (g + 1) * per_group)):
             b, first, count = _block_of(block, dim, span)
-            _rows_to_lanes(delta[b], first, count, reverse, v_l)
-            _rows_to_lanes(u[b], first, count, reverse, u_l)
-            if has_gate:
-                _rows_to_lanes(z[b], first, count, reverse, z_l)
-            _per_lane(bias, first, count, bias_l)
+            _block_inputs(delta, u, z, bias, A, D, has_gate, reverse, b, first, count, inputs_l)
             _activate(
                 v_l,
                 bias_l,
@@ -416,9 +428,7 @@ def _scan_forward(
                 gate_l,
                 unused_dgates,
             )
-            _per_lane(A, first, count, a_l)
             _per_lane(h0[b], first, count, h)
-            _per_lane(D, first, count, d_l)
             B_b = Bt[b, first // per_gB]  # (L, N): the block's B, in scan order
             C_b = Ct[b, first // per_gC]
             _lanes_forward(dt_l, u_l, gate_l, a_l, d_l, B_b, C_b, h, y_l, checkpoints_l, dtu, acc)
@@ -518,6 +528,7 @@ def _scan_backward(
         bias_l = np.empty(LANES, dtype=dtype)
         a_l = np.empty((nstate, LANES), dtype=dtype)
         d_l = np.empty(LANES, dtype=dtype)
+        inputs_l = (v_l, u_l, z_l, bias_l, a_l, d_l)  # filled by _block_inputs
         # The state before every CHUNK-th step, and one chunk's states and decays (see
         # _lanes_chunk_states).
         checkpoints_l = np.empty((chunks, nstate, LANES), dtype=dtype)
@@ -545,16 +556,10 @@ def _scan_backward(
             held_C, used_C = _lane_partials_for(
                 dC_part[g], dC_l, held_C, b * Ct.shape[1] + first // per_gC, used_C, count
             )
-            _rows_to_lanes(delta[b], first, count, reverse, v_l)
-            _rows_to_lanes(u[b], first, count, reverse, u_l)
+            _block_inputs(delta, u, z, bias, A, D, has_gate, reverse, b, first, count, inputs_l)
             _rows_to_lanes(dy[b], first, count, reverse, dy_l)
-            if has_gate:
-                _rows_to_lanes(z[b], first, count, reverse, z_l)
-            _per_lane(bias, first, count, bias_l)
             _activate(v_l, bias_l, softplus, z_l, has_gate, True, dt_l, dsp_l, gate_l, dgate_l)
             _gate_gradients(dy_l, gate_l, dgate_l, has_gate, gy_l, gz_l)
-            _per_lane(A, first, count, a_l)
-            _per_lane(D, first, count, d_l)
             _per_lane(checkpoints[b], first, count, checkpoints_l)
             _per_lane(dh_last[b], first, count, carry)
             B_b = Bt[b, first // per_gB]
