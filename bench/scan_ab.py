@@ -5,7 +5,9 @@ calls them; dim 768, N 16, float32) and are timed in turns, forward and backward
 alternating from round to round; the table gives each one's median and best. The older tree's
 ``matten/ssm/cpu_kernel.py`` is loaded beside this checkout's (its relative imports pointed at
 this checkout's ``matten.ssm``), so any tree since the kernels took the direction and the gate
-works.
+works. Both are first compiled in a child process, so that both are timed loaded from numba's
+cache, as every run after a user's first gets them: the same kernel compiled in the timing
+process itself ran at another speed (bench/RESULTS.md).
 
     git worktree add /tmp/matten-old <rev> --detach
     python bench/scan_ab.py --old-src /tmp/matten-old/src
@@ -16,9 +18,11 @@ works.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,13 +44,19 @@ def load_old_kernel(src: str):
         code = f.read().replace(
             "from . import layouts, threads", "from matten.ssm import layouts, threads"
         )
-    folder = tempfile.mkdtemp(prefix="matten-old-kernel-")
+    # One folder per source, kept: numba caches the copy's kernels beside it.
+    digest = hashlib.sha1(code.encode()).hexdigest()[:12]
+    folder = os.path.join(tempfile.gettempdir(), f"matten-old-kernel-{digest}")
+    os.makedirs(folder, exist_ok=True)
     copy = os.path.join(folder, "old_cpu_kernel.py")
-    with open(copy, "w") as f:
-        f.write(code)
+    if not os.path.exists(copy):  # rewritten, it would invalidate numba's cache
+        with open(copy + ".tmp", "w") as f:
+            f.write(code)
+        os.replace(copy + ".tmp", copy)
     spec = importlib.util.spec_from_file_location("old_cpu_kernel", copy)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules["old_cpu_kernel"] = module  # numba's cache finds its kernels' module by name
     spec.loader.exec_module(module)
     return module
 
@@ -77,9 +87,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--reverse", action="store_true", help="scan from the end")
+    parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if not args.compile_only:  # fill numba's cache first (see the module's docstring)
+        subprocess.run([sys.executable, *sys.argv, "--compile-only"], check=True)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
@@ -99,9 +112,11 @@ def main() -> None:
     )
     kernels = {"old": load_old_kernel(args.old_src), "new": cpu_kernel}
     calls = {name: make_calls(k, inputs, args.reverse) for name, k in kernels.items()}
-    for forward, backward in calls.values():  # compile, and check both run
+    for forward, backward in calls.values():  # compile or load, and check both run
         forward()
         backward()
+    if args.compile_only:
+        return
     times: dict[tuple[str, str], list[float]] = {}
     for round_ in range(args.rounds):
         order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
