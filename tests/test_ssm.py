@@ -826,6 +826,28 @@ def test_depthwise_conv_equals_torch_conv_and_its_gradients(padding, crop, compi
         depthwise_conv1d(x, w[:4])
 
 
+@pytest.mark.parametrize("length", [1, 37, 70])
+@pytest.mark.parametrize(
+    "padding, crop", [((3, 3), (0, -3)), ((3, 3), (3, None)), ((1, 5), (0, None))]
+)
+def test_depthwise_conv_compiled_backward_in_float32(length, padding, crop):
+    """The compiled backward's vectorised loops (whole vectors and their remainders, rows
+    shorter than the kernel) against torch's conv1d gradients in float32."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, length, generator=g)
+    w = torch.randn(5, 1, 4, generator=g)
+    b = torch.randn(5, generator=g)
+    ours, theirs = [[t.clone().requires_grad_() for t in (x, w, b)] for _ in range(2)]
+    y = depthwise_conv1d(*ours, padding=padding, crop=crop)
+    expected = F.conv1d(F.pad(theirs[0], padding), theirs[1], theirs[2], groups=5)
+    expected = expected[..., slice(*crop)]
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    expected.backward(grad)
+    for a, e in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_channels_first_linear_equals_nn_linear_on_strided_input(with_bias):
     torch.manual_seed(0)

@@ -6,7 +6,8 @@ is far slower than its forward: in a Matten-S training step it took a second a c
 37 ms for the forward, a quarter of the step (bench/RESULTS.md). The conv has d_conv = 4 taps,
 so its gradients are four shifted multiplies and sums over (batch, channels, length). On CPU one
 compiled (numba) pass per channel computes all three gradients, reading the input and the output
-gradient once with their strides; elsewhere (CUDA) they are torch ops, which fuse well there.
+gradient with their strides into zero-padded rows whose loops vectorise; elsewhere (CUDA) they
+are torch ops, which fuse well there.
 
 ``crop`` keeps part of the output (the causal conv keeps the first L of the L + 3 outputs that
 ``padding=3`` gives): done inside, the backward never sees the zeros of the cropped positions.
@@ -25,30 +26,54 @@ from . import threads
 __all__ = ["depthwise_conv1d"]
 
 
-@numba.jit(nopython=True, nogil=True, cache=True, parallel=True)
+@numba.jit(
+    nopython=True,
+    nogil=True,
+    cache=True,
+    parallel=True,
+    # reassociation lets the tap sums vectorise; inf and NaN still propagate
+    fastmath={"nsz", "arcp", "contract", "reassoc"},
+    error_model="numpy",
+)
 def _conv_backward(x, grad, w, left, start, grad_x, grad_w, grad_b):
-    # output o of the crop is position start + o of the padded conv, whose value is
-    # sum_j w[c, j] * x[c, start + o + j - left] (zero outside x)
+    # Output o of the crop is position start + o of the padded conv, whose value is
+    # sum_j w[c, j] * x[c, o + j - shift] with shift = left - start (zero outside x). Each row of
+    # x and of grad is first copied with zeros around it (padded_x, padded_grad), so that every
+    # tap's loop runs over the whole row without bounds checks and vectorises.
     batch, channels, length = x.shape
     kept, taps = grad.shape[2], w.shape[1]
+    shift = left - start
+    dtype = x.dtype
     for c in numba.prange(channels):
+        padded_x = np.empty(kept + taps - 1, dtype=dtype)  # [q] = x[q - shift]
+        padded_grad = np.empty(length + taps - 1, dtype=dtype)  # [q] = grad[q + shift - taps + 1]
         acc_w = np.zeros(taps)  # float64: a sum over batch x length terms
         acc_b = 0.0
         for b in range(batch):
-            for s in range(length):
-                acc = x.dtype.type(0.0)
-                for j in range(taps):
-                    o = s + left - j - start
-                    if 0 <= o < kept:
-                        acc += grad[b, c, o] * w[c, j]
-                grad_x[b, c, s] = acc
+            for q in range(kept + taps - 1):
+                i = q - shift
+                padded_x[q] = x[b, c, i] if 0 <= i < length else 0.0
+            for q in range(length + taps - 1):
+                o = q + shift - taps + 1
+                padded_grad[q] = grad[b, c, o] if 0 <= o < kept else 0.0
+            # grad_x[i] = sum_j w[j] grad[i + shift - j]
+            row = grad_x[b, c]
+            row[:] = 0.0
+            for j in range(taps):
+                w_j = w[c, j]
+                offset = taps - 1 - j
+                for i in range(length):
+                    row[i] += w_j * padded_grad[i + offset]
+            # grad_w[j] = sum_o grad[o] x[o + j - shift]
+            for j in range(taps):
+                total = dtype.type(0.0)
+                for o in range(kept):
+                    total += grad[b, c, o] * padded_x[o + j]
+                acc_w[j] += total
+            total = dtype.type(0.0)
             for o in range(kept):
-                g = grad[b, c, o]
-                acc_b += g
-                for j in range(taps):
-                    i = start + o + j - left
-                    if 0 <= i < length:
-                        acc_w[j] += g * x[b, c, i]
+                total += grad[b, c, o]
+            acc_b += total
         for j in range(taps):
             grad_w[c, 0, j] = acc_w[j]
         grad_b[c] = acc_b
