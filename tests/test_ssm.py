@@ -311,7 +311,15 @@ def test_every_layout_matches_reference_with_gradients(name, layout_b, layout_c)
 
 @pytest.mark.parametrize(
     "groups_b,groups_c,reverse,chunks",
-    [(1, 1, False, 2.1), (2, 2, True, 2.1), (2, 5, False, 1), (4, 1, True, 2)],
+    [
+        (1, 1, False, 2.1),
+        (2, 2, True, 2.1),
+        (2, 5, False, 1),
+        (4, 1, True, 2),
+        ("constant", "constant", True, 2.1),
+        ("constant", 5, False, 1),
+        (1, "constant", True, 2),
+    ],
 )
 def test_cpu_scan_blocks_of_lanes_match_reference_with_gradients(
     groups_b, groups_c, reverse, chunks
@@ -319,14 +327,17 @@ def test_cpu_scan_blocks_of_lanes_match_reference_with_gradients(
     """The CPU kernels scan LANES channels at a time, in blocks that never cross a group of B
     or C, over chunks of CHUNK steps: 40 channels in groups of 40, 20, 10 or 8 (full, part-idle
     and several blocks per batch element), 3 batch elements, a length of one or two chunks
-    exactly or two and a bit, in both directions."""
+    exactly or two and a bit, in both directions. A constant B or C (one per channel) is read
+    per lane, alone or beside a grouped one."""
     from matten.ssm import cpu_kernel
 
     length = int(chunks * cpu_kernel.CHUNK)
     g = torch.Generator().manual_seed(1)
-    x = make_inputs(3, 40, length, 16, B="grouped", C="grouped", groups=groups_b)
+    x = make_inputs(3, 40, length, 16)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    x["C"] = coefficients("grouped", 3, 40, length, 16, r, groups_c)
+    for name, groups in (("B", groups_b), ("C", groups_c)):
+        layout = "constant" if groups == "constant" else "grouped"
+        x[name] = coefficients(layout, 3, 40, length, 16, r, groups)
     h0 = r(3, 40, 16)
     weights = (r(3, 40, length).double(), r(3, 40, 16).double())
 
@@ -346,12 +357,13 @@ def test_cpu_scan_blocks_of_lanes_match_reference_with_gradients(
         assert rel_err(got[key], value) < 1e-5, key
 
 
-def test_cpu_scan_gradients_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("layout", ["variable", "constant"])
+def test_cpu_scan_gradients_do_not_depend_on_the_thread_count(layout):
     """Blocks are split across threads, each with its own buffers; the per-channel gradients
     come out the same bit for bit on one thread or two, those of B and C (summed over the
     threads' partials) to rounding. 3 x 20 channels: six blocks of 16 and 4, so that the second
     thread starts on a block with idle lanes."""
-    x = make_inputs(3, 20, 45, 16)
+    x = make_inputs(3, 20, 45, 16, B=layout, C=layout)
     weight = torch.randn(3, 20, 45, generator=torch.Generator().manual_seed(4))
     threads = torch.get_num_threads()
     grads = []

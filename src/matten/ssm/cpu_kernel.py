@@ -4,19 +4,19 @@ The channels of one batch element are scanned in blocks of LANES, one channel pe
 a block's per-step values are (L, LANES) arrays and its states (N, LANES), so that every loop
 over lanes vectorises and each step's sums over the N states are vertical adds of lane vectors
 (bench/RESULTS.md has what it replaced). The discretised (batch, dim, L, N) tensors are never
-built. A block never crosses a group of B or C, so one kernel serves mamba_ssm's variable,
-grouped and constant layouts (:mod:`matten.ssm.layouts`; constant B/C, one group per channel,
-run one channel per block); B and C reach the kernels as (batch, G, L, N) copies in scan order,
-contiguous over the N states, whose broadcast batch or time axis has stride 0 (is not
-materialised).
+built. One kernel serves mamba_ssm's variable, grouped and constant layouts
+(:mod:`matten.ssm.layouts`): a variable or grouped B or C reaches the kernels as a (batch, G, L,
+N) copy in scan order, contiguous over the N states, and a block never crosses one of its
+groups, so that its lanes share each step's row; a constant (dim, N) B or C is read per lane,
+each lane its own channel's row (see :func:`_coefficient`).
 
 The forward also returns the state before every CHUNK-th step. The backward recomputes one
 chunk's states and decays from its checkpoint into buffers of CHUNK steps, then walks back
 through the chunk, taking the state gradient and every other gradient in the same loop. Extra
 memory per thread: a dozen (L, LANES) arrays and the per-lane gradients of B and C, (L, N,
-LANES) each; the checkpoints are L / CHUNK states per channel. Blocks are split across threads
-with ``prange``; the gradients of B and C, which sum over channels, go to one partial buffer per
-thread and are summed afterwards.
+LANES) each ((1, N, LANES) for a constant); the checkpoints are L / CHUNK states per channel.
+Blocks are split across threads with ``prange``; the gradients of B and C, which sum over
+channels, go to one partial buffer per thread and are summed afterwards.
 
 The kernels also apply delta's bias and softplus, the skip term D * u and the gate silu(z), and
 can scan from the last time step to the first (``reverse``, the backward direction of a
@@ -150,6 +150,38 @@ _LANE_JIT: dict[str, Any] = dict(
 )
 
 
+# B and C reach a block's lane loops in one of two forms: shared, an (L, N) array in scan
+# order whose row for a step every lane reads (variable and grouped layouts, a block never
+# crossing a group), or per lane, a (1, N, LANES) array constant in time (the constant layout,
+# one B per channel). The accessors below pick by the array's dimensions, so one source serves
+# both and numba compiles each form on its own.
+
+
+def _coefficient(X, s, n, k):
+    """B or C of scan step s, state n, lane k."""
+    return X[s, n] if X.ndim == 2 else X[0, n, k]
+
+
+@overload(_coefficient, inline="always")
+def _coefficient_impl(X, s, n, k):
+    if X.ndim == 2:
+        return lambda X, s, n, k: X[s, n]  # loop-invariant over the lanes: loaded once
+    return lambda X, s, n, k: X[0, n, k]
+
+
+def _coefficient_step(X, s):
+    """The row of the per-lane gradient buffer of B or C that step s adds to: s when shared, 0
+    when per lane (a constant's gradient sums over the steps)."""
+    return s if X.ndim == 2 else 0
+
+
+@overload(_coefficient_step, inline="always")
+def _coefficient_step_impl(X, s):
+    if X.ndim == 2:
+        return lambda X, s: s
+    return lambda X, s: 0
+
+
 @numba.jit(**_LANE_JIT)
 def _activate(vs, bias, softplus, zs, has_gate, derivatives, dts, dsoftplus, gates, dgates):
     """A block's per-step activations, (L, LANES) arrays: the step size ``dts`` =
@@ -241,12 +273,10 @@ def _lanes_forward(dt_l, u_l, gate_l, a_l, d_l, B_b, C_b, h, y_l, checkpoints, d
             dtu[k] = dt_l[s, k] * u_l[s, k]
             acc[k] = 0.0
         for n in range(h.shape[0]):
-            b_n = B_b[s, n]
-            c_n = C_b[s, n]
             for k in range(LANES):
-                h_nk = decay(dt_l[s, k] * a_l[n, k]) * h[n, k] + dtu[k] * b_n
+                h_nk = decay(dt_l[s, k] * a_l[n, k]) * h[n, k] + dtu[k] * _coefficient(B_b, s, n, k)
                 h[n, k] = h_nk
-                acc[k] += h_nk * c_n
+                acc[k] += h_nk * _coefficient(C_b, s, n, k)
         for k in range(LANES):
             y_l[s, k] = (acc[k] + d_l[k] * u_l[s, k]) * gate_l[s, k]
 
@@ -260,11 +290,10 @@ def _lanes_chunk_states(s0, m, dt_l, u_l, a_l, B_b, states, decays, dtu):
         for k in range(LANES):
             dtu[k] = dt_l[s, k] * u_l[s, k]
         for n in range(states.shape[1]):
-            b_n = B_b[s, n]
             for k in range(LANES):
                 e = decay(dt_l[s, k] * a_l[n, k])
                 decays[j, n, k] = e
-                states[j + 1, n, k] = e * states[j, n, k] + dtu[k] * b_n
+                states[j + 1, n, k] = e * states[j, n, k] + dtu[k] * _coefficient(B_b, s, n, k)
 
 
 @numba.jit(**_LANE_JIT)
@@ -307,22 +336,23 @@ def _lanes_gradients(
     lanes = gA.shape[1]
     for j in range(m - 1, -1, -1):
         s = s0 + j
+        s_B, s_C = _coefficient_step(B_b, s), _coefficient_step(C_b, s)
         for k in range(lanes):
             dtu[k] = dt_l[s, k] * u_l[s, k]
             acc[k] = 0.0  # <C_t, h_t>, for the gate's gradient
             gu[k] = 0.0
             gdt[k] = 0.0
         for n in range(states.shape[1]):
-            b_n = B_b[s, n]
-            c_n = C_b[s, n]
             for k in range(lanes):
+                b_n = _coefficient(B_b, s, n, k)
+                c_n = _coefficient(C_b, s, n, k)
                 g_h = carry[n, k] + gy_l[s, k] * c_n  # dLoss/d states[j + 1]
                 carry[n, k] = g_h * decays[j, n, k]
                 h_n = states[j + 1, n, k]
                 acc[k] += h_n * c_n
                 gu[k] += g_h * b_n
-                dB_l[s, n, k] += g_h * dtu[k]
-                dC_l[s, n, k] += gy_l[s, k] * h_n
+                dB_l[s_B, n, k] += g_h * dtu[k]
+                dC_l[s_C, n, k] += gy_l[s, k] * h_n
                 g_decay = g_h * states[j, n, k] * decays[j, n, k]
                 gdt[k] += g_decay * a_l[n, k]
                 gA[n, k] += g_decay * dt_l[s, k]
@@ -364,6 +394,48 @@ def _block_count(batch, dim, span):
     return batch * (dim // span) * ((span + LANES - 1) // LANES)
 
 
+def _block_coefficients(X, dim, b, first, count, per_lane):
+    """The block's B or C in the form its lane loops read (see _coefficient): from a (batch, G,
+    L, N) X in scan order its group's (L, N) view, shared by the lanes; from a constant (dim, N)
+    X each lane's own row, gathered into per_lane (1, N, LANES)."""
+
+
+@overload(_block_coefficients)
+def _block_coefficients_impl(X, dim, b, first, count, per_lane):
+    if X.ndim == 4:
+        return lambda X, dim, b, first, count, per_lane: X[b, first // (dim // X.shape[1])]
+
+    def gathered(X, dim, b, first, count, per_lane):
+        _per_lane(X, first, count, per_lane[0])
+        return per_lane
+
+    return gathered
+
+
+def _coefficient_key(X, dim, b, first):
+    """Which gradient of B or C a block's lanes add to: batch element x G + group when shared
+    (blocks of one group add up in the same lanes), the block's first channel when per lane
+    (the batch elements of one block of channels add up in them)."""
+
+
+@overload(_coefficient_key)
+def _coefficient_key_impl(X, dim, b, first):
+    if X.ndim == 4:
+        return lambda X, dim, b, first: b * X.shape[1] + first // (dim // X.shape[1])
+    return lambda X, dim, b, first: first
+
+
+def _coefficient_rows(X, length):
+    """Steps of the per-lane gradient buffer of B or C: L when shared, 1 when per lane."""
+
+
+@overload(_coefficient_rows)
+def _coefficient_rows_impl(X, length):
+    if X.ndim == 4:
+        return lambda X, length: length
+    return lambda X, length: 1
+
+
 @numba.jit(**_JIT)
 def _scan_forward(
     u,
@@ -386,13 +458,12 @@ def _scan_forward(
 ):
     # Each block's inputs are gathered into lanes in scan order (_rows_to_lanes), its outputs
     # put back in time order after its scan, so that the loops over steps index every array by
-    # the step itself (bench/RESULTS.md). Bt and Ct come in scan order, broadcast axes with
-    # stride 0. checkpoints (batch, dim, chunks, N) receives the state before every CHUNK-th
-    # step, from which the backward recomputes the states.
+    # the step itself (bench/RESULTS.md). Bt and Ct come as _kernel_coefficients gives them
+    # (in scan order unless constant). checkpoints (batch, dim, chunks, N) receives the state
+    # before every CHUNK-th step, from which the backward recomputes the states.
     batch, dim, length = u.shape
     nstate = A.shape[1]
     dtype = u.dtype
-    per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     blocks = _block_count(batch, dim, span)
     per_group = (blocks + groups - 1) // groups
     chunks = checkpoints.shape[2]
@@ -410,6 +481,8 @@ def _scan_forward(
         checkpoints_l = np.empty((chunks, nstate, LANES), dtype=dtype)
         dtu = np.empty(LANES, dtype=dtype)
         acc = np.empty(LANES, dtype=dtype)
+        B_lanes = np.empty((1, nstate, LANES), dtype=dtype)  # per-lane B and C (constant layout)
+        C_lanes = np.empty((1, nstate, LANES), dtype=dtype)
         unused_dsoftplus = np.empty((0, LANES), dtype=dtype)  # no derivatives in the forward
         unused_dgates = np.empty((0, LANES), dtype=dtype)
         inputs_l = (v_l, u_l, z_l, bias_l, a_l, d_l)  # filled by _block_inputs
@@ -429,8 +502,8 @@ def _scan_forward(
                 unused_dgates,
             )
             _per_lane(h0[b], first, count, h)
-            B_b = Bt[b, first // per_gB]  # (L, N): the block's B, in scan order
-            C_b = Ct[b, first // per_gC]
+            B_b = _block_coefficients(Bt, dim, b, first, count, B_lanes)
+            C_b = _block_coefficients(Ct, dim, b, first, count, C_lanes)
             _lanes_forward(dt_l, u_l, gate_l, a_l, d_l, B_b, C_b, h, y_l, checkpoints_l, dtu, acc)
             _lanes_to_rows(y_l, first, count, reverse, y[b])
             for k in range(count):
@@ -440,9 +513,9 @@ def _scan_forward(
 
 @numba.njit(nogil=True, cache=True)
 def _add_lanes(part, lanes, used):
-    """part[s, n] += the sum over the first ``used`` lanes of lanes[s, n, :] (stride 0 on a
-    broadcast axis of part adds its steps up in place), then lanes = 0: all of them, since an
-    idle lane's 0 * inf in a non-finite B or C must not reach a later block's sum."""
+    """part[s, n] += the sum over the first ``used`` lanes of lanes[s, n, :], then lanes = 0:
+    all of them, since an idle lane's 0 * inf in a non-finite B or C must not reach a later
+    block's sum."""
     length, nstate, nlanes = lanes.shape
     for s in range(length):
         for n in range(nstate):
@@ -454,18 +527,41 @@ def _add_lanes(part, lanes, used):
                 lanes[s, n, k] = 0.0
 
 
+def _add_held(part, lanes, held, used):
+    """Add the per-lane gradients of B or C for ``held`` (see _coefficient_key) into the
+    thread's partials ``part``, then zero every lane: shared, part is (batch, G, L, N) and the
+    lanes are summed; per lane, part is (dim, N) and lane k is channel held + k's."""
+
+
+@overload(_add_held)
+def _add_held_impl(part, lanes, held, used):
+    if part.ndim == 4:
+
+        def shared(part, lanes, held, used):
+            ngroups = part.shape[1]
+            _add_lanes(part[held // ngroups, held % ngroups], lanes, used)
+
+        return shared
+
+    def per_lane(part, lanes, held, used):
+        for k in range(used):
+            part[held + k] += lanes[0, :, k]
+        lanes[...] = 0.0
+
+    return per_lane
+
+
 @numba.njit(nogil=True, cache=True)
-def _lane_partials_for(part, lanes, held, block_group, used, count):
-    """The per-lane gradients of B or C hold those of group ``held`` (batch element x groups +
-    group) from blocks using ``used`` lanes: when the next block reads another group
-    (``block_group``; -1 at the end) they are added into the thread's partials ``part``
-    (batch, G, L, N). Returns the group and lane count they hold then."""
-    if block_group == held:
+def _lane_partials_for(part, lanes, held, block_key, used, count):
+    """The per-lane gradients of B or C hold those of ``held`` (see _coefficient_key) from
+    blocks using ``used`` lanes: when the next block adds to another (``block_key``; -1 at the
+    end) they are added into the thread's partials ``part`` (_add_held). Returns the key and
+    lane count they hold then."""
+    if block_key == held:
         return held, max(used, count)
     if held >= 0:
-        ngroups = part.shape[1]
-        _add_lanes(part[held // ngroups, held % ngroups], lanes, used)
-    return block_group, count
+        _add_held(part, lanes, held, used)
+    return block_key, count
 
 
 @numba.jit(**_JIT)
@@ -497,12 +593,12 @@ def _scan_backward(
     dh0,
 ):
     # Inputs as _scan_forward takes them, with the forward's checkpoints (dB_part and dC_part
-    # in scan order too, like Bt and Ct); ddelta and dbias_part receive the gradients of delta
-    # (through the softplus) and of the bias (per batch and channel), dz that of z.
+    # per thread in the form of Bt and Ct, see _partials); ddelta and dbias_part receive the
+    # gradients of delta (through the softplus) and of the bias (per batch and channel), dz
+    # that of z.
     batch, dim, length = u.shape
     nstate = A.shape[1]
     dtype = u.dtype
-    per_gB, per_gC = dim // Bt.shape[1], dim // Ct.shape[1]
     groups = dB_part.shape[0]
     blocks = _block_count(batch, dim, span)
     per_group = (blocks + groups - 1) // groups
@@ -544,17 +640,19 @@ def _scan_backward(
         gdt = np.empty(LANES, dtype=dtype)
         # The gradients of B and C, per lane, for the batch element and group held_B / held_C
         # (see _lane_partials_for).
-        dB_l = np.zeros((length, nstate, LANES), dtype=dtype)
-        dC_l = np.zeros((length, nstate, LANES), dtype=dtype)
+        dB_l = np.zeros((_coefficient_rows(Bt, length), nstate, LANES), dtype=dtype)
+        dC_l = np.zeros((_coefficient_rows(Ct, length), nstate, LANES), dtype=dtype)
+        B_lanes = np.empty((1, nstate, LANES), dtype=dtype)  # per-lane B and C (constant layout)
+        C_lanes = np.empty((1, nstate, LANES), dtype=dtype)
         held_B, used_B = -1, 0
         held_C, used_C = -1, 0
         for block in range(g * per_group, min(blocks, (g + 1) * per_group)):
             b, first, count = _block_of(block, dim, span)
             held_B, used_B = _lane_partials_for(
-                dB_part[g], dB_l, held_B, b * Bt.shape[1] + first // per_gB, used_B, count
+                dB_part[g], dB_l, held_B, _coefficient_key(Bt, dim, b, first), used_B, count
             )
             held_C, used_C = _lane_partials_for(
-                dC_part[g], dC_l, held_C, b * Ct.shape[1] + first // per_gC, used_C, count
+                dC_part[g], dC_l, held_C, _coefficient_key(Ct, dim, b, first), used_C, count
             )
             _block_inputs(delta, u, z, bias, A, D, has_gate, reverse, b, first, count, inputs_l)
             _rows_to_lanes(dy[b], first, count, reverse, dy_l)
@@ -562,8 +660,8 @@ def _scan_backward(
             _gate_gradients(dy_l, gate_l, dgate_l, has_gate, gy_l, gz_l)
             _per_lane(checkpoints[b], first, count, checkpoints_l)
             _per_lane(dh_last[b], first, count, carry)
-            B_b = Bt[b, first // per_gB]
-            C_b = Ct[b, first // per_gC]
+            B_b = _block_coefficients(Bt, dim, b, first, count, B_lanes)
+            C_b = _block_coefficients(Ct, dim, b, first, count, C_lanes)
             gA[:] = 0.0
             gD[:] = 0.0
             for c in range(chunks - 1, -1, -1):
@@ -618,20 +716,27 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if all(st >= 0 for st in t.stride()) else t.contiguous().numpy()
 
 
-def _time_major(X: torch.Tensor, reverse: bool, batch: int, length: int) -> np.ndarray:
-    """B or C in any layout -> (batch, G, L, N) in scan order (time flipped when ``reverse``),
-    contiguous over the N states (the loops over them vectorise only over contiguous memory);
-    a size-1 batch or time axis is broadcast with stride 0, so a time-invariant B is never
-    copied along time."""
+def _kernel_coefficients(X: torch.Tensor, reverse: bool) -> np.ndarray:
+    """B or C as the kernels read it. Constant (dim, N): as it is, each lane of a block reading
+    its own channel's row. Variable or grouped: (batch, G, L, N) in scan order (time flipped
+    when ``reverse``), contiguous over the N states (the loops over them vectorise only over
+    contiguous memory), a block's lanes sharing its group's rows."""
+    if layouts.layout(X) == "constant":
+        return _np(X.contiguous())
     X4 = layouts.as_grouped(X.detach()).transpose(2, 3)
-    X4 = (X4.flip(2) if reverse else X4).contiguous()
-    return X4.expand(batch, X4.shape[1], length, X4.shape[3]).numpy()
+    return (X4.flip(2) if reverse else X4).contiguous().numpy()
 
 
 def _span(B: torch.Tensor, C: torch.Tensor, dim: int) -> int:
-    """The largest run of channels that all read one group of B and one of C."""
-    groups_B, groups_C = layouts.as_grouped(B).shape[1], layouts.as_grouped(C).shape[1]
-    return math.gcd(dim // groups_B, dim // groups_C)
+    """The largest run of channels that all read one group of B and one of C (a constant B or C,
+    read per lane, sets no bound)."""
+
+    def channels_per_group(X: torch.Tensor) -> int:
+        return (
+            dim if layouts.layout(X) == "constant" else dim // X.shape[1] if X.dim() == 4 else dim
+        )
+
+    return math.gcd(channels_per_group(B), channels_per_group(C))
 
 
 def _thread_groups(batch: int, dim: int, span: int) -> int:
@@ -647,7 +752,7 @@ def _no_gate(like: torch.Tensor) -> np.ndarray:
 
 def _kernel_inputs(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse) -> tuple:
     """The arguments both kernels start with: u, delta, its bias (zeros when there is none),
-    softplus, A, B and C in scan order (:func:`_time_major`), h0, D (zeros when absent), z (a
+    softplus, A, B and C (:func:`_kernel_coefficients`), h0, D (zeros when absent), z (a
     placeholder when absent), has_gate, reverse and the span of channels sharing B and C."""
     batch, dim, length = u.shape
     zeros = torch.zeros(dim, dtype=u.dtype)
@@ -657,8 +762,8 @@ def _kernel_inputs(u, delta, A, B, C, h0, D, z, delta_bias, softplus, reverse) -
         _np(delta_bias if delta_bias is not None else zeros),
         bool(softplus),
         _np(A),
-        _time_major(B, reverse, batch, length),
-        _time_major(C, reverse, batch, length),
+        _kernel_coefficients(B, reverse),
+        _kernel_coefficients(C, reverse),
         _np(h0),
         _np(D if D is not None else zeros),
         _np(z) if z is not None else _no_gate(u),
@@ -697,21 +802,20 @@ def checkpoints_shape(batch: int, dim: int, length: int, nstate: int) -> tuple[i
 
 
 def _partials(X, groups, dtype) -> torch.Tensor:
-    """One zeroed gradient buffer of B or C per thread group: (groups, batch or 1, G, L or 1, N),
-    in scan order like :func:`_time_major`'s view."""
+    """One zeroed gradient buffer of B or C per thread group, in the form the kernels read X
+    (:func:`_kernel_coefficients`): (groups, dim, N) for a constant, else (groups, batch, G, L,
+    N) in scan order."""
+    if layouts.layout(X) == "constant":
+        return torch.zeros(groups, *X.shape, dtype=dtype)
     X4 = layouts.as_grouped(X)
     return torch.zeros(groups, X4.shape[0], X4.shape[1], X4.shape[3], X4.shape[2], dtype=dtype)
-
-
-def _partials_view(part: torch.Tensor, batch: int, length: int) -> np.ndarray:
-    """The kernels' (groups, batch, G, L, N) view of :func:`_partials`' buffer: broadcast axes
-    have stride 0, so their steps add up in place."""
-    return part.expand(part.shape[0], batch, part.shape[2], length, part.shape[4]).numpy()
 
 
 def _summed(part, like, reverse):
     """Sum of the per-thread partials, back in time order and in the layout of ``like``."""
     total = part.sum(0)
+    if layouts.layout(like) == "constant":
+        return total
     return (total.flip(2) if reverse else total).transpose(2, 3).reshape(like.shape)
 
 
@@ -754,8 +858,8 @@ def scan_backward(
         ddelta.numpy(),
         dz.numpy() if dz is not None else _no_gate(u),
         dA_part.numpy(),
-        _partials_view(dB_part, batch, length),
-        _partials_view(dC_part, batch, length),
+        dB_part.numpy(),
+        dC_part.numpy(),
         dD_part.numpy(),
         dbias_part.numpy(),
         dh0.numpy(),
