@@ -787,6 +787,38 @@ def test_kernel_activations_equal_the_float64_functions(dtype):
     assert np.array_equal(no_softplus, (v + bias).numpy())
 
 
+def test_lane_loops_compile_with_noalias_arrays_and_wide_vectors():
+    """The pipeline the kernels' loops over lanes compile with: array arguments marked noalias
+    and functions asking for 512-bit vectors (LLVM's default on AVX-512 CPUs is 256). Were
+    numba's pipeline to change so that the lowering pass is no longer swapped, this fails."""
+    import re
+
+    import llvmlite.binding as llvm
+    import numba
+    import numpy as np
+
+    from matten.ssm import cpu_kernel
+
+    def add(a, b, out):
+        for k in range(a.shape[0]):
+            out[k] = a[k] + b[k]
+
+    lanes = numba.jit(**{**cpu_kernel._LANE_JIT, "cache": False})(add)
+    plain = numba.njit(add)
+    x = np.arange(16, dtype=np.float32)
+    for f in (lanes, plain):
+        out = np.empty_like(x)
+        f(x, x, out)
+        assert np.array_equal(out, 2 * x)
+    ir, plain_ir = (next(iter(f.inspect_llvm().values())) for f in (lanes, plain))
+    assert '"prefer-vector-width"="512"' in ir and '"min-legal-vector-width"="512"' in ir
+    assert '"prefer-vector-width"="512"' not in plain_ir
+    assert re.search(r"noalias[^,]*%arg\.out\.4", ir)  # the output's data pointer
+    assert not re.search(r"noalias[^,]*%arg\.out\.4", plain_ir)
+    if "+avx512f" in llvm.get_host_cpu_features().flatten():
+        assert "zmm" in next(iter(lanes.inspect_asm().values()))
+
+
 def test_scan_runs_on_meta_device_and_is_counted_as_flops():
     from torch.utils.flop_counter import FlopCounterMode
 
