@@ -595,6 +595,30 @@ def test_bimamba_is_forward_plus_flipped_backward_scan():
     assert diff[0] > 0 and diff[-1] > 0
 
 
+def test_bimamba_mean_folded_into_out_proj_is_bit_exact():
+    """BiMamba's 1/2 goes into out_proj's weight instead of over the (batch, d_inner, L) sum of
+    the directions: the output and every gradient are the same bit for bit as before."""
+    torch.manual_seed(0)
+    bi = BiMamba(16)
+    hidden = torch.randn(2, 19, 16)
+    weights = torch.randn(2, 19, 16)
+
+    def run(folded):
+        bi.zero_grad()
+        h = hidden.clone().requires_grad_()
+        if folded:
+            out = bi(h)
+        else:  # the mean over the activations, as before
+            x, z = bi.project_in(h)
+            mean = (bi.forward_ssm(x, z) + bi.backward_ssm(x, z, reverse=True)) * 0.5
+            out = bi.project_out(mean)
+        (out * weights).sum().backward()
+        return [out, h.grad] + [p.grad.clone() for p in bi.parameters()]
+
+    for a, b in zip(run(folded=True), run(folded=False), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_bimamba_shares_projections_only():
     bi = BiMamba(64)
     names = {n for n, _ in bi.named_parameters()}

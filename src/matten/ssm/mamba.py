@@ -224,9 +224,12 @@ class _MambaMixer(nn.Module):
         x, z = (channels_first_linear(w, b, channels) for w, b in zip(weights, biases, strict=True))
         return x, z
 
-    def project_out(self, y: torch.Tensor) -> torch.Tensor:
-        """(batch, d_inner, L) -> (batch, L, d_model)."""
-        weight = self.out_proj.weight.t().expand(y.shape[0], -1, -1)
+    def project_out(self, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """(batch, d_inner, L) -> (batch, L, d_model), of ``scale * y``: the scale goes into a
+        copy of the (d_model, d_inner) weight, not over the activations (a power of two such as
+        the 1/2 of BiMamba's mean gives bit for bit the same product)."""
+        weight = self.out_proj.weight if scale == 1.0 else self.out_proj.weight * scale
+        weight = weight.t().expand(y.shape[0], -1, -1)
         return batched_matmul_plus(y.transpose(1, 2), weight, self.out_proj.bias)
 
 
@@ -277,4 +280,4 @@ class BiMamba(_MambaMixer):
         """(batch, L, d_model) -> (batch, L, d_model)."""
         x, z = self.project_in(hidden)
         backward = self.backward_ssm(x, z, reverse=True)
-        return self.project_out((self.forward_ssm(x, z) + backward) * 0.5)  # their mean
+        return self.project_out(self.forward_ssm(x, z) + backward, scale=0.5)  # their mean
