@@ -16,6 +16,10 @@ with the ratio of every round's pair (the order alternating from round to round)
     python bench/train.py                  # CPU
     python bench/train.py --device cuda    # GPU
     python bench/train.py --batch-size 4 --frames 16 --resolution 32
+    python bench/train.py --profile 25     # then one profiled step of each: its top 25 ops
+
+With ``--profile`` (CPU) it also prints how long the selective scan's own operators took in the
+profiled step, and the share of the matmul FLOP/s the step would reach without that time.
 """
 
 from __future__ import annotations
@@ -80,6 +84,29 @@ def step_flops(forward) -> int:
     return 3 * counter.get_total_flops()
 
 
+def profile_step(step, device, rows: int) -> dict[str, float]:
+    """One step under torch.profiler: its top ``rows`` operators by own time, printed; returns
+    each operator's own time in seconds (CPU time, or CUDA time on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+    averages = prof.key_averages()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(averages.table(sort_by=key, row_limit=rows))
+    return {e.key: getattr(e, key) / 1e6 for e in averages}
+
+
+def scan_seconds(own_times: dict[str, float]) -> float:
+    """The selective scan's share of a profiled step: its operators (matten::scan_fwd and
+    scan_bwd) and the autograd node that runs the forward (GeneratedBackwardFor_matten_scan_*)."""
+    return sum(
+        t for name, t in own_times.items() if "matten::scan" in name or "matten_scan" in name
+    )
+
+
 def matmul_flops_per_second(device, n: int) -> float:
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
@@ -135,6 +162,9 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=demo.data.num_classes)
     parser.add_argument("--repeats", type=int, default=4, help="rounds of one step per model")
     parser.add_argument("--matmul-size", type=int, default=None)
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="ROWS", help="profile one step of each model"
+    )
     parser.add_argument("--peak-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1:
@@ -202,7 +232,6 @@ def main() -> None:
                 f"{achieved / peak_mm:.1%}",
             ]
         )
-    del runs
     print_table(
         [
             "model",
@@ -225,6 +254,17 @@ def main() -> None:
         + ", ".join(f"{r:.2f}x" for r in per_round)
         + ")"
     )
+    for name, _, _, step, flops in runs if args.profile else []:
+        print(f"\none profiled step of {name}:")
+        own = profile_step(step, device, args.profile)
+        total, scan = sum(own.values()), scan_seconds(own)
+        if device.type == "cpu" and scan > 0:
+            print(
+                f"{name}: operators' own time {total * 1e3:.0f} ms, of which the selective scan "
+                f"{scan * 1e3:.0f} ms ({scan / total:.0%}); without it the best step above "
+                f"would reach {flops / (results[name] - scan) / peak_mm:.1%} of the matmul FLOP/s"
+            )
+    del runs
 
 
 if __name__ == "__main__":
