@@ -673,8 +673,8 @@ def _scan_backward(
         acc = np.empty(LANES, dtype=dtype)
         gu = np.empty(LANES, dtype=dtype)
         gdt = np.empty(LANES, dtype=dtype)
-        # The gradients of B and C, per lane, for the batch element and group held_B / held_C
-        # (see _lane_partials_for).
+        # The gradients of B and C, per lane, for held_B / held_C (see _coefficient_key and
+        # _lane_partials_for).
         dB_l = np.zeros((_coefficient_rows(Bt, length), nstate, LANES), dtype=dtype)
         dC_l = np.zeros((_coefficient_rows(Ct, length), nstate, LANES), dtype=dtype)
         B_lanes = np.empty((1, nstate, LANES), dtype=dtype)  # per-lane B and C (constant layout)
@@ -767,9 +767,9 @@ def _span(B: torch.Tensor, C: torch.Tensor, dim: int) -> int:
     read per lane, sets no bound)."""
 
     def channels_per_group(X: torch.Tensor) -> int:
-        return (
-            dim if layouts.layout(X) == "constant" else dim // X.shape[1] if X.dim() == 4 else dim
-        )
+        if layouts.layout(X) == "constant":
+            return dim
+        return layouts.channels_per_group(layouts.as_grouped(X), dim)
 
     return math.gcd(channels_per_group(B), channels_per_group(C))
 
