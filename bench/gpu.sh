@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU table of bench/RESULTS.md in one run, sized for a lent GPU machine's single command
 # (at most 10 minutes): the selective scan's backends at L = 4096 and 16384 with their memory and
-# bandwidth-floor fractions (bench/scan.py), Matten-S/2 v1-v4 and Latte-S/2 at 16/32/64 frames
-# (bench/backbone.py), and one training step against Latte (bench/train.py).
+# bandwidth-floor fractions (bench/scan.py), the depthwise conv's Triton backward against torch's
+# (bench/conv.py), Matten-S/2 v1-v4 and Latte-S/2 at 16/32/64 frames (bench/backbone.py), and one
+# training step against Latte (bench/train.py).
 #
 # Needs a CUDA GPU, PyTorch, Triton and matten's own imports (numba, einops, scipy, pyyaml,
 # tqdm); not mamba_ssm (timed when it imports) and not an installed matten: the checkout's src/
@@ -55,7 +56,8 @@ run() {  # run NAME SECONDS COMMAND...
         failed=$((failed + 1))
     fi
 }
-run scan 240 "$py" bench/scan.py --device cuda
-run backbone 180 "$py" bench/backbone.py --device cuda
-run train 120 "$py" bench/train.py --device cuda
+run scan 220 "$py" bench/scan.py --device cuda
+run conv 50 "$py" bench/conv.py --device cuda
+run backbone 170 "$py" bench/backbone.py --device cuda
+run train 110 "$py" bench/train.py --device cuda
 exit "$failed"

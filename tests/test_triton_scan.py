@@ -248,3 +248,44 @@ def test_tiny_matten_trains_the_same_with_every_backend(worker):
         assert other_losses == pytest.approx(losses, rel=1e-5), name
         for n in weights:
             assert torch.allclose(other[n], weights[n], rtol=1e-4, atol=1e-6), (name, n)
+
+
+def _triton_conv_grads(x, weight, grad, left, start):
+    """In the worker: the Triton kernel's gradients of the depthwise conv."""
+    from matten.ssm import triton_conv
+
+    assert triton_conv.INTERPRETED
+    return triton_conv.conv_backward(x, weight, grad, left, start)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "length, padding, crop",
+    [(37, (3, 3), (0, 37)), (37, (3, 3), (3, None)), (5, (3, 0), (0, None)), (20, (1, 5), (2, -1))],
+)
+def test_triton_conv_backward_equals_torch_conv_gradients(worker, dtype, length, padding, crop):
+    """The depthwise conv's Triton backward (the CUDA path of depthwise_conv1d) gives torch's
+    conv1d gradients of the input, weight and bias: the causal and the reversed crop of the
+    Mamba layer, a row shorter than the block, a strided input, and other geometries."""
+    from matten.ssm.depthwise_conv import depthwise_conv1d
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, length, dtype=dtype, generator=g)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)  # strided, as in_proj's output once was
+    w = torch.randn(6, 1, 4, dtype=dtype, generator=g)
+    b = torch.randn(6, dtype=dtype, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    out = torch.nn.functional.conv1d(
+        torch.nn.functional.pad(leaves[0], padding), *leaves[1:], groups=6
+    )
+    out = out[..., slice(*crop)]
+    grad = torch.randn(out.shape, dtype=dtype, generator=g)
+    out.backward(grad)
+    ours = depthwise_conv1d(x, w, b, padding=padding, crop=crop)  # its crop, as the kernel gets it
+    assert ours.shape == out.shape
+    start = range(length + sum(padding) - 3)[slice(*crop)].start
+    got = worker.apply(_triton_conv_grads, (x, w, grad, padding[0], start))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for mine, leaf in zip(got, leaves, strict=True):
+        assert mine.dtype == dtype
+        torch.testing.assert_close(mine, leaf.grad, **tol)

@@ -6,14 +6,16 @@ is far slower than its forward: in a Matten-S training step it took a second a c
 37 ms for the forward, a quarter of the step (bench/RESULTS.md). The conv has d_conv = 4 taps,
 so its gradients are four shifted multiplies and sums over (batch, channels, length). On CPU one
 compiled (numba) pass per channel computes all three gradients, reading the input and the output
-gradient with their strides into zero-padded rows whose loops vectorise; elsewhere (CUDA) they
-are torch ops, which fuse well there.
+gradient with their strides into zero-padded rows whose loops vectorise; on CUDA one Triton
+kernel does (:mod:`matten.ssm.triton_conv`) when triton imports, else they are torch ops.
 
 ``crop`` keeps part of the output (the causal conv keeps the first L of the L + 3 outputs that
 ``padding=3`` gives): done inside, the backward never sees the zeros of the cropped positions.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numba
 import numpy as np
@@ -113,6 +115,16 @@ def _torch_backward(x, weight, grad, left, right, start, stop):
     return grad_x, grad_w, grad.sum((0, 2))
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_conv():
+    """:mod:`matten.ssm.triton_conv` if triton imports and compiles for CUDA here, else None."""
+    try:
+        from . import triton_conv
+    except Exception:  # no triton, or one that fails to load
+        return None
+    return None if triton_conv.INTERPRETED else triton_conv
+
+
 def _has_no_negative_strides(t: Tensor) -> bool:
     return all(s >= 0 for s in t.stride())
 
@@ -145,6 +157,8 @@ class _DepthwiseConv1d(torch.autograd.Function):
         )
         if compiled:
             grad_x, grad_w, grad_b = _compiled_backward(x, weight, grad, left, start)
+        elif x.is_cuda and _triton_conv() is not None:
+            grad_x, grad_w, grad_b = _triton_conv().conv_backward(x, weight, grad, left, start)
         else:
             grad_x, grad_w, grad_b = _torch_backward(x, weight, grad, left, right, start, stop)
         return (
