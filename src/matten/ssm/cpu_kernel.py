@@ -49,7 +49,7 @@ from . import layouts, threads
 
 # Reassociation and contraction (FMA) help vectorise the loops; no-NaN/no-inf
 # assumptions are left out so that bad values still propagate.
-_JIT: dict[str, Any] = dict(
+PARALLEL_JIT: dict[str, Any] = dict(
     nopython=True,
     nogil=True,
     cache=True,
@@ -66,7 +66,7 @@ def decay(x):
     return math.exp(x)
 
 
-@overload(decay, inline="always", fastmath=_JIT["fastmath"])  # type: ignore[call-arg]  # stubs lack jit options
+@overload(decay, inline="always", fastmath=PARALLEL_JIT["fastmath"])  # type: ignore[call-arg]  # stubs lack jit options
 def _decay_impl(x):
     if not (isinstance(x, types.Float) and x.bitwidth == 32):
         return lambda x: math.exp(x)
@@ -101,7 +101,7 @@ def log1p_unit(x):
     return math.log1p(x)
 
 
-@overload(log1p_unit, inline="always", fastmath=_JIT["fastmath"])  # type: ignore[call-arg]
+@overload(log1p_unit, inline="always", fastmath=PARALLEL_JIT["fastmath"])  # type: ignore[call-arg]
 def _log1p_unit_impl(x):
     if not (isinstance(x, types.Float) and x.bitwidth == 32):
         return lambda x: math.log1p(x)
@@ -179,7 +179,7 @@ _LANE_JIT: dict[str, Any] = dict(
     nopython=True,
     nogil=True,
     cache=True,
-    fastmath=_JIT["fastmath"],
+    fastmath=PARALLEL_JIT["fastmath"],
     error_model="numpy",
     pipeline_class=_LaneCompiler,
 )
@@ -471,7 +471,7 @@ def _coefficient_rows_impl(X, length):
     return lambda X, length: 1
 
 
-@numba.jit(**_JIT)
+@numba.jit(**PARALLEL_JIT)
 def _scan_forward(
     u,
     delta,
@@ -599,7 +599,7 @@ def _lane_partials_for(part, lanes, held, block_key, used, count):
     return block_key, count
 
 
-@numba.jit(**_JIT)
+@numba.jit(**PARALLEL_JIT)
 def _scan_backward(
     u,
     delta,

@@ -24,19 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import threads
+from .cpu_kernel import PARALLEL_JIT
 
 __all__ = ["depthwise_conv1d"]
 
 
-@numba.jit(
-    nopython=True,
-    nogil=True,
-    cache=True,
-    parallel=True,
-    # reassociation lets the tap sums vectorise; inf and NaN still propagate
-    fastmath={"nsz", "arcp", "contract", "reassoc"},
-    error_model="numpy",
-)
+@numba.jit(**PARALLEL_JIT)  # the scan kernels' options: reassociation vectorises the tap sums
 def _conv_backward(x, grad, w, left, start, grad_x, grad_w, grad_b):
     # Output o of the crop is position start + o of the padded conv, whose value is
     # sum_j w[c, j] * x[c, o + j - shift] with shift = left - start (zero outside x). Each row of
