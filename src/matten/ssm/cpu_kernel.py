@@ -433,6 +433,7 @@ def _block_coefficients(X, dim, b, first, count, per_lane):
     """The block's B or C in the form its lane loops read (see _coefficient): from a (batch, G,
     L, N) X in scan order its group's (L, N) view, shared by the lanes; from a constant (dim, N)
     X each lane's own row, gathered into per_lane (1, N, LANES)."""
+    raise NotImplementedError("compiled kernels only: see the overload below")
 
 
 @overload(_block_coefficients)
@@ -451,6 +452,7 @@ def _coefficient_key(X, dim, b, first):
     """Which gradient of B or C a block's lanes add to: batch element x G + group when shared
     (blocks of one group add up in the same lanes), the block's first channel when per lane
     (the batch elements of one block of channels add up in them)."""
+    raise NotImplementedError("compiled kernels only: see the overload below")
 
 
 @overload(_coefficient_key)
@@ -462,6 +464,7 @@ def _coefficient_key_impl(X, dim, b, first):
 
 def _coefficient_rows(X, length):
     """Steps of the per-lane gradient buffer of B or C: L when shared, 1 when per lane."""
+    raise NotImplementedError("compiled kernels only: see the overload below")
 
 
 @overload(_coefficient_rows)
@@ -566,6 +569,7 @@ def _add_held(part, lanes, held, used):
     """Add the per-lane gradients of B or C for ``held`` (see _coefficient_key) into the
     thread's partials ``part``, then zero every lane: shared, part is (batch, G, L, N) and the
     lanes are summed; per lane, part is (dim, N) and lane k is channel held + k's."""
+    raise NotImplementedError("compiled kernels only: see the overload below")
 
 
 @overload(_add_held)
