@@ -256,8 +256,11 @@ def _rows_to_lanes(rows, first, count, reverse, lanes):
     """lanes[s, k] = rows[first + k, t] for the time t of scan step s (L - 1 - s when
     ``reverse``), for the block's ``count`` channels; idle lanes get zeros."""
     length = lanes.shape[0]
-    for s in range(length):  # one step's lanes at a time: 2x faster than a lane at a time
-        t = length - 1 - s if reverse else s
+    # One time step's lanes at a time (2x faster than a lane at a time), in time order whatever
+    # the direction: the rows are then read front to back, which in reverse scans took 13% off
+    # both kernels against reading them from the back (bench/RESULTS.md).
+    for t in range(length):
+        s = length - 1 - t if reverse else t
         for k in range(LANES):
             lanes[s, k] = rows[first + k, t] if k < count else lanes.dtype.type(0.0)
 
@@ -266,8 +269,8 @@ def _rows_to_lanes(rows, first, count, reverse, lanes):
 def _lanes_to_rows(lanes, first, count, reverse, rows):
     """The inverse of :func:`_rows_to_lanes` for the block's channels: back in time order."""
     length = lanes.shape[0]
-    for s in range(length):
-        t = length - 1 - s if reverse else s
+    for t in range(length):  # rows written front to back, as _rows_to_lanes reads them
+        s = length - 1 - t if reverse else t
         for k in range(count):
             rows[first + k, t] = lanes[s, k]
 
