@@ -432,6 +432,12 @@ def _block_count(batch, dim, span):
     return batch * (dim // span) * ((span + LANES - 1) // LANES)
 
 
+@numba.njit(nogil=True, cache=True)
+def _group_of(X, dim, first):
+    """The group of a (batch, G, L, N) B or C that channel ``first`` reads."""
+    return first // (dim // X.shape[1])
+
+
 def _block_coefficients(X, dim, b, first, count, per_lane):
     """The block's B or C in the form its lane loops read (see _coefficient): from a (batch, G,
     L, N) X in scan order its group's (L, N) view, shared by the lanes; from a constant (dim, N)
@@ -442,7 +448,7 @@ def _block_coefficients(X, dim, b, first, count, per_lane):
 @overload(_block_coefficients)
 def _block_coefficients_impl(X, dim, b, first, count, per_lane):
     if X.ndim == 4:
-        return lambda X, dim, b, first, count, per_lane: X[b, first // (dim // X.shape[1])]
+        return lambda X, dim, b, first, count, per_lane: X[b, _group_of(X, dim, first)]
 
     def gathered(X, dim, b, first, count, per_lane):
         _per_lane(X, first, count, per_lane[0])
@@ -461,7 +467,7 @@ def _coefficient_key(X, dim, b, first):
 @overload(_coefficient_key)
 def _coefficient_key_impl(X, dim, b, first):
     if X.ndim == 4:
-        return lambda X, dim, b, first: b * X.shape[1] + first // (dim // X.shape[1])
+        return lambda X, dim, b, first: b * X.shape[1] + _group_of(X, dim, first)
     return lambda X, dim, b, first: first
 
 
